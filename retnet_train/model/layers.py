@@ -1,0 +1,107 @@
+"""Building blocks shared by RetNet and the Transformer baseline: norms, FFNs, rotary position."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x), computed in fp32; optional per-channel weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out * self.weight if self.weight is not None else out
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class HeadNorm(nn.Module):
+    """Normalises each head's output of each token on its own (no statistics across time).
+
+    "groupnorm" is the paper's GroupNorm with one group per head (mean and variance over the head's
+    d_v channels); "rmsnorm" is the official code's variant (no mean). fp32 inside.
+    The affine weight is flat [heads * d_v], so a tensor-parallel slice of heads is a slice of it.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, kind: str, eps: float, affine: bool):
+        super().__init__()
+        self.n_heads, self.head_dim, self.kind, self.eps = n_heads, head_dim, kind, eps
+        width = n_heads * head_dim
+        self.weight = nn.Parameter(torch.ones(width)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(width)) if affine and kind == "groupnorm" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, H, d_v] -> [B, T, H * d_v]"""
+        B, T, H, Dv = x.shape
+        xf = x.float()
+        if self.kind == "groupnorm":
+            xf = xf - xf.mean(-1, keepdim=True)
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = out.reshape(B, T, H * Dv)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+
+def activation(name: str):
+    return F.silu if name == "swish" else F.gelu
+
+
+class FeedForward(nn.Module):
+    """Two-layer GELU FFN (paper), or a GLU: fc2(act(fc1 x) * gate x) (official code)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.d_model, cfg.ffn_width
+        self.fc1 = nn.Linear(d, f, bias=cfg.bias)
+        self.gate = nn.Linear(d, f, bias=cfg.bias) if cfg.ffn_type == "glu" else None
+        self.fc2 = nn.Linear(f, d, bias=cfg.bias)
+        self.act = activation(cfg.glu_activation) if self.gate is not None else F.gelu
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        # the activation runs in fp32 (as the official GLU does), then back to the compute dtype
+        h = self.act(h.float()).type_as(h)
+        if self.gate is not None:
+            h = h * self.gate(x)
+        return self.fc2(self.dropout(h))
+
+
+def rotary_angles(head_dim: int, base: float) -> Tensor:
+    """Per-channel frequencies [head_dim], each repeated for its interleaved pair.
+
+    Frequencies are base^-linspace(0, 1, head_dim/2), as in the official RetNet code.
+    """
+    freqs = 1.0 / (base ** torch.linspace(0, 1, head_dim // 2, dtype=torch.float32))
+    return freqs.repeat_interleave(2)
+
+
+def rotary_sin_cos(angles: Tensor, start: int, length: int) -> tuple[Tensor, Tensor]:
+    """sin, cos [T, 1, head_dim] for absolute positions start .. start + length - 1 (fp32)."""
+    pos = torch.arange(start, start + length, device=angles.device, dtype=torch.float32)
+    theta = pos[:, None] * angles.float()[None, :]
+    return theta.sin()[:, None, :], theta.cos()[:, None, :]
+
+
+def apply_rotary(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). x [B, T, H, D]."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -1,0 +1,111 @@
+"""The language-model shell both networks share: embedding, a stack of blocks, final norm, LM head.
+
+A block is any module called as `block(x, ctx, layer_state) -> (x, new_layer_state)`; RetNet and
+the Transformer differ only in their blocks. `State` carries what decoding needs between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import MODES, ModelConfig
+from .layers import make_norm
+
+
+@dataclass
+class State:
+    """Per-layer recurrent state (RetNet: [B, H, d_k, d_v]; Transformer: its KV cache) and the
+    number of tokens consumed so far, which fixes the rotary positions of the next tokens."""
+
+    layers: list[Any] = field(default_factory=list)
+    offset: int = 0
+
+
+@dataclass
+class ForwardContext:
+    """What every block needs to know about this call."""
+
+    mode: str
+    chunk_size: int
+    offset: int  # absolute position of the first token
+    need_state: bool
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, blocks: list[nn.Module]):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(blocks)
+        self.norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: embedding and LM head N(0, d^-1/2); blocks init themselves."""
+        std = self.config.d_model ** -0.5
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.activation_checkpointing = enabled
+
+    def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
+                state: State | None = None, return_state: bool = False, return_hidden: bool = False):
+        """ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, d] with return_hidden).
+
+        With `state`, the tokens continue the sequence that state summarises; with `return_state`,
+        returns (logits, state) for a later call or for `step`.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
+        ctx = ForwardContext(
+            mode=mode,
+            chunk_size=chunk_size or self.config.chunk_size,
+            offset=state.offset if state is not None else 0,
+            need_state=return_state,
+        )
+        x = self.embed(ids)
+        if self.config.embed_scale:
+            x = x * math.sqrt(self.config.d_model)
+        x = self.embed_dropout(x)
+        new_layers = []
+        for i, block in enumerate(self.layers):
+            layer_state = state.layers[i] if state is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, new = checkpoint(block, x, ctx, layer_state, use_reentrant=False)
+            else:
+                x, new = block(x, ctx, layer_state)
+            new_layers.append(new)
+        x = self.norm(x)
+        out = x if return_hidden else self.lm_head(x)
+        if return_state:
+            return out, State(layers=new_layers, offset=ctx.offset + ids.shape[1])
+        return out
+
+    def step(self, ids: Tensor, state: State | None):
+        """Recurrent decoding: ids [B, 1] (or [B, n], taken token by token) -> (logits [B, n, vocab], state)."""
+        return self.forward(ids, mode="recurrent", state=state, return_state=True)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if exclude_embeddings and (name.startswith("embed.") or name.startswith("lm_head.")):
+                continue
+            total += p.numel()
+        return total

@@ -1,0 +1,153 @@
+"""Retention (RetNet paper, section 2) in its three equivalent forms, in plain PyTorch.
+
+Notation (per head, decay gamma, state S of shape [d_k, d_v]):
+    recurrent:  S_t = gamma * S_{t-1} + k_t^T v_t,          o_t = q_t S_t
+    parallel:   O = (Q K^T * D) V,  D[t, s] = gamma^(t-s) if t >= s else 0
+    chunkwise:  parallel inside chunks of C tokens, recurrent across chunks.
+
+All three functions take q, k: [B, T, H, d_k], v: [B, T, H, d_v] (the layout of fla's kernels, so the
+fast path needs no transposes), log_gamma: [H], and an optional incoming state [B, H, d_k, d_v]
+(what came before these T tokens). They return (o [B, T, H, d_v], final state or None). Keys are
+expected pre-scaled (1/sqrt(d_k)) by the caller. The decay masks are built in float32 at least
+(float64 for float64 inputs) and cast to the input dtype only at the matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def head_log_decays(n_heads: int, schedule: str = "paper", head_start: int = 0,
+                    head_count: int | None = None) -> Tensor:
+    """log(gamma_h) for global heads [head_start, head_start + head_count), float64.
+
+    The one place decays are defined. Tensor-parallel shards pass their slice of global heads, so
+    each shard gets the decays its heads have in the unsharded model.
+    """
+    head_count = n_heads - head_start if head_count is None else head_count
+    h = torch.arange(head_start, head_start + head_count, dtype=torch.float64)
+    if schedule == "paper":  # gamma_h = 1 - 2^(-5-h)
+        return torch.log1p(-torch.pow(2.0, -5.0 - h))
+    if schedule == "linspace":  # 1 - gamma spread log-uniformly over [1/512, 1/32], any head count
+        frac = h / max(n_heads - 1, 1)
+        one_minus = torch.exp(math.log(1 / 32) + frac * (math.log(1 / 512) - math.log(1 / 32)))
+        return torch.log1p(-one_minus)
+    if schedule == "uniform":  # the paper's "without multi-scale decay" ablation: one gamma for all heads
+        return torch.full_like(h, math.log1p(-2.0 ** -5))
+    raise ValueError(f"unknown decay schedule {schedule!r}")
+
+
+def _mask_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def decay_mask(log_gamma: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """D [H, T, T]: gamma^(t-s) on and below the diagonal, 0 above."""
+    pos = torch.arange(length, device=log_gamma.device, dtype=dtype)
+    diff = pos[:, None] - pos[None, :]
+    causal = diff >= 0
+    # clamp before exp so the masked upper triangle cannot overflow to inf (inf * 0 = nan in backward)
+    exponent = diff.clamp(min=0)[None] * log_gamma.to(dtype)[:, None, None]
+    return torch.exp(exponent) * causal
+
+
+def parallel_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
+                       state: Tensor | None = None, need_state: bool = False):
+    """The parallel form: one masked matmul over all T tokens; O(T^2) time and memory."""
+    B, T, H, _ = q.shape
+    mdt = _mask_dtype(q)
+    lg = log_gamma.to(device=q.device, dtype=mdt)
+    D = decay_mask(lg, T, mdt).to(q.dtype)  # [H, T, T]
+    scores = torch.einsum("bthk,bshk->bhts", q, k) * D
+    o = torch.einsum("bhts,bshv->bthv", scores, v)
+    pos = torch.arange(T, device=q.device, dtype=mdt)
+    if state is not None:
+        # contribution of the past: q_t gamma^(t+1) S_in
+        q_decay = torch.exp((pos + 1)[:, None] * lg[None, :]).to(q.dtype)  # [T, H]
+        o = o + torch.einsum("bthk,bhkv->bthv", q * q_decay[None, :, :, None], state.to(q.dtype))
+    new_state = None
+    if need_state:
+        k_decay = torch.exp((T - 1 - pos)[:, None] * lg[None, :]).to(k.dtype)  # [T, H]
+        new_state = torch.einsum("bthk,bthv->bhkv", k * k_decay[None, :, :, None], v)
+        if state is not None:
+            new_state = new_state + state.to(new_state.dtype) * torch.exp(T * lg).to(new_state.dtype)[None, :, None, None]
+    return o, new_state
+
+
+def recurrent_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
+                        state: Tensor | None = None, need_state: bool = True):
+    """The recurrent form: one token at a time, O(1) time and memory per token."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    gamma = torch.exp(log_gamma.to(device=q.device, dtype=_mask_dtype(q))).to(q.dtype)[None, :, None, None]
+    S = q.new_zeros(B, H, K, V) if state is None else state.to(q.dtype)
+    outs = []
+    for t in range(T):
+        S = gamma * S + k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, dim=1), (S if need_state else None)
+
+
+def chunkwise_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
+                        state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64):
+    """The chunkwise form: parallel inside chunks of C tokens, recurrent across them; any T.
+
+    Full chunks are done batched: the within-chunk part as a [C, C] masked matmul per chunk, the
+    cross-chunk part as q times the state entering that chunk. Only the state hand-off between
+    chunks is a loop (over T / C steps of [B, H, d_k, d_v] work). A last partial chunk runs the
+    parallel form from the state the full chunks left.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    n = T // C
+    if n == 0:
+        return parallel_retention(q, k, v, log_gamma, state, need_state)
+    mdt = _mask_dtype(q)
+    lg = log_gamma.to(device=q.device, dtype=mdt)
+    pos = torch.arange(C, device=q.device, dtype=mdt)
+    D = decay_mask(lg, C, mdt).to(q.dtype)  # [H, C, C]
+    q_decay = torch.exp((pos + 1)[:, None] * lg[None, :]).to(q.dtype)  # [C, H]: gamma^(c+1)
+    k_decay = torch.exp((C - 1 - pos)[:, None] * lg[None, :]).to(q.dtype)  # [C, H]: gamma^(C-1-c)
+    chunk_decay = torch.exp(C * lg).to(q.dtype)[None, :, None, None]  # [1, H, 1, 1]: gamma^C
+
+    qc = q[:, : n * C].reshape(B, n, C, H, K)
+    kc = k[:, : n * C].reshape(B, n, C, H, K)
+    vc = v[:, : n * C].reshape(B, n, C, H, V)
+
+    scores = torch.einsum("bnchk,bndhk->bnhcd", qc, kc) * D
+    o_inner = torch.einsum("bnhcd,bndhv->bnchv", scores, vc)
+    kv = torch.einsum("bnchk,bnchv->bnhkv", kc * k_decay[None, None, :, :, None], vc)  # each chunk's own sum
+
+    S = q.new_zeros(B, H, K, V) if state is None else state.to(q.dtype)
+    entering = []
+    for i in range(n):
+        entering.append(S)
+        S = chunk_decay * S + kv[:, i]
+    entering = torch.stack(entering, dim=1)  # [B, n, H, K, V]: the state before each chunk
+    o_cross = torch.einsum("bnchk,bnhkv->bnchv", qc * q_decay[None, None, :, :, None], entering)
+    o = (o_inner + o_cross).reshape(B, n * C, H, V)
+
+    if n * C < T:  # the last, partial chunk
+        o_tail, S_tail = parallel_retention(q[:, n * C:], k[:, n * C:], v[:, n * C:], log_gamma, S, need_state)
+        return torch.cat([o, o_tail], dim=1), S_tail
+    return o, (S if need_state else None)
+
+
+def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
+              state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64):
+    """Dispatch to one form. On CUDA with fla installed, chunkwise and recurrent use its kernels."""
+    from .kernels import fla_retention
+
+    if mode != "parallel" and fla_retention.usable(q):
+        return fla_retention.retention(q, k, v, log_gamma, mode, state, need_state)
+    if mode == "parallel":
+        return parallel_retention(q, k, v, log_gamma, state, need_state)
+    if mode == "chunkwise":
+        return chunkwise_retention(q, k, v, log_gamma, state, need_state, chunk_size)
+    if mode == "recurrent":
+        return recurrent_retention(q, k, v, log_gamma, state, need_state)
+    raise ValueError(f"unknown retention mode {mode!r}; expected parallel, chunkwise or recurrent")

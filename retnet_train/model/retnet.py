@@ -1,0 +1,119 @@
+"""RetNet (Sun et al. 2023): multi-scale retention blocks in a decoder-only language model.
+
+    Y = GroupNorm_h(Retention(X W_Q, X W_K, X W_V; gamma_h))            per head h
+    MSR(X) = (swish(X W_G) * Y) W_O
+    block: X' = X + MSR(LN(X)),  X'' = X' + FFN(LN(X'))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .layers import FeedForward, HeadNorm, activation, apply_rotary, make_norm, rotary_angles, rotary_sin_cos
+from .lm import ForwardContext, LanguageModel
+from .retention import head_log_decays, retention
+
+
+class MultiScaleRetention(nn.Module):
+    """Retention over `n_heads` heads, each with its own decay.
+
+    `n_heads_total` and `head_start` place this module's heads among the model's: a tensor-parallel
+    shard holds heads [head_start, head_start + n_heads) and must use those heads' decays.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_heads: int | None = None, head_start: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads_total = cfg.n_heads
+        self.n_heads = n_heads or cfg.n_heads
+        self.head_start = head_start
+        self.key_dim = cfg.key_head_dim
+        self.value_dim = cfg.value_head_dim
+        d, hk, hv = cfg.d_model, self.n_heads * self.key_dim, self.n_heads * self.value_dim
+        self.q_proj = nn.Linear(d, hk, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, hk, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, hv, bias=cfg.bias)
+        self.g_proj = nn.Linear(d, hv, bias=cfg.bias)
+        self.out_proj = nn.Linear(hv, d, bias=cfg.bias)
+        self.head_norm = HeadNorm(self.n_heads, self.value_dim, cfg.head_norm, cfg.head_norm_eps, cfg.head_norm_affine)
+        self.gate_act = activation(cfg.gate_activation)
+        self.register_buffer("angles", rotary_angles(self.key_dim, cfg.rope_base), persistent=False)
+        self.reset_parameters()
+
+    def set_heads(self, n_heads: int, head_start: int) -> None:
+        """Used by tensor parallelism after it has sliced the projections to these heads."""
+        self.n_heads, self.head_start = n_heads, head_start
+
+    @property
+    def log_decay(self) -> Tensor:
+        """log(gamma) of this module's heads [n_heads], float64, from their global indices."""
+        return head_log_decays(self.n_heads_total, self.cfg.decay_schedule, self.head_start, self.n_heads)
+
+    def reset_parameters(self) -> None:
+        # the official initialisation: small xavier gain on q/k/v/g, unit gain on the output
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2 ** -2.5)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: Tensor | None = None):
+        """x [B, T, d] -> ([B, T, d], state [B, H, d_k, d_v(+1)] or None)"""
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_proj(x).view(B, T, H, self.key_dim)
+        k = self.k_proj(x).view(B, T, H, self.key_dim) * self.key_dim ** -0.5
+        v = self.v_proj(x).view(B, T, H, self.value_dim)
+        g = self.g_proj(x)
+
+        sin, cos = rotary_sin_cos(self.angles, ctx.offset, T)
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+
+        log_decay = self.log_decay.to(x.device)
+        if self.cfg.score_norm == "torchscale":
+            # a column of ones in v makes retention also return n_t = sum_s gamma^(t-s) q_t.k_s,
+            # the score sum the official code divides by; it carries through every form and the state
+            v = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1)
+        o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state, ctx.chunk_size)
+        if self.cfg.score_norm == "torchscale":
+            o = self._torchscale_normalise(o, log_decay, ctx.offset)
+
+        y = self.gate_act(g) * self.head_norm(o)
+        return self.out_proj(y), new_state
+
+    def _torchscale_normalise(self, o: Tensor, log_decay: Tensor, offset: int) -> Tensor:
+        """The official code's scalings: the decay mask's rows divided by sqrt(sum_s gamma^(t-s)),
+        then the scores by max(|row sum|, 1) (detached). Both are per-token, per-head scalars, so the
+        head norm almost cancels them; they keep activations bounded in low precision."""
+        o, n = o[..., :-1], o[..., -1:]
+        T = o.shape[1]
+        pos = torch.arange(offset, offset + T, device=o.device, dtype=torch.float64)
+        # sum_{s<=t} gamma^(t-s) = (1 - gamma^(t+1)) / (1 - gamma)
+        row_sum = -torch.expm1((pos + 1)[:, None] * log_decay[None, :]) / -torch.expm1(log_decay)[None, :]
+        row_scale = row_sum.sqrt().to(torch.float32 if o.dtype != torch.float64 else o.dtype)[None, :, :, None]
+        denom = (n.detach().abs() / row_scale).clamp(min=1)
+        return (o / row_scale / denom).to(o.dtype)
+
+
+class RetNetBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.retention_norm = make_norm(cfg, cfg.d_model)
+        self.retention = MultiScaleRetention(cfg)
+        self.ffn_norm = make_norm(cfg, cfg.d_model)
+        self.ffn = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: Tensor | None = None):
+        y, new_state = self.retention(self.retention_norm(x), ctx, state)
+        x = x + self.dropout(y)
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x, new_state
+
+
+class RetNet(LanguageModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, [RetNetBlock(cfg) for _ in range(cfg.n_layers)])

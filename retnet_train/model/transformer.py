@@ -1,0 +1,97 @@
+"""The Transformer baseline the paper compares against: pre-norm blocks, causal SDPA attention with
+rotary position, the same embedding / FFN / norm choices as RetNet, and a KV cache for decoding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .layers import FeedForward, apply_rotary, make_norm, rotary_angles, rotary_sin_cos
+from .lm import ForwardContext, LanguageModel
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_heads: int | None = None):
+        super().__init__()
+        self.n_heads = n_heads or cfg.n_heads
+        self.head_dim = cfg.key_head_dim
+        d, inner = cfg.d_model, self.n_heads * cfg.key_head_dim
+        self.q_proj = nn.Linear(d, inner, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, inner, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, inner, bias=cfg.bias)
+        self.out_proj = nn.Linear(inner, d, bias=cfg.bias)
+        self.dropout_p = cfg.dropout
+        self.register_buffer("angles", rotary_angles(self.head_dim, cfg.rope_base), persistent=False)
+        self.reset_parameters()
+
+    def set_heads(self, n_heads: int, head_start: int) -> None:
+        self.n_heads = n_heads
+
+    def reset_parameters(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2 ** -0.5)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: tuple[Tensor, Tensor] | None = None):
+        """x [B, T, d]; cache (k, v) [B, T_past, H, D] -> ([B, T, d], new cache or None)"""
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        sin, cos = rotary_sin_cos(self.angles, ctx.offset, T)
+        q = apply_rotary(self.q_proj(x).view(B, T, H, D), sin, cos)
+        k = apply_rotary(self.k_proj(x).view(B, T, H, D), sin, cos)
+        v = self.v_proj(x).view(B, T, H, D)
+        if cache is not None:
+            k = torch.cat([cache[0], k], dim=1)
+            v = torch.cat([cache[1], v], dim=1)
+        past = k.shape[1] - T
+        # [B, H, T, D] for SDPA
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        dropout = self.dropout_p if self.training else 0.0
+        if past == 0:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=dropout)
+        else:
+            # query t (absolute past + t) sees keys 0 .. past + t
+            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(B, T, H * D)
+        return self.out_proj(out), ((k, v) if ctx.need_state else None)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = make_norm(cfg, cfg.d_model)
+        self.attention = CausalSelfAttention(cfg)
+        self.ffn_norm = make_norm(cfg, cfg.d_model)
+        self.ffn = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cache=None):
+        y, new_cache = self.attention(self.attention_norm(x), ctx, cache)
+        x = x + self.dropout(y)
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x, new_cache
+
+
+class Transformer(LanguageModel):
+    """Every mode computes the same full causal attention; "recurrent" feeds one token at a time
+    through the KV cache."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, [TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+
+    def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
+                state=None, return_state: bool = False, return_hidden: bool = False):
+        if mode != "recurrent" or ids.shape[1] == 1:
+            return super().forward(ids, mode, chunk_size, state, return_state, return_hidden)
+        outs = []
+        for t in range(ids.shape[1]):
+            out, state = super().forward(ids[:, t:t + 1], mode, chunk_size, state, True, return_hidden)
+            outs.append(out)
+        out = torch.cat(outs, dim=1)
+        return (out, state) if return_state else out
