@@ -1,0 +1,81 @@
+"""`python -m data_prep tokenizer`: train a sentencepiece BPE model on documents drawn
+across the sources, with the settings LLM pretraining needs."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from data_prep.readers import Doc, FileReader
+from data_prep.sources import expand_sources
+from retnet_train.data.tokenizer import VOCAB_MULTIPLE, load_tokenizer
+
+log = logging.getLogger("data_prep.tokenizer")
+# sentencepiece silently drops training "sentences" longer than max_sentence_length bytes,
+# so documents are cut into pieces of at most this many bytes, at line ends where possible.
+MAX_PIECE_BYTES = 8192
+
+
+def _chunks(text: str) -> Iterator[str]:
+    while len(text.encode("utf-8")) > MAX_PIECE_BYTES:
+        cut = text.rfind("\n", 0, MAX_PIECE_BYTES // 4)  # //4: worst-case 4 bytes a char
+        cut = cut + 1 if cut > 0 else MAX_PIECE_BYTES // 4
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+def sample_docs(sources: dict[str, list[str]], n_docs: int, text_field: str | None) -> Iterator[str]:
+    """About n_docs documents, an equal share from every source and, within a source, from
+    every file (taken from the head of each file, so a huge corpus is not read whole)."""
+    for name, files in sources.items():
+        per_file = max(1, n_docs // len(sources) // len(files))
+        got = 0
+        for path in files:
+            taken = 0
+            for rec in FileReader(path, text_field):
+                if isinstance(rec, Doc):
+                    yield from _chunks(rec.text)
+                    taken += 1
+                    if taken >= per_file:
+                        break
+            got += taken
+        log.info("tokenizer sample: %d documents from %s (%d files)", got, name, len(files))
+
+
+def train_tokenizer(out: str, vocab_size: int, sources: dict[str, list[str]], *,
+                    sample_docs_n: int = 100_000, text_field: str | None = None,
+                    threads: int | None = None) -> None:
+    import sentencepiece as spm
+    if vocab_size % VOCAB_MULTIPLE:
+        log.warning("vocab size %d is padded to a multiple of %d for the model's embedding",
+                    vocab_size, VOCAB_MULTIPLE)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sample_docs(sources, sample_docs_n, text_field),
+            model_prefix=os.path.join(tmp, "tok"),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,                # any byte is representable: no <unk> in practice
+            split_digits=True,                 # numbers as digits: better arithmetic
+            normalization_rule_name="identity",  # text goes in and comes out unchanged
+            remove_extra_whitespaces=False,    # code keeps its indentation
+            allow_whitespace_only_pieces=True,  # so runs of spaces become single pieces
+            split_by_whitespace=True,
+            character_coverage=0.9995,
+            max_sentence_length=MAX_PIECE_BYTES,
+            input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            num_threads=threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+        tmp_model = os.path.join(tmp, "tok.model")
+        os.replace(tmp_model, out_path)  # atomic: a half-written model is never seen
+    _, info = load_tokenizer(out_path)
+    log.info("wrote %s: %d pieces, model vocabulary %d, sha256 %s", out_path, info.n_pieces,
+             info.vocab_size, info.sha256[:12])
