@@ -8,25 +8,48 @@ offsets where documents start in it (`doc_starts.npy`).
 """
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
+
+from retnet_train.data.shard_reader import index_path
+
+# webdataset's TarWriter stamps every member with a float mtime, which costs a PAX header
+# per member (twice the members, slow to index).  Plain USTAR members with fixed metadata
+# are read the same by webdataset, make byte-identical shards on a rerun, and have 512-byte
+# headers, so the writer knows where each window's tokens land without rescanning the tar.
+HEADER = tarfile.BLOCKSIZE
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
 
 
 class ShardWriter:
-    """Numbered shards `<prefix>-NNNN.tar` of `shard_windows` windows each.  A shard whose
-    final name already exists (complete, from an interrupted earlier run of the same build)
-    is left untouched: its windows are only counted."""
+    """Numbered shards `<prefix>-NNNN.tar` of `shard_windows` windows each, plus their index
+    sidecar.  A shard whose final name already exists (complete, from an interrupted earlier
+    run of the same build) is left untouched: its windows are only counted."""
 
     def __init__(self, directory: Path, prefix: str, shard_windows: int):
         self.dir, self.prefix, self.shard_windows = directory, prefix, shard_windows
         self.records: list[dict] = []
         self._part, self._n, self._docs, self._tar, self._tmp = 0, 0, 0, None, None
+        self._offsets: list[int] = []
 
     def _final(self) -> Path:
         return self.dir / f"{self.prefix}-{self._part:04d}.tar"
+
+    def _member(self, name: str, data: bytes) -> int:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode, ti.mtime = len(data), 0o444, 0
+        start = self._tar.offset + HEADER
+        self._tar.addfile(ti, io.BytesIO(data))
+        return start
 
     def add(self, window: np.ndarray, doc_starts: np.ndarray) -> None:
         if self._n == 0:
@@ -34,10 +57,15 @@ class ShardWriter:
             if not final.exists():
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self._tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-                self._tar = wds.TarWriter(str(self._tmp))
+                self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+                self._offsets = []
         if self._tar is not None:
-            self._tar.write({"__key__": f"{self.prefix}-{self._part:04d}-{self._n:06d}",
-                             "tokens.npy": window, "doc_starts.npy": doc_starts})
+            key = f"{self.prefix}-{self._part:04d}-{self._n:06d}"
+            tokens = _npy(window)
+            start = self._member(key + ".tokens.npy", tokens)
+            # offset of the raw tokens: past the tar header and the .npy header
+            self._offsets.append(start + len(tokens) - window.nbytes)
+            self._member(key + ".doc_starts.npy", _npy(doc_starts))
         self._n += 1
         self._docs += len(doc_starts)
         if self._n == self.shard_windows:
@@ -49,7 +77,13 @@ class ShardWriter:
         final = self._final()
         if self._tar is not None:
             self._tar.close()
-            os.replace(self._tmp, final)  # atomic: the shard appears complete or not at all
+            idx_tmp = index_path(final).with_name(index_path(final).name + f".tmp{os.getpid()}")
+            with open(idx_tmp, "wb") as f:
+                np.save(f, np.asarray(self._offsets, np.int64))
+            # the index first, then the shard: a shard that exists always has its index,
+            # and each appears complete or not at all
+            os.replace(idx_tmp, index_path(final))
+            os.replace(self._tmp, final)
         self.records.append({"path": str(final.relative_to(self.dir.parent)),
                              "samples": self._n, "documents": self._docs})
         self._part, self._n, self._docs, self._tar = self._part + 1, 0, 0, None

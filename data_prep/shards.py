@@ -184,7 +184,7 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
     for source, files in sources.items():
         src_dir = out_dir / source
         (src_dir / "parts").mkdir(parents=True, exist_ok=True)
-        for stale in chain(src_dir.glob("*/*.tar.tmp*"), src_dir.glob("parts/*.tmp*")):
+        for stale in chain(src_dir.glob("*/*.tmp*"), src_dir.glob("parts/*.tmp*")):
             stale.unlink()  # left by a killed run; never listed anywhere
         for i, f in enumerate(files):
             if not (src_dir / "parts" / f"{i:05d}.json").exists():

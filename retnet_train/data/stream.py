@@ -1,0 +1,88 @@
+"""TokenStream: the training batches of one data-parallel rank, resumable from a cursor.
+
+All ranks read one global sequence of samples.  Step s of a run started at cursor c gives
+rank r the samples c + s*B*dp + r*B + [0, B).  The cursor is the number of global samples
+consumed so far: it does not depend on dp size or worker count, so a run resumed at another
+data-parallel size continues the very same sequence, neither repeating nor skipping.
+Ranks of one tensor-parallel group pass the same dp_rank and so get the same batches.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from retnet_train.data.config import DataConfig
+from retnet_train.data.plan import Plan
+
+STATE_VERSION = 1
+
+
+class _Steps(IterableDataset):
+    """Batches for steps 0, 1, 2, ...; loader worker w of W makes steps w, w+W, ...  The
+    DataLoader takes one batch from each worker in turn, so the steps come out in order."""
+
+    def __init__(self, plan: Plan, start: int, b: int, dp_rank: int, dp_size: int):
+        self.plan, self.start, self.b, self.dp_rank, self.dp_size = plan, start, b, dp_rank, dp_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        step, every = (info.id, info.num_workers) if info else (0, 1)
+        while True:
+            first = self.start + (step * self.dp_size + self.dp_rank) * self.b
+            yield self.plan.batch(np.arange(first, first + self.b))
+            step += every
+
+
+class TokenStream:
+    def __init__(self, cfg: DataConfig, *, seq_len: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.cfg, self.plan = cfg, Plan(cfg, seq_len)
+        self.b, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self._samples = 0  # global samples consumed by all ranks: the cursor
+        self._loads = 0    # bumped by load_state_dict so that a live iterator restarts
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "samples": self._samples, "seed": self.plan.seed,
+                "seq_len": self.plan.seq_len,
+                "sources": dict(zip(self.plan.names, self.plan.weights))}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data cursor: version {state.get('version')!r}, expected {STATE_VERSION}")
+        # The cursor counts samples of one particular global sequence; under another seed,
+        # mixture or sample length the same count would point at different data.
+        for key in ("seed", "seq_len", "sources"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"data cursor: saved with {key}={state.get(key)!r} but the stream "
+                                 f"has {key}={mine[key]!r}; the saved position does not apply")
+        samples = state.get("samples")
+        if not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"data cursor: 'samples' must be an int >= 0, got {samples!r}")
+        self._samples = samples
+        self._loads += 1
+
+    def _batches(self, start: int) -> Iterator[dict]:
+        steps = _Steps(self.plan, start, self.b, self.dp_rank, self.dp_size)
+        if self.cfg.num_workers == 0:
+            return iter(steps)
+        return iter(DataLoader(steps, batch_size=None, num_workers=self.cfg.num_workers,
+                               prefetch_factor=self.cfg.prefetch, persistent_workers=False))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            loads = self._loads
+            for batch in self._batches(self._samples):
+                if loads != self._loads:
+                    break  # a cursor was loaded: drop what the workers prefetched, restart there
+                # Advance before yielding: a state_dict() taken while the trainer holds this
+                # batch must already count it.  Prefetched batches never touch the cursor.
+                self._samples += self.b * self.dp_size
+                yield batch
