@@ -1,0 +1,288 @@
+"""Dataclass schemas of every config group, their registration with Hydra, and start-up checks.
+
+`load_config(overrides)` composes conf/config.yaml with command-line overrides. Hydra checks each
+key and type against these schemas (an unknown key or a wrong type fails naming the key);
+`validate` then checks the values that no type can express (batch arithmetic, choices, ranges),
+raising ConfigError with the key and its value. All of this runs before any device is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message starts with `key=value`."""
+
+
+# ---- group schemas -------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then decay. The paper's recipe: betas 0.9/0.98, wd 0.05, clip 2.0."""
+
+    name: str = "adamw"
+    impl: str = "auto"  # auto: torch AdamW (fused on CUDA) | torch | fused | deepspeed (DeepSpeed's own AdamW)
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.0  # LR at the end of decay = lr * min_lr_ratio
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # applied to matrices only (not norms, biases)
+    warmup_steps: int = 375
+    decay: str = "linear"  # linear | cosine | constant
+    decay_steps: Optional[int] = None  # steps from 0 to the end of decay; null: trainer.max_steps
+    grad_clip: float = 2.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The ZeRO part of the DeepSpeed JSON; the rest is derived from trainer/optim keys."""
+
+    stage: int = 2  # ZeRO stage 0-3
+    offload_optimizer: bool = False  # ZeRO-2/3: optimizer state on CPU
+    offload_params: bool = False  # ZeRO-3: parameters on CPU
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    extra: Dict[str, Any] = field(default_factory=dict)  # deep-merged into the generated DeepSpeed JSON
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1  # later issue; heads must divide by it
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU | nccl | gloo
+    timeout_minutes: int = 30
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps
+    global_batch_tokens: int = 4_194_304  # tokens per optimizer step, all ranks together
+    micro_batch_size: int = 8  # sequences per forward pass per rank
+    seq_len: int = 2048
+    log_every: int = 10
+    eval_every: int = 500  # 0 disables periodic eval (eval still runs at the end unless eval_at_end=false)
+    eval_at_end: bool = True
+    eval_batches: Optional[int] = None  # at most this many validation batches per source
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32
+    device: str = "auto"  # auto | cuda | cpu
+    mode: str = "parallel"  # retention form for training: parallel | chunkwise
+    chunk_size: Optional[int] = None  # chunkwise chunk length; null: model.chunk_size
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    max_bad_steps: int = 5  # stop after this many consecutive skipped (NaN/inf) steps
+    data_source: str = "stream"  # stream: retnet_train.data shards | synthetic: a learnable token pattern
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps; 0: only at the end and on signals
+    keep: int = 3  # newest complete checkpoints kept; 0 keeps all
+    save_at_end: bool = True
+    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    init_from: Optional[str] = None  # a checkpoint to start a *new* run from (weights + optimizer)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online (offline if no API key) | offline | disabled
+    project: str = "retnet_train"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # null: the run's `name`
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    level: str = "INFO"
+    peak_tflops: Optional[float] = None  # per device for MFU; null: guessed from the device name
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def _model_schema() -> Any:
+    try:
+        from retnet_train.model import ModelConfig
+    except ImportError:
+        return Any
+    return ModelConfig
+
+
+def _data_schema() -> Any:
+    try:
+        from retnet_train.data import DataConfig
+    except ImportError:
+        return Any
+    return DataConfig
+
+
+def _make_root_schema() -> type:
+    """The root schema; model/data types come from their packages (Any until those import)."""
+    return make_dataclass("Config", [
+        ("name", str, field(default="run")),
+        ("run_dir", str, field(default="runs/${name}")),  # config.yaml, metrics.jsonl, checkpoints/, wandb/
+        ("model", _model_schema(), field(default=MISSING)),
+        ("data", Optional[_data_schema()], field(default=None)),  # unused with trainer.data_source=synthetic
+        ("optim", OptimConfig, field(default_factory=OptimConfig)),
+        ("deepspeed", DeepSpeedConfig, field(default_factory=DeepSpeedConfig)),
+        ("parallel", ParallelConfig, field(default_factory=ParallelConfig)),
+        ("trainer", TrainerConfig, field(default_factory=TrainerConfig)),
+        ("checkpoint", CheckpointConfig, field(default_factory=CheckpointConfig)),
+        ("logging", LoggingConfig, field(default_factory=LoggingConfig)),
+    ])
+
+
+# ---- composition ---------------------------------------------------------------------------------
+
+
+def conf_dir() -> Path:
+    env = os.environ.get("RETNET_TRAIN_CONF")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+
+
+_registered = False
+
+
+def register_schemas() -> None:
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=_make_root_schema())
+    _registered = True
+
+
+def load_config(overrides: List[str] = (), config_dir: Optional[str] = None,
+                config_name: str = "config") -> DictConfig:
+    """Compose the config like `python -m retnet_train <overrides>` and validate it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    directory = str(Path(config_dir or conf_dir()).resolve())
+    with initialize_config_dir(config_dir=directory, version_base="1.3"):
+        try:
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+        except ConfigCompositionException as e:  # surface omegaconf's message, which names the key
+            cause = e.__cause__ or e
+            raise ConfigError(f"{e}\n{cause}") from None
+        except Exception as e:  # omegaconf ValidationError / ConfigKeyError from the schema merge
+            if type(e).__module__.startswith(("omegaconf", "hydra")):
+                raise ConfigError(str(e)) from None
+            raise
+    if "hydra" in cfg:
+        with OmegaConf.read_write(cfg):
+            del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+# ---- value checks --------------------------------------------------------------------------------
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _choice(cfg: DictConfig, key: str, choices: tuple) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        _fail(key, value, f"must be one of {list(choices)}")
+
+
+def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        _fail(key, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def batch_layout(cfg: DictConfig, world_size: Optional[int] = None) -> Dict[str, int]:
+    """Data-parallel size and gradient accumulation steps that the batch keys imply."""
+    world = world_size or world_size_from_env()
+    tp = cfg.parallel.tensor_parallel_size
+    if world % tp:
+        _fail("parallel.tensor_parallel_size", tp, f"does not divide the world size {world}")
+    dp = world // tp
+    t = cfg.trainer
+    per_micro = t.micro_batch_size * t.seq_len * dp
+    if t.global_batch_tokens % per_micro:
+        _fail("trainer.global_batch_tokens", t.global_batch_tokens,
+              f"not divisible by trainer.micro_batch_size x trainer.seq_len x data-parallel size "
+              f"= {t.micro_batch_size} x {t.seq_len} x {dp} = {per_micro}")
+    return {"dp_size": dp, "tp_size": tp, "grad_accum": t.global_batch_tokens // per_micro,
+            "global_batch_seqs": t.global_batch_tokens // t.seq_len}
+
+
+def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
+    """Checks types cannot express; each failure names its key and value."""
+    if cfg.get("model") is None:
+        _fail("model", None, "no model chosen (model=<preset> from conf/model/)")
+    for key in ("trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_len", "trainer.log_every",
+                "trainer.global_batch_tokens", "trainer.max_bad_steps", "parallel.tensor_parallel_size",
+                "optim.lr", "optim.eps"):
+        _positive(cfg, key)
+    for key in ("trainer.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
+                "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio"):
+        _positive(cfg, key, allow_zero=True)
+    if cfg.trainer.eval_batches is not None:
+        _positive(cfg, "trainer.eval_batches")
+    if cfg.trainer.chunk_size is not None:
+        _positive(cfg, "trainer.chunk_size")
+    _choice(cfg, "optim.name", ("adamw",))
+    _choice(cfg, "optim.impl", ("auto", "torch", "fused", "deepspeed"))
+    _choice(cfg, "optim.decay", ("linear", "cosine", "constant"))
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        _fail("optim.betas", list(cfg.optim.betas), "must be two numbers in [0, 1)")
+    if cfg.optim.min_lr_ratio > 1.0:
+        _fail("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
+    _choice(cfg, "deepspeed.stage", (0, 1, 2, 3))
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.stage < 2:
+        _fail("deepspeed.offload_optimizer", True, f"needs deepspeed.stage >= 2 (is {cfg.deepspeed.stage})")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
+        _fail("deepspeed.offload_params", True, f"needs deepspeed.stage == 3 (is {cfg.deepspeed.stage})")
+    _choice(cfg, "parallel.backend", ("auto", "nccl", "gloo"))
+    _choice(cfg, "trainer.precision", ("auto", "bf16", "fp32"))
+    _choice(cfg, "trainer.device", ("auto", "cuda", "cpu"))
+    _choice(cfg, "trainer.mode", ("parallel", "chunkwise"))
+    _choice(cfg, "trainer.data_source", ("stream", "synthetic"))
+    _choice(cfg, "logging.wandb.mode", ("online", "offline", "disabled"))
+    _choice(cfg, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
+        _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
+    model = cfg.model
+    heads, tp = model.get("n_heads"), cfg.parallel.tensor_parallel_size
+    if heads is not None and heads % tp:
+        _fail("parallel.tensor_parallel_size", tp, f"does not divide model.n_heads={heads}")
+    if cfg.trainer.mode == "chunkwise" and model.get("arch", "retnet") != "retnet":
+        _fail("trainer.mode", "chunkwise", f"needs a RetNet model (model.arch={model.get('arch')!r})")
+    chunk = cfg.trainer.chunk_size or model.get("chunk_size")
+    if cfg.trainer.mode == "chunkwise" and chunk and cfg.trainer.seq_len % chunk:
+        _fail("trainer.seq_len", cfg.trainer.seq_len, f"not divisible by the chunk size {chunk}")
+    batch_layout(cfg, world_size)
+    try:  # the model's own checks (heads | d_model, ...)
+        from retnet_train.model import resolve_config
+    except ImportError:
+        return
+    try:
+        resolve_config(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,128 @@
+"""Starting torch.distributed (through DeepSpeed) and making the process groups.
+
+Today the data-parallel group is the whole world. When tensor parallelism lands, this is the one
+place that splits the world into tensor-parallel and data-parallel groups (Megatron layout:
+consecutive ranks share a tensor-parallel group) and hands DeepSpeed an `mpu`.
+Works for all launchers: plain `python -m` (one process, no env), torchrun and the deepspeed
+launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelState:
+    rank: int
+    world_size: int
+    local_rank: int
+    dp_rank: int
+    dp_size: int
+    tp_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_state: Optional[ParallelState] = None
+_dp_group = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """A plain `python -m retnet_train` is a world of one; give torch.distributed what it needs."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int = 1,
+                     timeout_minutes: int = 30) -> ParallelState:
+    """Start the default process group (idempotent) and build the data-parallel group."""
+    global _state, _dp_group
+    if _state is not None:
+        return _state
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    _single_process_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                               verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % tp_size:
+        raise ValueError(f"parallel.tensor_parallel_size={tp_size} does not divide the world size {world}")
+    if tp_size != 1:
+        raise NotImplementedError("parallel.tensor_parallel_size > 1 is not implemented yet")
+    _dp_group = dist.group.WORLD  # data parallel = world while tp_size == 1
+    _state = ParallelState(
+        rank=rank, world_size=world, local_rank=local_rank,
+        dp_rank=dist.get_rank(_dp_group), dp_size=dist.get_world_size(_dp_group), tp_size=tp_size,
+        device=torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu"),
+        backend=backend,
+    )
+    return _state
+
+
+def get_state() -> ParallelState:
+    if _state is None:
+        raise RuntimeError("init_distributed() has not run")
+    return _state
+
+
+def dp_group():
+    return _dp_group
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _reduce(values: list[float], op) -> list[float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=get_state().device)
+    dist.all_reduce(t, op=op, group=_dp_group)
+    return t.tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum floats over the data-parallel group (float64, exact for counts)."""
+    return _reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    return _reduce(values, dist.ReduceOp.MAX)
+
+
+def destroy() -> None:
+    global _state, _dp_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _state, _dp_group = None, None

@@ -1,0 +1,70 @@
+"""From config to a DeepSpeed engine: model, optimizer, precision, DeepSpeed JSON."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from .ds_config import build_ds_config
+from .optimizer import build_optimizer, param_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    engine: object
+    model_cfg: object  # ModelConfig
+    precision: str
+    own_clipping: bool  # ZeRO-0 fp32: DeepSpeed hands back the raw optimizer; the trainer clips and guards
+    ds_config: dict
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def model_config(cfg):
+    from retnet_train.model import resolve_config
+
+    return resolve_config(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def forward_kwargs(cfg, model_cfg) -> dict:
+    """How the model is called in training and eval: the retention form (RetNet only)."""
+    if model_cfg.arch != "retnet" or cfg.trainer.mode == "parallel":
+        return {}
+    return {"mode": "chunkwise", "chunk_size": cfg.trainer.chunk_size or model_cfg.chunk_size}
+
+
+def build_engine(cfg, layout: dict, device: torch.device) -> Built:
+    import deepspeed
+
+    from retnet_train.model import build_model
+
+    precision = resolve_precision(cfg.trainer.precision, device)
+    if precision == "bf16" and device.type == "cpu":
+        log.warning("trainer.precision=bf16 on CPU: DeepSpeed's CPU bf16 path is slow and untested here")
+    mcfg = model_config(cfg)
+    model = build_model(mcfg)
+    if cfg.trainer.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    own_clipping = cfg.deepspeed.stage == 0 and precision == "fp32" and cfg.optim.impl != "deepspeed"
+    ds_config = build_ds_config(cfg, layout, precision, own_clipping)
+    offload = bool(cfg.deepspeed.offload_optimizer)
+    optimizer = build_optimizer(model, cfg.optim, device, offload)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer,
+        model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
+        config=ds_config, dist_init_required=False)
+    if cfg.trainer.compile:
+        engine.compile()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.1fM parameters (zero-%d shards may report fewer), precision %s, ZeRO-%d",
+             mcfg.arch, n_params / 1e6, cfg.deepspeed.stage, precision, cfg.deepspeed.stage)
+    return Built(engine=engine, model_cfg=mcfg, precision=precision, own_clipping=own_clipping, ds_config=ds_config)

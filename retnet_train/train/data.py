@@ -1,0 +1,53 @@
+"""Where training and validation batches come from: the shard stream, or the synthetic stream."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def resolve_vocab_size(cfg) -> int | None:
+    """The tokenizer's vocabulary size (None for synthetic data: the model's own is used)."""
+    if cfg.trainer.data_source != "stream":
+        return None
+    from retnet_train.data import read_vocab_size
+
+    return int(read_vocab_size(_data_config(cfg)))
+
+
+def _data_config(cfg):
+    from omegaconf import OmegaConf
+
+    from retnet_train.data import DataConfig
+
+    node = cfg.data
+    return node if isinstance(node, DataConfig) else OmegaConf.to_object(node)
+
+
+def build_train_stream(cfg, vocab_size: int, dp_rank: int, dp_size: int):
+    t = cfg.trainer
+    if t.data_source == "synthetic":
+        from .synthetic import SyntheticStream
+
+        return SyntheticStream(vocab_size, t.seq_len, t.micro_batch_size, dp_rank, dp_size, seed=t.seed)
+    from retnet_train.data import TokenStream
+
+    return TokenStream(_data_config(cfg), seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                       dp_rank=dp_rank, dp_size=dp_size)
+
+
+def build_val(cfg, vocab_size: int, dp_rank: int, dp_size: int) -> dict[str, list[dict]]:
+    t = cfg.trainer
+    if t.data_source == "synthetic":
+        from .synthetic import synthetic_val_batches
+
+        return synthetic_val_batches(vocab_size, t.seq_len, t.micro_batch_size, dp_rank, dp_size, seed=t.seed,
+                                     n_batches=t.eval_batches or 4)
+    from retnet_train.data import build_val_batches
+
+    batches = build_val_batches(_data_config(cfg), seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                                dp_rank=dp_rank, dp_size=dp_size)
+    if t.eval_batches:
+        batches = {k: v[: t.eval_batches] for k, v in batches.items()}
+    return batches

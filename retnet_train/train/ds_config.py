@@ -1,0 +1,55 @@
+"""The DeepSpeed JSON, derived from the Hydra config (no hand-written JSON files)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def zero_section(ds) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.stage >= 1:
+        zero.update(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
+                    overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients)
+    if ds.stage == 3:
+        zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=False)
+        zero.pop("allgather_bucket_size")
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def build_ds_config(cfg, layout: dict, precision: str, own_clipping: bool) -> dict[str, Any]:
+    """own_clipping: the trainer clips (ZeRO-0 fp32, where DeepSpeed hands back the raw optimizer)."""
+    t, o = cfg.trainer, cfg.optim
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": layout["grad_accum"],
+        "train_batch_size": t.micro_batch_size * layout["grad_accum"] * layout["dp_size"],
+        "gradient_clipping": 0.0 if own_clipping else float(o.grad_clip),
+        "zero_optimization": zero_section(cfg.deepspeed),
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,  # the trainer logs
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": precision == "bf16"},
+    }
+    if precision == "bf16":
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    if o.impl == "deepspeed":
+        out["optimizer"] = {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}}
+    extra = OmegaConf.to_container(cfg.deepspeed.extra, resolve=True) if cfg.deepspeed.extra else {}
+    return deep_merge(out, extra)

@@ -1,0 +1,32 @@
+"""Fault injection for the resume and NaN-guard tests: RETNET_TRAIN_FAULT="<point>@<step>[,...]".
+
+Points: `kill_in_save@S` (SIGKILL this process halfway through saving step S, after the DeepSpeed
+files are written, before the checkpoint is published), `nan_loss@S` (the loss of step S becomes
+NaN), `nan_loss@S-E` (steps S..E), `kill@S` (SIGKILL after step S). Unset in normal runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _parse() -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for item in filter(None, os.environ.get("RETNET_TRAIN_FAULT", "").split(",")):
+        point, _, steps = item.partition("@")
+        lo, _, hi = steps.partition("-")
+        out.setdefault(point, set()).update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+_FAULTS = _parse()
+
+
+def active(point: str, step: int) -> bool:
+    return step in _FAULTS.get(point, ())
+
+
+def maybe_kill(point: str, step: int) -> None:
+    if active(point, step):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,270 @@
+"""The training loop: steps, gradient accumulation, NaN guard, logging, eval, checkpoints, signals."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from retnet_train.config import batch_layout
+from retnet_train.parallel import all_reduce_max, all_reduce_sum, barrier, destroy, init_distributed
+
+from . import faults
+from .build import build_engine, forward_kwargs
+from .checkpoint import CheckpointManager, resolve_checkpoint
+from .data import build_train_stream, build_val, resolve_vocab_size
+from .evaluate import evaluate, lm_loss
+from .metrics import MetricsWriter
+from .rng import get_rng_state, seed_all, set_rng_state
+from .schedule import schedule_from_config
+from .signals import StopRequest
+from .throughput import flops_per_token, peak_flops_per_device, peak_memory_gib
+
+log = logging.getLogger("retnet_train")
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+def setup_logging(level: str, rank: int) -> None:
+    logging.basicConfig(level=getattr(logging, level) if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(message)s" if rank else "%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        t = cfg.trainer
+        self.stop = StopRequest()
+        self.ps = init_distributed(t.device, cfg.parallel.backend, cfg.parallel.tensor_parallel_size,
+                                   cfg.parallel.timeout_minutes)
+        setup_logging(cfg.logging.level, self.ps.rank)
+        self.layout = batch_layout(cfg, self.ps.world_size)
+        self.run_dir = Path(cfg.run_dir)
+        vocab = resolve_vocab_size(cfg)
+        if vocab is not None and vocab != cfg.model.vocab_size:
+            log.info("model.vocab_size %d -> %d (the tokenizer's vocabulary)", cfg.model.vocab_size, vocab)
+            cfg.model.vocab_size = vocab
+        seed_all(t.seed)  # identical initial weights on every rank
+        self.built = build_engine(cfg, self.layout, self.ps.device)
+        self.engine = self.built.engine
+        self.fwd = forward_kwargs(cfg, self.built.model_cfg)
+        self.lr_at = schedule_from_config(cfg.optim, t.max_steps)
+        try:
+            self.flops_per_token = flops_per_token(self.built.model_cfg, t.seq_len)
+        except ImportError:
+            n = sum(p.numel() for p in self.engine.module.parameters())
+            self.flops_per_token = 6.0 * n
+        self.peak_flops = peak_flops_per_device(self.ps.device, cfg.logging.peak_tflops) * self.ps.world_size
+
+        if self.ps.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.run_dir / "config.yaml")
+        barrier()
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep)
+        self.ckpt.clean_partial()
+
+        self.step, self.tokens, self.bad_in_row, self.skipped_total = 0, 0, 0, 0
+        seed_all(t.seed + 1000 * self.ps.rank)  # dropout etc. differ across ranks
+        self.stream = build_train_stream(cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
+        self._restore()
+        self.val = None
+        self.metrics = self._metrics_writer()
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        cfg = self.cfg
+        latest = self.ckpt.latest() if cfg.checkpoint.resume else None
+        if latest is not None:
+            meta, state = self.ckpt.load(self.engine, latest)
+            self.step, self.tokens = state["step"], state["tokens"]
+            self.bad_in_row, self.skipped_total = state["bad_in_row"], state["skipped_total"]
+            self.stream.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            self.resumed_from = latest
+            log.info("resumed from %s (step %d, %s tokens)", latest, self.step, f"{self.tokens:,}")
+        elif cfg.checkpoint.init_from:
+            path = resolve_checkpoint(cfg.checkpoint.init_from)
+            self.ckpt.load(self.engine, path, module_only=True)
+            self.resumed_from = None
+            log.info("initialised weights from %s", path)
+        else:
+            self.resumed_from = None
+
+    def _metrics_writer(self) -> MetricsWriter:
+        wandb_run = None
+        if self.ps.is_main:
+            from .wandb_run import start_wandb
+
+            wandb_run = start_wandb(self.cfg.logging.wandb, self.cfg.name, self.run_dir,
+                                    OmegaConf.to_container(self.cfg, resolve=True))
+        writer = MetricsWriter(self.run_dir, self.ps.is_main, self.cfg.logging.console, self.cfg.trainer.max_steps,
+                               wandb_run)
+        if self.resumed_from is not None:
+            writer.truncate_after(self.step)
+        return writer
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self) -> dict:
+        engine, gas, dev = self.engine, self.layout["grad_accum"], self.ps.device
+        step = self.step + 1  # 1-based number of the step being taken
+        lr = self.lr_at(self.step)
+        self._set_lr(lr)
+        cursor = self.stream.state_dict()
+        skipped_before = engine.skipped_steps
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        sources: set = set()
+        grad_norm = None
+        for micro in range(gas):
+            batch = next(self.it)
+            sources.update(batch.get("source", []) or [])
+            ids, labels = batch["input_ids"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
+            loss = lm_loss(engine(ids, **self.fwd), labels)
+            if faults.active("nan_loss", step):
+                loss = loss * float("nan")
+            engine.backward(loss)
+            if micro == gas - 1 and self.built.own_clipping:
+                grad_norm = self._clip_and_guard()
+            engine.step()
+            loss_sum += loss.detach().double()
+        if grad_norm is None:
+            g = engine.get_global_grad_norm()
+            grad_norm = float(g) if g is not None else float("nan")
+        loss = float(loss_sum) / gas
+        bad = (engine.skipped_steps > skipped_before) or not math.isfinite(grad_norm) or not math.isfinite(loss)
+        self.step, self.tokens = step, self.tokens + self.cfg.trainer.global_batch_tokens
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "bad": bad, "cursor": cursor,
+                "sources": sorted(str(s) for s in sources)}
+
+    def _clip_and_guard(self) -> float:
+        """ZeRO-0 fp32: clip here (gradients are already all-reduced); a non-finite norm drops the
+        gradients so the optimizer step that follows changes nothing."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = float(norm)
+        if not math.isfinite(norm):
+            for p in params:
+                p.grad = None
+        return norm
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "bad_in_row": self.bad_in_row,
+                "skipped_total": self.skipped_total, "data": self.stream.state_dict(), "rng": get_rng_state()}
+
+    def save(self, reason: str) -> None:
+        meta = {"tokens": self.tokens, "reason": reason, "time": time.time(),
+                "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
+                "zero_stage": self.cfg.deepspeed.stage, "precision": self.built.precision}
+        path = self.ckpt.save(self.engine, self.step, self.trainer_state(), meta)
+        self.metrics.event({"event": "checkpoint", "step": self.step, "path": str(path), "reason": reason})
+
+    def run_eval(self) -> dict:
+        if self.val is None:
+            self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
+        result = evaluate(self.engine, self.val, self.fwd, self.ps.device)
+        record = {"step": self.step, "tokens": self.tokens, **result}
+        if "val/loss" in result:
+            self.metrics.eval(record)
+        return record
+
+    def _sync_stop(self) -> bool:
+        return all_reduce_max([1.0 if self.stop.requested else 0.0])[0] > 0
+
+    def fit(self) -> int:
+        t, c = self.cfg.trainer, self.cfg.checkpoint
+        self.engine.train()
+        self.it = iter(self.stream)
+        log.info("run_dir %s | %d ranks (dp %d) | %d tokens/step = %d x %d seqs x %d accumulation x %d ranks",
+                 self.run_dir, self.ps.world_size, self.ps.dp_size, t.global_batch_tokens, t.micro_batch_size,
+                 t.seq_len, self.layout["grad_accum"], self.ps.dp_size)
+        interval_loss, interval_steps, interval_t0, interval_tokens = 0.0, 0, time.time(), 0
+        while self.step < t.max_steps:
+            out = self.train_step()
+            step = self.step
+            if out["bad"]:
+                self._bad_step(out)
+            else:
+                self.bad_in_row = 0
+                interval_loss += out["loss"]
+                interval_steps += 1
+            interval_tokens += t.global_batch_tokens
+            faults.maybe_kill("kill", step)
+            if step % t.log_every == 0 or step == t.max_steps:
+                self._log(out, interval_loss, interval_steps, interval_tokens, time.time() - interval_t0)
+                interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
+                interval_t0 = time.time()
+            paused = False
+            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                self.run_eval()
+                paused = True
+            if self._sync_stop():
+                self.save(reason=f"signal {self.stop.signum}")
+                log.info("stopped by signal at step %d; checkpoint saved, exiting", step)
+                self.close()
+                return 0
+            if c.every and step % c.every == 0 and step < t.max_steps:
+                self.save(reason="every")
+                paused = True
+            if paused:
+                interval_t0 = time.time()
+        if t.eval_at_end:
+            self.run_eval()
+        latest = self.ckpt.latest()
+        if c.save_at_end and (latest is None or latest.name != f"step_{self.step:08d}"):
+            self.save(reason="end")
+        self.close()
+        return 0
+
+    def _bad_step(self, out: dict) -> None:
+        self.bad_in_row += 1
+        self.skipped_total += 1
+        self.metrics.event(
+            {"event": "bad_step", "step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+             "batch": out["cursor"], "sources": out["sources"], "bad_in_row": self.bad_in_row},
+            message=(f"step {self.step}: non-finite loss or gradient (loss={out['loss']}, "
+                     f"grad_norm={out['grad_norm']}); update skipped; batch cursor {out['cursor']}"),
+            warn=True)
+        if self.bad_in_row >= self.cfg.trainer.max_bad_steps:
+            raise TooManyBadSteps(
+                f"{self.bad_in_row} consecutive steps (up to step {self.step}) had a non-finite loss or gradient "
+                f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); stopping. The last good checkpoint "
+                f"is in {self.ckpt.root}; lower optim.lr or inspect the batches logged in metrics.jsonl")
+
+    def _log(self, out: dict, loss_sum: float, n_steps: int, tokens: int, seconds: float) -> None:
+        total_loss, total_steps = all_reduce_sum([loss_sum, float(n_steps)])
+        loss = total_loss / total_steps if total_steps else float("nan")
+        tps = tokens / max(seconds, 1e-9)
+        steps_left = self.cfg.trainer.max_steps - self.step
+        step_time = seconds / max(1, tokens // self.cfg.trainer.global_batch_tokens)
+        self.metrics.train({
+            "step": self.step, "loss": loss, "lr": out["lr"],
+            "grad_norm": out["grad_norm"], "tokens": self.tokens, "tokens_per_s": tps,
+            "mfu": tps * self.flops_per_token / self.peak_flops, "mem_gib": peak_memory_gib(self.ps.device),
+            "eta_s": steps_left * step_time, "skipped_steps": self.skipped_total, "time": time.time(),
+        })
+
+    def close(self) -> None:
+        self.metrics.close()
+        barrier()
+
+
+def train(cfg) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        destroy()
