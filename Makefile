@@ -35,5 +35,15 @@ test: install
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
 
+# Sample data for tests and `make train`: raw corpora made from Python's own stdlib text ->
+# tokenizer -> 256-token shards, all in data/sample/.  Each step is skipped once done.
+SAMPLE_SRC = pile='data/sample/raw/pile/*.jsonl.zst' c4='data/sample/raw/c4/*.json.gz' stack='data/sample/raw/stack/data/*/*.parquet'
+sample-data: install
+	@if [ -f data/sample/.complete ]; then echo "data/sample/ is complete"; else set -e; \
+	  test -f data/sample/raw/.complete || { $(PY) -m data_prep sample data/sample/raw && touch data/sample/raw/.complete; }; \
+	  test -f data/sample/tokenizer.model || $(PY) -m data_prep tokenizer --out data/sample/tokenizer.model --vocab-size 4096 $(SAMPLE_SRC); \
+	  $(PY) -m data_prep shards --tokenizer data/sample/tokenizer.model --seq-len 256 --out data/sample/shards --workers 2 --shard-tokens 65536 --val-fraction 0.1 $(SAMPLE_SRC); \
+	  touch data/sample/.complete; fi
+
 clean:
 	rm -rf $(VENV) .pytest_cache
