@@ -1,0 +1,111 @@
+"""Helpers shared by the trainer tests (no tests here): run the trainer as a subprocess, read its
+metrics, and a plain-PyTorch reference of what the trainer computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model and batch small enough for 2 CPU cores: 2 layers, d=64; 512 tokens per step in
+# 2 micro-batches of 4 x 64 (one process) or 1 per rank (two processes).
+TINY = [
+    "trainer.data_source=synthetic", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
+    "model.vocab_size=256", "trainer.seq_len=64", "trainer.micro_batch_size=4",
+    "trainer.global_batch_tokens=512", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2",
+    "optim.warmup_steps=2", "optim.lr=3e-3", "logging.wandb.mode=disabled", "checkpoint.every=0",
+]
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RETNET_TRAIN_FAULT", "WANDB_API_KEY"):
+        e.pop(k, None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(overrides: list[str], nproc: int = 1, launcher: str = "python") -> list[str]:
+    if nproc == 1 and launcher == "python":
+        return [sys.executable, "-m", "retnet_train", *overrides]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port()), "-m", "retnet_train", *overrides]
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), "--module", "retnet_train", *overrides]
+    raise ValueError(launcher)
+
+
+def run_train(run_dir, *overrides: str, nproc: int = 1, launcher: str = "python", fault: str | None = None,
+              check: bool = True, timeout: int = 240, **env_extra) -> subprocess.CompletedProcess:
+    extra = dict(env_extra)
+    if fault:
+        extra["RETNET_TRAIN_FAULT"] = fault
+    cmd = command([*TINY, f"run_dir={run_dir}", *overrides], nproc, launcher)
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def records(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "event" not in r and "loss" in r}
+
+
+def evals(run_dir) -> list[dict]:
+    return [r for r in records(run_dir) if "val/loss" in r]
+
+
+def reference_losses(steps: int, skip: frozenset = frozenset(), seed: int = 1234, lr: float = 3e-3,
+                     warmup: int = 2, clip: float = 2.0, betas=(0.9, 0.98), wd: float = 0.05) -> dict[int, float]:
+    """What the trainer must compute for TINY, in plain PyTorch: same init, data, AdamW groups,
+    schedule and clipping; steps in `skip` are evaluated but not applied (the NaN guard)."""
+    import torch
+
+    from retnet_train.model import build_model
+    from retnet_train.train.evaluate import lm_loss
+    from retnet_train.train.optimizer import param_groups
+    from retnet_train.train.rng import seed_all
+    from retnet_train.train.schedule import lr_at
+    from retnet_train.train.synthetic import SyntheticStream
+
+    seed_all(seed)
+    model = build_model("retnet_tiny", d_model=64, n_layers=2, n_heads=2, vocab_size=256)
+    opt = torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, eps=1e-8)
+    stream = SyntheticStream(256, 64, 4, seed=seed)
+    out = {}
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, lr, warmup, steps, "linear", 0.0)
+        total = 0.0
+        for _ in range(2):
+            b = next(stream)
+            loss = lm_loss(model(b["input_ids"]), b["labels"])
+            (loss / 2).backward()
+            total += loss.item()
+        out[step + 1] = total / 2
+        if step + 1 in skip:
+            opt.zero_grad(set_to_none=True)
+            continue
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out
