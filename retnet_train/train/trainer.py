@@ -168,9 +168,15 @@ class Trainer:
     def save(self, reason: str) -> None:
         meta = {"tokens": self.tokens, "reason": reason, "time": time.time(),
                 "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
-                "zero_stage": self.cfg.deepspeed.stage, "precision": self.built.precision}
+                "zero_stage": self.cfg.deepspeed.stage, "precision": self.built.precision,
+                "tokenizer": self._tokenizer_path()}
         path = self.ckpt.save(self.engine, self.step, self.trainer_state(), meta)
         self.metrics.event({"event": "checkpoint", "step": self.step, "path": str(path), "reason": reason})
+
+    def _tokenizer_path(self):
+        if self.cfg.trainer.data_source != "stream":
+            return None
+        return str(Path(self.cfg.data.tokenizer).resolve())
 
     def run_eval(self) -> dict:
         if self.val is None:
