@@ -8,6 +8,7 @@ offsets where documents start in it (`doc_starts.npy`).
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tarfile
@@ -24,10 +25,16 @@ from retnet_train.data.shard_reader import index_path
 HEADER = tarfile.BLOCKSIZE
 
 
-def _npy(a: np.ndarray) -> bytes:
+@functools.lru_cache(maxsize=4096)
+def _npy_header(dtype: str, n: int) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": (n,)})
     return buf.getvalue()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    # np.save rebuilds the same header for every window; it only depends on dtype and length
+    return _npy_header(a.dtype.str, len(a)) + a.tobytes()
 
 
 class ShardWriter:

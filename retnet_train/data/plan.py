@@ -44,23 +44,27 @@ class Plan:
         self.weights = [float(cfg.sources[n].weight) for n in self.names]
         self.seq_len, self.seed = seq_len, int(cfg.seed)
         self.mixture = Mixture(self.weights, self.seed)
+        dtypes = {m.dtype for m in self.manifests.values()}
+        self.dtype = np.dtype(dtypes.pop() if len(dtypes) == 1 else "uint32")
         self.samplers = [SourceSampler(self.manifests[n], seq_len, self.seed, i)
                          for i, n in enumerate(self.names)]
 
-    def batch(self, g: np.ndarray) -> dict[str, torch.Tensor]:
+    def tokens(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global sample indices -> (tokens [B, seq_len + 1] in the shards' dtype, source [B]).
+        Compact on purpose: this is what loader workers send to the trainer process."""
         src, k = self.mixture.lookup(g)
-        x = np.empty((len(g), self.seq_len), np.int64)
-        y = np.empty_like(x)
+        out = np.empty((len(g), self.seq_len + 1), self.dtype)
         for i in range(len(g)):
-            self.samplers[src[i]].read(k[i], x[i], y[i])
-        return make_batch(x, y, src, self.tok)
+            self.samplers[src[i]].read(k[i], out[i])
+        return out, src
 
 
-def make_batch(x: np.ndarray, y: np.ndarray, src: np.ndarray, tok: TokenizerInfo) -> dict:
+def make_batch(tokens: np.ndarray, src: np.ndarray, tok: TokenizerInfo) -> dict:
+    """[B, seq_len + 1] tokens -> the trainer's batch of int64 tensors."""
+    x = torch.from_numpy(tokens[:, :-1].astype(np.int64))
+    y = torch.from_numpy(tokens[:, 1:].astype(np.int64))
     # A PAD label is the lookahead of the very last window of an input file: no next token.
     y[y == tok.pad_id] = IGNORE
-    input_ids = torch.from_numpy(x)
-    return {"input_ids": input_ids, "labels": torch.from_numpy(y),
-            "source": torch.from_numpy(np.asarray(src, np.int64)),
+    return {"input_ids": x, "labels": y, "source": torch.from_numpy(np.asarray(src, np.int64)),
             # Every document starts with BOS, so the document starts are where BOS is.
-            "doc_starts": input_ids == tok.bos_id}
+            "doc_starts": x == tok.bos_id}

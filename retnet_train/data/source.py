@@ -43,18 +43,18 @@ class SampleReader:
             self._open.move_to_end(i)
         return r
 
-    def read(self, shard: int, j: int, out_x: np.ndarray, out_y: np.ndarray) -> None:
+    def read(self, shard: int, j: int, out: np.ndarray) -> None:
+        """Fill out (seq_len + 1 tokens) with sample j of the shard and its next token."""
         n, t = self.m.window, self.seq_len
         r = self._reader(shard)
         p0 = j * t
         w0, w1 = p0 // n, (p0 + t - 1) // n
         # Stored windows carry one lookahead token, so windows w0..w1 hold tokens
-        # [w0*n, (w1+1)*n] of the shard's stream: inputs and their next tokens.
+        # [w0*n, (w1+1)*n] of the shard's stream: the inputs and the token after them.
         wins = [r.read(w) for w in range(w0, w1 + 1)]
         arr = wins[0] if len(wins) == 1 else np.concatenate([w[:n] for w in wins[:-1]] + [wins[-1]])
         off = p0 - w0 * n
-        out_x[:] = arr[off:off + t]
-        out_y[:] = arr[off + 1:off + t + 1]
+        out[:] = arr[off:off + t + 1]
 
 
 class SourceSampler:
@@ -95,5 +95,5 @@ class SourceSampler:
         first = r - (int(cum[pos - 1]) if pos else 0)
         return shard, int(self._within(e, shard)[first])
 
-    def read(self, k: int, out_x: np.ndarray, out_y: np.ndarray) -> None:
-        self.reader.read(*self.locate(k), out_x, out_y)
+    def read(self, k: int, out: np.ndarray) -> None:
+        self.reader.read(*self.locate(k), out)

@@ -15,9 +15,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from retnet_train.data.config import DataConfig
-from retnet_train.data.plan import Plan
+from retnet_train.data.plan import Plan, make_batch
 
 STATE_VERSION = 1
+
+
+def _as_is(batch):
+    return batch
 
 
 class _Steps(IterableDataset):
@@ -32,7 +36,7 @@ class _Steps(IterableDataset):
         step, every = (info.id, info.num_workers) if info else (0, 1)
         while True:
             first = self.start + (step * self.dp_size + self.dp_rank) * self.b
-            yield self.plan.batch(np.arange(first, first + self.b))
+            yield self.plan.tokens(np.arange(first, first + self.b))
             step += every
 
 
@@ -69,20 +73,24 @@ class TokenStream:
         self._samples = samples
         self._loads += 1
 
-    def _batches(self, start: int) -> Iterator[dict]:
+    def _batches(self, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         steps = _Steps(self.plan, start, self.b, self.dp_rank, self.dp_size)
         if self.cfg.num_workers == 0:
             return iter(steps)
-        return iter(DataLoader(steps, batch_size=None, num_workers=self.cfg.num_workers,
+        # Workers send the compact (uint16 tokens, source) arrays through the pipe; the
+        # tensors are made here.  Tensors from workers would each cost a shared-memory
+        # segment, several times the work of making the batch.
+        return iter(DataLoader(steps, batch_size=None, collate_fn=_as_is,
+                               num_workers=self.cfg.num_workers,
                                prefetch_factor=self.cfg.prefetch, persistent_workers=False))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             loads = self._loads
-            for batch in self._batches(self._samples):
+            for tokens, src in self._batches(self._samples):
                 if loads != self._loads:
                     break  # a cursor was loaded: drop what the workers prefetched, restart there
                 # Advance before yielding: a state_dict() taken while the trainer holds this
                 # batch must already count it.  Prefetched batches never touch the cursor.
                 self._samples += self.b * self.dp_size
-                yield batch
+                yield make_batch(tokens, src, self.plan.tok)

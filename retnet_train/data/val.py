@@ -35,11 +35,10 @@ def build_val_batches(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, d
         batches = []
         for v in range(cfg.val_batches):
             first = (v * dp_size + dp_rank) * b
-            x = np.empty((b, seq_len), np.int64)
-            y = np.empty_like(x)
+            tokens = np.empty((b, seq_len + 1), m.dtype)
             for row in range(b):
-                reader.read(*where[(first + row) % len(where)], x[row], y[row])
-            batches.append(make_batch(x, y, np.full(b, i), tok))
+                reader.read(*where[(first + row) % len(where)], tokens[row])
+            batches.append(make_batch(tokens, np.full(b, i), tok))
         out[name] = batches
     return out
 

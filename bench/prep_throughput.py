@@ -1,0 +1,90 @@
+"""Throughput of `data_prep shards` (read + encode + pack + write), in tokens/s per worker.
+
+    python bench/prep_throughput.py [--raw data/sample/raw] [--tokenizer data/sample/tokenizer.model]
+                                    [--copies 4] [--append bench/RESULTS.md]
+
+Runs on the sample corpora (`make sample-data`), each input file repeated --copies times so
+that the work dwarfs the worker start-up.  Also times sentencepiece alone on one core, the
+ceiling for any pipeline around it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from data_prep.readers import Doc, FileReader
+from data_prep.shards import build_shards
+from data_prep.sources import expand_sources
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--raw", default="data/sample/raw")
+    p.add_argument("--tokenizer", default="data/sample/tokenizer.model")
+    p.add_argument("--copies", type=int, default=4)
+    p.add_argument("--seq-lens", default="256,2048")
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--append", default=None, help="append the table to this markdown file")
+    a = p.parse_args()
+    raw = Path(a.raw)
+    globs = {"pile": "pile/*.jsonl.zst", "c4": "c4/*.json.gz", "stack": "stack/data/*/*.parquet"}
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # enlarge the corpus: every file repeated, as separate input files (the unit of work)
+        for src, pat in globs.items():
+            for f in sorted(raw.glob(pat)):
+                for c in range(a.copies):
+                    dst = Path(tmp) / "raw" / src / f"{c}-{f.name}"
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(f, dst)
+        sources = expand_sources([f"{s}={tmp}/raw/{s}/*" for s in globs])
+        raw_mb = sum(Path(f).stat().st_size for fs in sources.values() for f in fs) / 1e6
+
+        # sentencepiece alone, one thread: tokens/s of encoding only
+        sp = spm.SentencePieceProcessor(model_file=a.tokenizer)
+        docs = [r.text for fs in sources.values() for r in FileReader(fs[0]) if isinstance(r, Doc)]
+        t = time.perf_counter()
+        n = sum(map(len, sp.encode(docs, num_threads=1)))
+        enc = n / (time.perf_counter() - t)
+        lines.append(f"| sentencepiece encode only | 1 thread | - | {n / 1e6:.2f}M | "
+                     f"{enc / 1e6:.2f}M | {enc / 1e6:.2f}M |")
+
+        for seq in map(int, a.seq_lens.split(",")):
+            for w in map(int, a.workers.split(",")):
+                out = Path(tmp) / f"out-{seq}-{w}"
+                t = time.perf_counter()
+                man = build_shards(str(out), a.tokenizer, seq, sources, workers=w,
+                                   shard_tokens=1 << 22, val_fraction=0.005)
+                dt = time.perf_counter() - t
+                tokens = sum(m["tokens"] + m["val_tokens"] + m["tokens_dropped"] for m in man.values())
+                lines.append(f"| shards --seq-len {seq} | {w} worker(s) | {raw_mb:.1f} MB | "
+                             f"{tokens / 1e6:.2f}M | {tokens / dt / 1e6:.2f}M | "
+                             f"{tokens / dt / w / 1e6:.2f}M |")
+                shutil.rmtree(out)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    head = [f"\n## data_prep shards throughput ({datetime.date.today()}, commit {commit})\n",
+            "Device: the 2-core shared CPU dev machine (no GPU). Command: "
+            f"`python bench/prep_throughput.py --copies {a.copies}`; sample corpora "
+            "(stdlib docs and code), vocabulary 4096, wall time including worker start-up.\n",
+            "| what | workers | raw input | tokens | tokens/s | tokens/s per worker |",
+            "|---|---|---|---|---|---|"]
+    text = "\n".join(head + lines) + "\n"
+    print(text)
+    if a.append:
+        with open(a.append, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    main()

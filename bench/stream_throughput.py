@@ -1,0 +1,86 @@
+"""TokenStream throughput in tokens/s per loader worker, and its memory.
+
+    python bench/stream_throughput.py [--config conf/data/sample.yaml] [--append bench/RESULTS.md]
+
+Reads the sample shards (`make sample-data`).  num_workers=0 is the rate of one worker's
+work done in the measuring process; with workers, the rate seen by the trainer (includes the
+hand-over of batches between processes).  Memory: peak RSS of the measuring process and of
+the loader workers (ru_maxrss of the reaped children).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import resource
+import subprocess
+import time
+
+from omegaconf import OmegaConf
+
+from retnet_train.data import DataConfig, TokenStream
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+
+def run(cfg: DataConfig, seq_len: int, b: int, seconds: float) -> tuple[float, float, float]:
+    before = rss_mb()
+    s = TokenStream(cfg, seq_len=seq_len, micro_batch_size=b, dp_rank=0, dp_size=8)
+    it = iter(s)
+    for _ in range(20):  # warm up: workers started, first shards open
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += next(it)["input_ids"].numel()
+    rate = n / (time.perf_counter() - t0)
+    grew = rss_mb() - before
+    del it, s
+    gc.collect()
+    time.sleep(0.5)  # let the workers exit so that their peak RSS is counted
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return rate, grew, workers
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="conf/data/sample.yaml")
+    p.add_argument("--seq-lens", default="256,512,2048")
+    p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--append", default=None)
+    a = p.parse_args()
+    base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(a.config)))
+    lines = []
+    for seq in map(int, a.seq_lens.split(",")):
+        for w in map(int, a.workers.split(",")):
+            base.num_workers = w
+            rate, grew, peak_workers = run(base, seq, a.batch, a.seconds)
+            per = rate / max(w, 1)
+            lines.append(f"| {seq} | {a.batch} | {w} | {rate / 1e6:.1f}M | {per / 1e6:.1f}M | "
+                         f"{grew:+.0f} MB | {peak_workers:.0f} MB |" if w else
+                         f"| {seq} | {a.batch} | 0 (in-process) | {rate / 1e6:.1f}M | {per / 1e6:.1f}M | "
+                         f"{grew:+.0f} MB | - |")
+            print(lines[-1], flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    head = [f"\n## TokenStream throughput ({datetime.date.today()}, commit {commit})\n",
+            "Device: the 2-core shared CPU dev machine (no GPU). Command: "
+            f"`python bench/stream_throughput.py --seconds {a.seconds:g}`; sample shards (window 256, "
+            "uint16), mixture pile/c4/stack 0.5/0.3/0.2, dp_size 8 (rank 0), "
+            f"{a.seconds:g} s per row after warm-up.\n",
+            "| seq_len | micro-batch | loader workers | tokens/s | tokens/s per worker | "
+            "RSS growth, trainer process | peak RSS of a worker |",
+            "|---|---|---|---|---|---|---|"]
+    text = "\n".join(head + lines) + "\n"
+    print(text)
+    if a.append:
+        with open(a.append, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
