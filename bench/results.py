@@ -1,0 +1,56 @@
+"""Append a benchmark's table to bench/RESULTS.md with date, device, commit and command."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    import os
+
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def commit() -> str:
+    """The checked-out commit; on machines that get the tree without .git, set RETNET_COMMIT."""
+    import os
+
+    if os.environ.get("RETNET_COMMIT"):
+        return os.environ["RETNET_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=RESULTS.parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append(title: str, header: list[str], rows: list[list], notes: str = "") -> str:
+    """Print the table and append it, with its provenance, to bench/RESULTS.md."""
+    table = markdown_table(header, rows)
+    block = (f"\n## {title}\n\n- date: {datetime.date.today().isoformat()}\n- device: {device_name()}\n"
+             f"- torch: {torch.__version__}\n- commit: {commit()}\n"
+             f"- command: `{' '.join(['python'] + sys.argv)}`\n" + (f"- notes: {notes}\n" if notes else "")
+             + "\n" + table + "\n")
+    print(table)
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n")
+    with open(RESULTS, "a") as f:
+        f.write(block)
+    return block
