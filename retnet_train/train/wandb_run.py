@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def start_wandb(wcfg, run_name: str, run_dir: str | Path, config: dict) -> Wandb
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)
         id_file.write_text(run_id)
     run = wandb.init(project=wcfg.project, entity=wcfg.entity, name=wcfg.name or run_name, group=wcfg.group,
                      tags=list(wcfg.tags), config=config, dir=str(run_dir), id=run_id, resume="allow",

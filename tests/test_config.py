@@ -1,0 +1,121 @@
+"""Config schemas: every preset composes; bad input fails at start-up naming the key and value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from retnet_train.__main__ import split_argv
+from retnet_train.config import ConfigError, batch_layout, conf_dir, load_config
+from test_train_utils import REPO, env
+
+SYN = ["trainer.data_source=synthetic"]
+
+
+def test_default_config_composes():
+    cfg = load_config(SYN)
+    assert cfg.model.arch == "retnet" and cfg.deepspeed.stage == 2 and cfg.run_dir == "runs/run"
+    assert cfg.logging.wandb.mode in ("online", "offline", "disabled")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(name):
+    cfg = load_config([f"experiment={name}", *SYN], )
+    assert cfg.name == name
+
+
+@pytest.mark.parametrize("name,lr,stage", [("retnet_1.3b", 6e-4, 2), ("retnet_2.7b", 3e-4, 2),
+                                           ("retnet_6.7b", 3e-4, 3), ("retnet_13b", 3e-4, 3)])
+def test_paper_recipe(name, lr, stage):
+    cfg = load_config([f"experiment={name}", *SYN], )
+    o, t = cfg.optim, cfg.trainer
+    assert (o.lr, list(o.betas), o.weight_decay, o.warmup_steps, o.decay, o.grad_clip) == \
+        (lr, [0.9, 0.98], 0.05, 375, "linear", 2.0)
+    assert (t.global_batch_tokens, t.seq_len) == (4 * 2**20, 2048)
+    assert cfg.model.n_heads and cfg.deepspeed.stage == stage
+    assert batch_layout(cfg, world_size=64)["grad_accum"] * 64 * t.micro_batch_size == 2048
+
+
+def test_long_sequence_preset_is_chunkwise():
+    cfg = load_config(["experiment=retnet_1.3b_32k", *SYN])
+    assert (cfg.trainer.mode, cfg.trainer.seq_len) == ("chunkwise", 32768)
+
+
+def _error(overrides, **kw) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config([*SYN, *overrides], **kw)
+    return str(e.value)
+
+
+def test_unknown_key_is_named():
+    msg = _error(["trainer.max_stepz=3"])
+    assert "trainer.max_stepz" in msg
+
+
+def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(conf_dir(), conf)
+    (conf / "trainer" / "typo.yaml").write_text("max_steps: 3\nlog_evry: 5\n")
+    msg = _error(["trainer=typo"], config_dir=str(conf))
+    assert "log_evry" in msg
+
+
+def test_wrong_type_is_named():
+    msg = _error(["trainer.max_steps=ten"])
+    assert "trainer.max_steps" in msg and "ten" in msg
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["trainer.global_batch_tokens=1000"], "trainer.global_batch_tokens=1000"),
+    (["parallel.tensor_parallel_size=3"], "parallel.tensor_parallel_size=3"),
+    (["deepspeed.stage=4"], "deepspeed.stage=4"),
+    (["logging.wandb.mode=sometimes"], "logging.wandb.mode='sometimes'"),
+    (["trainer.mode=recurrent"], "trainer.mode='recurrent'"),
+    (["trainer.micro_batch_size=0"], "trainer.micro_batch_size=0"),
+    (["optim.betas=[0.9]"], "optim.betas"),
+    (["optim.decay=exp"], "optim.decay='exp'"),
+    (["deepspeed=zero1", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
+    (["model.n_heads=3"], "model.d_model=256 is not divisible by model.n_heads=3"),
+    (["trainer.mode=chunkwise", "trainer.chunk_size=100"], "trainer.seq_len=2048"),
+])
+def test_impossible_values_are_named(overrides, key):
+    assert key in _error(overrides)
+
+
+def test_batch_not_divisible_by_data_parallel_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    msg = _error(["trainer.global_batch_tokens=32768", "trainer.seq_len=2048", "trainer.micro_batch_size=8"])
+    assert "trainer.global_batch_tokens=32768" in msg and "8 x 2048 x 3" in msg
+
+
+def test_gradient_accumulation_follows_from_batch_keys():
+    cfg = load_config([*SYN, "trainer.global_batch_tokens=65536", "trainer.seq_len=1024",
+                       "trainer.micro_batch_size=4"])
+    assert batch_layout(cfg, world_size=2) == {"dp_size": 2, "tp_size": 1, "grad_accum": 8, "global_batch_seqs": 64}
+
+
+def test_launcher_arguments_are_not_overrides():
+    opts, ov = split_argv(["--local_rank=1", "a=1", "--config-name", "x", "b=2"])
+    assert ov == ["a=1", "b=2"] and opts["config_name"] == "x"
+    opts, ov = split_argv(["--local_rank", "0", "c=3"])
+    assert ov == ["c=3"]
+
+
+def test_cli_exits_2_naming_the_key_before_touching_devices():
+    proc = subprocess.run([sys.executable, "-m", "retnet_train", "trainer.data_source=synthetic",
+                           "trainer.global_batch_tokens=100"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "trainer.global_batch_tokens=100" in proc.stderr
+    assert "deepspeed" not in proc.stdout.lower()  # failed before DeepSpeed started
+
+
+def test_cli_prints_the_composed_config():
+    proc = subprocess.run([sys.executable, "-m", "retnet_train", "--cfg", "job", "experiment=tiny_cpu",
+                           "trainer.data_source=synthetic"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "name: tiny_cpu" in proc.stdout
