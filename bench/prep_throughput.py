@@ -10,9 +10,8 @@ ceiling for any pipeline around it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import shutil
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,9 @@ from data_prep.readers import Doc, FileReader
 from data_prep.shards import build_shards
 from data_prep.sources import expand_sources
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import append  # noqa: E402  (the project's RESULTS.md format)
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -32,11 +34,11 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--seq-lens", default="256,2048")
     p.add_argument("--workers", default="1,2")
-    p.add_argument("--append", default=None, help="append the table to this markdown file")
+    p.add_argument("--no-append", action="store_true", help="print only, do not touch RESULTS.md")
     a = p.parse_args()
     raw = Path(a.raw)
     globs = {"pile": "pile/*.jsonl.zst", "c4": "c4/*.json.gz", "stack": "stack/data/*/*.parquet"}
-    lines = []
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # enlarge the corpus: every file repeated, as separate input files (the unit of work)
         for src, pat in globs.items():
@@ -54,8 +56,8 @@ def main() -> None:
         t = time.perf_counter()
         n = sum(map(len, sp.encode(docs, num_threads=1)))
         enc = n / (time.perf_counter() - t)
-        lines.append(f"| sentencepiece encode only | 1 thread | - | {n / 1e6:.2f}M | "
-                     f"{enc / 1e6:.2f}M | {enc / 1e6:.2f}M |")
+        rows.append(["sentencepiece encode only", "1 thread", "-", f"{n / 1e6:.2f}M",
+                     f"{enc / 1e6:.2f}M", f"{enc / 1e6:.2f}M"])
 
         for seq in map(int, a.seq_lens.split(",")):
             for w in map(int, a.workers.split(",")):
@@ -65,23 +67,17 @@ def main() -> None:
                                    shard_tokens=1 << 22, val_fraction=0.005)
                 dt = time.perf_counter() - t
                 tokens = sum(m["tokens"] + m["val_tokens"] + m["tokens_dropped"] for m in man.values())
-                lines.append(f"| shards --seq-len {seq} | {w} worker(s) | {raw_mb:.1f} MB | "
-                             f"{tokens / 1e6:.2f}M | {tokens / dt / 1e6:.2f}M | "
-                             f"{tokens / dt / w / 1e6:.2f}M |")
+                rows.append([f"shards --seq-len {seq}", w, f"{raw_mb:.1f} MB", f"{tokens / 1e6:.2f}M",
+                             f"{tokens / dt / 1e6:.2f}M", f"{tokens / dt / w / 1e6:.2f}M"])
+                print(rows[-1], flush=True)
                 shutil.rmtree(out)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    head = [f"\n## data_prep shards throughput ({datetime.date.today()}, commit {commit})\n",
-            "Device: the 2-core shared CPU dev machine (no GPU). Command: "
-            f"`python bench/prep_throughput.py --copies {a.copies}`; sample corpora "
-            "(stdlib docs and code), vocabulary 4096, wall time including worker start-up.\n",
-            "| what | workers | raw input | tokens | tokens/s | tokens/s per worker |",
-            "|---|---|---|---|---|---|"]
-    text = "\n".join(head + lines) + "\n"
-    print(text)
-    if a.append:
-        with open(a.append, "a") as f:
-            f.write(text)
+    header = ["what", "workers", "raw input", "tokens", "tokens/s", "tokens/s per worker"]
+    notes = (f"sample corpora (stdlib docs and code) x{a.copies} copies, vocabulary "
+             f"{sp.get_piece_size()}, wall time of build_shards incl. worker start-up")
+    if a.no_append:
+        print(header, *rows, sep="\n")
+    else:
+        append("data_prep shards throughput", header, rows, notes)
 
 
 if __name__ == "__main__":

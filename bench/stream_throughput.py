@@ -10,15 +10,18 @@ the loader workers (ru_maxrss of the reaped children).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import resource
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from retnet_train.data import DataConfig, TokenStream
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import append  # noqa: E402  (the project's RESULTS.md format)
 
 
 def rss_mb() -> float:
@@ -51,35 +54,26 @@ def main() -> None:
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--append", default=None)
+    p.add_argument("--no-append", action="store_true", help="print only, do not touch RESULTS.md")
     a = p.parse_args()
     base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(a.config)))
-    lines = []
+    rows = []
     for seq in map(int, a.seq_lens.split(",")):
         for w in map(int, a.workers.split(",")):
             base.num_workers = w
             rate, grew, peak_workers = run(base, seq, a.batch, a.seconds)
             per = rate / max(w, 1)
-            lines.append(f"| {seq} | {a.batch} | {w} | {rate / 1e6:.1f}M | {per / 1e6:.1f}M | "
-                         f"{grew:+.0f} MB | {peak_workers:.0f} MB |" if w else
-                         f"| {seq} | {a.batch} | 0 (in-process) | {rate / 1e6:.1f}M | {per / 1e6:.1f}M | "
-                         f"{grew:+.0f} MB | - |")
-            print(lines[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    head = [f"\n## TokenStream throughput ({datetime.date.today()}, commit {commit})\n",
-            "Device: the 2-core shared CPU dev machine (no GPU). Command: "
-            f"`python bench/stream_throughput.py --seconds {a.seconds:g}`; sample shards (window 256, "
-            "uint16), mixture pile/c4/stack 0.5/0.3/0.2, dp_size 8 (rank 0), "
-            f"{a.seconds:g} s per row after warm-up.\n",
-            "| seq_len | micro-batch | loader workers | tokens/s | tokens/s per worker | "
-            "RSS growth, trainer process | peak RSS of a worker |",
-            "|---|---|---|---|---|---|---|"]
-    text = "\n".join(head + lines) + "\n"
-    print(text)
-    if a.append:
-        with open(a.append, "a") as f:
-            f.write(text)
+            rows.append([seq, a.batch, w or "0 (in-process)", f"{rate / 1e6:.1f}M",
+                         f"{per / 1e6:.1f}M", f"{grew:+.0f} MB", f"{peak_workers:.0f} MB" if w else "-"])
+            print(rows[-1], flush=True)
+    header = ["seq_len", "micro-batch", "loader workers", "tokens/s", "tokens/s per worker",
+              "RSS growth, trainer process", "peak RSS of a worker"]
+    notes = (f"{a.config}: sample shards (window 256, uint16), mixture 0.5/0.3/0.2, rank 0 of "
+             f"dp 8, {a.seconds:g} s per row after 20 warm-up batches; the machine is shared")
+    if a.no_append:
+        print(header, *rows, sep="\n")
+    else:
+        append("TokenStream throughput", header, rows, notes)
 
 
 if __name__ == "__main__":

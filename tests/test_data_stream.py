@@ -183,6 +183,9 @@ def test_validation_batches(built):
         assert rows(val[s]) == rows(again[s])
         assert not set(rows(val[s])) & set(rows(other[s]))
         assert set(rows(val[s])) <= val_rows and not set(rows(val[s])) & train_rows
+    none = build_val_batches(built.cfg(val_batches=0), seq_len=WINDOW, micro_batch_size=4,
+                             dp_rank=0, dp_size=1)
+    assert none == {s: [] for s in SOURCES}
 
 
 def test_bad_configuration_names_the_key(built, tmp_path):

@@ -21,6 +21,8 @@ def build_val_batches(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, d
     call; ranks get disjoint samples (the split is reused cyclically if it is too small)."""
     tok, manifests = load_sources(cfg)
     b = micro_batch_size
+    if cfg.val_batches == 0:
+        return {name: [] for name in manifests}
     out = {}
     for i, (name, m) in enumerate(manifests.items()):
         reader = SampleReader(m, m.val_shards, seq_len)
