@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
-import io
 import json
 import logging
 import os

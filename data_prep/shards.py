@@ -21,7 +21,7 @@ import numpy as np
 
 from data_prep.pack import Packer, ShardWriter
 from data_prep.progress import Progress
-from data_prep.readers import DataError, Doc, FileReader, Skip
+from data_prep.readers import DataError, FileReader, Skip
 from retnet_train.data.manifest import MANIFEST_FORMAT, write_json_atomic
 from retnet_train.data.tokenizer import load_tokenizer
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 from data_prep.readers import Doc, FileReader
-from data_prep.sources import expand_sources
 from retnet_train.data.tokenizer import VOCAB_MULTIPLE, load_tokenizer
 
 log = logging.getLogger("data_prep.tokenizer")
@@ -55,6 +55,9 @@ def train_tokenizer(out: str, vocab_size: int, sources: dict[str, list[str]], *,
                     vocab_size, VOCAB_MULTIPLE)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    log.info("training sentencepiece BPE, %d pieces, on about %d documents (it logs nothing "
+             "until done)", vocab_size, sample_docs_n)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sample_docs(sources, sample_docs_n, text_field),
@@ -77,5 +80,5 @@ def train_tokenizer(out: str, vocab_size: int, sources: dict[str, list[str]], *,
         tmp_model = os.path.join(tmp, "tok.model")
         os.replace(tmp_model, out_path)  # atomic: a half-written model is never seen
     _, info = load_tokenizer(out_path)
-    log.info("wrote %s: %d pieces, model vocabulary %d, sha256 %s", out_path, info.n_pieces,
-             info.vocab_size, info.sha256[:12])
+    log.info("wrote %s in %.0f s: %d pieces, model vocabulary %d, sha256 %s", out_path,
+             time.monotonic() - t0, info.n_pieces, info.vocab_size, info.sha256[:12])

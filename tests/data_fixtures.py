@@ -7,7 +7,6 @@ several modules would otherwise be built once per module.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import random
 from dataclasses import dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import WINDOW, built  # noqa: F401
+from data_fixtures import WINDOW, built  # noqa: F401 (built: fixture)
 from omegaconf import OmegaConf
 
 from retnet_train.data import DataConfig, TokenStream, build_val_batches

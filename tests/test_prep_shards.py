@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 import webdataset as wds
 import zstandard
-from data_fixtures import VOCAB, WINDOW, SHARD_WINDOWS, built, texts_for, write_corpus, write_zst_jsonl  # noqa: F401
+from data_fixtures import SHARD_WINDOWS, VOCAB, WINDOW, built, texts_for, write_zst_jsonl  # noqa: F401 (built: fixture)
 
 from data_prep import pack
 from data_prep.__main__ import main
