@@ -18,7 +18,7 @@ class DataConfig:
     seed: int = 1234       # the mixture and shuffle order; same seed, same batches
     num_workers: int = 1   # loader worker processes per rank (0 = in the training process)
     val_batches: int = 4   # validation micro-batches per source per eval
-    prefetch: int = 4      # batches each worker prepares ahead
+    prefetch: int = 4      # messages (of >= 64k tokens: several steps) each worker prepares ahead
     # Not read by the code: a base directory that the YAML files interpolate into paths
     # (`path: ${...root}/pile`), so that one override moves a whole mixture.
     root: str = "."

@@ -18,26 +18,33 @@ from retnet_train.data.config import DataConfig
 from retnet_train.data.plan import Plan, make_batch
 
 STATE_VERSION = 1
+# Each hand-over from a loader worker to the trainer process costs a fixed ~0.3 ms, so a
+# worker sends several consecutive steps at once: at least this many tokens per message.
+TOKENS_PER_MESSAGE = 1 << 16
 
 
 def _as_is(batch):
     return batch
 
 
-class _Steps(IterableDataset):
-    """Batches for steps 0, 1, 2, ...; loader worker w of W makes steps w, w+W, ...  The
-    DataLoader takes one batch from each worker in turn, so the steps come out in order."""
+class _Chunks(IterableDataset):
+    """Chunks of `steps` consecutive steps, as ([steps, B, seq_len + 1] tokens, [steps, B]
+    sources).  Loader worker w of W makes chunks w, w+W, ...; the DataLoader takes one from
+    each worker in turn, so the steps come out in order."""
 
-    def __init__(self, plan: Plan, start: int, b: int, dp_rank: int, dp_size: int):
+    def __init__(self, plan: Plan, start: int, b: int, dp_rank: int, dp_size: int, steps: int):
         self.plan, self.start, self.b, self.dp_rank, self.dp_size = plan, start, b, dp_rank, dp_size
+        self.steps = steps
 
     def __iter__(self):
         info = get_worker_info()
-        step, every = (info.id, info.num_workers) if info else (0, 1)
+        chunk, every = (info.id, info.num_workers) if info else (0, 1)
         while True:
-            first = self.start + (step * self.dp_size + self.dp_rank) * self.b
-            yield self.plan.tokens(np.arange(first, first + self.b))
-            step += every
+            step = chunk * self.steps + np.arange(self.steps)
+            firsts = self.start + (step * self.dp_size + self.dp_rank) * self.b
+            tokens, src = self.plan.tokens((firsts[:, None] + np.arange(self.b)).reshape(-1))
+            yield tokens.reshape(self.steps, self.b, -1), src.reshape(self.steps, self.b)
+            chunk += every
 
 
 class TokenStream:
@@ -74,15 +81,17 @@ class TokenStream:
         self._loads += 1
 
     def _batches(self, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        steps = _Steps(self.plan, start, self.b, self.dp_rank, self.dp_size)
-        if self.cfg.num_workers == 0:
-            return iter(steps)
-        # Workers send the compact (uint16 tokens, source) arrays through the pipe; the
-        # tensors are made here.  Tensors from workers would each cost a shared-memory
-        # segment, several times the work of making the batch.
-        return iter(DataLoader(steps, batch_size=None, collate_fn=_as_is,
-                               num_workers=self.cfg.num_workers,
-                               prefetch_factor=self.cfg.prefetch, persistent_workers=False))
+        workers = self.cfg.num_workers
+        steps = max(1, TOKENS_PER_MESSAGE // (self.b * self.plan.seq_len)) if workers else 1
+        chunks = _Chunks(self.plan, start, self.b, self.dp_rank, self.dp_size, steps)
+        if workers:
+            # Workers send the compact (uint16 tokens, source) arrays through the pipe; the
+            # tensors are made here.  Tensors from workers would each cost a shared-memory
+            # segment, several times the work of making the batch.
+            chunks = DataLoader(chunks, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                                prefetch_factor=self.cfg.prefetch, persistent_workers=False)
+        for tokens, src in chunks:
+            yield from zip(tokens, src)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
