@@ -119,7 +119,8 @@ def build_file(task: FileTask) -> dict:
     if _counters is not None:
         with _counters.get_lock():
             _counters[2] += Path(task.path).stat().st_size - last_bytes
-    return {"file": task.path, "index": task.index, "bytes": Path(task.path).stat().st_size,
+    return {"source": task.source, "file": task.path, "index": task.index,
+            "bytes": Path(task.path).stat().st_size,
             "documents": docs, "val_documents": val_docs, "tokens": train.tokens,
             "val_tokens": val.tokens, "tokens_dropped": dropped + val_dropped,
             "skipped_count": n_skipped, "skipped": skipped,
@@ -140,9 +141,10 @@ def _check_fingerprint(out: Path, fingerprint: dict) -> None:
         write_json_atomic(path, fingerprint)
 
 
-def _write_manifest(src_dir: Path, source: str, n_files: int, common: dict) -> dict:
-    parts = sorted((json.loads(p.read_text()) for p in (src_dir / "parts").glob("*.json")),
-                   key=lambda r: r["index"])
+def _write_manifest(src_dir: Path, source: str, n_files: int, common: dict,
+                    done: dict[int, dict]) -> dict:
+    """manifest.json from the records of the finished input files (`done`: index -> record)."""
+    parts = [done[i] for i in sorted(done)]
     skipped = list(chain.from_iterable(p["skipped"] for p in parts))[:MAX_SKIPS_LISTED]
     man = {"format": MANIFEST_FORMAT, "source": source, "complete": len(parts) == n_files,
            **common,
@@ -181,19 +183,24 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
               "window": window, "stored_window": window + 1, "dtype": tok.dtype,
               "val_fraction": val_fraction}
     tasks, total_bytes = [], 0
+    done: dict[str, dict[int, dict]] = {}  # source -> file index -> record of a finished file
     for source, files in sources.items():
         src_dir = out_dir / source
         (src_dir / "parts").mkdir(parents=True, exist_ok=True)
         for stale in chain(src_dir.glob("*/*.tmp*"), src_dir.glob("parts/*.tmp*")):
             stale.unlink()  # left by a killed run; never listed anywhere
+        done[source] = {}
         for i, f in enumerate(files):
-            if not (src_dir / "parts" / f"{i:05d}.json").exists():
+            part = src_dir / "parts" / f"{i:05d}.json"
+            if part.exists():
+                done[source][i] = json.loads(part.read_text())
+            else:
                 tasks.append(FileTask(source, i, f, str(src_dir), window, shard_windows,
                                       val_fraction, text_field, strict, tok.dtype, tok.pad_id))
                 total_bytes += os.path.getsize(f)
-        _write_manifest(src_dir, source, len(files), common)
-    done = sum(map(len, sources.values())) - len(tasks)
-    log.info("%d input files to encode (%d already done), %d workers", len(tasks), done, workers)
+        _write_manifest(src_dir, source, len(files), common, done[source])
+    log.info("%d input files to encode (%d already done), %d workers", len(tasks),
+             sum(map(len, done.values())), workers)
 
     # No fork of a process that may hold threads or open files: spawn, for the pool and for
     # the shared counters alike.
@@ -203,7 +210,9 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
 
     def finished(rec: dict, task: FileTask) -> None:
         write_json_atomic(Path(task.out) / "parts" / f"{task.index:05d}.json", rec)
-        _write_manifest(Path(task.out), task.source, len(sources[task.source]), common)
+        done[task.source][task.index] = rec
+        _write_manifest(Path(task.out), task.source, len(sources[task.source]), common,
+                        done[task.source])
 
     by_key = {(t.source, t.index): t for t in tasks}
     if workers == 0:
@@ -212,8 +221,11 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
             finished(build_file(t), t)
             progress.report(*counters[:], force=False)
     else:
+        # Largest files first, so that no worker starts a big file when the others are
+        # finishing.  (The output does not depend on the order.)
+        tasks.sort(key=lambda t: -os.path.getsize(t.path))
         with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, counters)) as pool:
-            results = pool.imap_unordered(_run_task, tasks)
+            results = pool.imap_unordered(build_file, tasks)
             remaining = len(tasks)
             while remaining:
                 try:
@@ -224,16 +236,11 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
                 finished(rec, by_key[(rec["source"], rec["index"])])
                 remaining -= 1
     progress.report(*counters[:], force=True)
-    manifests = {s: _write_manifest(out_dir / s, s, len(fs), common) for s, fs in sources.items()}
+    manifests = {s: _write_manifest(out_dir / s, s, len(fs), common, done[s])
+                 for s, fs in sources.items()}
     for s, m in manifests.items():
         log.info("%s: %d documents, %d train windows in %d shards (%.1fM tokens), %d val windows, "
                  "%d records skipped", s, m["documents"], sum(x["samples"] for x in m["shards"]),
                  len(m["shards"]), m["tokens"] / 1e6, sum(x["samples"] for x in m["val_shards"]),
                  m["skipped_count"])
     return manifests
-
-
-def _run_task(task: FileTask) -> dict:
-    rec = build_file(task)
-    rec["source"] = task.source
-    return rec
