@@ -2,9 +2,9 @@
 across the sources, with the settings LLM pretraining needs."""
 from __future__ import annotations
 
+import io
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -58,27 +58,28 @@ def train_tokenizer(out: str, vocab_size: int, sources: dict[str, list[str]], *,
     t0 = time.monotonic()
     log.info("training sentencepiece BPE, %d pieces, on about %d documents (it logs nothing "
              "until done)", vocab_size, sample_docs_n)
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sample_docs(sources, sample_docs_n, text_field),
-            model_prefix=os.path.join(tmp, "tok"),
-            model_type="bpe",
-            vocab_size=vocab_size,
-            byte_fallback=True,                # any byte is representable: no <unk> in practice
-            split_digits=True,                 # numbers as digits: better arithmetic
-            normalization_rule_name="identity",  # text goes in and comes out unchanged
-            remove_extra_whitespaces=False,    # code keeps its indentation
-            allow_whitespace_only_pieces=True,  # so runs of spaces become single pieces
-            split_by_whitespace=True,
-            character_coverage=0.9995,
-            max_sentence_length=MAX_PIECE_BYTES,
-            input_sentence_size=2_000_000, shuffle_input_sentence=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            num_threads=threads or os.cpu_count() or 1,
-            minloglevel=2,
-        )
-        tmp_model = os.path.join(tmp, "tok.model")
-        os.replace(tmp_model, out_path)  # atomic: a half-written model is never seen
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sample_docs(sources, sample_docs_n, text_field),
+        model_writer=model,  # not model_prefix: a path would be stored in the model, and hashed
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,                # any byte is representable: no <unk> in practice
+        split_digits=True,                 # numbers as digits: better arithmetic
+        normalization_rule_name="identity",  # text goes in and comes out unchanged
+        remove_extra_whitespaces=False,    # code keeps its indentation
+        allow_whitespace_only_pieces=True,  # so runs of spaces become single pieces
+        split_by_whitespace=True,
+        character_coverage=0.9995,
+        max_sentence_length=MAX_PIECE_BYTES,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        num_threads=threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out_path)  # atomic: a half-written model is never seen
     _, info = load_tokenizer(out_path)
     log.info("wrote %s in %.0f s: %d pieces, model vocabulary %d, sha256 %s", out_path,
              time.monotonic() - t0, info.n_pieces, info.vocab_size, info.sha256[:12])

@@ -49,7 +49,9 @@ def shard_streams(built, split="shards"):
 
 
 def test_batch_fields_and_labels(built):
-    b = take(stream(built, b=8), 20)
+    s = stream(built, b=8)
+    assert s.source_names == list(SOURCES)
+    b = take(s, 20)
     pad_bos = load_manifest(built.shards / "pile")
     for x in b:
         ids, lab = x["input_ids"], x["labels"]

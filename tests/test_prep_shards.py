@@ -17,6 +17,7 @@ from data_prep.__main__ import main
 from data_prep.readers import CorruptFileError, DataError, FileReader, Doc
 from data_prep.shards import _is_val, build_shards
 from data_prep.sources import expand_sources
+from data_prep.tokenizer import train_tokenizer
 from retnet_train.data import read_vocab_size
 from retnet_train.data.tokenizer import file_sha256
 
@@ -86,6 +87,13 @@ def test_tokenizer_settings(built):
     digits = [sp.id_to_piece(i).lstrip("▁") for i in sp.encode("1234567")]
     assert "".join(digits) == "1234567" and all(len(d) <= 1 for d in digits)
     assert read_vocab_size(built.cfg()) == 512  # 400 pieces padded to a multiple of 128
+
+
+def test_tokenizer_is_reproducible(built, tmp_path):
+    # the shards record the tokenizer's sha256: the same inputs must give the same file
+    train_tokenizer(str(tmp_path / "again.model"), VOCAB, expand_sources(built.corpus.specs()),
+                    threads=1)
+    assert file_sha256(tmp_path / "again.model") == file_sha256(built.tokenizer)
 
 
 def _one_source_build(tmp_path, built, files, **kw):

@@ -59,6 +59,11 @@ class TokenStream:
         self._samples = 0  # global samples consumed by all ranks: the cursor
         self._loads = 0    # bumped by load_state_dict so that a live iterator restarts
 
+    @property
+    def source_names(self) -> list[str]:
+        """Names of the sources, indexed by the batches' `source` values."""
+        return list(self.plan.names)
+
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "samples": self._samples, "seed": self.plan.seed,
                 "seq_len": self.plan.seq_len,
