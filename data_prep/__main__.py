@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     i = sub.add_parser("inspect", help="summarise manifests and decode a window")
     i.add_argument("dir")
-    i.add_argument("--window", type=int, default=0)
+    i.add_argument("--window", type=int, default=0, help="which window of the first shard to decode")
+    i.add_argument("--tokenizer", default=None, help="default: the path in the manifest")
 
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                          val_fraction=a.val_fraction, text_field=a.text_field, strict=a.strict)
         else:
             from data_prep.inspect_cmd import inspect_dir
-            print(inspect_dir(a.dir, a.window))
+            print(inspect_dir(a.dir, a.window, a.tokenizer))
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,9 @@ def inspect_dir(directory: str, window_index: int = 0, tokenizer: str | None = N
         for s in r["skipped"][:5]:
             lines.append(f"  skipped {s['file']}:{s['line']}: {s['reason']}")
         tok_path = tokenizer or r["tokenizer"]["path"]
-        if m.shards and Path(tok_path).exists():
+        if m.shards and not Path(tok_path).exists():
+            lines.append(f"(tokenizer {tok_path} not found: pass --tokenizer to decode a window)")
+        elif m.shards:
             sp, _ = load_tokenizer(tok_path)
             reader = ShardReader(m.shards[0].path, m.window + 1, m.dtype)
             ids = reader.read(min(window_index, len(reader) - 1))[:-1].tolist()

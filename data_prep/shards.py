@@ -114,6 +114,9 @@ def build_file(task: FileTask) -> dict:
             flush(target)
     flush(train)
     flush(val)
+    if n_skipped > MAX_SKIPS_LOGGED:
+        log.warning("%s: %d records skipped in all (the first %d are logged above; the manifest "
+                    "lists up to %d)", task.path, n_skipped, MAX_SKIPS_LOGGED, MAX_SKIPS_LISTED)
     train_shards, dropped = train.finish()
     val_shards, val_dropped = val.finish()
     if _counters is not None:
