@@ -213,7 +213,11 @@ def test_bad_configuration_names_the_key(built, tmp_path):
     with pytest.raises(ValueError, match="seq_len"):
         s.load_state_dict({**s.state_dict(), "seq_len": 2 * WINDOW})
     with pytest.raises(ValueError, match="sources"):
-        s.load_state_dict({**s.state_dict(), "sources": {"pile": 1.0}})
+        s.load_state_dict({**s.state_dict(), "sources": [["pile", 1.0]]})
+    reordered = s.state_dict()["sources"][::-1]  # same weights, other numbering: other data
+    with pytest.raises(ValueError, match="sources"):
+        s.load_state_dict({**s.state_dict(), "sources": reordered})
+    s.load_state_dict({**s.state_dict(), "sources": [tuple(p) for p in s.state_dict()["sources"]]})
 
 
 def test_yaml_configs_match_the_schema():

@@ -23,6 +23,11 @@ STATE_VERSION = 1
 TOKENS_PER_MESSAGE = 1 << 16
 
 
+def _plain(x):
+    """Tuples to lists, so that a cursor that went through YAML/JSON/OmegaConf compares equal."""
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
 def _as_is(batch):
     return batch
 
@@ -67,7 +72,8 @@ class TokenStream:
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "samples": self._samples, "seed": self.plan.seed,
                 "seq_len": self.plan.seq_len,
-                "sources": dict(zip(self.plan.names, self.plan.weights))}
+                # [name, weight] pairs: the order matters too (it numbers the sources)
+                "sources": [[n, w] for n, w in zip(self.plan.names, self.plan.weights)]}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -76,7 +82,7 @@ class TokenStream:
         # The cursor counts samples of one particular global sequence; under another seed,
         # mixture or sample length the same count would point at different data.
         for key in ("seed", "seq_len", "sources"):
-            if state.get(key) != mine[key]:
+            if _plain(state.get(key)) != mine[key]:
                 raise ValueError(f"data cursor: saved with {key}={state.get(key)!r} but the stream "
                                  f"has {key}={mine[key]!r}; the saved position does not apply")
         samples = state.get("samples")
