@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--tokenizer", default="data/sample/tokenizer.model")
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--seq-lens", default="256,2048")
-    p.add_argument("--workers", default="1,2")
+    p.add_argument("--workers", default="0,1,2", help="0: in this process, no start-up cost")
     p.add_argument("--no-append", action="store_true", help="print only, do not touch RESULTS.md")
     a = p.parse_args()
     raw = Path(a.raw)
@@ -66,8 +66,9 @@ def main() -> None:
                                    shard_tokens=1 << 22, val_fraction=0.005)
                 dt = time.perf_counter() - t
                 tokens = sum(m["tokens"] + m["val_tokens"] + m["tokens_dropped"] for m in man.values())
-                rows.append([f"shards --seq-len {seq}", w, f"{raw_mb:.1f} MB", f"{tokens / 1e6:.2f}M",
-                             f"{tokens / dt / 1e6:.2f}M", f"{tokens / dt / w / 1e6:.2f}M"])
+                rows.append([f"shards --seq-len {seq}", w or "0 (in-process)", f"{raw_mb:.1f} MB",
+                             f"{tokens / 1e6:.2f}M", f"{tokens / dt / 1e6:.2f}M",
+                             f"{tokens / dt / max(w, 1) / 1e6:.2f}M"])
                 print(rows[-1], flush=True)
                 shutil.rmtree(out)
     header = ["what", "workers", "raw input", "tokens", "tokens/s", "tokens/s per worker"]
