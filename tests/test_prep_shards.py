@@ -18,7 +18,7 @@ from data_prep.readers import CorruptFileError, DataError, FileReader, Doc
 from data_prep.shards import _is_val, build_shards
 from data_prep.sources import expand_sources
 from data_prep.tokenizer import train_tokenizer
-from retnet_train.data import read_vocab_size
+from retnet_train.data import DataConfig, SourceConfig, TokenStream, read_vocab_size
 from retnet_train.data.tokenizer import file_sha256
 
 SOURCES = ("pile", "c4", "stack")
@@ -131,6 +131,10 @@ def test_corrupt_file_fails_and_finished_shards_stay_valid(tmp_path, built):
     for x in m["shards"]:
         assert len(list(wds.WebDataset(str(tmp_path / "out" / "web" / x["path"]),
                                        shardshuffle=False))) == x["samples"]
+    # the stream does not train on an unfinished build
+    cfg = DataConfig(sources={"web": SourceConfig(str(tmp_path / "out" / "web"))}, tokenizer=built.tokenizer)
+    with pytest.raises(ValueError, match=r"data\.sources\.web\.path: .*'complete' is false"):
+        TokenStream(cfg, seq_len=WINDOW, micro_batch_size=2, dp_rank=0, dp_size=1)
 
 
 def test_interrupted_build_continues(tmp_path, built, monkeypatch):
