@@ -35,6 +35,16 @@ test: install
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
 
+# Train retnet_tiny on the sample data on CPU for a few minutes, report validation loss against
+# the data's unigram entropy, and print a generated sample. Overrides: make train ARGS="trainer.max_steps=50".
+# Started again, it resumes from (or, when finished, reports on) runs/tiny_cpu.
+TRAIN_RUN ?= runs/tiny_cpu
+train: install sample-data
+	DS_ACCELERATOR=cpu $(PY) -m retnet_train experiment=tiny_cpu run_dir=$(TRAIN_RUN) $(ARGS)
+	$(PY) -m retnet_train.train.report $(TRAIN_RUN)
+	@echo "--- a sample (recurrent decoding after a chunkwise prefill) ---"
+	DS_ACCELERATOR=cpu $(PY) -m retnet_train.generate checkpoint=$(TRAIN_RUN) prompt="def " max_new_tokens=80 temperature=0.7 seed=0
+
 # Sample data for tests and `make train`: raw corpora made from Python's own stdlib text ->
 # tokenizer -> 256-token shards, all in data/sample/.  Each step is skipped once done.
 SAMPLE_SRC = pile='data/sample/raw/pile/*.jsonl.zst' c4='data/sample/raw/c4/*.json.gz' stack='data/sample/raw/stack/data/*/*.parquet'

@@ -73,7 +73,7 @@ class TrainerConfig:
     eval_every: int = 500  # 0 disables periodic eval (eval still runs at the end unless eval_at_end=false)
     eval_at_end: bool = True
     eval_batches: Optional[int] = None  # at most this many validation batches per source
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | bf16 | bf16_autocast | fp32
     device: str = "auto"  # auto | cuda | cpu
     mode: str = "parallel"  # retention form for training: parallel | chunkwise
     chunk_size: Optional[int] = None  # chunkwise chunk length; null: model.chunk_size
@@ -260,7 +260,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         _fail("deepspeed.offload_params", True, f"needs deepspeed.stage == 3 (is {cfg.deepspeed.stage})")
     _choice(cfg, "parallel.backend", ("auto", "nccl", "gloo"))
-    _choice(cfg, "trainer.precision", ("auto", "bf16", "fp32"))
+    _choice(cfg, "trainer.precision", ("auto", "bf16", "bf16_autocast", "fp32"))
     _choice(cfg, "trainer.device", ("auto", "cuda", "cpu"))
     _choice(cfg, "trainer.mode", ("parallel", "chunkwise"))
     _choice(cfg, "trainer.data_source", ("stream", "synthetic"))

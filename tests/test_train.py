@@ -97,3 +97,13 @@ def test_many_bad_steps_stop_the_run(tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "3 consecutive steps" in proc.stderr and "trainer.max_bad_steps=3" in proc.stderr
     assert [r["step"] for r in records(tmp_path) if r.get("event") == "bad_step"] == [2, 3, 4]
+
+
+def test_chunkwise_form_and_activation_checkpointing_train_the_same(tmp_path, reference):
+    """trainer.mode=chunkwise computes the parallel form's function; checkpointing recomputes it."""
+    run_train(tmp_path, "trainer.max_steps=3", "deepspeed=zero0", "trainer.mode=chunkwise", "trainer.chunk_size=16",
+              "trainer.activation_checkpointing=true", "trainer.eval_at_end=false", "checkpoint.save_at_end=false",
+              f"optim.decay_steps={STEPS}")
+    got = losses(tmp_path)
+    for step in (1, 2, 3):
+        assert abs(got[step] - reference[step]) < 1e-4, (step, got[step], reference[step])

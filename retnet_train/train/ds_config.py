@@ -32,7 +32,9 @@ def zero_section(ds) -> dict[str, Any]:
 
 
 def build_ds_config(cfg, layout: dict, precision: str, own_clipping: bool) -> dict[str, Any]:
-    """own_clipping: the trainer clips (ZeRO-0 fp32, where DeepSpeed hands back the raw optimizer)."""
+    """own_clipping: the trainer clips (ZeRO-0 with fp32 parameters, where DeepSpeed hands back the
+    raw optimizer). precision: fp32 | bf16 (bf16 parameters, fp32 master weights in the optimizer) |
+    bf16_autocast (fp32 parameters, bf16 compute)."""
     t, o = cfg.trainer, cfg.optim
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -46,8 +48,10 @@ def build_ds_config(cfg, layout: dict, precision: str, own_clipping: bool) -> di
         "wall_clock_breakdown": False,
         "bf16": {"enabled": precision == "bf16"},
     }
-    if precision == "bf16":
-        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    if precision == "bf16" and cfg.deepspeed.stage >= 1:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}  # ZeRO-0 + bf16 accumulates in bf16 (DeepSpeed's only mix)
+    if precision == "bf16_autocast":  # fp32 parameters, bf16 matmuls under torch.autocast
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if o.impl == "deepspeed":
         out["optimizer"] = {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}}

@@ -22,5 +22,8 @@ def build_optimizer(model: nn.Module, optim, device: torch.device, offload: bool
     if optim.impl == "deepspeed":
         return None
     fused = optim.impl == "fused" or (optim.impl == "auto" and device.type == "cuda" and not offload)
+    # On CPU the multi-tensor (foreach) AdamW of torch 2.13 measured 10-20x slower than the
+    # per-tensor loop (5M parameters: 1-2 s vs 0.1 s a step), so CPU uses the loop.
+    foreach = None if device.type == "cuda" else False
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps, fused=fused or None)
+                             eps=optim.eps, fused=fused or None, foreach=None if fused else foreach)

@@ -28,11 +28,11 @@ def peak_flops_per_device(device: torch.device, configured_tflops: float | None 
     return min(cores, torch.get_num_threads()) * 2.5e9 * 32
 
 
-def flops_per_token(model_cfg, seq_len: int) -> float:
-    """Training FLOPs (fwd + bwd) per token, from the model package."""
+def flops_per_token(model_cfg, seq_len: int, mode: str = "parallel") -> float:
+    """Training FLOPs (fwd + bwd) per token of the form that trains, from the model package."""
     from retnet_train.model.flops import training_flops_per_token
 
-    return float(training_flops_per_token(model_cfg, seq_len))
+    return float(training_flops_per_token(model_cfg, seq_len, mode=mode))
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -1,0 +1,175 @@
+"""Training throughput through the real trainer: tokens/s, MFU and peak memory.
+
+    python bench/train_throughput.py --preset retnet_1.3b transformer_1.3b --seq-len 2048 8192 \
+        --tokens-per-step 16384 --zero 2
+    torchrun --nproc_per_node 4 bench/train_throughput.py --preset retnet_6.7b --zero 3
+    python bench/train_throughput.py --preset retnet_tiny --seq-len 256 --micro-batch 4 --steps 4  # CPU
+
+Each configuration builds the same Trainer that `python -m retnet_train` builds (DeepSpeed
+engine, optimizer, loop), on synthetic tokens (no shards, no data-loading cost), runs
+warmup + measured optimizer steps, and reads the figures from its metrics.jsonl. Defaults: bf16 and
+fused AdamW on CUDA, ZeRO-2. Micro-batch: --micro-batch, else tokens-per-step / seq-len.
+Prints a table; rank 0 appends it to bench/RESULTS.md unless --no-save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", nargs="+", default=["retnet_1.3b"], help="conf/model presets")
+    p.add_argument("--seq-len", nargs="+", type=int, default=[2048])
+    p.add_argument("--tokens-per-step", type=int, default=8192, help="tokens per rank per micro-batch")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (overrides the above)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    p.add_argument("--zero", type=int, default=2)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "bf16_autocast", "fp32"])
+    p.add_argument("--mode", default="auto", choices=["auto", "parallel", "chunkwise"],
+                   help="RetNet training form; auto: chunkwise (fla kernels on CUDA when installed)")
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--result-json", help=argparse.SUPPRESS)  # internal: one configuration, result to this file
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    return p.parse_args()
+
+
+def measure(preset: str, seq_len: int, args) -> dict:
+    import torch
+
+    from retnet_train.config import load_config
+    from retnet_train.train.trainer import Trainer
+
+    micro = args.micro_batch or max(1, args.tokens_per_step // seq_len)
+    mode = "chunkwise" if args.mode == "auto" and preset.startswith("retnet") else args.mode
+    mode = "parallel" if mode == "auto" else mode
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    run_dir = tempfile.mkdtemp(prefix="train_throughput_")
+    overrides = [
+        f"model={preset}", "trainer.data_source=synthetic", f"trainer.seq_len={seq_len}",
+        f"trainer.micro_batch_size={micro}", f"trainer.global_batch_tokens={micro * seq_len * world * args.grad_accum}",
+        f"trainer.max_steps={args.warmup + args.steps}", "trainer.log_every=1", "trainer.eval_every=0",
+        "trainer.eval_at_end=false", f"trainer.precision={args.precision}", f"trainer.mode={mode}",
+        f"trainer.activation_checkpointing={args.act_ckpt}", f"trainer.compile={args.compile}",
+        f"deepspeed=zero{args.zero}", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
+        "logging.wandb.mode=disabled", "logging.console=false", f"run_dir={run_dir}", "name=bench",
+        "optim.warmup_steps=1", *args.overrides,
+    ]
+    if args.chunk_size:
+        overrides.append(f"trainer.chunk_size={args.chunk_size}")
+    cfg = load_config(overrides)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(cfg)
+    trainer.fit()
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "event" not in r and "loss" in r and r["step"] > args.warmup]
+    seconds = sum(cfg.trainer.global_batch_tokens / r["tokens_per_s"] for r in steps)
+    tokens = cfg.trainer.global_batch_tokens * len(steps)
+    tps = tokens / seconds
+    row = {"preset": preset, "seq_len": seq_len, "micro": micro, "world": trainer.ps.world_size,
+           "zero": args.zero, "precision": trainer.built.precision, "mode": mode if preset.startswith("retnet") else "attention",
+           "act_ckpt": args.act_ckpt, "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,
+           "mfu": tps * trainer.flops_per_token / trainer.peak_flops,
+           "peak_mem_gib": max(r["mem_gib"] for r in steps), "loss": steps[-1]["loss"],
+           "is_main": trainer.ps.is_main}
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def measure_isolated(preset: str, seq_len: int) -> dict:
+    """One configuration in a fresh process: nothing of the previous one stays on the GPU."""
+    import subprocess
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        argv = [a for a in sys.argv[1:]]
+        cmd = [sys.executable, __file__, *argv, "--result-json", f.name]
+        # the child measures exactly this preset and length
+        cmd = _replace_list(cmd, "--preset", [preset])
+        cmd = _replace_list(cmd, "--seq-len", [str(seq_len)])
+        proc = subprocess.run(cmd)
+        text = Path(f.name).read_text()
+    if proc.returncode != 0 or not text:
+        return {"preset": preset, "seq_len": seq_len, "error": f"failed (exit {proc.returncode})", "is_main": True}
+    return json.loads(text)
+
+
+def _replace_list(cmd: list[str], flag: str, values: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in cmd:
+        if a == flag:
+            skip = True
+            continue
+        if skip and not a.startswith("--") and "=" not in a:
+            continue
+        skip = False
+        out.append(a)
+    return out[:2] + [flag, *values] + out[2:]
+
+
+def measure_safely(preset: str, seq_len: int, args) -> dict:
+    import torch
+
+    try:
+        return measure(preset, seq_len, args)
+    except torch.OutOfMemoryError:
+        return {"preset": preset, "seq_len": seq_len, "error": "out of memory", "is_main": True}
+
+
+def main() -> None:
+    args = parse()
+    configs = [(p, t) for p in args.preset for t in args.seq_len]
+    if args.result_json:  # a child of measure_isolated
+        Path(args.result_json).write_text(json.dumps(measure_safely(*configs[0], args)))
+        return
+    if len(configs) > 1 and "WORLD_SIZE" not in os.environ:
+        rows = [measure_isolated(p, t) for p, t in configs]
+    else:  # under torchrun: in this process, one configuration after another
+        rows = [measure_safely(p, t, args) for p, t in configs]
+    if not rows or not rows[0].get("is_main"):
+        return
+    from bench.results import append, markdown_table
+
+    header = ["model", "T", "micro-batch", "GPUs", "ZeRO", "precision", "form", "act. ckpt",
+              "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)"]
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["preset"], r["seq_len"]] + [r["error"]] + [""] * (len(header) - 3))
+            continue
+        table.append([r["preset"], r["seq_len"], r["micro"], r["world"], r["zero"], r["precision"], r["mode"],
+                      "yes" if r["act_ckpt"] else "no", f"{r['tokens_per_s'] / 1e3:.1f}k",
+                      f"{r['tokens_per_s_per_device'] / 1e3:.1f}k", f"{100 * r['mfu']:.1f}%",
+                      f"{r['peak_mem_gib']:.1f}"])
+    notes = (f"bench/train_throughput.py: the trainer's own loop on synthetic tokens, {args.warmup} warmup + "
+             f"{args.steps} measured steps, grad accumulation {args.grad_accum}; MFU from "
+             "retnet_train.model.flops.training_flops_per_token over the device's dense bf16 peak "
+             "(CPU: a rough cores x 2.5 GHz x 32 FLOP/cycle)")
+    if args.no_save:
+        print(markdown_table(header, table))
+    else:
+        append("Training throughput (bench/train_throughput.py)", header, table, notes=notes)
+    from retnet_train.parallel import destroy
+
+    destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`python -m retnet_train.train.report RUN_DIR`: how a finished run did, next to a unigram baseline.
+
+Prints the first and last training loss, the final validation loss and perplexity per source, and
+the unigram entropy of the training data (the loss of a model that ignores context): a language
+model that learned anything ends well below it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+
+def unigram_entropy(cfg, n_tokens: int = 500_000) -> float:
+    """Entropy (nats) of the token distribution of the first n_tokens the training stream yields."""
+    from .data import build_train_stream
+
+    vocab = cfg.model.vocab_size
+    stream = build_train_stream(cfg, vocab, 0, 1)
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    seen = 0
+    for batch in stream:
+        y = batch["labels"]
+        y = y[y >= 0]
+        counts += torch.bincount(y, minlength=vocab).double()
+        seen += y.numel()
+        if seen >= n_tokens:
+            break
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def report(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in recs if "event" not in r and "loss" in r]
+    evals = [r for r in recs if "val/loss" in r]
+    h = unigram_entropy(cfg)
+    out = {"unigram_entropy": h, "first_loss": train[0]["loss"] if train else None,
+           "last_loss": train[-1]["loss"] if train else None, "final_eval": evals[-1] if evals else None}
+    print(f"run {run_dir}: {train[-1]['step'] if train else 0} steps, {train[-1]['tokens'] if train else 0:,} tokens")
+    if train:
+        print(f"  train loss          {train[0]['loss']:.3f} (step {train[0]['step']}) -> "
+              f"{train[-1]['loss']:.3f} (step {train[-1]['step']})")
+    if evals:
+        e = evals[-1]
+        sources = sorted(k[4:-5] for k in e if k.endswith("/loss") and k != "val/loss")
+        print(f"  validation loss     {e['val/loss']:.3f} nats/token, perplexity {e['val/ppl']:.1f} (step {e['step']})")
+        for s in sources:
+            print(f"    {s:<16}  {e[f'val/{s}/loss']:.3f}  ppl {e[f'val/{s}/ppl']:.1f}")
+    print(f"  unigram entropy     {h:.3f} nats/token (perplexity {math.exp(h):.1f}) of the training data")
+    if evals:
+        print(f"  -> validation loss is {h - evals[-1]['val/loss']:.3f} nats below the unigram entropy")
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    report(sys.argv[1])
