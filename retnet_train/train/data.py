@@ -22,7 +22,10 @@ def _data_config(cfg):
     from retnet_train.data import DataConfig
 
     node = cfg.data
-    return node if isinstance(node, DataConfig) else OmegaConf.to_object(node)
+    if isinstance(node, DataConfig):
+        return node
+    # a saved config.yaml loads untyped: give it the schema again
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
 
 
 def build_train_stream(cfg, vocab_size: int, dp_rank: int, dp_size: int):

@@ -77,6 +77,7 @@ class Trainer:
         self.ckpt.clean_partial()
 
         self.step, self.tokens, self.bad_in_row, self.skipped_total = 0, 0, 0, 0
+        self.last_eval_step = -1
         seed_all(t.seed + 1000 * self.ps.rank)  # dropout etc. differ across ranks
         self.stream = build_train_stream(cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
         self._restore()
@@ -91,6 +92,7 @@ class Trainer:
             meta, state = self.ckpt.load(self.engine, latest)
             self.step, self.tokens = state["step"], state["tokens"]
             self.bad_in_row, self.skipped_total = state["bad_in_row"], state["skipped_total"]
+            self.last_eval_step = state.get("last_eval_step", -1)
             self.stream.load_state_dict(state["data"])
             set_rng_state(state["rng"])
             self.resumed_from = latest
@@ -175,7 +177,8 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "bad_in_row": self.bad_in_row,
-                "skipped_total": self.skipped_total, "data": self.stream.state_dict(), "rng": get_rng_state()}
+                "skipped_total": self.skipped_total, "last_eval_step": self.last_eval_step,
+                "data": self.stream.state_dict(), "rng": get_rng_state()}
 
     def save(self, reason: str) -> None:
         meta = {"tokens": self.tokens, "reason": reason, "time": time.time(),
@@ -194,6 +197,7 @@ class Trainer:
         if self.val is None:
             self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
         result = evaluate(self.engine, self.val, self.fwd, self.ps.device)
+        self.last_eval_step = self.step
         record = {"step": self.step, "tokens": self.tokens, **result}
         if "val/loss" in result:
             self.metrics.eval(record)
@@ -239,7 +243,7 @@ class Trainer:
                 paused = True
             if paused:
                 interval_t0 = time.time()
-        if t.eval_at_end:
+        if t.eval_at_end and self.last_eval_step != self.step:  # not again when restarted after the end
             self.run_eval()
         latest = self.ckpt.latest()
         if c.save_at_end and (latest is None or latest.name != f"step_{self.step:08d}"):
