@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from test_train_utils import REPO, TINY, command, env, losses, records, run_train
+from test_train_utils import REPO, TINY, command, env, kill_leftovers, losses, records, run_train
 
 STEPS = 10
 ARGS = [f"trainer.max_steps={STEPS}", "checkpoint.every=3", "checkpoint.keep=2", "trainer.eval_at_end=false"]
@@ -108,3 +108,22 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     proc = run_train(tmp_path, *ARGS, "deepspeed=zero0", f"trainer.max_steps={step + 2}")
     assert f"resumed from {tmp_path}/checkpoints/step_{step:08d}" in proc.stdout + proc.stderr
     assert sorted(losses(tmp_path))[-3:] == [step, step + 1, step + 2]
+
+
+SAMPLE = REPO / "data" / "sample"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SAMPLE / ".complete").is_file(), reason="needs `make sample-data`")
+def test_resume_with_the_shard_stream_is_exact(tmp_path):
+    """The real data stream (loader workers, mixture cursor) through a kill during a save."""
+    args = ["trainer.data_source=stream", "data=sample", f"data.tokenizer={SAMPLE}/tokenizer.model",
+            *[f"data.sources.{s}.path={SAMPLE}/shards/{s}" for s in ("pile", "c4", "stack")],
+            "trainer.max_steps=6", "checkpoint.every=2", "deepspeed=zero0", "trainer.eval_at_end=false"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_train(whole, *args)
+    proc = run_train(cut, *args, fault="kill_in_save@4", check=False)
+    kill_leftovers(cut)
+    assert proc.returncode == -signal.SIGKILL
+    run_train(cut, *args)
+    assert losses(cut) == losses(whole) and len(losses(whole)) == 6

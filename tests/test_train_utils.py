@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +57,12 @@ def run_train(run_dir, *overrides: str, nproc: int = 1, launcher: str = "python"
     if fault:
         extra["RETNET_TRAIN_FAULT"] = fault
     cmd = command([*TINY, f"run_dir={run_dir}", *overrides], nproc, launcher)
-    proc = subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout)
+    # Output through files, not pipes: a killed run's orphaned data-loader workers would hold a pipe open.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(cmd, cwd=REPO, env=env(**extra), stdout=out, stderr=err, timeout=timeout).returncode
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -109,3 +116,17 @@ def reference_losses(steps: int, skip: frozenset = frozenset(), seed: int = 1234
         opt.step()
         opt.zero_grad(set_to_none=True)
     return out
+
+
+def kill_leftovers(run_dir) -> None:
+    """SIGKILL processes a killed run left behind (orphaned data-loader workers carry its run_dir)."""
+    needle = f"run_dir={run_dir}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass

@@ -34,7 +34,7 @@ def console_line(r: dict[str, Any], max_steps: int) -> str:
         f"step {r['step']:>{len(str(max_steps))}}/{max_steps}",
         f"loss {r['loss']:.4f}",
         f"lr {r['lr']:.2e}",
-        f"gnorm {gn:.3f}" if gn is not None and math.isfinite(gn) else f"gnorm {gn}",
+        f"gnorm {gn:.3f}" if gn is not None and math.isfinite(gn) else f"gnorm {gn if gn is not None else '-'}",
         f"{_fmt_count(r['tokens_per_s'])} tok/s",
         f"mfu {100 * r['mfu']:.1f}%",
         f"mem {r['mem_gib']:.1f}GiB",

@@ -145,11 +145,12 @@ class Trainer:
                 grad_norm = self._clip_and_guard()
             engine.step()
             loss_sum += loss.detach().double()
-        if grad_norm is None:
+        if grad_norm is None:  # DeepSpeed's norm (None where its optimizer wrapper computes none)
             g = engine.get_global_grad_norm()
-            grad_norm = float(g) if g is not None else float("nan")
+            grad_norm = float(g) if g is not None else None
         loss = float(loss_sum) / gas
-        bad = (engine.skipped_steps > skipped_before) or not math.isfinite(grad_norm) or not math.isfinite(loss)
+        bad = ((engine.skipped_steps > skipped_before) or not math.isfinite(loss)
+               or (grad_norm is not None and not math.isfinite(grad_norm)))
         self.step, self.tokens = step, self.tokens + self.cfg.trainer.global_batch_tokens
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "bad": bad, "cursor": cursor,
                 "sources": sorted(str(s) for s in sources)}
