@@ -127,3 +127,15 @@ def test_resume_with_the_shard_stream_is_exact(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     run_train(cut, *args)
     assert losses(cut) == losses(whole) and len(losses(whole)) == 6
+
+
+def test_init_from_starts_a_new_run_from_weights(tmp_path):
+    first = tmp_path / "first"
+    run_train(first, "trainer.max_steps=6", "deepspeed=zero0", "trainer.eval_at_end=false")
+    second = tmp_path / "second"
+    proc = run_train(second, "trainer.max_steps=1", "deepspeed=zero2", "trainer.eval_at_end=false",
+                     f"checkpoint.init_from={first}")
+    assert "initialised weights from" in proc.stdout + proc.stderr
+    a, b = losses(first), losses(second)
+    assert sorted(b) == [1]  # a new run: step counting starts again
+    assert b[1] < a[1] - 0.5  # ...from trained weights (ZeRO-0 checkpoint into a ZeRO-2 run)
