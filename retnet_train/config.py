@@ -58,7 +58,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = 1  # later issue; heads must divide by it
+    tp: int = 1  # tensor-parallel size: consecutive ranks form a group; must divide heads, FFN, vocab, world
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU | nccl | gloo
     timeout_minutes: int = 30
 
@@ -90,7 +90,7 @@ class CheckpointConfig:
     keep: int = 3  # newest complete checkpoints kept; 0 keeps all
     save_at_end: bool = True
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
-    init_from: Optional[str] = None  # a checkpoint to start a *new* run from (weights + optimizer)
+    init_from: Optional[str] = None  # start a *new* run from these weights: a checkpoint (same parallel.tp) or an export folder (any tp)
 
 
 @dataclass
@@ -218,9 +218,9 @@ def world_size_from_env() -> int:
 def batch_layout(cfg: DictConfig, world_size: Optional[int] = None) -> Dict[str, int]:
     """Data-parallel size and gradient accumulation steps that the batch keys imply."""
     world = world_size or world_size_from_env()
-    tp = cfg.parallel.tensor_parallel_size
+    tp = cfg.parallel.tp
     if world % tp:
-        _fail("parallel.tensor_parallel_size", tp, f"does not divide the world size {world}")
+        _fail("parallel.tp", tp, f"does not divide the world size {world}")
     dp = world // tp
     t = cfg.trainer
     per_micro = t.micro_batch_size * t.seq_len * dp
@@ -237,7 +237,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     if cfg.get("model") is None:
         _fail("model", None, "no model chosen (model=<preset> from conf/model/)")
     for key in ("trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_len", "trainer.log_every",
-                "trainer.global_batch_tokens", "trainer.max_bad_steps", "parallel.tensor_parallel_size",
+                "trainer.global_batch_tokens", "trainer.max_bad_steps", "parallel.tp",
                 "optim.lr", "optim.eps"):
         _positive(cfg, key)
     for key in ("trainer.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
@@ -269,9 +269,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
     model = cfg.model
-    heads, tp = model.get("n_heads"), cfg.parallel.tensor_parallel_size
+    heads, tp = model.get("n_heads"), cfg.parallel.tp
     if heads is not None and heads % tp:
-        _fail("parallel.tensor_parallel_size", tp, f"does not divide model.n_heads={heads}")
+        _fail("parallel.tp", tp, f"does not divide model.n_heads={heads}")
     if cfg.trainer.mode == "chunkwise" and model.get("arch", "retnet") != "retnet":
         _fail("trainer.mode", "chunkwise", f"needs a RetNet model (model.arch={model.get('arch')!r})")
     chunk = cfg.trainer.chunk_size or model.get("chunk_size")

@@ -3,7 +3,9 @@
 CHECKPOINT is a checkpoint folder (run_dir/checkpoints/step_N), a checkpoints/ folder or a run_dir
 (its `latest`). OUT_DIR receives model.safetensors (fp32, the optimizer's master weights for
 ZeRO 1-3), model_config.json (the ModelConfig as JSON) and, when the run had one, tokenizer.model;
-`retnet_train.model.build_model(OUT_DIR)` loads it. Runs on CPU, no process group needed.
+`retnet_train.model.build_model(OUT_DIR)` loads it. Checkpoints of tensor-parallel runs are merged
+into one unsharded model, which `checkpoint.init_from=OUT_DIR` can start a run from at any
+parallel.tp. Runs on CPU, no process group needed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,19 +24,41 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of the model in a checkpoint folder written by the trainer."""
-    meta = json.loads((ckpt / "meta.json").read_text())
-    if meta.get("zero_stage", 0) == 0:
-        files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"{ckpt}: expected one mp_rank_*_model_states.pt, found {len(files)}")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _tp_rank_state_dict(ckpt: Path, tp_rank: int, tp_size: int, zero_stage: int) -> dict[str, torch.Tensor]:
+    """One tensor-parallel rank's weights, its ZeRO partitions gathered (fp32 master weights)."""
+    mp = f"mp_rank_{tp_rank:02d}"
+    if zero_stage == 0:
+        path = ckpt / f"{mp}_model_states.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{ckpt}: missing {path.name}")
+        return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if tp_size == 1:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    # DeepSpeed's consolidation reads every *_optim_states.pt of a folder as one model's partitions:
+    # give it a folder that shows only this tensor-parallel rank's files, under rank 00's names.
+    with tempfile.TemporaryDirectory() as view:
+        folder = Path(view) / ckpt.name
+        folder.mkdir()
+        files = [f for f in ckpt.iterdir() if mp in f.name]
+        if not files:
+            raise FileNotFoundError(f"{ckpt}: no files of tensor-parallel rank {tp_rank} ({mp}_*)")
+        for f in files:
+            (folder / f.name.replace(mp, "mp_rank_00")).symlink_to(f.resolve())
+        return get_fp32_state_dict_from_zero_checkpoint(view, tag=ckpt.name)
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the model in a checkpoint folder written by the trainer: ZeRO
+    partitions gathered per tensor-parallel rank, then the tensor-parallel shards merged."""
+    from retnet_train.parallel.tensor_parallel import merge_state_dicts
+
+    meta = json.loads((ckpt / "meta.json").read_text())
+    tp = int(meta.get("tp_size", 1))
+    shards = [_tp_rank_state_dict(ckpt, r, tp, int(meta.get("zero_stage", 0))) for r in range(tp)]
+    state = shards[0] if tp == 1 else merge_state_dicts(shards)
     return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
 
 

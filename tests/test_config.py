@@ -71,7 +71,7 @@ def test_wrong_type_is_named():
 
 @pytest.mark.parametrize("overrides,key", [
     (["trainer.global_batch_tokens=1000"], "trainer.global_batch_tokens=1000"),
-    (["parallel.tensor_parallel_size=3"], "parallel.tensor_parallel_size=3"),
+    (["parallel.tp=3"], "parallel.tp=3"),
     (["deepspeed.stage=4"], "deepspeed.stage=4"),
     (["logging.wandb.mode=sometimes"], "logging.wandb.mode='sometimes'"),
     (["trainer.mode=recurrent"], "trainer.mode='recurrent'"),

@@ -93,10 +93,16 @@ def rotary_angles(head_dim: int, base: float) -> Tensor:
     return freqs.repeat_interleave(2)
 
 
-def rotary_sin_cos(angles: Tensor, start: int, length: int) -> tuple[Tensor, Tensor]:
-    """sin, cos [T, 1, head_dim] for absolute positions start .. start + length - 1 (fp32)."""
-    pos = torch.arange(start, start + length, device=angles.device, dtype=torch.float32)
-    theta = pos[:, None] * angles.float()[None, :]
+def rotary_sin_cos(head_dim: int, base: float, start: int, length: int,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """sin, cos [T, 1, head_dim] for absolute positions start .. start + length - 1, in fp32.
+
+    Built per call rather than kept in a buffer: a bf16 cast of the module (DeepSpeed's bf16 mode)
+    would otherwise round the frequencies and scramble positions beyond a few hundred tokens.
+    """
+    angles = rotary_angles(head_dim, base).to(device)
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    theta = pos[:, None] * angles[None, :]
     return theta.sin()[:, None, :], theta.cos()[:, None, :]
 
 

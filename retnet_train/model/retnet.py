@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import FeedForward, HeadNorm, activation, apply_rotary, make_norm, rotary_angles, rotary_sin_cos
+from .layers import FeedForward, HeadNorm, activation, apply_rotary, make_norm, rotary_sin_cos
 from .lm import ForwardContext, LanguageModel
 from .retention import head_log_decays, retention
 
@@ -39,7 +39,7 @@ class MultiScaleRetention(nn.Module):
         self.out_proj = nn.Linear(hv, d, bias=cfg.bias)
         self.head_norm = HeadNorm(self.n_heads, self.value_dim, cfg.head_norm, cfg.head_norm_eps, cfg.head_norm_affine)
         self.gate_act = activation(cfg.gate_activation)
-        self.register_buffer("angles", rotary_angles(self.key_dim, cfg.rope_base), persistent=False)
+        self.rope_base = cfg.rope_base
         self.reset_parameters()
 
     def set_heads(self, n_heads: int, head_start: int) -> None:
@@ -69,7 +69,7 @@ class MultiScaleRetention(nn.Module):
         v = self.v_proj(x).view(B, T, H, self.value_dim)
         g = self.g_proj(x)
 
-        sin, cos = rotary_sin_cos(self.angles, ctx.offset, T)
+        sin, cos = rotary_sin_cos(self.key_dim, self.rope_base, ctx.offset, T, x.device)
         q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
 
         log_decay = self.log_decay.to(x.device)

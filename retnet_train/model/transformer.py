@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import FeedForward, apply_rotary, make_norm, rotary_angles, rotary_sin_cos
+from .layers import FeedForward, apply_rotary, make_norm, rotary_sin_cos
 from .lm import ForwardContext, LanguageModel
 
 
@@ -23,7 +23,7 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, inner, bias=cfg.bias)
         self.out_proj = nn.Linear(inner, d, bias=cfg.bias)
         self.dropout_p = cfg.dropout
-        self.register_buffer("angles", rotary_angles(self.head_dim, cfg.rope_base), persistent=False)
+        self.rope_base = cfg.rope_base
         self.reset_parameters()
 
     def set_heads(self, n_heads: int, head_start: int) -> None:
@@ -41,7 +41,7 @@ class CausalSelfAttention(nn.Module):
         """x [B, T, d]; cache (k, v) [B, T_past, H, D] -> ([B, T, d], new cache or None)"""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        sin, cos = rotary_sin_cos(self.angles, ctx.offset, T)
+        sin, cos = rotary_sin_cos(self.head_dim, self.rope_base, ctx.offset, T, x.device)
         q = apply_rotary(self.q_proj(x).view(B, T, H, D), sin, cos)
         k = apply_rotary(self.k_proj(x).view(B, T, H, D), sin, cos)
         v = self.v_proj(x).view(B, T, H, D)

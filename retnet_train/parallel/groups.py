@@ -1,8 +1,7 @@
 """Starting torch.distributed (through DeepSpeed) and making the process groups.
 
-Today the data-parallel group is the whole world. When tensor parallelism lands, this is the one
-place that splits the world into tensor-parallel and data-parallel groups (Megatron layout:
-consecutive ranks share a tensor-parallel group) and hands DeepSpeed an `mpu`.
+This is the one place that splits the world into tensor-parallel and data-parallel groups
+(Megatron layout: consecutive ranks share a tensor-parallel group) and hands DeepSpeed an `mpu`.
 Works for all launchers: plain `python -m` (one process, no env), torchrun and the deepspeed
 launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment).
 """
@@ -29,6 +28,7 @@ class ParallelState:
     tp_size: int
     device: torch.device
     backend: str
+    tp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -76,15 +76,25 @@ def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int =
                                verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % tp_size:
-        raise ValueError(f"parallel.tensor_parallel_size={tp_size} does not divide the world size {world}")
-    if tp_size != 1:
-        raise NotImplementedError("parallel.tensor_parallel_size > 1 is not implemented yet")
-    _dp_group = dist.group.WORLD  # data parallel = world while tp_size == 1
+        raise ValueError(f"parallel.tp={tp_size} does not divide the world size {world}")
+    if tp_size > 1:
+        # fairscale's model-parallel layers read their groups from fairscale's own registry; making
+        # the groups there makes them here too: tensor-parallel groups of consecutive ranks,
+        # data-parallel groups of the ranks with the same position in their tensor-parallel group.
+        from fairscale.nn.model_parallel import initialize as fs
+
+        if not fs.model_parallel_is_initialized():
+            fs.initialize_model_parallel(tp_size)
+        _dp_group = fs.get_data_parallel_group()
+        tp_rank = fs.get_model_parallel_rank()
+    else:
+        _dp_group = dist.group.WORLD
+        tp_rank = 0
     _state = ParallelState(
         rank=rank, world_size=world, local_rank=local_rank,
         dp_rank=dist.get_rank(_dp_group), dp_size=dist.get_world_size(_dp_group), tp_size=tp_size,
         device=torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu"),
-        backend=backend,
+        backend=backend, tp_rank=tp_rank,
     )
     return _state
 
@@ -97,6 +107,16 @@ def get_state() -> ParallelState:
 
 def dp_group():
     return _dp_group
+
+
+def mpu():
+    """What DeepSpeed takes as `mpu` (model-parallel unit): fairscale's group registry, so ZeRO
+    shards over data-parallel ranks only and the gradient norm counts each weight once; None at tp=1."""
+    if _state is None or _state.tp_size == 1:
+        return None
+    from fairscale.nn.model_parallel import initialize as fs
+
+    return fs
 
 
 def barrier() -> None:
@@ -123,6 +143,10 @@ def all_reduce_max(values: list[float]) -> list[float]:
 
 def destroy() -> None:
     global _state, _dp_group
+    if _state is not None and _state.tp_size > 1:
+        from fairscale.nn.model_parallel import initialize as fs
+
+        fs.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
     _state, _dp_group = None, None

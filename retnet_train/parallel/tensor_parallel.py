@@ -156,11 +156,12 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, seed: in
     return model
 
 
-def parallel_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean token loss from vocabulary-parallel logits [B, T, vocab / tp]; labels [B, T] (full ids)."""
+def parallel_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Token loss ("mean" or "sum") from vocabulary-parallel logits [B, T, vocab / tp]; labels [B, T] (full ids)."""
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     # fairscale shifts the logits in place: give it a tensor nobody else reads
     logits = logits.clone() if logits.dtype == torch.float32 else logits.float()
     losses = vocab_parallel_cross_entropy(logits, safe)  # [B, T]
-    return (losses * mask).sum() / mask.sum().clamp(min=1)
+    total = (losses * mask).sum()
+    return total if reduction == "sum" else total / mask.sum().clamp(min=1)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from retnet_train.parallel import get_state, mpu
+from retnet_train.parallel.tensor_parallel import apply_tensor_parallel
 
 from .ds_config import build_ds_config
 from .optimizer import build_optimizer, param_groups
@@ -21,6 +25,7 @@ class Built:
     precision: str
     own_clipping: bool  # ZeRO-0 fp32: DeepSpeed hands back the raw optimizer; the trainer clips and guards
     ds_config: dict
+    vocab_parallel: bool = False  # tp > 1: logits hold this rank's slice of the vocabulary
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -63,8 +68,14 @@ def build_engine(cfg, layout: dict, device: torch.device) -> Built:
         log.warning("trainer.precision=bf16 on CPU: DeepSpeed's CPU bf16 path is slow and untested here")
     mcfg = model_config(cfg)
     model = build_model(mcfg)
+    if is_export_dir(cfg.checkpoint.init_from):
+        load_export_weights(model, cfg.checkpoint.init_from)
     if cfg.trainer.activation_checkpointing:
         model.set_activation_checkpointing(True)
+    ps = get_state()
+    if ps.tp_size > 1:
+        # every rank built the same full model from the same seed; each keeps its slice
+        apply_tensor_parallel(model, ps.tp_rank, ps.tp_size, seed=cfg.trainer.seed)
     own_clipping = cfg.deepspeed.stage == 0 and precision != "bf16" and cfg.optim.impl != "deepspeed"
     ds_config = build_ds_config(cfg, layout, precision, own_clipping)
     buffers = {(id(m), name): buf.dtype for m in model.modules() for name, buf in m._buffers.items()
@@ -74,11 +85,38 @@ def build_engine(cfg, layout: dict, device: torch.device) -> Built:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer,
         model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
-        config=ds_config, dist_init_required=False)
+        config=ds_config, dist_init_required=False, mpu=mpu())
     restore_buffer_dtypes(engine.module, buffers)
     if cfg.trainer.compile:
         engine.compile()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.1fM parameters (zero-%d shards may report fewer), precision %s, ZeRO-%d",
              mcfg.arch, n_params / 1e6, cfg.deepspeed.stage, precision, cfg.deepspeed.stage)
-    return Built(engine=engine, model_cfg=mcfg, precision=precision, own_clipping=own_clipping, ds_config=ds_config)
+    return Built(engine=engine, model_cfg=mcfg, precision=precision, own_clipping=own_clipping, ds_config=ds_config,
+                 vocab_parallel=ps.tp_size > 1)
+
+
+def is_export_dir(path) -> bool:
+    from retnet_train.model import EXPORT_CONFIG
+
+    return bool(path) and (Path(str(path)) / EXPORT_CONFIG).is_file()
+
+
+def load_export_weights(model, export_dir) -> None:
+    """Start from exported (full, unsharded) weights, e.g. a run at another parallel.tp. The run's own
+    model config must describe the same network."""
+    from safetensors.torch import load_file
+
+    from retnet_train.model import EXPORT_WEIGHTS, resolve_config
+
+    theirs = resolve_config(str(export_dir))
+    if theirs != model.config:
+        diff = {k: (getattr(theirs, k), getattr(model.config, k)) for k in vars(theirs)
+                if getattr(theirs, k) != getattr(model.config, k)}
+        raise ValueError(f"checkpoint.init_from={export_dir}: its model config differs from this run's "
+                         f"(key: (export, run)): {diff}")
+    weights = load_file(str(Path(str(export_dir)) / EXPORT_WEIGHTS))
+    if model.config.tie_embeddings:
+        weights.setdefault("lm_head.weight", weights["embed.weight"])
+    model.load_state_dict(weights)
+    log.info("initialised weights from the export %s", export_dir)

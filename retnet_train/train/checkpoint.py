@@ -119,7 +119,8 @@ class CheckpointManager:
         if self.ps.is_main:
             _atomic_write(tmp / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
                                                          "world_size": self.ps.world_size,
-                                                         "dp_size": self.ps.dp_size}, indent=2))
+                                                         "dp_size": self.ps.dp_size,
+                                                         "tp_size": self.ps.tp_size}, indent=2))
             if final.exists():  # the same step saved again (after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -148,6 +149,11 @@ class CheckpointManager:
                 f"{path} was written by {meta['dp_size']} data-parallel ranks; this run has {self.ps.dp_size}. "
                 "Resuming with a different data-parallel size is not supported (the data cursor is per rank); "
                 "use checkpoint.init_from to start a new run from its weights")
+        if meta.get("tp_size", 1) != self.ps.tp_size:
+            raise RuntimeError(
+                f"{path} was written with parallel.tp={meta.get('tp_size', 1)}; this run has parallel.tp="
+                f"{self.ps.tp_size}. Export it (python -m retnet_train.export {path} OUT) and start from "
+                "checkpoint.init_from=OUT, which works at any tp")
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=module_only,
                                               load_optimizer_states=not module_only,
                                               load_lr_scheduler_states=False)

@@ -10,13 +10,20 @@ import torch.nn.functional as F
 from retnet_train.parallel import all_reduce_max, all_reduce_sum
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32; labels == -100 are ignored."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+            vocab_parallel: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy in fp32; labels == -100 are ignored. With `vocab_parallel`, logits
+    are this tensor-parallel rank's vocabulary slice and the loss is computed across the group."""
+    if vocab_parallel:
+        from retnet_train.parallel.tensor_parallel import parallel_cross_entropy
+
+        return parallel_cross_entropy(logits, labels, reduction=reduction)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
 
 
 @torch.no_grad()
-def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: torch.device) -> dict[str, float]:
+def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: torch.device,
+             vocab_parallel: bool = False) -> dict[str, float]:
     """Every rank runs the same number of batches per source (ZeRO-3 forwards are collective)."""
     was_training = engine.training
     engine.eval()
@@ -29,7 +36,7 @@ def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: t
         count = 0
         for batch in batches[:n]:
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            loss_sum += lm_loss(engine(ids, **forward_kwargs), labels, reduction="sum").double()
+            loss_sum += lm_loss(engine(ids, **forward_kwargs), labels, "sum", vocab_parallel).double()
             count += int((labels != -100).sum())
         total, tokens = all_reduce_sum([float(loss_sum), float(count)])
         if tokens:

@@ -14,7 +14,7 @@ from retnet_train.config import batch_layout
 from retnet_train.parallel import all_reduce_max, all_reduce_sum, barrier, destroy, init_distributed
 
 from . import faults
-from .build import build_engine, forward_kwargs
+from .build import build_engine, forward_kwargs, is_export_dir
 from .checkpoint import CheckpointManager, resolve_checkpoint
 from .data import build_train_stream, build_val, resolve_vocab_size
 from .evaluate import evaluate, lm_loss
@@ -44,7 +44,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.stop = StopRequest()
-        self.ps = init_distributed(t.device, cfg.parallel.backend, cfg.parallel.tensor_parallel_size,
+        self.ps = init_distributed(t.device, cfg.parallel.backend, cfg.parallel.tp,
                                    cfg.parallel.timeout_minutes)
         setup_logging(cfg.logging.level, self.ps.rank)
         if self.ps.device.type == "cpu":
@@ -78,7 +78,9 @@ class Trainer:
 
         self.step, self.tokens, self.bad_in_row, self.skipped_total = 0, 0, 0, 0
         self.last_eval_step = -1
-        seed_all(t.seed + 1000 * self.ps.rank)  # dropout etc. differ across ranks
+        # dropout differs across data-parallel ranks but not within a tensor-parallel group, whose ranks
+        # hold the same replicated activations (sharded activations use ShardedDropout's own streams)
+        seed_all(t.seed + 1000 * self.ps.dp_rank)
         self.stream = build_train_stream(cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
         self._restore()
         self.val = None
@@ -97,7 +99,7 @@ class Trainer:
             set_rng_state(state["rng"])
             self.resumed_from = latest
             log.info("resumed from %s (step %d, %s tokens)", latest, self.step, f"{self.tokens:,}")
-        elif cfg.checkpoint.init_from:
+        elif cfg.checkpoint.init_from and not is_export_dir(cfg.checkpoint.init_from):  # exports load in build
             path = resolve_checkpoint(cfg.checkpoint.init_from)
             self.ckpt.load(self.engine, path, module_only=True)
             self.resumed_from = None
@@ -137,7 +139,7 @@ class Trainer:
             batch = next(self.it)
             sources.update(self._source_names(batch.get("source")))
             ids, labels = batch["input_ids"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
-            loss = lm_loss(engine(ids, **self.fwd), labels)
+            loss = lm_loss(engine(ids, **self.fwd), labels, vocab_parallel=self.built.vocab_parallel)
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -197,7 +199,7 @@ class Trainer:
     def run_eval(self) -> dict:
         if self.val is None:
             self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
-        result = evaluate(self.engine, self.val, self.fwd, self.ps.device)
+        result = evaluate(self.engine, self.val, self.fwd, self.ps.device, self.built.vocab_parallel)
         self.last_eval_step = self.step
         record = {"step": self.step, "tokens": self.tokens, **result}
         if "val/loss" in result:
