@@ -283,6 +283,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     except ImportError:
         return
     try:
-        resolve_config(model)
+        mcfg = resolve_config(model)
+        from retnet_train.parallel.tensor_parallel import check_divisible
+
+        check_divisible(mcfg, cfg.parallel.tp)  # heads, FFN width, vocabulary
     except ValueError as e:
         raise ConfigError(str(e)) from None

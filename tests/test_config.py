@@ -86,6 +86,16 @@ def test_impossible_values_are_named(overrides, key):
     assert key in _error(overrides)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model.n_heads=2"], "parallel.tp=4: does not divide model.n_heads=2"),
+    (["model.ffn_dim=1002"], "parallel.tp=4 does not divide model.ffn_dim=1002"),
+    (["model.vocab_size=1001"], "parallel.tp=4 does not divide model.vocab_size=1001"),
+])
+def test_tensor_parallel_size_must_divide_the_split_dimensions(monkeypatch, overrides, message):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert message in _error(["parallel.tp=4", "trainer.global_batch_tokens=16384", *overrides])
+
+
 def test_batch_not_divisible_by_data_parallel_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     msg = _error(["trainer.global_batch_tokens=32768", "trainer.seq_len=2048", "trainer.micro_batch_size=8"])

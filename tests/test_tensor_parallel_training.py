@@ -33,12 +33,24 @@ def test_tp2_losses_equal_single_process(tmp_path):
     _close(losses(tmp_path / "run"), reference_losses(4), 4)
 
 
+def _export(run, out):
+    proc = subprocess.run([sys.executable, "-m", "retnet_train.export", str(run), str(out)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_tp2_dp2_losses_equal_single_process(tmp_path, stage):
-    run_train(tmp_path / "run", "trainer.max_steps=3", "parallel.tp=2", f"deepspeed=zero{stage}", nproc=4,
+    """Every ZeRO stage composes with tp=2 (ZeRO shards over the data-parallel group only); the
+    export gathers ZeRO partitions per tensor-parallel rank, then merges the shards."""
+    run = tmp_path / "run"
+    run_train(run, "trainer.max_steps=3", "parallel.tp=2", f"deepspeed=zero{stage}", nproc=4,
               launcher="torchrun", timeout=400)
-    _close(losses(tmp_path / "run"), reference_losses(3), 3)
+    _close(losses(run), reference_losses(3), 3)
+    _export(run, tmp_path / "export")
+    want = evals(run)[-1]["val/loss"]
+    assert abs(_val_loss_of_export(tmp_path / "export", n_batches=4) - want) < FIRST_STEP_TOLERANCE * want
 
 
 @pytest.mark.slow
@@ -50,9 +62,7 @@ def test_tp2_checkpoint_resumes_exports_and_starts_a_tp1_run(tmp_path):
     _close(losses(run), reference_losses(4), 4)
     want = evals(run)[-1]
     out = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "retnet_train.export", str(run), str(out)], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _export(run, out)
     # the merged model gives the validation loss the tp=2 trainer measured
     assert abs(_val_loss_of_export(out, n_batches=2) - want["val/loss"]) < FIRST_STEP_TOLERANCE * want["val/loss"]
     # and starts a new run at tp=1, whose first loss is the merged model's loss on the first batch
