@@ -51,6 +51,15 @@ class MultiScaleRetention(nn.Module):
         """log(gamma) of this module's heads [n_heads], float64, from their global indices."""
         return head_log_decays(self.n_heads_total, self.cfg.decay_schedule, self.head_start, self.n_heads)
 
+    def _log_decay_on(self, device: torch.device) -> Tensor:
+        """log_decay on `device`, cached (not a buffer: a bf16 cast of the module must not round it)."""
+        key = (device, self.n_heads, self.head_start)
+        cache = self.__dict__.setdefault("_decay_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = self.log_decay.to(device)
+        return cache[key]
+
     def reset_parameters(self) -> None:
         # the official initialisation: small xavier gain on q/k/v/g, unit gain on the output
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
@@ -65,14 +74,16 @@ class MultiScaleRetention(nn.Module):
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_proj(x).view(B, T, H, self.key_dim)
-        k = self.k_proj(x).view(B, T, H, self.key_dim) * self.key_dim ** -0.5
+        k = self.k_proj(x).view(B, T, H, self.key_dim)
         v = self.v_proj(x).view(B, T, H, self.value_dim)
         g = self.g_proj(x)
 
         sin, cos = rotary_sin_cos(self.key_dim, self.rope_base, ctx.offset, T, x.device)
-        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        # the keys' 1/sqrt(d_k) rides on the rotation (a [T, 1, d_k] table), sparing a pass over k
+        scale = self.key_dim ** -0.5
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin * scale, cos * scale)
 
-        log_decay = self.log_decay.to(x.device)
+        log_decay = self._log_decay_on(x.device)
         if self.cfg.score_norm == "torchscale":
             # a column of ones in v makes retention also return n_t = sum_s gamma^(t-s) q_t.k_s,
             # the score sum the official code divides by; it carries through every form and the state
