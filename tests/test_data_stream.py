@@ -234,3 +234,36 @@ def test_yaml_configs_match_the_schema():
     assert prod.sources["stack"].path == "/lustre/x/shards/stack"
     with pytest.raises(Exception, match="wieght"):
         OmegaConf.merge(schema, {"sources": {"pile": {"wieght": 1.0}}})
+
+
+def test_loader_workers_die_with_a_killed_trainer(built, tmp_path):
+    """SIGKILL of the process iterating the stream takes its loader workers with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "reader.py"
+    cfg = built.cfg(num_workers=2)
+    script.write_text(
+        "import multiprocessing, time\n"
+        "from retnet_train.data import DataConfig, SourceConfig, TokenStream\n"
+        f"cfg = DataConfig(sources={{n: SourceConfig(path=p, weight=1.0) for n, p in "
+        f"{ {n: s.path for n, s in cfg.sources.items()} !r}.items()}}, tokenizer={cfg.tokenizer!r}, num_workers=2)\n"
+        f"s = TokenStream(cfg, seq_len={WINDOW}, micro_batch_size=2, dp_rank=0, dp_size=1)\n"
+        "it = iter(s); next(it)\n"
+        "print(' '.join(str(c.pid) for c in multiprocessing.active_children()), flush=True)\n"
+        "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and "Z" not in
+                 open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"loader workers outlived the killed trainer: {alive}"

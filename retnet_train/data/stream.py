@@ -8,6 +8,8 @@ Ranks of one tensor-parallel group pass the same dp_rank and so get the same bat
 """
 from __future__ import annotations
 
+import signal
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -50,6 +52,16 @@ class _Chunks(IterableDataset):
             tokens, src = self.plan.tokens((firsts[:, None] + np.arange(self.b)).reshape(-1))
             yield tokens.reshape(self.steps, self.b, -1), src.reshape(self.steps, self.b)
             chunk += every
+
+
+def _die_with_parent(_worker_id: int) -> None:
+    """Loader workers end when the trainer process dies, even by SIGKILL (a preempted or killed
+    job): orphans would keep reading shards and hold the parent's output pipes open."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class TokenStream:
@@ -100,7 +112,8 @@ class TokenStream:
             # tensors are made here.  Tensors from workers would each cost a shared-memory
             # segment, several times the work of making the batch.
             chunks = DataLoader(chunks, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                                prefetch_factor=self.cfg.prefetch, persistent_workers=False)
+                                prefetch_factor=self.cfg.prefetch, persistent_workers=False,
+                                worker_init_fn=_die_with_parent)
         for tokens, src in chunks:
             yield from zip(tokens, src)
 
