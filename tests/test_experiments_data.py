@@ -1,0 +1,13 @@
+"""The paper-scale experiments read the production mixture, not the sample data."""
+
+import pytest
+
+from retnet_train.config import load_config
+
+
+@pytest.mark.parametrize("name", ["retnet_1.3b", "retnet_2.7b", "retnet_6.7b", "retnet_13b", "retnet_1.3b_32k",
+                                  "transformer_1.3b"])
+def test_large_experiments_use_pile_c4_stack(name):
+    cfg = load_config([f"experiment={name}", "data.root=/corpora"])
+    assert sorted(cfg.data.sources) == ["c4", "pile", "stack"]
+    assert cfg.data.sources.pile.path.startswith("/corpora/")
