@@ -74,10 +74,7 @@ def main() -> None:
     header = ["what", "workers", "raw input", "tokens", "tokens/s", "tokens/s per worker"]
     notes = (f"sample corpora (stdlib docs and code) x{a.copies} copies, vocabulary "
              f"{sp.get_piece_size()}, wall time of build_shards incl. worker start-up")
-    if a.no_append:
-        print(header, *rows, sep="\n")
-    else:
-        append("data_prep shards throughput", header, rows, notes)
+    append("data_prep shards throughput", header, rows, notes, save=not a.no_append)
 
 
 if __name__ == "__main__":

@@ -41,14 +41,16 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def append(title: str, header: list[str], rows: list[list], notes: str = "") -> str:
-    """Print the table and append it, with its provenance, to bench/RESULTS.md."""
+def append(title: str, header: list[str], rows: list[list], notes: str = "", save: bool = True) -> str:
+    """Print the table and (unless save=False) append it, with its provenance, to bench/RESULTS.md."""
     table = markdown_table(header, rows)
     block = (f"\n## {title}\n\n- date: {datetime.date.today().isoformat()}\n- device: {device_name()}\n"
              f"- torch: {torch.__version__}\n- commit: {commit()}\n"
              f"- command: `{' '.join(['python'] + sys.argv)}`\n" + (f"- notes: {notes}\n" if notes else "")
              + "\n" + table + "\n")
     print(table)
+    if not save:
+        return block
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n")
     with open(RESULTS, "a") as f:

@@ -70,10 +70,7 @@ def main() -> None:
               "RSS growth, trainer process", "peak RSS of a worker"]
     notes = (f"{a.config}: sample shards (window 256, uint16), mixture 0.5/0.3/0.2, rank 0 of "
              f"dp 8, {a.seconds:g} s per row after 20 warm-up batches; the machine is shared")
-    if a.no_append:
-        print(header, *rows, sep="\n")
-    else:
-        append("TokenStream throughput", header, rows, notes)
+    append("TokenStream throughput", header, rows, notes, save=not a.no_append)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def main() -> None:
         rows = [measure_safely(p, t, args) for p, t in configs]
     if not rows or not rows[0].get("is_main"):
         return
-    from bench.results import append, markdown_table
+    from bench.results import append
 
     header = ["model", "T", "micro-batch", "GPUs", "ZeRO", "precision", "form", "act. ckpt",
               "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)"]
@@ -162,10 +162,7 @@ def main() -> None:
              f"{args.steps} measured steps, grad accumulation {args.grad_accum}; MFU from "
              "retnet_train.model.flops.training_flops_per_token over the device's dense bf16 peak "
              "(CPU: a rough cores x 2.5 GHz x 32 FLOP/cycle)")
-    if args.no_save:
-        print(markdown_table(header, table))
-    else:
-        append("Training throughput (bench/train_throughput.py)", header, table, notes=notes)
+    append("Training throughput (bench/train_throughput.py)", header, table, notes=notes, save=not args.no_save)
     from retnet_train.parallel import destroy
 
     destroy()

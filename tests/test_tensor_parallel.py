@@ -2,7 +2,6 @@
 gradients, for RetNet and the Transformer, in the parallel and chunkwise forms."""
 
 import os
-import tempfile
 
 import pytest
 import torch

@@ -55,17 +55,9 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 # Set it yourself only if you add async TP/sequence-parallel overlap.
 
 # --- CPU side -----------------------------------------------------------------------------
-# torchrun would otherwise force OMP_NUM_THREADS=1 (and say so). Give each GPU process its
-# share of the node's cores instead: it matters for DeepSpeed's CPU Adam (zero3_offload)
-# and the data pipeline. `nproc` honours the cgroup/affinity SLURM gives the task.
-if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-    _retnet_ppn="${GPUS_PER_NODE:-1}"
-    [[ "$_retnet_ppn" =~ ^[1-9][0-9]*$ ]] || _retnet_ppn=1
-    OMP_NUM_THREADS=$(( $(nproc) / _retnet_ppn ))
-    (( OMP_NUM_THREADS >= 1 )) || OMP_NUM_THREADS=1
-    export OMP_NUM_THREADS
-    unset _retnet_ppn
-fi
+# Each GPU process gets its share of the node's cores (torchrun would force 1).
+# shellcheck source=launch/lib/cpu_threads.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/cpu_threads.sh"
 
 # Log lines reach the SLURM output file as they happen, not in 8 KB bursts at exit.
 export PYTHONUNBUFFERED="${PYTHONUNBUFFERED:-1}"

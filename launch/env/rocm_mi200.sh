@@ -58,15 +58,9 @@ mkdir -p "$MIOPEN_USER_DB_PATH" "$MIOPEN_CUSTOM_CACHE_DIR" 2>/dev/null || true
 unset _retnet_miopen_dir
 
 # --- CPU side -----------------------------------------------------------------------------
-# As in nvidia.sh: each GPU process gets its share of the cores (torchrun would force 1).
-if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-    _retnet_ppn="${GPUS_PER_NODE:-1}"
-    [[ "$_retnet_ppn" =~ ^[1-9][0-9]*$ ]] || _retnet_ppn=1
-    OMP_NUM_THREADS=$(( $(nproc) / _retnet_ppn ))
-    (( OMP_NUM_THREADS >= 1 )) || OMP_NUM_THREADS=1
-    export OMP_NUM_THREADS
-    unset _retnet_ppn
-fi
+# Each GPU process gets its share of the node's cores (torchrun would force 1).
+# shellcheck source=launch/lib/cpu_threads.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/cpu_threads.sh"
 
 # Log lines reach the SLURM output file as they happen.
 export PYTHONUNBUFFERED="${PYTHONUNBUFFERED:-1}"
