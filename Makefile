@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: install
+# The sample data (about 20 s to build) lets the tests that train on real shards run too.
+test: install sample-data
 	$(PY) -m pytest -q
 
 test-gpu: install

@@ -153,3 +153,23 @@ def test_unknown_preset_lists_the_known_ones():
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="mode='sideways'"):
         small()(ids(), mode="sideways")
+
+
+def test_a_bf16_cast_of_the_module_keeps_positions_exact():
+    """DeepSpeed's bf16 mode casts every floating tensor of the module. Rotary frequencies and
+    decays must not be among them (rounded to bf16, positions past a few hundred scramble): a
+    model cast to bf16 and back must equal one whose weights alone were rounded."""
+    import copy
+
+    torch.manual_seed(0)
+    model = small().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    cast = copy.deepcopy(model).bfloat16().float()
+    x = ids(B=1, T=8)
+    state = State(offset=3000)  # far positions, where a rounded frequency table would be off
+    state.layers = [torch.zeros(1, 4, 8, 16) for _ in range(2)]
+    a = model(x, mode="chunkwise", state=state)
+    b = cast(x, mode="chunkwise", state=state)
+    assert torch.equal(a, b)

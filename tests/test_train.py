@@ -107,19 +107,3 @@ def test_chunkwise_form_and_activation_checkpointing_train_the_same(tmp_path, re
     got = losses(tmp_path)
     for step in (1, 2, 3):
         assert abs(got[step] - reference[step]) < 1e-4, (step, got[step], reference[step])
-
-
-def test_bf16_engine_keeps_fp32_buffers():
-    """DeepSpeed's bf16 mode casts the module; the trainer puts fp32 buffers (rotary angles) back."""
-    import torch
-
-    from retnet_train.model import build_model
-    from retnet_train.train.build import restore_buffer_dtypes
-
-    model = build_model("retnet_tiny", d_model=64, n_layers=2, n_heads=2, vocab_size=256)
-    dtypes = {(id(m), n): b.dtype for m in model.modules() for n, b in m._buffers.items() if b is not None}
-    assert torch.float32 in dtypes.values()
-    model.bfloat16()  # what DeepSpeed's bf16 mode does
-    restore_buffer_dtypes(model, dtypes)
-    assert all(b.dtype == dtypes[(id(m), n)] for m in model.modules() for n, b in m._buffers.items() if b is not None)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())

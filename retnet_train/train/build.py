@@ -34,17 +34,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def restore_buffer_dtypes(module, dtypes: dict) -> None:
-    """DeepSpeed's bf16 mode casts the whole module, buffers included; torch.autocast never touches
-    buffers, and neither should we: a bf16 copy of fp32 tables (rotary angles) loses positions
-    (0.4% error in an angle is radians of error at position 2048). Parameters stay bf16."""
-    for m in module.modules():
-        for name, buf in list(m._buffers.items()):
-            want = dtypes.get((id(m), name))
-            if buf is not None and want is not None and buf.dtype != want:
-                m._buffers[name] = buf.to(want)
-
-
 def model_config(cfg):
     from retnet_train.model import resolve_config
 
@@ -78,15 +67,12 @@ def build_engine(cfg, layout: dict, device: torch.device) -> Built:
         apply_tensor_parallel(model, ps.tp_rank, ps.tp_size, seed=cfg.trainer.seed)
     own_clipping = cfg.deepspeed.stage == 0 and precision != "bf16" and cfg.optim.impl != "deepspeed"
     ds_config = build_ds_config(cfg, layout, precision, own_clipping)
-    buffers = {(id(m), name): buf.dtype for m in model.modules() for name, buf in m._buffers.items()
-               if buf is not None}
     offload = bool(cfg.deepspeed.offload_optimizer)
     optimizer = build_optimizer(model, cfg.optim, device, offload)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer,
         model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
         config=ds_config, dist_init_required=False, mpu=mpu())
-    restore_buffer_dtypes(engine.module, buffers)
     if cfg.trainer.compile:
         engine.compile()
     n_params = sum(p.numel() for p in model.parameters())
