@@ -3,6 +3,7 @@
     python bench/train_throughput.py --preset retnet_1.3b transformer_1.3b --seq-len 2048 8192 \
         --tokens-per-step 16384 --zero 2
     torchrun --nproc_per_node 4 bench/train_throughput.py --preset retnet_6.7b --zero 3
+    torchrun --nproc_per_node 4 bench/train_throughput.py --preset retnet_6.7b --tp 2 --zero 1
     python bench/train_throughput.py --preset retnet_tiny --seq-len 256 --micro-batch 4 --steps 4  # CPU
 
 Each configuration builds the same Trainer that `python -m retnet_train` builds (DeepSpeed
@@ -36,6 +37,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     p.add_argument("--zero", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (data-parallel size = GPUs / tp)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "bf16_autocast", "fp32"])
     p.add_argument("--mode", default="auto", choices=["auto", "parallel", "chunkwise"],
                    help="RetNet training form; auto: chunkwise (fla kernels on CUDA when installed)")
@@ -58,14 +60,15 @@ def measure(preset: str, seq_len: int, args) -> dict:
     mode = "chunkwise" if args.mode == "auto" and preset.startswith("retnet") else args.mode
     mode = "parallel" if mode == "auto" else mode
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = max(1, world // args.tp)  # ranks of a tensor-parallel group share one micro-batch
     run_dir = tempfile.mkdtemp(prefix="train_throughput_")
     overrides = [
         f"model={preset}", "trainer.data_source=synthetic", f"trainer.seq_len={seq_len}",
-        f"trainer.micro_batch_size={micro}", f"trainer.global_batch_tokens={micro * seq_len * world * args.grad_accum}",
+        f"trainer.micro_batch_size={micro}", f"trainer.global_batch_tokens={micro * seq_len * dp * args.grad_accum}",
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.log_every=1", "trainer.eval_every=0",
         "trainer.eval_at_end=false", f"trainer.precision={args.precision}", f"trainer.mode={mode}",
         f"trainer.activation_checkpointing={args.act_ckpt}", f"trainer.compile={args.compile}",
-        f"deepspeed=zero{args.zero}", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
+        f"deepspeed=zero{args.zero}", f"parallel.tp={args.tp}", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
         "logging.wandb.mode=disabled", "logging.console=false", f"run_dir={run_dir}", "name=bench",
         "optim.warmup_steps=1", *args.overrides,
     ]
@@ -76,13 +79,17 @@ def measure(preset: str, seq_len: int, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg)
     trainer.fit()
+    if not trainer.ps.is_main:  # only rank 0 writes metrics.jsonl (each rank made its own temp run_dir)
+        del trainer
+        gc.collect()
+        return {"preset": preset, "seq_len": seq_len, "is_main": False}
     recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "event" not in r and "loss" in r and r["step"] > args.warmup]
     seconds = sum(cfg.trainer.global_batch_tokens / r["tokens_per_s"] for r in steps)
     tokens = cfg.trainer.global_batch_tokens * len(steps)
     tps = tokens / seconds
     row = {"preset": preset, "seq_len": seq_len, "micro": micro, "world": trainer.ps.world_size,
-           "zero": args.zero, "precision": trainer.built.precision, "mode": mode if preset.startswith("retnet") else "attention",
+           "zero": args.zero, "tp": args.tp, "precision": trainer.built.precision, "mode": mode if preset.startswith("retnet") else "attention",
            "act_ckpt": args.act_ckpt, "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,
            "mfu": tps * trainer.flops_per_token / trainer.peak_flops,
            "peak_mem_gib": max(r["mem_gib"] for r in steps), "loss": steps[-1]["loss"],
@@ -147,14 +154,14 @@ def main() -> None:
         return
     from bench.results import append
 
-    header = ["model", "T", "micro-batch", "GPUs", "ZeRO", "precision", "form", "act. ckpt",
+    header = ["model", "T", "micro-batch", "GPUs", "tp", "ZeRO", "precision", "form", "act. ckpt",
               "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)"]
     table = []
     for r in rows:
         if "error" in r:
             table.append([r["preset"], r["seq_len"]] + [r["error"]] + [""] * (len(header) - 3))
             continue
-        table.append([r["preset"], r["seq_len"], r["micro"], r["world"], r["zero"], r["precision"], r["mode"],
+        table.append([r["preset"], r["seq_len"], r["micro"], r["world"], r.get("tp", 1), r["zero"], r["precision"], r["mode"],
                       "yes" if r["act_ckpt"] else "no", f"{r['tokens_per_s'] / 1e3:.1f}k",
                       f"{r['tokens_per_s_per_device'] / 1e3:.1f}k", f"{100 * r['mfu']:.1f}%",
                       f"{r['peak_mem_gib']:.1f}"])
