@@ -168,7 +168,7 @@ def main() -> None:
     notes = (f"bench/train_throughput.py: the trainer's own loop on synthetic tokens, {args.warmup} warmup + "
              f"{args.steps} measured steps, grad accumulation {args.grad_accum}; MFU from "
              "retnet_train.model.flops.training_flops_per_token over the device's dense bf16 peak "
-             "(CPU: a rough cores x 2.5 GHz x 32 FLOP/cycle)")
+             "(CPU: a rough cores x 2.5 GHz x 64 (AVX-512) or 32 (AVX2) fp32 FLOP/cycle)")
     append("Training throughput (bench/train_throughput.py)", header, table, notes=notes, save=not args.no_save)
     from retnet_train.parallel import destroy
 

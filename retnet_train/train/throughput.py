@@ -15,7 +15,8 @@ PEAK_TFLOPS = [("h200", 989.0), ("h100", 989.0), ("a100", 312.0), ("mi300", 1307
 
 
 def peak_flops_per_device(device: torch.device, configured_tflops: float | None = None) -> float:
-    """FLOP/s one device can do; CPU: cores x 2.5 GHz x 32 fp32 FLOP/cycle (AVX2 FMA), rough."""
+    """FLOP/s one device can do; CPU: cores x 2.5 GHz x fp32 FLOP/cycle of its widest FMA (two FMA
+    units: 64 with AVX-512, 32 with AVX2), rough."""
     if configured_tflops:
         return configured_tflops * 1e12
     if device.type == "cuda":
@@ -25,7 +26,16 @@ def peak_flops_per_device(device: torch.device, configured_tflops: float | None 
                 return tflops * 1e12
         return 100e12
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, torch.get_num_threads()) * 2.5e9 * 32
+    return min(cores, torch.get_num_threads()) * 2.5e9 * _cpu_fp32_flops_per_cycle()
+
+
+def _cpu_fp32_flops_per_cycle() -> int:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return 32
+    return 64 if " avx512f" in flags else 32
 
 
 def flops_per_token(model_cfg, seq_len: int, mode: str = "parallel") -> float:
