@@ -102,3 +102,16 @@ def test_two_nodes_by_rendezvous_train_and_checkpoint(tmp_path):
     _close(losses(run), reference_losses(3), 3)
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == [
         "step_00000002", "step_00000003"]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_together(tmp_path):
+    """SIGUSR1 reaching only the last rank (tensor-parallel rank 1, alone in its data-parallel
+    group) must still stop both ranks at the same step with one checkpoint, not hang the save."""
+    import json
+
+    run = tmp_path / "run"
+    run_train(run, "trainer.max_steps=6", "parallel.tp=2", nproc=2, launcher="torchrun",
+              fault="sigusr1_last_rank@2", timeout=120)
+    saved = [json.loads(p.read_text()) for p in (run / "checkpoints").glob("step_*/meta.json")]
+    assert [(m["step"], m["reason"]) for m in saved] == [(2, "signal 10")]
+    assert max(losses(run)) == 2

@@ -124,21 +124,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _reduce(values: list[float], op) -> list[float]:
+def _reduce(values: list[float], op, group) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=get_state().device)
-    dist.all_reduce(t, op=op, group=_dp_group)
+    dist.all_reduce(t, op=op, group=group)
     return t.tolist()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum floats over the data-parallel group (float64, exact for counts)."""
-    return _reduce(values, dist.ReduceOp.SUM)
+    return _reduce(values, dist.ReduceOp.SUM, _dp_group)
 
 
-def all_reduce_max(values: list[float]) -> list[float]:
-    return _reduce(values, dist.ReduceOp.MAX)
+def all_reduce_max(values: list[float], world: bool = False) -> list[float]:
+    """Max over the data-parallel group, or over every rank with `world` (decisions that every
+    rank must take together, such as stopping: a tensor-parallel group spans several dp groups)."""
+    return _reduce(values, dist.ReduceOp.MAX, None if world else _dp_group)
 
 
 def destroy() -> None:

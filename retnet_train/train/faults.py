@@ -2,7 +2,9 @@
 
 Points: `kill_in_save@S` (SIGKILL this process halfway through saving step S, after the DeepSpeed
 files are written, before the checkpoint is published), `nan_loss@S` (the loss of step S becomes
-NaN), `nan_loss@S-E` (steps S..E), `kill@S` (SIGKILL after step S). Unset in normal runs.
+NaN), `nan_loss@S-E` (steps S..E), `kill@S` (SIGKILL after step S), `sigusr1_last_rank@S` (SIGUSR1
+to the last rank alone after step S: a preemption signal that reaches the ranks unevenly). Unset in
+normal runs.
 """
 
 from __future__ import annotations
@@ -30,3 +32,8 @@ def active(point: str, step: int) -> bool:
 def maybe_kill(point: str, step: int) -> None:
     if active(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal_last_rank(step: int, rank: int, world_size: int) -> None:
+    if rank == world_size - 1 and active("sigusr1_last_rank", step):
+        os.kill(os.getpid(), signal.SIGUSR1)

@@ -206,8 +206,9 @@ class Trainer:
             self.metrics.eval(record)
         return record
 
-    def _sync_stop(self) -> bool:
-        return all_reduce_max([1.0 if self.stop.requested else 0.0])[0] > 0
+    def _sync_stop(self) -> int:
+        """The stop signal's number if any rank received one (0 if none): every rank decides alike."""
+        return int(all_reduce_max([float(self.stop.signum or 0)], world=True)[0])
 
     def fit(self) -> int:
         t, c = self.cfg.trainer, self.cfg.checkpoint
@@ -228,6 +229,7 @@ class Trainer:
                 interval_steps += 1
             interval_tokens += t.global_batch_tokens
             faults.maybe_kill("kill", step)
+            faults.maybe_signal_last_rank(step, self.ps.rank, self.ps.world_size)
             if step % t.log_every == 0 or step == t.max_steps:
                 self._log(out, interval_loss, interval_steps, interval_tokens, time.time() - interval_t0)
                 interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
@@ -236,8 +238,9 @@ class Trainer:
             if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 self.run_eval()
                 paused = True
-            if self._sync_stop():
-                self.save(reason=f"signal {self.stop.signum}")
+            signum = self._sync_stop()
+            if signum:
+                self.save(reason=f"signal {signum}")
                 log.info("stopped by signal at step %d; checkpoint saved, exiting", step)
                 self.close()
                 return 0
