@@ -79,12 +79,20 @@ def measure(preset: str, seq_len: int, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg)
     trainer.fit()
+    # memory per device: the largest training peak of any rank (the trainer resets it after building)
+    from retnet_train.parallel.groups import all_reduce_max
+    from retnet_train.train.throughput import peak_memory_gib
+
+    peak_mem = all_reduce_max([peak_memory_gib(trainer.ps.device)], world=True)[0]
     if not trainer.ps.is_main:  # only rank 0 writes metrics.jsonl (each rank made its own temp run_dir)
         del trainer
         gc.collect()
         return {"preset": preset, "seq_len": seq_len, "is_main": False}
     recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in recs if "event" not in r and "loss" in r and r["step"] > args.warmup]
+    logged = [r for r in recs if "event" not in r and "loss" in r]
+    print(f"{preset} T={seq_len} tp={args.tp} zero={args.zero}: loss by step "
+          + " ".join(f"{r['step']}:{r['loss']:.3f}" for r in logged), flush=True)
+    steps = [r for r in logged if r["step"] > args.warmup]
     seconds = sum(cfg.trainer.global_batch_tokens / r["tokens_per_s"] for r in steps)
     tokens = cfg.trainer.global_batch_tokens * len(steps)
     tps = tokens / seconds
@@ -92,7 +100,7 @@ def measure(preset: str, seq_len: int, args) -> dict:
            "zero": args.zero, "tp": args.tp, "precision": trainer.built.precision, "mode": mode if preset.startswith("retnet") else "attention",
            "act_ckpt": args.act_ckpt, "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,
            "mfu": tps * trainer.flops_per_token / trainer.peak_flops,
-           "peak_mem_gib": max(r["mem_gib"] for r in steps), "loss": steps[-1]["loss"],
+           "peak_mem_gib": peak_mem, "first_loss": logged[0]["loss"], "loss": steps[-1]["loss"],
            "is_main": trainer.ps.is_main}
     del trainer
     gc.collect()
@@ -155,7 +163,7 @@ def main() -> None:
     from bench.results import append
 
     header = ["model", "T", "micro-batch", "GPUs", "tp", "ZeRO", "precision", "form", "act. ckpt",
-              "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)"]
+              "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)", "loss first -> last"]
     table = []
     for r in rows:
         if "error" in r:
@@ -164,11 +172,12 @@ def main() -> None:
         table.append([r["preset"], r["seq_len"], r["micro"], r["world"], r.get("tp", 1), r["zero"], r["precision"], r["mode"],
                       "yes" if r["act_ckpt"] else "no", f"{r['tokens_per_s'] / 1e3:.1f}k",
                       f"{r['tokens_per_s_per_device'] / 1e3:.1f}k", f"{100 * r['mfu']:.1f}%",
-                      f"{r['peak_mem_gib']:.1f}"])
+                      f"{r['peak_mem_gib']:.1f}", f"{r['first_loss']:.2f} -> {r['loss']:.2f}"])
     notes = (f"bench/train_throughput.py: the trainer's own loop on synthetic tokens, {args.warmup} warmup + "
              f"{args.steps} measured steps, grad accumulation {args.grad_accum}; MFU from "
              "retnet_train.model.flops.training_flops_per_token over the device's dense bf16 peak "
-             "(CPU: a rough cores x 2.5 GHz x 64 (AVX-512) or 32 (AVX2) fp32 FLOP/cycle)")
+             "(CPU: a rough cores x 2.5 GHz x 64 (AVX-512) or 32 (AVX2) fp32 FLOP/cycle); peak mem: the "
+             "largest training peak of any rank, the fp32 build before it not counted")
     append("Training throughput (bench/train_throughput.py)", header, table, notes=notes, save=not args.no_save)
     from retnet_train.parallel import destroy
 

@@ -74,13 +74,14 @@ class _NoInit:
 
 
 def _column(linear: nn.Linear, gather_output: bool = False) -> mp.ColumnParallelLinear:
+    # fairscale allocates on the host; the slice moves to where the model was built, one layer at a time
     return mp.ColumnParallelLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                   gather_output=gather_output, init_method=_NoInit())
+                                   gather_output=gather_output, init_method=_NoInit()).to(linear.weight.device)
 
 
 def _row(linear: nn.Linear) -> mp.RowParallelLinear:
     return mp.RowParallelLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                input_is_parallel=True, init_method=_NoInit())
+                                input_is_parallel=True, init_method=_NoInit()).to(linear.weight.device)
 
 
 class TiedParallelLMHead(nn.Module):
@@ -128,6 +129,7 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, seed: in
     if tp_size == 1:
         return model
     check_divisible(model.config, tp_size)
+    device = model.embed.weight.device  # where the full model was built; the slices stay there
     full = {k: v.detach() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         full.pop("lm_head.weight", None)  # the same tensor as embed.weight
@@ -140,7 +142,7 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, seed: in
         mixer.out_proj = _row(mixer.out_proj)
         if isinstance(getattr(mixer, "head_norm", None), HeadNorm):
             old = mixer.head_norm
-            mixer.head_norm = HeadNorm(heads, old.head_dim, old.kind, old.eps, old.weight is not None)
+            mixer.head_norm = HeadNorm(heads, old.head_dim, old.kind, old.eps, old.weight is not None).to(device)
         mixer.set_heads(heads, tp_rank * heads)
         ffn = block.ffn
         ffn.fc1 = _column(ffn.fc1)
@@ -149,7 +151,8 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, seed: in
         ffn.fc2 = _row(ffn.fc2)
         ffn.dropout = ShardedDropout(ffn.dropout.p, seed + 2718 + tp_rank + 1000 * i)
     tied = model.config.tie_embeddings
-    model.embed = mp.VocabParallelEmbedding(model.config.vocab_size, model.config.d_model, init_method=_NoInit())
+    model.embed = mp.VocabParallelEmbedding(model.config.vocab_size, model.config.d_model,
+                                            init_method=_NoInit()).to(device)
     model.lm_head = TiedParallelLMHead(model.embed) if tied else _column(model.lm_head)
     model.load_state_dict(shard_state_dict(full, tp_rank, tp_size))
     model.tensor_parallel = tp_size

@@ -60,6 +60,11 @@ class Trainer:
         seed_all(t.seed)  # identical initial weights on every rank
         self.built = build_engine(cfg, self.layout, self.ps.device)
         self.engine = self.built.engine
+        if self.ps.device.type == "cuda":
+            # the model was built in fp32 on the device before ZeRO / tensor parallelism cut it down:
+            # report that peak once, and let mem_gib show what training itself holds
+            log.info("peak device memory while building: %.1f GiB", peak_memory_gib(self.ps.device))
+            torch.cuda.reset_peak_memory_stats(self.ps.device)
         self.fwd = forward_kwargs(cfg, self.built.model_cfg)
         self.lr_at = schedule_from_config(cfg.optim, t.max_steps)
         try:
