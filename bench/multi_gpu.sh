@@ -2,13 +2,14 @@
 # The multi-GPU measurements of one node, phase by phase; every bench run appends its table to
 # bench/RESULTS.md and all output goes to LOG_DIR/PHASE.log.
 #
-#   bash bench/multi_gpu.sh scaling tp67 13b export      # any phases, in the order given
+#   bash bench/multi_gpu.sh scaling 6.7b 13b export      # any phases, in the order given
 #
 #   scaling  retnet_1.3b, ZeRO-2, 8192 tokens per GPU per step, on 1, 2 and 4 GPUs
-#   tp67     retnet_6.7b on 4 GPUs at one global batch (32768 tokens): ZeRO-3 without tensor
-#            parallelism, tp=2 x dp=2 and tp=4, ZeRO-1 (same 8192 tokens per GPU per micro-batch;
-#            the tensor-parallel runs accumulate 2 and 4 micro-batches)
-#   13b      retnet_13b on 4 GPUs, ZeRO-3 (dp=4) and tp=4, 32768 tokens per step, 12 steps
+#   6.7b     retnet_6.7b on 4 GPUs at one global batch (32768 tokens): ZeRO-3 without tensor
+#            parallelism (6.7b-zero3), tp=2 x dp=2 (6.7b-tp2) and tp=4 (6.7b-tp4), ZeRO-1 (same
+#            8192 tokens per GPU per micro-batch; the tensor-parallel runs accumulate 2 and 4)
+#   13b      retnet_13b on 4 GPUs, ZeRO-3 over 4 (13b-zero3) and tp=4 (13b-tp4), 32768 tokens
+#            per step, 12 steps
 #   export   a tp=2 bf16 ZeRO-1 run on 2 GPUs checkpoints, is exported to one model, decoded
 #            from, and starts a tp=1 run whose first loss is the exported model's
 #
@@ -44,43 +45,53 @@ phase_scaling() {
     done
 }
 
-phase_tp67() {
-    local log="$LOG_DIR/tp67.log" common=(--preset retnet_6.7b --seq-len 2048 --tokens-per-step 8192 --steps 5 --warmup 2)
-    bench "$log" 4 "${common[@]}" --zero 3
-    bench "$log" 4 "${common[@]}" --tp 2 --zero 1 --grad-accum 2
-    bench "$log" 4 "${common[@]}" --tp 4 --zero 1 --grad-accum 4
+phase_6.7b() {  # phase_6.7b LAYOUT: zero3 | tp2 | tp4
+    local args=(--preset retnet_6.7b --seq-len 2048 --tokens-per-step 8192 --steps 5 --warmup 2)
+    case "$1" in
+        zero3) args+=(--zero 3) ;;
+        tp2) args+=(--tp 2 --zero 1 --grad-accum 2) ;;
+        tp4) args+=(--tp 4 --zero 1 --grad-accum 4) ;;
+    esac
+    bench "$LOG_DIR/6.7b.log" 4 "${args[@]}"
 }
 
-phase_13b() {
-    local log="$LOG_DIR/13b.log" common=(--preset retnet_13b --seq-len 2048 --steps 8 --warmup 4)
-    # ZeRO-3: 16 bytes of state per parameter over 4 GPUs; 2 sequences per micro-batch leave room
-    # for the activations of 40 layers without checkpointing
-    bench "$log" 4 "${common[@]}" --zero 3 --tokens-per-step 4096 --grad-accum 2
-    bench "$log" 4 "${common[@]}" --tp 4 --zero 1 --tokens-per-step 8192 --grad-accum 4
+phase_13b() {  # phase_13b LAYOUT: zero3 | tp4
+    local args=(--preset retnet_13b --seq-len 2048 --steps 8 --warmup 4)
+    case "$1" in
+        # ZeRO-3: 16 bytes of state per parameter over 4 GPUs; 2 sequences per micro-batch leave room
+        # for the activations of 40 layers without checkpointing
+        zero3) args+=(--zero 3 --tokens-per-step 4096 --grad-accum 2) ;;
+        tp4) args+=(--tp 4 --zero 1 --tokens-per-step 8192 --grad-accum 4) ;;
+    esac
+    bench "$LOG_DIR/13b.log" 4 "${args[@]}"
 }
 
 phase_export() {
     local log="$LOG_DIR/export.log" run=/tmp/tp2_export_run out=/tmp/tp2_export
+    # retnet_tiny widened to the big presets' head sizes (key 256, value 512): the same fla kernels
+    local model=(model.d_model=512 model.n_heads=2)
     rm -rf "$run" "$out"
     echo "=== $(date +%T) tp=2 run on 2 GPUs, checkpoint, export, decode, restart at tp=1" | tee -a "$log"
     CUDA_VISIBLE_DEVICES=0,1 timeout "$RUN_TIMEOUT" torchrun --standalone --nproc_per_node 2 -m retnet_train \
-        model=retnet_tiny trainer.data_source=synthetic trainer.seq_len=512 trainer.micro_batch_size=8 \
-        trainer.global_batch_tokens=8192 trainer.max_steps=60 trainer.log_every=10 trainer.eval_every=0 \
-        deepspeed=zero1 parallel.tp=2 optim.lr=3e-3 optim.warmup_steps=5 checkpoint.every=30 \
-        run_dir="$run" name=tp2_export \
-        logging.wandb.mode=disabled 2>&1 | tee -a "$log"
+        model=retnet_tiny "${model[@]}" trainer.data_source=synthetic trainer.seq_len=512 \
+        trainer.micro_batch_size=8 trainer.global_batch_tokens=8192 trainer.max_steps=40 trainer.log_every=5 \
+        trainer.eval_every=0 deepspeed=zero1 parallel.tp=2 optim.lr=3e-3 optim.warmup_steps=5 \
+        checkpoint.every=20 run_dir="$run" name=tp2_export logging.wandb.mode=disabled 2>&1 | tee -a "$log"
     find "$run/checkpoints" -maxdepth 2 | sort | tee -a "$log"
     timeout 300 python -m retnet_train.export "$run" "$out" 2>&1 | tee -a "$log"
     timeout 300 python -m retnet_train.generate checkpoint="$out" prompt_ids="[1,2,3,4]" max_new_tokens=24 \
         device=cuda 2>&1 | tee -a "$log"
     # the first loss of a run started from the export is the exported model on a fresh batch
     bench "$log" 1 --preset retnet_tiny --seq-len 512 --micro-batch 8 --steps 2 --warmup 1 --no-save \
-        checkpoint.init_from="$out"
+        checkpoint.init_from="$out" "${model[@]}"
 }
 
 for phase in "$@"; do
     case "$phase" in
-        scaling | tp67 | 13b | export) "phase_$phase" ;;
-        *) echo "unknown phase: $phase (scaling, tp67, 13b, export)" >&2; exit 2 ;;
+        scaling | export) "phase_$phase" ;;
+        6.7b) phase_6.7b zero3; phase_6.7b tp2; phase_6.7b tp4 ;;
+        13b) phase_13b zero3; phase_13b tp4 ;;
+        6.7b-zero3 | 6.7b-tp2 | 6.7b-tp4 | 13b-zero3 | 13b-tp4) "phase_${phase%-*}" "${phase#*-}" ;;
+        *) echo "unknown phase: $phase (scaling, 6.7b[-zero3|-tp2|-tp4], 13b[-zero3|-tp4], export)" >&2; exit 2 ;;
     esac
 done

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_export import _val_loss_of_export
-from test_train_utils import REPO, TINY, env, evals, free_port, losses, reference_losses, run_train
+from test_train_utils import REPO, TINY, env, evals, free_port, losses, records, reference_losses, run_train
 
 # fp32 on CPU. The sharded matmuls and all-reduces sum in another order than one process does, so
 # the first loss agrees to rounding (1e-6 relative); Adam then divides rounding-sized gradient
@@ -115,3 +115,25 @@ def test_a_signal_on_one_rank_stops_every_rank_together(tmp_path):
     saved = [json.loads(p.read_text()) for p in (run / "checkpoints").glob("step_*/meta.json")]
     assert [(m["step"], m["reason"]) for m in saved] == [(2, "signal 10")]
     assert max(losses(run)) == 2
+
+
+def _grad_norms(run_dir) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in records(run_dir) if r.get("grad_norm") is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_tp2_clips_by_the_whole_models_gradient_norm(tmp_path, stage):
+    """The norm that clipping uses covers every slice once: tp=2 logs the tp=1 norm and, with the
+    clip well below it, gives the tp=1 losses. Counting one rank's slices gives a smaller norm
+    (DeepSpeed does so for parameters not flagged as sharded); a per-rank norm makes the
+    replicated weights of the two ranks drift apart."""
+    clip = ["optim.grad_clip=0.05", f"deepspeed=zero{stage}"]
+    run_train(tmp_path / "tp1", "trainer.max_steps=3", *clip)
+    run_train(tmp_path / "tp2", "trainer.max_steps=3", "parallel.tp=2", *clip, nproc=2, launcher="torchrun")
+    want, got = _grad_norms(tmp_path / "tp1"), _grad_norms(tmp_path / "tp2")
+    assert sorted(want) == sorted(got) == [1, 2, 3]
+    assert min(want.values()) > 4 * 0.05  # clipping is active at every step
+    for step in want:
+        assert abs(got[step] - want[step]) < TOLERANCE * want[step], (step, got, want)
+    _close(losses(tmp_path / "tp2"), losses(tmp_path / "tp1"), 3)

@@ -155,8 +155,31 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, seed: in
                                             init_method=_NoInit()).to(device)
     model.lm_head = TiedParallelLMHead(model.embed) if tied else _column(model.lm_head)
     model.load_state_dict(shard_state_dict(full, tp_rank, tp_size))
+    mark_sharded_parameters(model)
     model.tensor_parallel = tp_size
     return model
+
+
+def mark_sharded_parameters(model: nn.Module) -> None:
+    """Flag each parameter that holds a slice (`model_parallel`, the attribute DeepSpeed reads): a
+    gradient norm sums flagged parameters over the tensor-parallel ranks and counts the replicated
+    ones once. Unflagged, DeepSpeed counts only tensor-parallel rank 0's slices (a norm too small,
+    so clipping too weak) and its bf16 optimizer fails on the other ranks with nothing to count."""
+    for name, param in model.named_parameters():
+        param.model_parallel = split_dim(name) is not None
+
+
+def grad_norm(params: list[nn.Parameter], tp_group=None) -> Tensor:
+    """The L2 norm of the whole model's gradient from one tensor-parallel rank's parameters:
+    sharded ones summed over `tp_group`, replicated ones (the same on every rank) once."""
+    sharded = [p.grad for p in params if p.grad is not None and getattr(p, "model_parallel", False)]
+    replicated = [p.grad for p in params if p.grad is not None and not getattr(p, "model_parallel", False)]
+    device = (sharded or replicated)[0].device
+    sq_sharded = sum((g.detach().float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    sq_replicated = sum((g.detach().float().pow(2).sum() for g in replicated), torch.zeros((), device=device))
+    if tp_group is not None:
+        torch.distributed.all_reduce(sq_sharded, group=tp_group)
+    return (sq_sharded + sq_replicated).sqrt()
 
 
 def parallel_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:

@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from retnet_train.config import batch_layout
-from retnet_train.parallel import all_reduce_max, all_reduce_sum, barrier, destroy, init_distributed
+from retnet_train.parallel import all_reduce_max, all_reduce_sum, barrier, destroy, init_distributed, mpu
+from retnet_train.parallel.tensor_parallel import grad_norm
 
 from . import faults
 from .build import build_engine, forward_kwargs, is_export_dir
@@ -175,8 +176,10 @@ class Trainer:
         gradients so the optimizer step that follows changes nothing."""
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        norm = float(norm)
+        # the whole model's norm: with tp > 1 each rank holds slices, and every rank must scale alike
+        norm = float(grad_norm(params, mpu().get_model_parallel_group() if self.ps.tp_size > 1 else None))
+        if clip > 0 and norm > clip:
+            torch._foreach_mul_([p.grad for p in params], clip / (norm + 1e-6))
         if not math.isfinite(norm):
             for p in params:
                 p.grad = None
