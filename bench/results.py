@@ -35,6 +35,17 @@ def commit() -> str:
         return "unknown"
 
 
+def launcher() -> list[str]:
+    """How this process was started: torchrun sets LOCAL_WORLD_SIZE and WORLD_SIZE for its workers."""
+    import os
+
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is None:
+        return ["python"]
+    nodes = int(os.environ.get("WORLD_SIZE", local)) // int(local)
+    return ["torchrun"] + (["--nnodes", str(nodes)] if nodes > 1 else []) + ["--nproc_per_node", local]
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -46,7 +57,7 @@ def append(title: str, header: list[str], rows: list[list], notes: str = "", sav
     table = markdown_table(header, rows)
     block = (f"\n## {title}\n\n- date: {datetime.date.today().isoformat()}\n- device: {device_name()}\n"
              f"- torch: {torch.__version__}\n- commit: {commit()}\n"
-             f"- command: `{' '.join(['python'] + sys.argv)}`\n" + (f"- notes: {notes}\n" if notes else "")
+             f"- command: `{' '.join(launcher() + sys.argv)}`\n" + (f"- notes: {notes}\n" if notes else "")
              + "\n" + table + "\n")
     print(table)
     if not save:
