@@ -35,6 +35,10 @@ def _tp_rank_state_dict(ckpt: Path, tp_rank: int, tp_size: int, zero_stage: int)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    bf16_files = sorted(ckpt.glob(f"bf16_zero_pp_rank_*_{mp}_optim_states.pt"))
+    if bf16_files:  # bf16 with ZeRO-1: DeepSpeed's BF16_Optimizer, which zero_to_fp32 cannot read
+        return _bf16_optimizer_state_dict(ckpt / f"{mp}_model_states.pt", bf16_files)
+
     if tp_size == 1:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     # DeepSpeed's consolidation reads every *_optim_states.pt of a folder as one model's partitions:
@@ -48,6 +52,32 @@ def _tp_rank_state_dict(ckpt: Path, tp_rank: int, tp_size: int, zero_stage: int)
         for f in files:
             (folder / f.name.replace(mp, "mp_rank_00")).symlink_to(f.resolve())
         return get_fp32_state_dict_from_zero_checkpoint(view, tag=ckpt.name)
+
+
+def _bf16_optimizer_state_dict(model_states: Path, optim_files: list[Path]) -> dict[str, torch.Tensor]:
+    """fp32 master weights of one tensor-parallel rank from BF16_Optimizer files, one per
+    data-parallel rank: each holds a flat fp32 partition per parameter group and, per parameter,
+    the fragment of it that lies in that partition (start, numel); a parameter is its fragments
+    in data-parallel rank order."""
+    def dp_rank(f: Path) -> int:
+        return int(f.name.split("_pp_rank_")[1].split("_")[0])
+
+    shapes = torch.load(model_states, map_location="cpu", weights_only=False)["param_shapes"]
+    fragments: dict[str, list[torch.Tensor]] = {}
+    for f in sorted(optim_files, key=dp_rank):
+        sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"]):
+            for name, where in mapping.items():
+                fragments.setdefault(name, []).append(flat.narrow(0, where.start, where.numel))
+    state = {}
+    for group in shapes:
+        for name, shape in group.items():
+            pieces = fragments.get(name)
+            if not pieces or sum(p.numel() for p in pieces) != torch.Size(shape).numel():
+                raise ValueError(f"{model_states.parent}: parameter {name} {tuple(shape)} is not complete in "
+                                 f"{[f.name for f in optim_files]} (fragments: {[p.numel() for p in pieces or []]})")
+            state[name] = torch.cat(pieces).view(shape).clone()
+    return state
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -47,3 +47,30 @@ def test_export_of_a_missing_checkpoint_names_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "retnet_train.export", str(tmp_path / "nope"), str(tmp_path / "o")],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "nope" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_export_of_a_bf16_zero1_checkpoint_holds_the_master_weights(tmp_path, tp):
+    """bf16 with ZeRO-1 saves DeepSpeed's BF16_Optimizer state (bf16_zero_* files, which its
+    zero_to_fp32 cannot read). Over 2 data-parallel ranks parameters straddle the partitions; the
+    export must hold every fp32 master weight whole: rounded to bf16, the weights the model trained with."""
+    from safetensors.torch import load_file
+
+    from retnet_train.parallel.tensor_parallel import merge_state_dicts
+
+    run = tmp_path / "run"
+    run_train(run, "trainer.max_steps=2", "trainer.precision=bf16", "deepspeed=zero1", f"parallel.tp={tp}",
+              nproc=2 * tp, launcher="torchrun", timeout=400)
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert len(list(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2 * tp
+    proc = subprocess.run([sys.executable, "-m", "retnet_train.export", str(run), str(tmp_path / "out")], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    modules = [torch.load(ckpt / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)["module"] for r in range(tp)]
+    trained = merge_state_dicts(modules) if tp > 1 else modules[0]
+    assert set(exported) == set(trained) - {"lm_head.weight"} or set(exported) == set(trained)
+    for name, weight in exported.items():
+        assert weight.dtype == torch.float32
+        assert torch.equal(weight.to(torch.bfloat16), trained[name]), name
