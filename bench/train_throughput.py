@@ -75,9 +75,7 @@ def measure(preset: str, seq_len: int, args) -> dict:
     if args.chunk_size:
         overrides.append(f"trainer.chunk_size={args.chunk_size}")
     cfg = load_config(overrides)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # it resets the device's peak memory once the model is built
     trainer.fit()
     # memory per device: the largest training peak of any rank (the trainer resets it after building)
     from retnet_train.parallel.groups import all_reduce_max

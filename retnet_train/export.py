@@ -32,12 +32,11 @@ def _tp_rank_state_dict(ckpt: Path, tp_rank: int, tp_size: int, zero_stage: int)
         if not path.is_file():
             raise FileNotFoundError(f"{ckpt}: missing {path.name}")
         return torch.load(path, map_location="cpu", weights_only=False)["module"]
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the files unpickle DeepSpeed objects
     bf16_files = sorted(ckpt.glob(f"bf16_zero_pp_rank_*_{mp}_optim_states.pt"))
     if bf16_files:  # bf16 with ZeRO-1: DeepSpeed's BF16_Optimizer, which zero_to_fp32 cannot read
         return _bf16_optimizer_state_dict(ckpt / f"{mp}_model_states.pt", bf16_files)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if tp_size == 1:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

@@ -20,6 +20,7 @@ from fairscale.nn.model_parallel import layers as mp
 from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy
 from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 
 from ..model.layers import HeadNorm
 
@@ -174,12 +175,12 @@ def grad_norm(params: list[nn.Parameter], tp_group=None) -> Tensor:
     sharded ones summed over `tp_group`, replicated ones (the same on every rank) once."""
     sharded = [p.grad for p in params if p.grad is not None and getattr(p, "model_parallel", False)]
     replicated = [p.grad for p in params if p.grad is not None and not getattr(p, "model_parallel", False)]
-    device = (sharded or replicated)[0].device
-    sq_sharded = sum((g.detach().float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
-    sq_replicated = sum((g.detach().float().pow(2).sum() for g in replicated), torch.zeros((), device=device))
+    if not sharded:  # tp=1
+        return get_total_norm(replicated)
+    squares = get_total_norm(sharded) ** 2
     if tp_group is not None:
-        torch.distributed.all_reduce(sq_sharded, group=tp_group)
-    return (sq_sharded + sq_replicated).sqrt()
+        torch.distributed.all_reduce(squares, group=tp_group)
+    return (squares + get_total_norm(replicated) ** 2).sqrt()
 
 
 def parallel_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:

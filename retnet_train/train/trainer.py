@@ -177,9 +177,10 @@ class Trainer:
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
         # the whole model's norm: with tp > 1 each rank holds slices, and every rank must scale alike
-        norm = float(grad_norm(params, mpu().get_model_parallel_group() if self.ps.tp_size > 1 else None))
-        if clip > 0 and norm > clip:
-            torch._foreach_mul_([p.grad for p in params], clip / (norm + 1e-6))
+        norm = grad_norm(params, mpu().get_model_parallel_group() if self.ps.tp_size > 1 else None)
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        norm = float(norm)
         if not math.isfinite(norm):
             for p in params:
                 p.grad = None
