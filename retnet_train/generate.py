@@ -2,9 +2,19 @@
 
 Decodes with the recurrent form (O(1) memory per token) after a chunkwise prefill of the prompt.
 PATH: an export folder (model_config.json + model.safetensors), a checkpoint folder, or a run_dir.
-Keys: prompt, prompt_ids (token ids instead of text), max_new_tokens, temperature (0: greedy),
-top_k (0: off), top_p (1.0: off), seed, num_samples, tokenizer (a sentencepiece .model; default:
-the one exported with the model or recorded in the checkpoint), device, chunk_size.
+Keys: prompt, prompt_file, prompt_ids (token ids instead of text), max_new_tokens, temperature
+(0: greedy), top_k (0: off), top_p (1.0: off), seed, num_samples, tokenizer (a sentencepiece .model;
+default: the one exported with the model or recorded in the checkpoint), device, chunk_size,
+stop_at_eos.
+
+prompt=TEXT is taken literally: everything after the first `=`, trailing spaces, colons, quotes,
+`true` and `123` included (prompt="def " keeps its space). prompt_file=PATH is a UTF-8 text file
+with one prompt per line: empty lines are skipped, line ends removed, other whitespace kept; each
+prompt is generated in turn (with the same seed, so a prompt gives what prompt=TEXT would give)
+and printed, outputs separated by a line of dashes when there are several (several prompts or
+num_samples > 1). Pass one of prompt and prompt_file (prompt_ids replaces prompt, and cannot go
+with prompt_file). The prompt_file path is taken literally too; other values are parsed as YAML
+(max_new_tokens=64 is a number, prompt_ids=[1,2,3] a list).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from torch import Tensor
 class GenerateConfig:
     checkpoint: str = "???"
     prompt: str = ""
+    prompt_file: Optional[str] = None
     prompt_ids: Optional[List[int]] = None
     max_new_tokens: int = 64
     temperature: float = 0.8
@@ -101,18 +112,97 @@ def load_for_inference(path: str | Path, device: torch.device):
     return model.to(device), (tok if tok and Path(tok).is_file() else None)
 
 
+# Values of these keys are text, taken byte for byte: OmegaConf.from_dotlist would parse them as
+# YAML ("def fib(n):" becomes a mapping, "def " loses its space, "true" becomes True).
+LITERAL_KEYS = ("prompt", "prompt_file")
+SEPARATOR = "-" * 40
+
+
+def _split_literal(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({key: text} for LITERAL_KEYS, the other arguments for OmegaConf)."""
+    literal, rest = {}, []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key in LITERAL_KEYS:
+            literal[key] = value
+        else:
+            rest.append(arg)
+    return literal, rest
+
+
 def parse_args(argv: list[str]) -> GenerateConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    literal, rest = _split_literal(argv)
+    if "prompt" in literal and "prompt_file" in literal:
+        raise ValueError(f"prompt={literal['prompt']!r} and prompt_file={literal['prompt_file']!r} "
+                         "both given: pass one of them")
     schema = OmegaConf.structured(GenerateConfig)
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(argv))
+        cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(rest))
         if OmegaConf.is_missing(cfg, "checkpoint"):
             raise ValueError("checkpoint=PATH is required")
-        return OmegaConf.to_object(cfg)
+        out = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ValueError(str(e)) from None
+    for key, value in literal.items():
+        setattr(out, key, value)
+    if out.prompt_file is not None and out.prompt_ids is not None:
+        raise ValueError(f"prompt_file={out.prompt_file!r} and prompt_ids={out.prompt_ids} both given: "
+                         "pass one of them")
+    return out
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of a prompt_file: one per line, empty lines skipped, line ends removed."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"prompt_file={path!r}: cannot read it as UTF-8 text ({e})") from None
+    # split on \n only: str.splitlines would also cut a prompt at form feeds and other separators
+    prompts = [line.removesuffix("\r") for line in text.split("\n")]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"prompt_file={path!r}: no prompts (the file is empty or has only empty lines)")
+    return prompts
+
+
+def prompts_of(cfg: GenerateConfig) -> list[str]:
+    return read_prompt_file(cfg.prompt_file) if cfg.prompt_file is not None else [cfg.prompt]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_tokenizer(path: Optional[str]):
+    if not path:
+        return None
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def _generate_rows(model, ids: list[int], cfg: GenerateConfig, eos_id: Optional[int],
+                   device: torch.device) -> list[list[int]]:
+    # seeded per prompt: a prompt of a prompt_file gives what prompt=TEXT alone gives
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    prompt = torch.tensor([ids] * cfg.num_samples, device=device)
+    new = generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                   eos_id=eos_id, chunk_size=cfg.chunk_size, generator=g)
+    return new.tolist()
+
+
+def _text_of(prompt: str, row: list[int], sp) -> str:
+    eos = sp.eos_id()
+    row = row[: row.index(eos)] if eos in row else row
+    # the embedding is padded to a multiple of 128 past the tokenizer's pieces: a barely trained
+    # model can sample those ids, which have no text (sentencepiece would raise on them)
+    row = [i for i in row if i < sp.get_piece_size()]
+    return prompt + sp.decode(row)  # the prompt as given, not a decode of its tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,39 +212,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = parse_args(argv)
+        prompts = prompts_of(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = _device(cfg.device)
     model, tok_path = load_for_inference(cfg.checkpoint, device)
-    tok_path = cfg.tokenizer or tok_path
-    sp = None
-    if tok_path:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=tok_path)
-    if cfg.prompt_ids is not None:
-        ids = list(cfg.prompt_ids)
-    elif sp is not None:
-        ids = [sp.bos_id()] + sp.encode(cfg.prompt)
-    else:
+    sp = _load_tokenizer(cfg.tokenizer or tok_path)
+    if cfg.prompt_ids is None and sp is None:
         print("error: no tokenizer found: pass tokenizer=PATH or prompt_ids=[...]", file=sys.stderr)
         return 2
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    prompt = torch.tensor([ids] * cfg.num_samples, device=device)
-    new = generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                   eos_id=sp.eos_id() if (sp is not None and cfg.stop_at_eos) else None,
-                   chunk_size=cfg.chunk_size, generator=g)
-    for row in new.tolist():
-        if sp is not None and cfg.prompt_ids is None:
-            eos = sp.eos_id()
-            row = row[: row.index(eos)] if eos in row else row
-            print(cfg.prompt + sp.decode(row))
-        else:
-            print(" ".join(map(str, row)))
-        if cfg.num_samples > 1:
-            print("-" * 40)
+    eos_id = sp.eos_id() if (sp is not None and cfg.stop_at_eos) else None
+    separate = len(prompts) * cfg.num_samples > 1
+    for prompt in prompts:
+        ids = list(cfg.prompt_ids) if cfg.prompt_ids is not None else [sp.bos_id()] + sp.encode(prompt)
+        for row in _generate_rows(model, ids, cfg, eos_id, device):
+            print(_text_of(prompt, row, sp) if cfg.prompt_ids is None else " ".join(map(str, row)))
+            if separate:
+                print(SEPARATOR)
     return 0
 
 

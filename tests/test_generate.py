@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from retnet_train.generate import generate, parse_args, sample_next
+from retnet_train.generate import generate, parse_args, read_prompt_file, sample_next
 from test_train_utils import REPO, env, run_train
 
 
@@ -44,6 +45,50 @@ def test_bad_generate_key_names_it():
         assert "max_new_token" in str(e)
     else:
         raise AssertionError("no error")
+
+
+@pytest.mark.parametrize("prompt", ["def fib(n):", "def ", "true", "0123", "", "a=b: 'c' \"d\" ", "[1, 2]"])
+def test_prompt_is_taken_literally(prompt):
+    cfg = parse_args(["checkpoint=x", f"prompt={prompt}", "max_new_tokens=5", "temperature=0"])
+    assert cfg.prompt == prompt
+    assert cfg.max_new_tokens == 5 and cfg.temperature == 0.0  # other keys still typed
+
+
+def test_prompt_and_prompt_file_together_name_both():
+    with pytest.raises(ValueError, match="prompt='hi'.*prompt_file='p.txt'"):
+        parse_args(["checkpoint=x", "prompt=hi", "prompt_file=p.txt"])
+
+
+def test_prompt_file_lines(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("  indented\n\nwith space \r\n\ttab\f feed\n\n".encode())
+    assert read_prompt_file(str(path)) == ["  indented", "with space ", "\ttab\f feed"]
+    path.write_bytes(b"\xff\n")
+    with pytest.raises(ValueError, match="prompt_file=.*UTF-8"):
+        read_prompt_file(str(path))
+
+
+def test_padding_ids_decode_to_nothing():
+    """Ids of the model's padded vocabulary rows (past the tokenizer's pieces) print as nothing."""
+    import sentencepiece as spm
+
+    from retnet_train.generate import _text_of
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(_tiny_tokenizer_proto())
+    ids = sp.encode("abc")
+    assert _text_of("x", ids + [sp.get_piece_size(), sp.get_piece_size() + 5], sp) == "x" + sp.decode(ids)
+
+
+def _tiny_tokenizer_proto() -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["abc abd bca cab"] * 50), model_writer=model,
+                                   vocab_size=12, model_type="char", minloglevel=2)
+    return model.getvalue()
 
 
 def test_generate_cli_from_a_run_dir(tmp_path):
