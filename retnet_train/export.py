@@ -5,7 +5,8 @@ CHECKPOINT is a checkpoint folder (run_dir/checkpoints/step_N), a checkpoints/ f
 ZeRO 1-3), model_config.json (the ModelConfig as JSON) and, when the run had one, tokenizer.model;
 `retnet_train.model.build_model(OUT_DIR)` loads it. Checkpoints of tensor-parallel runs are merged
 into one unsharded model, which `checkpoint.init_from=OUT_DIR` can start a run from at any
-parallel.tp. Runs on CPU, no process group needed.
+parallel.tp. Runs on CPU, no process group needed. Each file is written whole, then renamed into
+place with the mode of any new file (0644 under umask 022).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -97,6 +100,28 @@ def model_config_of(ckpt: Path):
     return resolve_config(json.loads((ckpt / "meta.json").read_text())["model_config"])
 
 
+def _umask() -> int:
+    # reading the umask means setting it: put it straight back (not thread-safe; the CLI has one thread)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def _output_file(dest: Path) -> Iterator[Path]:
+    """A temporary path next to dest to write to; on success it becomes dest, with the mode of a
+    normally created file (0o666 & ~umask). Every file of an export goes through here: safetensors
+    writes through a private (0600) temp file, and rewriting an existing file would keep its mode,
+    so the mode is set, not inherited; the rename means a reader never sees a half-written file."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        yield part
+        os.chmod(part, 0o666 & ~_umask())
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     import dataclasses
 
@@ -112,13 +137,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         state.pop("lm_head.weight", None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors.part"), metadata={"step": str(meta["step"]),
-                                                                   "source": str(ckpt)})
-    os.replace(out / "model.safetensors.part", out / "model.safetensors")
-    (out / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    with _output_file(out / "model.safetensors") as part:
+        save_file(state, str(part), metadata={"step": str(meta["step"]), "source": str(ckpt)})
+    with _output_file(out / "model_config.json") as part:
+        part.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     tokenizer = meta.get("tokenizer")
     if tokenizer and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        with _output_file(out / "tokenizer.model") as part:
+            shutil.copyfile(tokenizer, part)
     return out
 
 

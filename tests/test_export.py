@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -41,6 +43,55 @@ def test_export_round_trip(tmp_path, stage, nproc):
     assert (cfg["d_model"], cfg["n_layers"], cfg["vocab_size"]) == (64, 2, 256)
     got = _val_loss_of_export(out, n_batches=2 * nproc)  # eval_batches per rank x ranks
     assert abs(got - want["val/loss"]) < 1e-5, (got, want["val/loss"])
+
+
+def _export_under_umask(run, out, umask: int) -> None:
+    proc = subprocess.run([sys.executable, "-m", "retnet_train.export", str(run), str(out)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(umask))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _modes(folder) -> dict[str, int]:
+    return {f.name: stat.S_IMODE(f.stat().st_mode) for f in sorted(folder.iterdir())}
+
+
+def _data_root(root):
+    """A data root as data=pile_c4_stack expects it (tokenizer.model, shards/<source>), tiny."""
+    from data_fixtures import SHARD_WINDOWS, WINDOW, write_corpus
+    from data_prep.shards import build_shards
+    from data_prep.sources import expand_sources
+    from data_prep.tokenizer import train_tokenizer
+
+    sources = expand_sources(write_corpus(root / "raw").specs())
+    tok = root / "data" / "tokenizer.model"
+    train_tokenizer(str(tok), 400, sources, threads=1)
+    build_shards(str(root / "data" / "shards"), str(tok), WINDOW, sources, workers=0,
+                 shard_tokens=WINDOW * SHARD_WINDOWS, val_fraction=0.15)
+    return root / "data"
+
+
+def test_exported_files_have_the_mode_of_new_files(tmp_path):
+    """Every file the export writes is readable like any new file (0o666 & ~umask), also when it
+    replaces a private (0600) file of an earlier export: rewriting a file in place keeps its mode.
+    Trained on shards, so the checkpoint names a tokenizer and the export copies it too."""
+    data = _data_root(tmp_path)
+    run = tmp_path / "run"
+    run_train(run, "trainer.data_source=stream", "data=pile_c4_stack", f"data.root={data}", "data.num_workers=0",
+              "trainer.max_steps=1", "deepspeed=zero0", "trainer.eval_at_end=false")
+    names = ["model.safetensors", "model_config.json", "tokenizer.model"]
+
+    old = tmp_path / "old_export"
+    old.mkdir()
+    for name in names:
+        (old / name).write_bytes(b"")
+        (old / name).chmod(0o600)
+    _export_under_umask(run, old, 0o022)
+    assert _modes(old) == {name: 0o644 for name in names}
+
+    fresh = tmp_path / "fresh_export"
+    _export_under_umask(run, fresh, 0o027)
+    assert _modes(fresh) == {name: 0o640 for name in names}
+    assert (fresh / "tokenizer.model").read_bytes() == (data / "tokenizer.model").read_bytes()
 
 
 def test_export_of_a_missing_checkpoint_names_it(tmp_path):
