@@ -19,13 +19,21 @@ MAX_PIECE_BYTES = 8192
 
 
 def _chunks(text: str) -> Iterator[str]:
-    while len(text.encode("utf-8")) > MAX_PIECE_BYTES:
-        cut = text.rfind("\n", 0, MAX_PIECE_BYTES // 4)  # //4: worst-case 4 bytes a char
-        cut = cut + 1 if cut > 0 else MAX_PIECE_BYTES // 4
-        yield text[:cut]
-        text = text[cut:]
-    if text:
-        yield text
+    """While the rest of `text` is over MAX_PIECE_BYTES of UTF-8, cut off its first span of
+    MAX_PIECE_BYTES // 4 characters (4 bytes a character at worst), after the span's last
+    newline if it has one past its first character; then the rest.  Linear time: the rest is
+    a position, not a copy, and its byte length is kept by subtracting each piece's."""
+    span = MAX_PIECE_BYTES // 4
+    pos, rest_bytes = 0, len(text.encode("utf-8"))
+    while rest_bytes > MAX_PIECE_BYTES:
+        nl = text.rfind("\n", pos, pos + span)
+        cut = nl + 1 if nl > pos else pos + span  # a newline at the span's start: no cut there
+        piece = text[pos:cut]
+        yield piece
+        rest_bytes -= len(piece.encode("utf-8"))
+        pos = cut
+    if pos < len(text):
+        yield text[pos:]
 
 
 def sample_docs(sources: dict[str, list[str]], n_docs: int, text_field: str | None) -> Iterator[str]:
