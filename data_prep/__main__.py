@@ -1,4 +1,4 @@
-"""Command line: python -m data_prep {sample,tokenizer,shards,inspect} ... (see docs/data.md)."""
+"""Command line: python -m data_prep {sample,tokenizer,shards,inspect,verify} ... (see docs/data.md)."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--window", type=int, default=0, help="which window of the first shard to decode")
     i.add_argument("--tokenizer", default=None, help="default: the path in the manifest")
 
+    v = sub.add_parser("verify", help="check every shard against its manifest (exit 2 if bad)")
+    v.add_argument("dir", help="a source directory, or a directory of them")
+    v.add_argument("--full", action="store_true", help="also the sha256 of every shard (reads all)")
+    v.add_argument("--tokenizer", default=None, help="default: the path in the manifest")
+    v.add_argument("--seq-len", type=int, default=None,
+                   help="training sample length to check for (default: the window)")
+
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -56,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             build_shards(a.out, a.tokenizer, a.seq_len, expand_sources(a.sources),
                          workers=a.workers, shard_tokens=a.shard_tokens,
                          val_fraction=a.val_fraction, text_field=a.text_field, strict=a.strict)
+        elif a.cmd == "verify":
+            from data_prep.verify_cmd import verify_dir
+            print(verify_dir(a.dir, a.full, a.tokenizer, a.seq_len))
         else:
             from data_prep.inspect_cmd import inspect_dir
             print(inspect_dir(a.dir, a.window, a.tokenizer))

@@ -17,14 +17,12 @@ from typing import Iterator, Union
 
 import zstandard
 
+from retnet_train.data.errors import DataError
+
 # zstd frames written with `zstd --long=31` declare a 2 GiB window; the library's default
 # limit (128 MiB) refuses them.  The decoder only allocates what the frame really needs.
 ZSTD_MAX_WINDOW = 2**31
 READ_CHUNK = 1 << 20
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file and line."""
 
 
 class CorruptFileError(DataError):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.pack import Packer, ShardWriter
+from data_prep.pack import Packer, ShardWriter, shard_checksum
 from data_prep.progress import Progress
 from data_prep.readers import DataError, FileReader, Skip
 from retnet_train.data.manifest import MANIFEST_FORMAT, write_json_atomic
@@ -117,6 +117,8 @@ def build_file(task: FileTask) -> dict:
     if n_skipped > MAX_SKIPS_LOGGED:
         log.warning("%s: %d records skipped in all (the first %d are logged above; the manifest "
                     "lists up to %d)", task.path, n_skipped, MAX_SKIPS_LOGGED, MAX_SKIPS_LISTED)
+    if docs == 0:  # fatal only if the whole source is empty (see _no_documents); said here too
+        log.warning("%s: no document in this file (%d records skipped)", task.path, n_skipped)
     train_shards, dropped = train.finish()
     val_shards, val_dropped = val.finish()
     if _counters is not None:
@@ -144,14 +146,44 @@ def _check_fingerprint(out: Path, fingerprint: dict) -> None:
         write_json_atomic(path, fingerprint)
 
 
+def _add_missing_checksums(rec: dict, src_dir: Path) -> bool:
+    """A finished file's record from a data_prep that did not record shard checksums: hash
+    its shards now, so rerunning the build command upgrades the manifest without encoding
+    anything again.  Returns whether the record changed."""
+    old = [x for x in rec["shards"] + rec["val_shards"] if "sha256" not in x]
+    for x in old:
+        x.update(shard_checksum(src_dir / x["path"]))
+    return bool(old)
+
+
+def _no_documents(source: str, parts: list[dict], skipped: list[dict]) -> str:
+    """Why a finished source has no document, for the error and the manifest's `error` key."""
+    n_skipped = sum(p["skipped_count"] for p in parts)
+    if n_skipped:
+        first = "; ".join(f"{x['file']}:{x['line']}: {x['reason']}" for x in skipped[:3])
+        why = f"all {n_skipped} records were skipped, the first: {first}"
+    else:
+        why = "the files hold no record at all (empty?)"
+    files = ", ".join(p["file"] for p in parts[:3])
+    files += f" and {len(parts) - 3} more" if len(parts) > 3 else ""
+    return (f"source {source}: no document in its {len(parts)} input file(s) ({files}): {why}; "
+            "check the glob and --text-field")
+
+
 def _write_manifest(src_dir: Path, source: str, n_files: int, common: dict,
                     done: dict[int, dict]) -> dict:
-    """manifest.json from the records of the finished input files (`done`: index -> record)."""
+    """manifest.json from the records of the finished input files (`done`: index -> record).
+    A finished source without a single document gets `complete: false` and an `error`: the
+    trainer must refuse it, not train on the other sources as if it were fine."""
     parts = [done[i] for i in sorted(done)]
     skipped = list(chain.from_iterable(p["skipped"] for p in parts))[:MAX_SKIPS_LISTED]
-    man = {"format": MANIFEST_FORMAT, "source": source, "complete": len(parts) == n_files,
+    documents = sum(p["documents"] for p in parts)
+    finished = len(parts) == n_files
+    error = _no_documents(source, parts, skipped) if finished and documents == 0 else None
+    man = {"format": MANIFEST_FORMAT, "source": source, "complete": finished and error is None,
+           **({"error": error} if error else {}),
            **common,
-           "documents": sum(p["documents"] for p in parts),
+           "documents": documents,
            "val_documents": sum(p["val_documents"] for p in parts),
            "tokens": sum(p["tokens"] for p in parts),
            "val_tokens": sum(p["val_tokens"] for p in parts),
@@ -168,7 +200,8 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
                  workers: int = 1, shard_tokens: int = 1 << 24, val_fraction: float = 0.005,
                  text_field: str | None = None, strict: bool = False) -> dict[str, dict]:
     """Build (or continue building) shards for every source; returns the manifests.
-    workers=0 encodes in this process (tests, debugging)."""
+    workers=0 encodes in this process (tests, debugging).  A source that yields no document
+    is a DataError naming it (raised once every source is built)."""
     if window < 2:
         raise DataError(f"--seq-len must be at least 2, got {window}")
     if not 0 <= val_fraction < 1:
@@ -196,7 +229,10 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
         for i, f in enumerate(files):
             part = src_dir / "parts" / f"{i:05d}.json"
             if part.exists():
-                done[source][i] = json.loads(part.read_text())
+                rec = json.loads(part.read_text())
+                if _add_missing_checksums(rec, src_dir):
+                    write_json_atomic(part, rec)
+                done[source][i] = rec
             else:
                 tasks.append(FileTask(source, i, f, str(src_dir), window, shard_windows,
                                       val_fraction, text_field, strict, tok.dtype, tok.pad_id))
@@ -246,4 +282,7 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
                  "%d records skipped", s, m["documents"], sum(x["samples"] for x in m["shards"]),
                  len(m["shards"]), m["tokens"] / 1e6, sum(x["samples"] for x in m["val_shards"]),
                  m["skipped_count"])
+    errors = [m["error"] for m in manifests.values() if "error" in m]
+    if errors:  # after building every other source: one rerun fixes all of them
+        raise DataError("\n".join(errors))
     return manifests

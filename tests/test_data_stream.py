@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from data_fixtures import WINDOW, built  # noqa: F401 (built: fixture)
 from omegaconf import OmegaConf
 
-from retnet_train.data import DataConfig, TokenStream, build_val_batches
+from retnet_train.data import DataConfig, SourceConfig, TokenStream, build_val_batches
 from retnet_train.data.manifest import load_manifest
 from retnet_train.data.mixture import Mixture
 from retnet_train.data.shard_reader import ShardReader
@@ -267,3 +268,68 @@ def test_loader_workers_die_with_a_killed_trainer(built, tmp_path):
         alive = [p for p in workers if os.path.exists(f"/proc/{p}") and "Z" not in
                  open(f"/proc/{p}/stat").read().split()[2]]
     assert not alive, f"loader workers outlived the killed trainer: {alive}"
+
+
+def _copy_with_bad_token(built, tmp_path, split="shards", shard=2, window=5, pos=7, value=450):
+    """A copy of the stack source with one token id >= the tokenizer's 400 pieces (but below
+    the padded 512 rows: the embedding would take it silently)."""
+    import json
+    import shutil
+    src = tmp_path / "stack"
+    shutil.copytree(built.shards / "stack", src)
+    path = src / json.loads((src / "manifest.json").read_text())[split][shard]["path"]
+    off = int(np.load(path.with_name(path.name[:-4] + ".idx.npy"))[window]) + 2 * pos
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(np.uint16(value).tobytes())
+    cfg = DataConfig(sources={"stack": SourceConfig(path=str(src))}, tokenizer=built.tokenizer)
+    return cfg, path
+
+
+@pytest.mark.parametrize("workers,seq_len,pos,window", [
+    (0, WINDOW, 7, 5), (1, WINDOW, 7, 5),
+    (0, 2 * WINDOW, 0, 5),  # samples join windows 4+5: the first token of 5 is 5's own
+    (1, WINDOW // 2, 31, 5)])
+def test_out_of_vocabulary_token_names_shard_and_window(built, tmp_path, workers, seq_len, pos, window):
+    from retnet_train.data import DataError
+    cfg, path = _copy_with_bad_token(built, tmp_path, pos=pos, window=window)
+    cfg.num_workers = workers
+    s = TokenStream(cfg, seq_len=seq_len, micro_batch_size=4, dp_rank=0, dp_size=1)
+    with pytest.raises(DataError) as e:
+        take(s, 200)  # more than an epoch of the source
+    # the trainer gets the worker's one line, not a traceback wrapped in text
+    assert str(e.value) == (f"{path}: window {window}: token id 450 is not below the "
+                            "tokenizer's 400 pieces (a corrupt shard?)")
+
+
+def test_out_of_vocabulary_token_in_validation(built, tmp_path):
+    from retnet_train.data import DataError
+    cfg, path = _copy_with_bad_token(built, tmp_path, split="val_shards", shard=0, window=1)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: window 1: token id 450 "):
+        build_val_batches(cfg, seq_len=WINDOW, micro_batch_size=4, dp_rank=0, dp_size=1)
+
+
+def test_loader_workers_ignore_termination_signals(built):
+    """A cluster's SIGTERM (or a ^C) goes to the whole process group: the workers must let the
+    trainer handle it and keep serving batches while it saves its checkpoint."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    before = {c.pid for c in me.children()}
+    s = stream(built, num_workers=1, prefetch=1)
+    ref = rows(take(stream(built), 1600))
+    it = iter(s)
+    got = take(s, 1, it)
+    workers = [c for c in me.children() if c.pid not in before]
+    assert len(workers) == 1
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        os.kill(workers[0].pid, sig)
+    time.sleep(0.5)
+    assert workers[0].is_running() and workers[0].status() != psutil.STATUS_ZOMBIE
+    # 512 steps a message and one message in flight: most of these are made after the signals
+    got += take(s, 1599, it)
+    assert rows(got) == ref

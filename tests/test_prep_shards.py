@@ -208,3 +208,69 @@ def test_sample_writes_the_three_layouts(tmp_path):
     pile = Path(specs["pile"][0]).read_bytes()
     assert zstandard.get_frame_parameters(pile).window_size == 2**31
     assert 0.5e6 < total < 5e6  # "a few MB raw" (compressed here)
+
+
+def test_shard_records_carry_size_and_sha256(built):
+    for s in SOURCES:
+        m = json.loads((built.shards / s / "manifest.json").read_text())
+        for x in m["shards"] + m["val_shards"]:
+            path = built.shards / s / x["path"]
+            assert x["bytes"] == path.stat().st_size and x["sha256"] == file_sha256(path)
+
+
+def test_rerun_adds_checksums_to_an_older_build(tmp_path, built):
+    """A build from a data_prep that did not record bytes/sha256: rerunning the same command
+    hashes the existing shards (encoding nothing) and gives the manifest of a fresh build."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(built.shards, out)
+    for f in list(out.glob("*/parts/*.json")) + list(out.glob("*/manifest.json")):
+        rec = json.loads(f.read_text())
+        for x in rec["shards"] + rec["val_shards"]:
+            del x["bytes"], x["sha256"]
+        f.write_text(json.dumps(rec))
+    from retnet_train.data.manifest import load_manifest
+    old = load_manifest(out / "c4")  # still loadable, without the checksums
+    assert old.shards and all(sh.bytes is None and sh.sha256 is None for sh in old.shards)
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/*/*.tar")}
+    build_shards(str(out), built.tokenizer, WINDOW, expand_sources(built.corpus.specs()), workers=0,
+                 shard_tokens=WINDOW * SHARD_WINDOWS, val_fraction=0.15)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/*.tar")} == before  # not rewritten
+    for s in SOURCES:
+        assert (json.loads((out / s / "manifest.json").read_text())
+                == json.loads((built.shards / s / "manifest.json").read_text()))
+
+
+def test_source_without_any_document_fails(tmp_path, built):
+    """Empty files, or records without the text field: exit 2 naming each such source and
+    why, and a manifest the trainer refuses; the other sources are built."""
+    import subprocess
+    import sys
+    good = tmp_path / "good.jsonl.zst"
+    write_zst_jsonl(good, [{"text": t} for t in texts_for(20)])
+    (tmp_path / "empty.jsonl").write_text("")
+    nofield = tmp_path / "nofield.jsonl.zst"
+    write_zst_jsonl(nofield, [{"content": t} for t in texts_for(5)])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "data_prep", "shards", "--tokenizer", built.tokenizer,
+                        "--seq-len", str(WINDOW), "--out", str(out), "--workers", "0",
+                        f"good={good}", f"empty={tmp_path / 'empty.jsonl'}", f"nofield={nofield}"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    errors = r.stderr[r.stderr.index("error: "):].splitlines()
+    assert errors == [
+        f"error: source empty: no document in its 1 input file(s) ({tmp_path / 'empty.jsonl'}): "
+        "the files hold no record at all (empty?); check the glob and --text-field",
+        f"source nofield: no document in its 1 input file(s) ({nofield}): all 5 records were "
+        f"skipped, the first: {nofield}:1: field 'text' is missing, not a string; {nofield}:2: "
+        f"field 'text' is missing, not a string; {nofield}:3: field 'text' is missing, not a "
+        "string; check the glob and --text-field"]
+    from retnet_train.data.manifest import load_manifest
+    assert load_manifest(out / "good").shards
+    for s in ("empty", "nofield"):
+        m = json.loads((out / s / "manifest.json").read_text())
+        assert m["complete"] is False and m["error"].startswith(f"source {s}: no document")
+        with pytest.raises(DataError, match=rf"manifest\.json: key 'complete' is false: source {s}: "
+                                            "no document in its 1 input file"):
+            load_manifest(out / s)

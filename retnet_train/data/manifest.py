@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from retnet_train.data.errors import DataError
+
 MANIFEST_FORMAT = "retnet_train-shards-v1"
 
 
@@ -20,6 +22,9 @@ def write_json_atomic(path: str | Path, obj) -> None:
 class Shard:
     path: Path      # absolute
     samples: int    # windows in the shard
+    # None in manifests of a data_prep from before they were recorded
+    bytes: int | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class Manifest:
     window: int
     dtype: str
     tokenizer_sha256: str
+    n_pieces: int   # token ids must be below this (vocab_size is padded past it)
     vocab_size: int
     bos_id: int
     pad_id: int
@@ -46,18 +52,21 @@ def load_manifest(directory: str | Path) -> Manifest:
     try:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from e
+        raise DataError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from e
     if m.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: key 'format' is {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        raise DataError(f"{path}: key 'format' is {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    if m.get("error"):  # a build that finished but must not be trained on (e.g. no document)
+        raise DataError(f"{path}: key 'complete' is false: {m['error']}")
     if not m.get("complete"):
-        raise ValueError(f"{path}: key 'complete' is false: the shard build did not finish; "
-                         "rerun the same `data_prep shards` command to complete it")
+        raise DataError(f"{path}: key 'complete' is false: the shard build did not finish; "
+                        "rerun the same `data_prep shards` command to complete it")
     try:
         def shards(key):
-            return tuple(Shard(d / s["path"], int(s["samples"])) for s in m[key] if s["samples"] > 0)
+            return tuple(Shard(d / s["path"], int(s["samples"]), s.get("bytes"), s.get("sha256"))
+                         for s in m[key] if s["samples"] > 0)
         tok = m["tokenizer"]
         return Manifest(d, m["source"], int(m["window"]), m["dtype"], tok["sha256"],
-                        int(tok["vocab_size"]), int(tok["bos_id"]), int(tok["pad_id"]),
-                        shards("shards"), shards("val_shards"), m)
+                        int(tok["n_pieces"]), int(tok["vocab_size"]), int(tok["bos_id"]),
+                        int(tok["pad_id"]), shards("shards"), shards("val_shards"), m)
     except KeyError as e:
-        raise ValueError(f"{path}: missing key {e.args[0]!r}") from e
+        raise DataError(f"{path}: missing key {e.args[0]!r}") from e

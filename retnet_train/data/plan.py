@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from retnet_train.data.config import DataConfig, validate
+from retnet_train.data.errors import DataError
 from retnet_train.data.manifest import Manifest, load_manifest
 from retnet_train.data.mixture import Mixture
 from retnet_train.data.source import SourceSampler
@@ -26,7 +27,7 @@ def load_sources(cfg: DataConfig) -> tuple[TokenizerInfo, dict[str, Manifest]]:
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"data.sources.{name}.path: {e}") from e
         if m.tokenizer_sha256 != tok.sha256:
-            raise ValueError(f"data.sources.{name}.path: {m.dir} was encoded with tokenizer "
+            raise DataError(f"data.sources.{name}.path: {m.dir} was encoded with tokenizer "
                              f"sha256 {m.tokenizer_sha256[:12]}, data.tokenizer {cfg.tokenizer} is "
                              f"{tok.sha256[:12]}: they must be the same file")
         manifests[name] = m

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retnet_train.data.errors import DataError
+
 
 def index_path(shard: Path) -> Path:
     """Sidecar that data_prep writes: the byte offset of every window's raw tokens."""
@@ -29,7 +31,7 @@ class ShardReader:
             self.offsets = np.load(idx) if idx.exists() else self._scan(stored_window)
             self.fd = os.open(path, os.O_RDONLY)
         except (tarfile.TarError, OSError, ValueError) as e:
-            raise ValueError(f"{path}: unreadable shard: {e}") from e
+            raise DataError(f"{path}: unreadable shard: {e}") from e
 
     def _scan(self, stored_window: int) -> np.ndarray:
         with tarfile.open(self.path) as tar:
@@ -57,7 +59,7 @@ class ShardReader:
     def read(self, i: int) -> np.ndarray:
         buf = os.pread(self.fd, self.nbytes, int(self.offsets[i]))
         if len(buf) != self.nbytes:
-            raise ValueError(f"{self.path}: window {i} is truncated")
+            raise DataError(f"{self.path}: window {i} is truncated")
         return np.frombuffer(buf, self.dtype)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from retnet_train.data.errors import DataError
 from retnet_train.data.manifest import Manifest, Shard
 from retnet_train.data.shard_reader import ShardReader
 
@@ -34,7 +35,7 @@ class SampleReader:
         if r is None:
             r = ShardReader(self.shards[i].path, self.m.window + 1, self.m.dtype)
             if len(r) != self.shards[i].samples:
-                raise ValueError(f"{self.shards[i].path}: {len(r)} windows, manifest.json says "
+                raise DataError(f"{self.shards[i].path}: {len(r)} windows, manifest.json says "
                                  f"{self.shards[i].samples}")
             self._open[i] = r
             if len(self._open) > MAX_OPEN_SHARDS:
@@ -55,6 +56,18 @@ class SampleReader:
         arr = wins[0] if len(wins) == 1 else np.concatenate([w[:n] for w in wins[:-1]] + [wins[-1]])
         off = p0 - w0 * n
         out[:] = arr[off:off + t + 1]
+        # An id past the tokenizer's pieces (a corrupt shard) would index an untrained row of
+        # the padded embedding, or past it, silently: one max per sample makes it an error.
+        if int(out.max()) >= self.m.n_pieces:
+            self._bad_token(shard, w0, w1, off, out)
+
+    def _bad_token(self, shard: int, w0: int, w1: int, off: int, out: np.ndarray) -> None:
+        i = int(np.argmax(out >= self.m.n_pieces))
+        # position p of the windows joined from w0 is window w0 + p // n's own token; only the
+        # very last one is the lookahead slot of window w1, the last window read
+        w = min(w0 + (off + i) // self.m.window, w1)
+        raise DataError(f"{self.shards[shard].path}: window {w}: token id {int(out[i])} is not "
+                        f"below the tokenizer's {self.m.n_pieces} pieces (a corrupt shard?)")
 
 
 class SourceSampler:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from retnet_train.data.config import DataConfig
+from retnet_train.data.errors import DataError
 from retnet_train.data.plan import Plan, make_batch
 
 STATE_VERSION = 1
@@ -34,6 +35,15 @@ def _as_is(batch):
     return batch
 
 
+class _Failed:
+    """What a loader worker sends instead of a chunk when the data is bad: the DataError's
+    message, so that the trainer raises a DataError of that one line (naming shard and
+    window), not torch's re-raise whose message is the worker's whole traceback."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class _Chunks(IterableDataset):
     """Chunks of `steps` consecutive steps, as ([steps, B, seq_len + 1] tokens, [steps, B]
     sources).  Loader worker w of W makes chunks w, w+W, ...; the DataLoader takes one from
@@ -49,14 +59,23 @@ class _Chunks(IterableDataset):
         while True:
             step = chunk * self.steps + np.arange(self.steps)
             firsts = self.start + (step * self.dp_size + self.dp_rank) * self.b
-            tokens, src = self.plan.tokens((firsts[:, None] + np.arange(self.b)).reshape(-1))
+            try:
+                tokens, src = self.plan.tokens((firsts[:, None] + np.arange(self.b)).reshape(-1))
+            except DataError as e:
+                yield _Failed(str(e))
+                return
             yield tokens.reshape(self.steps, self.b, -1), src.reshape(self.steps, self.b)
             chunk += every
 
 
-def _die_with_parent(_worker_id: int) -> None:
-    """Loader workers end when the trainer process dies, even by SIGKILL (a preempted or killed
-    job): orphans would keep reading shards and hold the parent's output pipes open."""
+def _ignore_signals_and_die_with_parent(_worker_id: int) -> None:
+    """Loader workers ignore SIGTERM, SIGINT and SIGUSR1: a cluster signals the whole process
+    group, and only the trainer must act on it (save a checkpoint, then exit); a worker killed
+    by it would fail the trainer's next batch before the checkpoint is written.  They end
+    when the trainer process dies, even by SIGKILL (a preempted or killed job): orphans would
+    keep reading shards and hold the parent's output pipes open."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -113,8 +132,11 @@ class TokenStream:
             # segment, several times the work of making the batch.
             chunks = DataLoader(chunks, batch_size=None, collate_fn=_as_is, num_workers=workers,
                                 prefetch_factor=self.cfg.prefetch, persistent_workers=False,
-                                worker_init_fn=_die_with_parent)
-        for tokens, src in chunks:
+                                worker_init_fn=_ignore_signals_and_die_with_parent)
+        for chunk in chunks:
+            if isinstance(chunk, _Failed):
+                raise DataError(chunk.message)
+            tokens, src = chunk
             yield from zip(tokens, src)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
