@@ -54,6 +54,18 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _no_shared_memory_comm_build() -> None:
+    """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce at every start (65 s to
+    3 min, needs a C++ compiler, and waits forever on the build's lock file if an earlier start
+    was killed while compiling). Only DeepSpeed-Inference's `inference_all_reduce` uses it; training
+    reduces through the gloo process group. So the op is not built: gloo does all the work."""
+    import importlib
+
+    # (`import deepspeed.comm.torch as m` would bind the torch package: deepspeed.comm has an
+    # attribute `torch` that shadows its submodule of that name)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int = 1,
                      timeout_minutes: int = 30) -> ParallelState:
     """Start the default process group (idempotent) and build the data-parallel group."""
@@ -64,6 +76,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int =
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _no_shared_memory_comm_build()
     if backend == "auto":
         backend = "nccl" if device == "cuda" else "gloo"
     _single_process_env()
@@ -141,6 +154,15 @@ def all_reduce_max(values: list[float], world: bool = False) -> list[float]:
     """Max over the data-parallel group, or over every rank with `world` (decisions that every
     rank must take together, such as stopping: a tensor-parallel group spans several dp groups)."""
     return _reduce(values, dist.ReduceOp.MAX, None if world else _dp_group)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order (the world); [obj] in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def destroy() -> None:
