@@ -3,7 +3,12 @@
 Works under every launcher: plain python (one process), `torchrun --nproc_per_node N -m
 retnet_train`, and `deepspeed --num_gpus N --module retnet_train` (whose `--local_rank=K` argument
 is taken off the command line before Hydra's override parser sees it).
-Options: --config-dir DIR, --config-name NAME, --cfg (print the composed config and exit), --help.
+Options: --config-dir DIR, --config-name NAME, --cfg (print the composed config and exit), --debug
+(an error prints its traceback, not only its one line; the traceback is always in
+run_dir/logs/rankNNNNN.log), --help.
+
+Exit status: 0 done or stopped by a signal with a checkpoint saved; 2 bad input (config, data,
+checkpoint); 3 too many non-finite steps in a row; 1 any other error.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 
 def split_argv(argv: list[str]) -> tuple[dict, list[str]]:
     """Separate launcher/CLI options from Hydra overrides."""
-    opts: dict = {"config_dir": None, "config_name": "config", "print_cfg": False, "help": False}
+    opts: dict = {"config_dir": None, "config_name": "config", "print_cfg": False, "help": False, "debug": False}
     overrides: list[str] = []
     i = 0
     while i < len(argv):
@@ -38,6 +43,8 @@ def split_argv(argv: list[str]) -> tuple[dict, list[str]]:
                 i += 1
         elif a in ("-h", "--help"):
             opts["help"] = True
+        elif a == "--debug":
+            opts["debug"] = True
         else:
             overrides.append(a)
         i += 1
@@ -62,13 +69,47 @@ def main(argv: list[str] | None = None) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    from retnet_train.train import TooManyBadSteps, train
+    from retnet_train.train import train
 
     try:
         return train(cfg)
-    except TooManyBadSteps as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's own handler was in place: nothing to save yet
+        print("interrupted during start-up; nothing was trained", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line on the console; the traceback goes to the rank's log file
+        return report_error(e, cfg.run_dir, opts["debug"])
+
+
+def report_error(e: Exception, run_dir: str, debug: bool) -> int:
+    """Print `error: <message>` (once: errors every rank raised alike are printed by rank 0 only),
+    append the traceback to the rank's log file, and return the exit status."""
+    import traceback
+
+    from retnet_train.data import DataError
+    from retnet_train.train import TooManyBadSteps
+    from retnet_train.train.checkpoint import CheckpointError
+    from retnet_train.train.trainer import log_file
+
+    rank = int(os.environ.get("RANK", "0"))
+    tb = "".join(traceback.format_exception(e))
+    where = log_file(run_dir, rank)
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        with open(where, "a") as f:
+            f.write(tb)
+    except OSError:
+        where = None
+    ours = isinstance(e, (DataError, CheckpointError, TooManyBadSteps, FileNotFoundError))
+    if rank == 0 or not getattr(e, "every_rank", False):
+        prefix = f"[rank{rank}] " if rank else ""
+        message = str(e) if ours else f"{type(e).__name__}: {e}"
+        hint = "" if debug or where is None else f" (traceback: {where}; --debug prints it here)"
+        print(f"{prefix}error: {message}{hint}", file=sys.stderr)
+        if debug:
+            print(tb, file=sys.stderr)
+    if isinstance(e, TooManyBadSteps):
         return 3
+    return 2 if ours else 1
 
 
 if __name__ == "__main__":

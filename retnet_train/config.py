@@ -81,6 +81,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     max_bad_steps: int = 5  # stop after this many consecutive skipped (NaN/inf) steps
     data_source: str = "stream"  # stream: retnet_train.data shards | synthetic: a learnable token pattern
+    build_lock_timeout_s: float = 900  # give up waiting for a C++ extension build lock after this (a killed build leaves it)
     seed: int = 1234
 
 
@@ -91,6 +92,7 @@ class CheckpointConfig:
     save_at_end: bool = True
     resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
     init_from: Optional[str] = None  # start a *new* run from these weights: a checkpoint (same parallel.tp) or an export folder (any tp)
+    checksums: bool = True  # sha256 of every file written with each checkpoint and checked before one is loaded (sizes are always checked)
 
 
 @dataclass
@@ -174,6 +176,7 @@ def load_config(overrides: List[str] = (), config_dir: Optional[str] = None,
     register_schemas()
     GlobalHydra.instance().clear()
     directory = str(Path(config_dir or conf_dir()).resolve())
+    check_group_choices(overrides, Path(directory))
     with initialize_config_dir(config_dir=directory, version_base="1.3"):
         try:
             cfg = compose(config_name=config_name, overrides=list(overrides))
@@ -187,9 +190,71 @@ def load_config(overrides: List[str] = (), config_dir: Optional[str] = None,
     if "hydra" in cfg:
         with OmegaConf.read_write(cfg):
             del cfg["hydra"]
+    check_known_keys(cfg)
+    if any(o.lstrip("+").startswith("data.root=") for o in overrides):
+        check_data_root_used(cfg)
     OmegaConf.resolve(cfg)
     validate(cfg)
     return cfg
+
+
+# ---- typos Hydra lets through --------------------------------------------------------------------
+
+
+def _suggest(word: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_group_choices(overrides, directory: Path) -> None:
+    """`group=name` must name a file of conf/<group>/: Hydra silently skips an unknown name of an
+    optional group (experiment, data), which would run another job than the one asked for."""
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        key = key.lstrip("+~")
+        group = directory / key
+        if not eq or "." in key or not group.is_dir() or value in ("null", ""):
+            continue
+        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: no such {key} (conf/{key}/{value}.yaml); choices: "
+                              f"{', '.join(choices)}{_suggest(value, choices)}")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key must belong to its schema. `+key=value` adds a key even to a typed config, so a
+    typo such as `+trainer.max_step=3` would be accepted and do nothing."""
+    import dataclasses
+
+    def walk(node, prefix: str) -> None:
+        if not isinstance(node, DictConfig):
+            return
+        schema = OmegaConf.get_type(node)
+        known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            if known is not None and key not in known:
+                value = OmegaConf.to_container(node, resolve=False)[key]
+                raise ConfigError(f"{path}={value!r}: no such key in the schema of "
+                                  f"{prefix.rstrip('.') or 'the root config'}{_suggest(str(key), known)}")
+            walk(node._get_node(key), path + ".")
+
+    walk(cfg, "")
+
+
+def check_data_root_used(cfg: DictConfig) -> None:
+    """`data.root` is only a base that a data config's paths may interpolate; setting it (on the
+    command line) for a data config whose paths do not refer to it would change nothing, silently."""
+    data = cfg.get("data")
+    if data is None:
+        return
+    raw = OmegaConf.to_container(data, resolve=False)
+    paths = [raw.get("tokenizer", "")] + [s.get("path", "") for s in (raw.get("sources") or {}).values()]
+    if not any("root}" in str(p) for p in paths):
+        raise ConfigError(f"data.root={data.root!r}: this data config's paths do not use data.root, so it would "
+                          "change nothing; set data.tokenizer and data.sources.<name>.path instead")
 
 
 # ---- value checks --------------------------------------------------------------------------------
@@ -238,7 +303,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _fail("model", None, "no model chosen (model=<preset> from conf/model/)")
     for key in ("trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_len", "trainer.log_every",
                 "trainer.global_batch_tokens", "trainer.max_bad_steps", "parallel.tp",
-                "optim.lr", "optim.eps"):
+                "optim.lr", "optim.eps", "trainer.build_lock_timeout_s"):
         _positive(cfg, key)
     for key in ("trainer.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio"):

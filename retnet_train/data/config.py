@@ -19,6 +19,10 @@ class DataConfig:
     num_workers: int = 1   # loader worker processes per rank (0 = in the training process)
     val_batches: int = 4   # validation micro-batches per source per eval
     prefetch: int = 4      # messages (of >= 64k tokens: several steps) each worker prepares ahead
+    # Checked at start-up, before step 1 (retnet_train.data.verify): quick = every shard exists
+    # with the size, sample count and headers its manifest records; full = also its sha256
+    # (reads every byte once).
+    verify: str = "quick"
     # Not read by the code: a base directory that the YAML files interpolate into paths
     # (`path: ${...root}/pile`), so that one override moves a whole mixture.
     root: str = "."
@@ -39,5 +43,7 @@ def validate(cfg: DataConfig) -> None:
     for key in ("num_workers", "val_batches"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"data.{key}: must be >= 0, got {getattr(cfg, key)}")
+    if cfg.verify not in ("quick", "full"):
+        raise ValueError(f"data.verify: must be quick or full, got {cfg.verify!r}")
     if cfg.prefetch < 1:
         raise ValueError(f"data.prefetch: must be >= 1, got {cfg.prefetch}")

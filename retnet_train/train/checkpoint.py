@@ -1,14 +1,21 @@
-"""Checkpoints: run_dir/checkpoints/step_NNNNNNNN/, published atomically, pointed to by `latest`.
+"""Checkpoints: run_dir/checkpoints/step_NNNNNNNN/, published atomically, checked before use.
 
-A checkpoint is written under `<tag>.tmp/` by all ranks (DeepSpeed's model + optimizer shards, and
-one trainer-state file per rank: step, tokens, data cursor, RNG states), then rank 0 writes
-meta.json, renames the folder to `<tag>` and only then rewrites `latest` (write + rename). A kill
-at any moment leaves either the previous checkpoint published or the new one; `.tmp` leftovers are
-removed at the next start. The oldest complete checkpoints beyond `keep` are pruned.
+Saving: every rank writes under `<tag>.tmp/` (DeepSpeed's model + optimizer shards, one trainer-state
+file per rank); rank 0 writes meta.json; the ranks hash the files and rank 0 writes files.json (sizes
+and sha256, see integrity.py); rank 0 renames the folder to `<tag>` and only then rewrites `latest`
+(write + rename). A kill at any moment leaves the previous checkpoint published or the new one; `.tmp`
+leftovers are removed at the next start. A failed write (a full disk) removes its partial files,
+leaves `latest` alone and stops the run with the path and the cause. The oldest complete
+checkpoints beyond `keep` are pruned.
+
+Resuming: `latest` first, then older checkpoints, newest first; each is checked against its
+files.json and a damaged one is reported file by file and skipped (kept on disk for inspection).
+If checkpoints exist but none is intact the run stops: it never silently starts from step 0.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,14 +27,22 @@ from typing import Any, Optional
 
 import torch
 
-from retnet_train.parallel import barrier, get_state
+from retnet_train.parallel import all_gather_objects, barrier, get_state
 
-from . import faults
+from . import faults, integrity
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+DISK_FULL_MIB = 16  # after a failed write, less free space than this means the disk filled up
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used; the message names the folder or file. Raised
+    alike on every rank (the ranks agree first), so only rank 0 needs to print it."""
+
+    every_rank = True
 
 
 def tag_for(step: int) -> str:
@@ -36,11 +51,14 @@ def tag_for(step: int) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".part{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -58,69 +76,204 @@ def trainer_state_file(rank: int) -> str:
     return f"trainer_state_rank{rank:05d}.pt"
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint folder, a checkpoints/ folder, or a run_dir."""
+def _is_complete(path: Path) -> bool:
+    return (path / "meta.json").is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Published checkpoint folders under root, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if TAG_RE.match(p.name) and _is_complete(p)), key=lambda p: p.name)
+
+
+def candidates(root: Path) -> tuple[list[Path], Optional[str]]:
+    """Checkpoints to resume from, in order of preference: the one `latest` names, then every other
+    complete one, newest first. Also a note when `latest` names no complete checkpoint."""
+    note, first = None, []
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _is_complete(named):
+            first = [named]
+        else:
+            note = f"{pointer} names {named.name}, which is not a complete checkpoint"
+    rest = [p for p in reversed(complete_checkpoints(root)) if p not in first]
+    return first + rest, note
+
+
+def pick_intact(paths: list[Path], *, rank: int = 0, world: int = 1, gather=integrity._alone,
+                checksums: bool = True) -> Path:
+    """The first of `paths` whose files match its files.json; every rank must call it alike.
+    Damaged ones are logged loudly (each bad file named); none intact is a CheckpointError."""
+    found: list[str] = []
+    for path in paths:
+        problems = integrity.find_problems(path, rank, world, gather, checksums)
+        if problems is None:
+            log.warning("%s has no files.json (written by an older retnet_train): its files are not verified", path)
+            return path
+        if not problems:
+            if found:
+                log.error("RESUMING FROM AN OLDER CHECKPOINT, %s: the newer ones are damaged (see above)", path)
+            return path
+        found.append(f"{path.name}: " + "; ".join(problems))
+        log.error("checkpoint %s is DAMAGED and is skipped (kept on disk for inspection):\n  %s",
+                  path, "\n  ".join(problems))
+    raise CheckpointError("no intact checkpoint: " + " | ".join(found))
+
+
+def checkpoint_root(path: Path) -> Optional[Path]:
+    """The checkpoints/ folder of a run_dir, or the folder itself if it holds checkpoints."""
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file() or complete_checkpoints(root):
+            return root
+    return None
+
+
+def resolve_checkpoint(path: str | Path, checksums: bool = True) -> Path:
+    """For one process (export, generate): a checkpoint folder as named, checked; or from a
+    checkpoints/ folder or run_dir, the newest intact checkpoint."""
     p = Path(path)
-    for root in (p, p / "checkpoints"):
-        if (root / LATEST).is_file():
-            return root / (root / LATEST).read_text().strip()
-    if (p / "meta.json").is_file():
-        return p
-    raise FileNotFoundError(f"{path}: not a checkpoint (no meta.json), checkpoints/ folder or run_dir with `latest`")
+    if TAG_RE.match(p.name) and _is_complete(p):
+        return pick_intact([p], checksums=checksums)
+    root = checkpoint_root(p)
+    if root is None:
+        raise FileNotFoundError(f"{path}: not a checkpoint (no meta.json), checkpoints/ folder or run_dir "
+                                "with checkpoints")
+    paths, note = candidates(root)
+    if note:
+        log.error(note)
+    if not paths:
+        raise CheckpointError(f"{root}: {note}; no complete checkpoint there")
+    return pick_intact(paths, checksums=checksums)
+
+
+def describe_write_error(e: BaseException, folder: Path) -> str:
+    """One line: a full disk said as such (torch's own message, `unexpected pos`, names neither)."""
+    chain, x = [], e
+    while x is not None:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    try:
+        free_mib = shutil.disk_usage(folder if folder.exists() else folder.parent).free / 2**20
+    except OSError:
+        free_mib = float("nan")
+    if any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in chain) or free_mib < DISK_FULL_MIB:
+        return f"disk full (ENOSPC) writing {folder}: {free_mib:.1f} MiB free"
+    return f"{type(e).__name__} writing {folder}: {e}"
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep: int):
+    def __init__(self, run_dir: str | Path, keep: int, checksums: bool = True):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.checksums = checksums
         self.ps = get_state()
 
     # ---- discovery --------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
+        """The checkpoint `latest` names, if it is complete (not verified)."""
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-        return path
+        named = self.root / pointer.read_text().strip()
+        return named if _is_complete(named) else None
 
-    def complete(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if TAG_RE.match(p.name) and (p / "meta.json").is_file()]
-        return sorted(found, key=lambda p: p.name)
+    def resume_point(self) -> Optional[Path]:
+        """The newest intact checkpoint to resume from; None when the run has none at all."""
+        paths, note = candidates(self.root)
+        if note:
+            log.error(note)
+        if not paths:
+            if note:  # a pointer to nothing and nothing else: not a fresh run, say so
+                raise CheckpointError(f"{note}, and no other complete checkpoint is in {self.root}. To start a "
+                                      "new run, use another run_dir or checkpoint.resume=false")
+            return None
+        return self.pick(paths)
+
+    def pick(self, paths: list[Path]) -> Path:
+        try:
+            return pick_intact(paths, rank=self.ps.rank, world=self.ps.world_size, gather=all_gather_objects,
+                               checksums=self.checksums)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}. The run does not start again from step 0 on its own: fix or move "
+                                  f"{self.root} away, or set checkpoint.resume=false for a new run") from None
 
     def clean_partial(self) -> None:
-        """Rank 0 removes `.tmp` folders left by a save that was killed."""
+        """Rank 0 removes what a killed save left: `.tmp` folders and half-written pointer files."""
         if self.ps.is_main and self.root.is_dir():
             for p in self.root.glob("*.tmp"):
                 log.warning("removing incomplete checkpoint %s", p)
                 shutil.rmtree(p, ignore_errors=True)
+            for p in self.root.glob(f"{LATEST}.part*"):
+                p.unlink(missing_ok=True)
         barrier()
 
     # ---- save -------------------------------------------------------------------------------------
+    def _agree(self, error: Optional[str], cleanup: Optional[Path] = None) -> None:
+        """Every rank learns whether any rank failed; then all raise, rank 0 removing `cleanup`."""
+        errors = [e for e in all_gather_objects(error) if e]
+        if not errors:
+            return
+        if self.ps.is_main and cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        barrier()
+        latest = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else "none"
+        raise CheckpointError(f"checkpoint not saved: {errors[0]}. "
+                              f"{'Removed its partial files; ' if cleanup else ''}latest is still {latest}")
+
+    def _space_error(self) -> Optional[str]:
+        """On rank 0: too little free space for one more checkpoint of the size of the last one."""
+        last = self.latest()
+        need = integrity.total_bytes(last) if last is not None else None
+        if not self.ps.is_main or not need:
+            return None
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            return (f"disk full (ENOSPC): {self.root} has {free / 2**20:.1f} MiB free, the last checkpoint took "
+                    f"{need / 2**20:.1f} MiB; nothing was written")
+        return None
+
     def save(self, engine, step: int, trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
         tag = tag_for(step)
-        tmp_tag = tag + ".tmp"
-        tmp = self.root / tmp_tag
+        tmp = self.root / (tag + ".tmp")
         t0 = time.time()
         if self.ps.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
-        state_path = tmp / trainer_state_file(self.ps.rank)
-        torch.save(trainer_state, str(state_path) + ".part")
-        os.replace(str(state_path) + ".part", state_path)
+        self._agree(self._space_error())
+        error = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+            state_path = tmp / trainer_state_file(self.ps.rank)
+            torch.save(trainer_state, str(state_path) + ".part")
+            os.replace(str(state_path) + ".part", state_path)
+            faults.maybe_disk_full("disk_full_in_save", step, tmp)
+        except (OSError, RuntimeError) as e:
+            error = describe_write_error(e, tmp)
+            # The ranks that wrote their files wait in DeepSpeed's closing barrier: meet them there.
+            barrier()
         faults.maybe_kill("kill_in_save", step)
-        barrier()
+        self._agree(error, cleanup=tmp)
+        error = None
+        if self.ps.is_main:
+            try:
+                _atomic_write(tmp / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
+                                                             "world_size": self.ps.world_size,
+                                                             "dp_size": self.ps.dp_size,
+                                                             "tp_size": self.ps.tp_size}, indent=2))
+            except OSError as e:
+                error = describe_write_error(e, tmp)
+        self._agree(error, cleanup=tmp)
+        error = None
+        try:
+            integrity.write_manifest(tmp, self.ps.rank, self.ps.world_size, all_gather_objects)
+        except OSError as e:
+            error = describe_write_error(e, tmp)
+        self._agree(error, cleanup=tmp)
         final = self.root / tag
         if self.ps.is_main:
-            _atomic_write(tmp / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
-                                                         "world_size": self.ps.world_size,
-                                                         "dp_size": self.ps.dp_size,
-                                                         "tp_size": self.ps.tp_size}, indent=2))
             if final.exists():  # the same step saved again (after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -136,7 +289,7 @@ class CheckpointManager:
         if self.keep <= 0:
             return
         latest = (self.root / LATEST).read_text().strip()
-        for p in self.complete()[: -self.keep]:
+        for p in complete_checkpoints(self.root)[: -self.keep]:
             if p.name != latest:
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -145,12 +298,14 @@ class CheckpointManager:
         """Load into the engine; return (meta, this rank's trainer state)."""
         meta = json.loads((path / "meta.json").read_text())
         if not module_only and meta.get("dp_size", self.ps.dp_size) != self.ps.dp_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path} was written by {meta['dp_size']} data-parallel ranks; this run has {self.ps.dp_size}. "
-                "Resuming with a different data-parallel size is not supported (the data cursor is per rank); "
-                "use checkpoint.init_from to start a new run from its weights")
+                "Resuming at another data-parallel size is not supported yet: DeepSpeed saves the optimizer "
+                "state (ZeRO partitions) and each rank its RNG state per data-parallel rank (the data cursor "
+                f"itself does not depend on the size). Resume with {meta['dp_size']} data-parallel ranks, or start "
+                "a new run from the weights with checkpoint.init_from")
         if meta.get("tp_size", 1) != self.ps.tp_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path} was written with parallel.tp={meta.get('tp_size', 1)}; this run has parallel.tp="
                 f"{self.ps.tp_size}. Export it (python -m retnet_train.export {path} OUT) and start from "
                 "checkpoint.init_from=OUT, which works at any tp")
@@ -158,6 +313,6 @@ class CheckpointManager:
                                               load_optimizer_states=not module_only,
                                               load_lr_scheduler_states=False)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
         state = {} if module_only else torch.load(path / trainer_state_file(self.ps.rank), weights_only=False)
         return meta, state

@@ -28,6 +28,28 @@ def _data_config(cfg):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
 
 
+def verify_data(cfg, is_main: bool) -> None:
+    """Rank 0 checks every shard the run will read (data.verify) before step 1; every rank raises
+    the same DataError if anything is wrong (so none waits for the others in a collective)."""
+    from retnet_train.data import DataError, verify_sources
+    from retnet_train.parallel import all_gather_objects
+
+    if cfg.trainer.data_source != "stream":
+        return
+    error = None
+    if is_main:
+        data = _data_config(cfg)
+        try:
+            verify_sources(data, cfg.trainer.seq_len, full=data.verify == "full")
+        except DataError as e:
+            error = str(e)
+    error = all_gather_objects(error)[0]
+    if error:
+        e = DataError(error)
+        e.every_rank = True
+        raise e
+
+
 def build_train_stream(cfg, vocab_size: int, dp_rank: int, dp_size: int):
     t = cfg.trainer
     if t.data_source == "synthetic":

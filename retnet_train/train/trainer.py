@@ -15,14 +15,15 @@ from retnet_train.parallel import all_reduce_max, all_reduce_sum, barrier, destr
 from retnet_train.parallel.tensor_parallel import grad_norm
 
 from . import faults
+from .build_lock import bound_build_lock_wait
 from .build import build_engine, forward_kwargs, is_export_dir
-from .checkpoint import CheckpointManager, resolve_checkpoint
-from .data import build_train_stream, build_val, resolve_vocab_size
+from .checkpoint import CheckpointManager, checkpoint_root, candidates
+from .data import build_train_stream, build_val, resolve_vocab_size, verify_data
 from .evaluate import evaluate, lm_loss
 from .metrics import MetricsWriter
 from .rng import get_rng_state, seed_all, set_rng_state
 from .schedule import schedule_from_config
-from .signals import StopRequest
+from .signals import StopRequest, signal_name
 from .throughput import flops_per_token, peak_flops_per_device, peak_memory_gib
 
 log = logging.getLogger("retnet_train")
@@ -32,10 +33,22 @@ class TooManyBadSteps(RuntimeError):
     pass
 
 
-def setup_logging(level: str, rank: int) -> None:
-    logging.basicConfig(level=getattr(logging, level) if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(message)s" if rank else "%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+def log_file(run_dir, rank: int) -> Path:
+    """Where rank `rank` keeps its log, and the traceback of an error (the console gets one line)."""
+    return Path(run_dir) / "logs" / f"rank{rank:05d}.log"
+
+
+def setup_logging(level: str, rank: int, run_dir) -> None:
+    """Console: rank 0 at `level`, the others warnings only. Each rank's log file: `level`."""
+    console = logging.StreamHandler()
+    console.setLevel(getattr(logging, level) if rank == 0 else logging.WARNING)
+    console.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(message)s" if rank else
+                                           "%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    path = log_file(run_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = logging.FileHandler(path)
+    file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[console, file], force=True)
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -45,15 +58,17 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.stop = StopRequest()
+        bound_build_lock_wait(t.build_lock_timeout_s)
         self.ps = init_distributed(t.device, cfg.parallel.backend, cfg.parallel.tp,
                                    cfg.parallel.timeout_minutes)
-        setup_logging(cfg.logging.level, self.ps.rank)
+        setup_logging(cfg.logging.level, self.ps.rank, cfg.run_dir)
         if self.ps.device.type == "cpu":
             # Denormal floats (e.g. the softmax gradient of tokens the model has learned to rule out)
             # make x86 arithmetic ~100x slower; measured: a CPU run fell from 4k to 0.5k tokens/s.
             torch.set_flush_denormal(True)
         self.layout = batch_layout(cfg, self.ps.world_size)
         self.run_dir = Path(cfg.run_dir)
+        verify_data(cfg, self.ps.is_main)
         vocab = resolve_vocab_size(cfg)
         if vocab is not None and vocab != cfg.model.vocab_size:
             log.info("model.vocab_size %d -> %d (the tokenizer's vocabulary)", cfg.model.vocab_size, vocab)
@@ -75,11 +90,7 @@ class Trainer:
             self.flops_per_token = 6.0 * n
         self.peak_flops = peak_flops_per_device(self.ps.device, cfg.logging.peak_tflops) * self.ps.world_size
 
-        if self.ps.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.run_dir / "config.yaml")
-        barrier()
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.checksums)
         self.ckpt.clean_partial()
 
         self.step, self.tokens, self.bad_in_row, self.skipped_total = 0, 0, 0, 0
@@ -89,13 +100,16 @@ class Trainer:
         seed_all(t.seed + 1000 * self.ps.dp_rank)
         self.stream = build_train_stream(cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
         self._restore()
+        if self.ps.is_main:  # only now: a run refused above must not overwrite the config of the run it found
+            OmegaConf.save(cfg, self.run_dir / "config.yaml")
+        barrier()
         self.val = None
         self.metrics = self._metrics_writer()
 
     # ---- set-up -----------------------------------------------------------------------------------
     def _restore(self) -> None:
         cfg = self.cfg
-        latest = self.ckpt.latest() if cfg.checkpoint.resume else None
+        latest = self.ckpt.resume_point() if cfg.checkpoint.resume else None
         if latest is not None:
             meta, state = self.ckpt.load(self.engine, latest)
             self.step, self.tokens = state["step"], state["tokens"]
@@ -106,12 +120,23 @@ class Trainer:
             self.resumed_from = latest
             log.info("resumed from %s (step %d, %s tokens)", latest, self.step, f"{self.tokens:,}")
         elif cfg.checkpoint.init_from and not is_export_dir(cfg.checkpoint.init_from):  # exports load in build
-            path = resolve_checkpoint(cfg.checkpoint.init_from)
+            path = self._init_checkpoint(cfg.checkpoint.init_from)
             self.ckpt.load(self.engine, path, module_only=True)
             self.resumed_from = None
             log.info("initialised weights from %s", path)
         else:
             self.resumed_from = None
+
+    def _init_checkpoint(self, init_from: str) -> Path:
+        """checkpoint.init_from: a checkpoint folder as named, or a run's newest intact one; checked."""
+        p = Path(init_from)
+        if (p / "meta.json").is_file():
+            return self.ckpt.pick([p])
+        root = checkpoint_root(p)
+        paths = candidates(root)[0] if root is not None else []
+        if not paths:
+            raise FileNotFoundError(f"checkpoint.init_from={init_from}: not a checkpoint, run_dir or export folder")
+        return self.ckpt.pick(paths)
 
     def _metrics_writer(self) -> MetricsWriter:
         wandb_run = None
@@ -122,8 +147,9 @@ class Trainer:
                                     OmegaConf.to_container(self.cfg, resolve=True))
         writer = MetricsWriter(self.run_dir, self.ps.is_main, self.cfg.logging.console, self.cfg.trainer.max_steps,
                                wandb_run)
-        if self.resumed_from is not None:
-            writer.truncate_after(self.step)
+        # records of steps after the point this run starts from were written by a run that stopped
+        # before saving them (no checkpoint at all: step 0); they are about to be written again
+        writer.truncate_after(self.step)
         return writer
 
     # ---- one optimizer step -----------------------------------------------------------------------
@@ -249,8 +275,9 @@ class Trainer:
                 paused = True
             signum = self._sync_stop()
             if signum:
+                log.info("%s: stopping at step %d; saving a checkpoint", signal_name(signum), step)
                 self.save(reason=f"signal {signum}")
-                log.info("stopped by signal at step %d; checkpoint saved, exiting", step)
+                log.info("stopped at step %d; the same command resumes from here", step)
                 self.close()
                 return 0
             if c.every and step % c.every == 0 and step < t.max_steps:
