@@ -29,6 +29,9 @@ def resolve_config(spec: Any, **overrides: Any) -> ModelConfig:
         cfg = dataclasses.replace(spec, **overrides)
     elif isinstance(spec, (str, Path)) and (Path(spec) / EXPORT_CONFIG).is_file():
         values = json.loads((Path(spec) / EXPORT_CONFIG).read_text())
+        # the kernels a training run chose belong to its machine, not to the weights: the machine
+        # that loads them picks its own (auto, unless overridden)
+        values.pop("kernels", None)
         cfg = config_from_dict({**values, **overrides}, source=str(Path(spec) / EXPORT_CONFIG))
     elif isinstance(spec, str):
         cfg = load_preset(spec, **overrides)
@@ -46,7 +49,10 @@ def resolve_config(spec: Any, **overrides: Any) -> ModelConfig:
 
 
 def build_model(spec: Any = "retnet_tiny", **overrides: Any) -> LanguageModel:
-    """Build a model; on an export folder, also load its weights. Works under torch.device('meta')."""
+    """Build a model; on an export folder, also load its weights. Works under torch.device('meta').
+
+    model.kernels is resolved here, once, for the device the model is built on (the default device:
+    build under `with torch.device("cuda"):` to get GPU kernels); the result is `model.kernels`."""
     cfg = resolve_config(spec, **overrides)
     model = RetNet(cfg) if cfg.arch == "retnet" else Transformer(cfg)
     if isinstance(spec, (str, Path)) and (Path(spec) / EXPORT_WEIGHTS).is_file():

@@ -20,6 +20,7 @@ HEAD_NORMS = ("groupnorm", "rmsnorm")
 DECAY_SCHEDULES = ("paper", "linspace", "uniform")
 SCORE_NORMS = ("none", "torchscale")
 MODES = ("parallel", "chunkwise", "recurrent")
+KERNELS = ("auto", "torch", "fla", "triton")  # see kernels/__init__.py
 
 
 class ModelConfigError(ValueError):
@@ -51,6 +52,10 @@ class ModelConfig:
     embed_scale: bool = False  # multiply token embeddings by sqrt(d_model)
     dropout: float = 0.0
     chunk_size: int = 64  # default chunk length of the chunkwise form
+    # which fast paths run (retention, fused head norm + gate, linear cross-entropy), resolved once at
+    # build into model.kernels: "auto" (CPU: torch; NVIDIA: fla, else our Triton kernels, else torch;
+    # ROCm: our Triton kernels, else torch) | "torch" (plain PyTorch everywhere) | "fla" | "triton"
+    kernels: str = "auto"
     init: str = "official"  # "official": torchscale's initialisation
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. where a preset came from)
 
@@ -92,6 +97,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _check_choice("decay_schedule", cfg.decay_schedule, DECAY_SCHEDULES)
     _check_choice("score_norm", cfg.score_norm, SCORE_NORMS)
     _check_choice("init", cfg.init, ("official",))
+    _check_choice("kernels", cfg.kernels, KERNELS)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or value <= 0:

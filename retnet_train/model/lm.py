@@ -6,16 +6,23 @@ the Transformer differ only in their blocks. `State` carries what decoding needs
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from .config import MODES, ModelConfig
+from .kernels import resolve_kernels
 from .layers import make_norm
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass
@@ -35,6 +42,7 @@ class ForwardContext:
     chunk_size: int
     offset: int  # absolute position of the first token
     need_state: bool
+    kernels: str = "torch"  # the model's resolved kernel choice: torch | fla | triton
 
 
 class LanguageModel(nn.Module):
@@ -48,7 +56,10 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"
+        # resolved once, for the device the model is built on (torch.device(...) context)
+        self.kernels = resolve_kernels(cfg.kernels)
+        log.info("model.kernels=%s -> %s", cfg.kernels, self.kernels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -58,9 +69,14 @@ class LanguageModel(nn.Module):
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them."""
-        self.activation_checkpointing = enabled
+    def set_activation_checkpointing(self, mode: str | bool = "full") -> None:
+        """What each block keeps for backward: "none" everything; "full" only its input (the whole
+        block is recomputed); "selective" the matmul and retention outputs, recomputing the cheap
+        elementwise work (norms, rotary, gate, activations). True/False mean full/none."""
+        mode = {True: "full", False: "none"}.get(mode, mode) if isinstance(mode, bool) else mode
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing {mode!r} is not one of {list(CHECKPOINTING)}")
+        self.activation_checkpointing = mode
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
                 state: State | None = None, return_state: bool = False, return_hidden: bool = False):
@@ -76,6 +92,7 @@ class LanguageModel(nn.Module):
             chunk_size=chunk_size or self.config.chunk_size,
             offset=state.offset if state is not None else 0,
             need_state=return_state,
+            kernels=self.kernels,
         )
         x = self.embed(ids)
         if self.config.embed_scale:
@@ -84,8 +101,10 @@ class LanguageModel(nn.Module):
         new_layers = []
         for i, block in enumerate(self.layers):
             layer_state = state.layers[i] if state is not None else None
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, new = checkpoint(block, x, ctx, layer_state, use_reentrant=False)
+            ckpt = self.activation_checkpointing
+            if ckpt != "none" and self.training and torch.is_grad_enabled():
+                context_fn = _selective_contexts if ckpt == "selective" else noop_context_fn
+                x, new = checkpoint(block, x, ctx, layer_state, use_reentrant=False, context_fn=context_fn)
             else:
                 x, new = block(x, ctx, layer_state)
             new_layers.append(new)
@@ -109,3 +128,28 @@ class LanguageModel(nn.Module):
                 continue
             total += p.numel()
         return total
+
+
+# ---- selective activation checkpointing ------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _saved_ops() -> frozenset:
+    """Ops whose outputs "selective" keeps: matmuls (projections, FFN, the torch retention forms'
+    batched matmuls, which are the expensive intra-chunk part) and attention kernels."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward"]
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # custom retention kernels register themselves as torch.library ops named retnet::retention*
+    if op in _saved_ops() or op.name().startswith("retnet::retention"):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_selective_policy)
+

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from .kernels import triton_interpreted
+
 
 def head_log_decays(n_heads: int, schedule: str = "paper", head_start: int = 0,
                     head_count: int | None = None) -> Tensor:
@@ -138,12 +140,19 @@ def chunkwise_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
 
 
 def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
-              state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64):
-    """Dispatch to one form. On CUDA with fla installed, chunkwise and recurrent use its kernels."""
-    from .kernels import fla_retention
-
-    if mode != "parallel" and fla_retention.usable(q):
-        return fla_retention.retention(q, k, v, log_gamma, mode, state, need_state)
+              state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64,
+              kernels: str = "torch"):
+    """Dispatch to one form. `kernels` is the model's resolved choice (model.kernels): with "fla" or
+    "triton", chunkwise and recurrent run those kernels (they do the chunking themselves, so
+    `chunk_size` only shapes the torch form); the parallel form and dtypes a kernel does not take
+    (its `usable`, e.g. float64) run in torch."""
+    if kernels != "torch" and mode != "parallel":
+        fast = _fast_module(kernels)
+        if not (q.is_cuda or (kernels == "triton" and triton_interpreted())):
+            raise RuntimeError(f"model.kernels={kernels!r} was resolved when the model was built, but this call "
+                               f"has {q.device.type} tensors; build the model where it runs (kernels=auto or torch)")
+        if fast.usable(q):
+            return fast.retention(q, k, v, log_gamma, mode, state, need_state)
     if mode == "parallel":
         return parallel_retention(q, k, v, log_gamma, state, need_state)
     if mode == "chunkwise":
@@ -151,3 +160,13 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
     if mode == "recurrent":
         return recurrent_retention(q, k, v, log_gamma, state, need_state)
     raise ValueError(f"unknown retention mode {mode!r}; expected parallel, chunkwise or recurrent")
+
+
+def _fast_module(kernels: str):
+    if kernels == "fla":  # imported on first use: fla and triton load only where they run
+        from .kernels import fla_retention as fast
+    elif kernels == "triton":
+        from .kernels import retention_triton as fast
+    else:
+        raise ValueError(f"model.kernels={kernels!r}: no such retention kernels")
+    return fast
