@@ -154,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = export(args.checkpoint, args.out_dir)
+    from retnet_train.train.checkpoint import CheckpointError
+
+    try:  # a missing or damaged checkpoint: one line naming it, not a traceback
+        out = export(args.checkpoint, args.out_dir)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from safetensors.torch import load_file
 
     n = sum(t.numel() for t in load_file(str(out / "model.safetensors")).values())

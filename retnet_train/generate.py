@@ -216,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from retnet_train.train.checkpoint import CheckpointError
+
     device = _device(cfg.device)
-    model, tok_path = load_for_inference(cfg.checkpoint, device)
+    try:  # a missing or damaged checkpoint: one line naming it, not a traceback
+        model, tok_path = load_for_inference(cfg.checkpoint, device)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sp = _load_tokenizer(cfg.tokenizer or tok_path)
     if cfg.prompt_ids is None and sp is None:
         print("error: no tokenizer found: pass tokenizer=PATH or prompt_ids=[...]", file=sys.stderr)

@@ -353,3 +353,14 @@ def test_a_bad_shard_fails_before_step_1_naming_it(tmp_path, damage):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(shard) in errors[0], proc.stderr[-3000:]
     assert not (run_dir / "metrics.jsonl").exists() or not losses(run_dir)  # not one step taken
+
+
+@pytest.mark.parametrize("tool", ["export", "generate"])
+def test_export_and_generate_refuse_a_damaged_checkpoint_in_one_line(run_copy, tool, tmp_path):
+    ckpt = run_copy / "checkpoints" / "step_00000006"
+    _flip_byte(ckpt / MODEL_FILE)
+    args = [str(ckpt), str(tmp_path / "out")] if tool == "export" else [f"checkpoint={ckpt}", "prompt_ids=[1,2]"]
+    proc = subprocess.run([*command([])[:2], f"retnet_train.{tool}", *args], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: no intact checkpoint: step_00000006: {ckpt}/{MODEL_FILE}: sha256" in proc.stderr
