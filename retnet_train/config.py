@@ -77,8 +77,14 @@ class TrainerConfig:
     device: str = "auto"  # auto | cuda | cpu
     mode: str = "parallel"  # retention form for training: parallel | chunkwise
     chunk_size: Optional[int] = None  # chunkwise chunk length; null: model.chunk_size
-    activation_checkpointing: bool = False
+    # what each block keeps for backward: none | full (only the block input; the block is recomputed)
+    # | selective (matmul and retention outputs kept; norms, rotary, gates, activations recomputed).
+    # Configs written before these values: true = full, false = none.
+    activation_checkpointing: Any = "none"
     compile: bool = False  # torch.compile the model
+    # true: the loss from the final hidden states and the LM head's weight in token chunks, never the
+    # full [tokens, vocab] fp32 logits (same loss to fp32 rounding); false: logits, then cross-entropy
+    fused_loss: bool = True
     max_bad_steps: int = 5  # stop after this many consecutive skipped (NaN/inf) steps
     data_source: str = "stream"  # stream: retnet_train.data shards | synthetic: a learnable token pattern
     build_lock_timeout_s: float = 900  # give up waiting for a C++ extension build lock after this (a killed build leaves it)
@@ -297,6 +303,18 @@ def batch_layout(cfg: DictConfig, world_size: Optional[int] = None) -> Dict[str,
             "global_batch_seqs": t.global_batch_tokens // t.seq_len}
 
 
+CHECKPOINTING = ("none", "full", "selective")
+
+
+def checkpointing_mode(value: Any) -> str:
+    """trainer.activation_checkpointing as one of CHECKPOINTING (true/false of older configs: full/none)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in CHECKPOINTING:
+        _fail("trainer.activation_checkpointing", value, f"must be one of {list(CHECKPOINTING)} (true/false: full/none)")
+    return value
+
+
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     """Checks types cannot express; each failure names its key and value."""
     if cfg.get("model") is None:
@@ -329,6 +347,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     _choice(cfg, "trainer.device", ("auto", "cuda", "cpu"))
     _choice(cfg, "trainer.mode", ("parallel", "chunkwise"))
     _choice(cfg, "trainer.data_source", ("stream", "synthetic"))
+    checkpointing_mode(cfg.trainer.activation_checkpointing)
     _choice(cfg, "logging.wandb.mode", ("online", "offline", "disabled"))
     _choice(cfg, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:

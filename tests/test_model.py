@@ -96,18 +96,71 @@ def test_causal_in_every_form(arch, mode):
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
 
 
-def test_activation_checkpointing_gives_same_gradients():
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that run while active (here: during backward, recomputation included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_activation_checkpointing_modes_give_same_losses_and_gradients():
+    """none / full / selective on retnet_tiny: the same loss and gradients; full recomputes the
+    matmuls in backward, selective only the elementwise work (norms, rotary, gates)."""
     torch.manual_seed(0)
-    model = small().double()
+    model = build_model("retnet_tiny", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, chunk_size=8,
+                        ffn_type="glu").double()
     x = ids(T=16)
-    grads = []
-    for on in (False, True):
-        model.set_activation_checkpointing(on)
+    results = {}
+    for mode in ("none", "full", "selective"):
+        model.set_activation_checkpointing(mode)
         model.zero_grad()
-        model(x, mode="chunkwise").sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+        loss = torch.nn.functional.cross_entropy(model(x, mode="chunkwise").flatten(0, 1), x.roll(-1, 1).flatten())
+        with _CountOps() as ops:
+            loss.backward()
+        results[mode] = (loss.item(), [p.grad.clone() for p in model.parameters()], ops.counts)
+    base_loss, base_grads, base_ops = results["none"]
+    for mode in ("full", "selective"):
+        loss, grads, _ = results[mode]
+        assert loss == base_loss
+        for a, b in zip(grads, base_grads):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), mode
+    matmuls = lambda counts: counts.get("mm", 0) + counts.get("bmm", 0)  # noqa: E731
+    assert matmuls(results["full"][2]) > matmuls(base_ops)  # the blocks' forward again
+    assert matmuls(results["selective"][2]) == matmuls(base_ops)  # projections and retention kept
+    assert results["selective"][2].get("rsqrt", 0) > base_ops.get("rsqrt", 0)  # head norm recomputed
+    assert results["selective"][2].get("cos", 0) > base_ops.get("cos", 0)  # rotary recomputed
+    # configs of before: True / False
+    model.set_activation_checkpointing(True)
+    assert model.activation_checkpointing == "full"
+    with pytest.raises(ValueError, match="'partial' is not one of"):
+        model.set_activation_checkpointing("partial")
+
+
+def test_chunk_form_flops_against_a_hand_count():
+    """Per head and chunk: 2 C^2 K (Q K^T over the full tile) + 2 C^2 V (times V) + 2 C K V (q S)
+    + 2 C K V (k^T v); a last partial chunk of r tokens counts r; backward twice the forward."""
+    from retnet_train.model.flops import mixing_flops_per_token, retention_flops, training_flops_per_token
+
+    cfg = load_preset("retnet_tiny", d_model=16, n_heads=2, value_dim=32, n_layers=3, chunk_size=4)
+    K, V = 8, 16  # per head
+    assert (cfg.key_head_dim, cfg.value_head_dim) == (K, V)
+    chunk = 2 * 16 * 8 + 2 * 16 * 16 + 2 * 4 * 8 * 16 + 2 * 4 * 8 * 16  # C = 4: 256 + 512 + 1024 + 1024
+    assert chunk == 2816
+    tail = 2 * 4 * 8 + 2 * 4 * 16 + 4 * 2 * 8 * 16  # r = 2: 64 + 128 + 1024
+    fwd, bwd = retention_flops(cfg, 10, "chunkwise")  # 2 full chunks + 2 tokens
+    assert fwd == 2 * (2 * chunk + tail) and bwd == 2 * fwd  # 2 heads
+    assert mixing_flops_per_token(cfg, 10, "chunkwise") == 3 * fwd / 10  # 3 layers
+    assert retention_flops(cfg, 8, "parallel")[0] == 2 * 2 * 8 * 8 * (K + V)  # the full T x T product
+    # one chunk of 8: the parallel product plus the (zero-state) q S and the state update
+    assert retention_flops(cfg, 8, "chunkwise", chunk_size=8)[0] == retention_flops(cfg, 8, "parallel")[0] + 2 * 4 * 8 * K * V
+    matmul = 2 * (cfg.n_layers * (2 * 16 * 16 + 3 * 16 * 32 + 2 * 16 * 32) + 16 * cfg.vocab_size)
+    assert training_flops_per_token(cfg, 10) == 3 * (matmul + 3 * fwd / 10)
 
 
 NOMINAL = {"1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9, "13b": 13e9}

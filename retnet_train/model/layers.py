@@ -63,6 +63,48 @@ def activation(name: str):
     return F.silu if name == "swish" else F.gelu
 
 
+def _act_backward(name: str, grad: Tensor, h: Tensor) -> Tensor:
+    """d act(h) / dh * grad, by the same aten kernels autograd uses (so gradients are bit-identical)."""
+    if name == "swish":
+        return torch.ops.aten.silu_backward(grad, h)
+    return torch.ops.aten.gelu_backward(grad, h)
+
+
+class _Activation(torch.autograd.Function):
+    """act(h) computed in fp32, returned in h's dtype. Saves only h (which fc1's output is anyway) and
+    recomputes act in backward: autograd would also keep the fp32 copy of h [B, T, ffn] for it."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, name: str) -> Tensor:
+        ctx.save_for_backward(h)
+        ctx.name = name
+        return activation(name)(h.float()).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (h,) = ctx.saved_tensors
+        return _act_backward(ctx.name, grad.float(), h.float()).to(h.dtype), None
+
+
+class _GatedActivation(torch.autograd.Function):
+    """act(h) * gate (the GLU's hidden units), saving only h and gate [B, T, ffn]: autograd would also
+    keep the fp32 copy of h and act(h); act(h) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, gate: Tensor, name: str) -> Tensor:
+        ctx.save_for_backward(h, gate)
+        ctx.name = name
+        return activation(name)(h.float()).to(h.dtype) * gate
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, gate = ctx.saved_tensors
+        a = activation(ctx.name)(h.float()).to(h.dtype)
+        d_gate = (grad * a).to(gate.dtype)
+        d_a = (grad * gate).to(h.dtype)
+        return _act_backward(ctx.name, d_a.float(), h.float()).to(h.dtype), d_gate, None
+
+
 class FeedForward(nn.Module):
     """Two-layer GELU FFN (paper), or a GLU: fc2(act(fc1 x) * gate x) (official code)."""
 
@@ -72,15 +114,17 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d, f, bias=cfg.bias)
         self.gate = nn.Linear(d, f, bias=cfg.bias) if cfg.ffn_type == "glu" else None
         self.fc2 = nn.Linear(f, d, bias=cfg.bias)
-        self.act = activation(cfg.glu_activation) if self.gate is not None else F.gelu
+        self.act_name = cfg.glu_activation if self.gate is not None else "gelu"
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)
-        # the activation runs in fp32 (as the official GLU does), then back to the compute dtype
-        h = self.act(h.float()).type_as(h)
+        # the activation runs in fp32 (as the official GLU does), then back to the compute dtype;
+        # it is recomputed in backward rather than stored (the same numbers, less memory)
         if self.gate is not None:
-            h = h * self.gate(x)
+            h = _GatedActivation.apply(h, self.gate(x), self.act_name)
+        else:
+            h = _Activation.apply(h, self.act_name)
         return self.fc2(self.dropout(h))
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import FeedForward, HeadNorm, activation, apply_rotary, make_norm, rotary_sin_cos
+from .kernels.norm_gate import gated_head_norm
+from .layers import FeedForward, HeadNorm, apply_rotary, make_norm, rotary_sin_cos
 from .lm import ForwardContext, LanguageModel
 from .retention import head_log_decays, retention
 
@@ -38,7 +39,6 @@ class MultiScaleRetention(nn.Module):
         self.g_proj = nn.Linear(d, hv, bias=cfg.bias)
         self.out_proj = nn.Linear(hv, d, bias=cfg.bias)
         self.head_norm = HeadNorm(self.n_heads, self.value_dim, cfg.head_norm, cfg.head_norm_eps, cfg.head_norm_affine)
-        self.gate_act = activation(cfg.gate_activation)
         self.rope_base = cfg.rope_base
         self.reset_parameters()
 
@@ -88,11 +88,11 @@ class MultiScaleRetention(nn.Module):
             # a column of ones in v makes retention also return n_t = sum_s gamma^(t-s) q_t.k_s,
             # the score sum the official code divides by; it carries through every form and the state
             v = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1)
-        o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state, ctx.chunk_size)
+        o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state, ctx.chunk_size, ctx.kernels)
         if self.cfg.score_norm == "torchscale":
             o = self._torchscale_normalise(o, log_decay, ctx.offset)
 
-        y = self.gate_act(g) * self.head_norm(o)
+        y = gated_head_norm(o, g, self.head_norm, self.cfg.gate_activation, ctx.kernels)  # swish(g) * GroupNorm_h(o)
         return self.out_proj(y), new_state
 
     def _torchscale_normalise(self, o: Tensor, log_decay: Tensor, offset: int) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from retnet_train.config import checkpointing_mode
 from retnet_train.parallel import get_state, mpu
 from retnet_train.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -64,8 +66,7 @@ def build_engine(cfg, layout: dict, device: torch.device) -> Built:
         model = build_model(mcfg)
     if is_export_dir(cfg.checkpoint.init_from):
         load_export_weights(model, cfg.checkpoint.init_from)
-    if cfg.trainer.activation_checkpointing:
-        model.set_activation_checkpointing(True)
+    model.set_activation_checkpointing(checkpointing_mode(cfg.trainer.activation_checkpointing))
     ps = get_state()
     if ps.tp_size > 1:
         # every rank built the same full model from the same seed; each keeps its slice
@@ -81,8 +82,10 @@ def build_engine(cfg, layout: dict, device: torch.device) -> Built:
     if cfg.trainer.compile:
         engine.compile()
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.1fM parameters (zero-%d shards may report fewer), precision %s, ZeRO-%d",
-             mcfg.arch, n_params / 1e6, cfg.deepspeed.stage, precision, cfg.deepspeed.stage)
+    log.info("model %s: %.1fM parameters (zero-%d shards may report fewer), precision %s, ZeRO-%d, kernels %s "
+             "(model.kernels=%s), activation checkpointing %s, fused loss %s",
+             mcfg.arch, n_params / 1e6, cfg.deepspeed.stage, precision, cfg.deepspeed.stage, model.kernels,
+             mcfg.kernels, model.activation_checkpointing, cfg.trainer.fused_loss)
     return Built(engine=engine, model_cfg=mcfg, precision=precision, own_clipping=own_clipping, ds_config=ds_config,
                  vocab_parallel=ps.tp_size > 1)
 
@@ -100,7 +103,8 @@ def load_export_weights(model, export_dir) -> None:
 
     from retnet_train.model import EXPORT_WEIGHTS, resolve_config
 
-    theirs = resolve_config(str(export_dir))
+    # the kernel choice is how this machine runs the weights, not part of what they are
+    theirs = dataclasses.replace(resolve_config(str(export_dir)), kernels=model.config.kernels)
     if theirs != model.config:
         diff = {k: (getattr(theirs, k), getattr(model.config, k)) for k in vars(theirs)
                 if getattr(theirs, k) != getattr(model.config, k)}

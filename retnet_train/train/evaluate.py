@@ -21,9 +21,42 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
 
 
+def lm_loss_from_hidden(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, reduction: str = "mean",
+                        vocab_parallel: bool = False, kernels: str = "torch") -> torch.Tensor:
+    """lm_loss(head(hidden), labels) without the full logits (trainer.fused_loss): hidden [B, T, d] are
+    the model's final hidden states, `head` its LM head. Token chunks, fp32 math (kernels/linear_ce.py).
+
+    The head's weight is used directly where it is whole on this rank; a vocabulary-parallel head
+    (tp > 1) or a ZeRO-3 partitioned one is called as a module per chunk (which gathers / splits it)."""
+    from retnet_train.model.kernels.linear_ce import chunked_head_cross_entropy, linear_cross_entropy
+
+    if vocab_parallel:
+        from retnet_train.parallel.tensor_parallel import parallel_cross_entropy
+
+        def vocab_parallel_sum(logits, chunk_labels):
+            return parallel_cross_entropy(logits, chunk_labels, reduction="sum")
+
+        return chunked_head_cross_entropy(hidden, head, labels, vocab_parallel_sum, reduction)
+    if hasattr(head.weight, "ds_id"):  # ZeRO-3: the weight is gathered only inside the head's forward
+        return chunked_head_cross_entropy(hidden, head, labels, reduction=reduction)
+    return linear_cross_entropy(hidden, head.weight, labels, reduction, impl=fused_loss_impl(hidden, kernels))
+
+
+def fused_loss_impl(hidden: torch.Tensor, kernels: str) -> str:
+    """liger-kernel's Triton kernel on a GPU when the model's kernels are not plain torch and liger
+    imports; else the chunked torch version."""
+    if kernels == "torch" or not hidden.is_cuda:
+        return "torch"
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except Exception:
+        return "torch"
+    return "liger"
+
+
 @torch.no_grad()
 def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: torch.device,
-             vocab_parallel: bool = False) -> dict[str, float]:
+             vocab_parallel: bool = False, fused_loss: bool = False) -> dict[str, float]:
     """Every rank runs the same number of batches per source (ZeRO-3 forwards are collective)."""
     was_training = engine.training
     engine.eval()
@@ -36,7 +69,13 @@ def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: t
         count = 0
         for batch in batches[:n]:
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            loss_sum += lm_loss(engine(ids, **forward_kwargs), labels, "sum", vocab_parallel).double()
+            if fused_loss:
+                module = engine.module
+                hidden = engine(ids, return_hidden=True, **forward_kwargs)
+                loss = lm_loss_from_hidden(hidden, module.lm_head, labels, "sum", vocab_parallel, module.kernels)
+            else:
+                loss = lm_loss(engine(ids, **forward_kwargs), labels, "sum", vocab_parallel)
+            loss_sum += loss.double()
             count += int((labels != -100).sum())
         total, tokens = all_reduce_sum([float(loss_sum), float(count)])
         if tokens:

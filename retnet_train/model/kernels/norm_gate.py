@@ -1,0 +1,87 @@
+"""The retention output's per-head norm and swish gate in one Triton kernel: y = silu(g) * norm(o).
+
+    o [B, T, H, d_v] (retention output), g [B, T, H * d_v] (gate projection) -> y [B, T, H * d_v]
+    norm: GroupNorm with one group per head (mean and variance over d_v) or RMSNorm per head, fp32
+    statistics, optional affine weight/bias of width H * d_v (HeadNorm in ../layers.py).
+
+Why: in plain PyTorch the norm keeps several fp32 [B, T, H * d_v] intermediates for backward (the
+fp32 copy, the centred values, the normalised values) plus the normalised and gated bf16 tensors.
+The kernel keeps only its inputs o and g and two fp32 numbers per (token, head) (mean, 1/std); the
+backward recomputes the normalised values from them. One read of o and g, one write of y.
+
+Chosen with model.kernels = fla | triton (the retention kernels differ, this one is ours for both)
+and a swish gate; `torch` or a GELU gate runs HeadNorm + the activation. Both are torch.library
+custom ops, so torch.compile keeps one graph and selective checkpointing recomputes them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import triton_interpreted
+
+
+def gated_head_norm(o: Tensor, g: Tensor, norm, activation: str, kernels: str) -> Tensor:
+    """act(g) * norm(o); `norm` is a HeadNorm (its weight, bias, kind and eps are used)."""
+    fused = (kernels != "torch" and activation == "swish" and o.dtype != torch.float64
+             and (o.is_cuda or triton_interpreted()))
+    if not fused:
+        act = F.silu if activation == "swish" else F.gelu
+        return act(g) * norm(o)
+    B, T, H, D = o.shape
+    y, _, _ = torch.ops.retnet.swish_gated_head_norm(
+        o.contiguous(), g.reshape(B, T, H, D).contiguous(), norm.weight, norm.bias, norm.kind == "groupnorm", norm.eps)
+    return y.reshape(B, T, H * D)
+
+
+# ---- the custom ops --------------------------------------------------------------------------------
+
+@torch.library.custom_op("retnet::swish_gated_head_norm", mutates_args=())
+def _fwd(o: Tensor, g: Tensor, weight: Tensor | None, bias: Tensor | None, group: bool,
+         eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """o, g [B, T, H, D] -> y [B, T, H, D] (o and g's promoted dtype), mean and 1/std [B * T * H] fp32."""
+    from ._norm_gate_triton import forward
+
+    return forward(o, g, weight, bias, group, eps)
+
+
+@_fwd.register_fake
+def _(o, g, weight, bias, group, eps):
+    rows = o.numel() // o.shape[-1]
+    stat = o.new_empty(rows, dtype=torch.float32)
+    return o.new_empty(o.shape, dtype=torch.promote_types(o.dtype, g.dtype)), stat, stat.clone()
+
+
+@torch.library.custom_op("retnet::swish_gated_head_norm_backward", mutates_args=())
+def _bwd(dy: Tensor, o: Tensor, g: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+         rstd: Tensor, group: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> do, dg, dweight, dbias (the last two empty without an affine weight / bias)."""
+    from ._norm_gate_triton import backward
+
+    return backward(dy, o, g, weight, bias, mean, rstd, group)
+
+
+@_bwd.register_fake
+def _(dy, o, g, weight, bias, mean, rstd, group):
+    dw = o.new_empty(weight.shape, dtype=weight.dtype) if weight is not None else o.new_empty(0)
+    db = o.new_empty(bias.shape, dtype=bias.dtype) if bias is not None else o.new_empty(0)
+    return torch.empty_like(o), torch.empty_like(g), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    o, g, weight, bias, group, _ = inputs
+    _, mean, rstd = output
+    ctx.group, ctx.has_weight, ctx.has_bias = group, weight is not None, bias is not None
+    ctx.save_for_backward(o, g, weight, bias, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    o, g, weight, bias, mean, rstd = ctx.saved_tensors
+    do, dg, dw, db = torch.ops.retnet.swish_gated_head_norm_backward(
+        dy.contiguous(), o, g, weight, bias, mean, rstd, ctx.group)
+    return do, dg, (dw if ctx.has_weight else None), (db if ctx.has_bias else None), None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)

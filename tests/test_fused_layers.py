@@ -1,0 +1,254 @@
+"""Fused layers equal the plain PyTorch they replace, forward and backward: the head norm + swish gate
+Triton kernel (under the Triton interpreter on CPU), the chunked linear cross-entropy (also
+vocabulary-parallel, 2 gloo processes), and the FFN activations recomputed in backward."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from retnet_train.model.layers import FeedForward, HeadNorm
+
+# ---- head norm + swish gate (kernels/norm_gate.py) ----------------------------------------------------
+
+
+@pytest.fixture
+def interpreter(monkeypatch, request) -> bool:
+    """Triton kernels on CPU tensors (TRITON_INTERPRET=1). Triton reads it when it is first imported
+    (its own library functions are decorated then); if this process imported triton without it,
+    the test runs again in a fresh process, and the fixture returns False (nothing left to do here)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if "triton" in sys.modules:
+        import triton.language.standard
+
+        if type(triton.language.standard.sigmoid).__name__ != "InterpretedFunction":
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                                  cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+            return False
+    pytest.importorskip("triton")
+    return True
+
+
+@pytest.mark.parametrize("kind", ["groupnorm", "rmsnorm"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_norm_gate_kernel_matches_head_norm_and_silu(interpreter, kind, affine):
+    if not interpreter:
+        return  # ran (and passed) in a fresh process
+    from retnet_train.model.kernels.norm_gate import gated_head_norm
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 5, 3, 24  # D not a power of two: masked lanes
+    norm = HeadNorm(H, D, kind, 1e-6, affine)
+    if affine:  # distinct per-head weights, so a wrong head index shows
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            if norm.bias is not None:
+                norm.bias.uniform_(-0.5, 0.5)
+    o = (torch.randn(B, T, H, D) * 3 + 1).requires_grad_()
+    g = torch.randn(B, T, H * D).requires_grad_()
+    params = [o, g] + list(norm.parameters())
+
+    y = gated_head_norm(o, g, norm, "swish", kernels="triton")
+    ref = F.silu(g) * norm(o)
+    dy = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, params, dy)
+    ref_grads = torch.autograd.grad(ref, params, dy)
+
+    assert y.shape == ref.shape == (B, T, H * D)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["o", "g", "weight", "bias"], grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_norm_gate_torch_choice_is_plain_pytorch():
+    """kernels=torch never reaches Triton: the same expression as the model always had."""
+    from retnet_train.model.kernels.norm_gate import gated_head_norm
+
+    torch.manual_seed(0)
+    norm = HeadNorm(2, 8, "groupnorm", 1e-6, True)
+    o, g = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 16)
+    assert torch.equal(gated_head_norm(o, g, norm, "swish", "torch"), F.silu(g) * norm(o))
+    assert torch.equal(gated_head_norm(o, g, norm, "gelu", "fla"), F.gelu(g) * norm(o))  # no fused GELU gate
+
+
+# ---- linear cross-entropy (kernels/linear_ce.py) --------------------------------------------------------
+
+
+def _loss_inputs(N=30, d=16, V=50, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, d, generator=g) * 0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[[0, 7, 8, 9, 29]] = -100  # ignored, also a whole chunk of them (chunk 7: tokens 7..13 partly)
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_chunked_linear_cross_entropy_equals_full_logits(reduction, chunk):
+    from retnet_train.model.kernels.linear_ce import linear_cross_entropy
+
+    hidden, weight, labels = _loss_inputs()
+    loss = linear_cross_entropy(hidden, weight, labels, reduction, chunk_tokens=chunk)
+    grads = torch.autograd.grad(loss * 1.7, (hidden, weight))  # a non-unit incoming gradient
+    ref = F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100, reduction=reduction)
+    ref_grads = torch.autograd.grad(ref * 1.7, (hidden, weight))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_head_cross_entropy_equals_full_logits():
+    """The module-call variant (ZeRO-3 / tensor parallelism): each chunk checkpointed."""
+    from retnet_train.model.kernels.linear_ce import chunked_head_cross_entropy
+
+    hidden, weight, labels = _loss_inputs()
+    head = torch.nn.Linear(16, 50, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    loss = chunked_head_cross_entropy(hidden[None], head, labels[None], chunk_tokens=7)
+    loss.backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref_head = torch.nn.Linear(16, 50, bias=False)
+    with torch.no_grad():
+        ref_head.weight.copy_(weight)
+    ref = F.cross_entropy(ref_head(ref_hidden), labels, ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.weight.grad, ref_head.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_linear_cross_entropy_bf16_weights():
+    """bf16 hidden states and weight (DeepSpeed's bf16 mode): close to bf16 logits cast to fp32."""
+    from retnet_train.model.kernels.linear_ce import linear_cross_entropy
+
+    hidden, weight, labels = _loss_inputs(dtype=torch.bfloat16)
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=7)
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    ref = F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, (hidden, weight))
+    assert loss.dtype == torch.float32 and dh.dtype == dw.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)  # the same bf16 matmul, then fp32
+    for a, b in ((dh, rh), (dw, rw)):
+        assert ((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+
+
+def test_trainer_loss_from_hidden_equals_lm_loss():
+    """evaluate.lm_loss_from_hidden (trainer.fused_loss) against lm_loss of the model's logits."""
+    from retnet_train.model import build_model
+    from retnet_train.model.kernels import linear_ce
+    from retnet_train.train.evaluate import lm_loss, lm_loss_from_hidden
+
+    torch.manual_seed(0)
+    model = build_model("retnet_tiny", vocab_size=97, d_model=32, n_layers=2, n_heads=2, kernels="torch")
+    ids = torch.randint(0, 97, (2, 24))
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+    ref = lm_loss(model(ids), labels)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    old, linear_ce.CHUNK_TOKENS = linear_ce.CHUNK_TOKENS, 10
+    try:
+        loss = lm_loss_from_hidden(model(ids, return_hidden=True), model.lm_head, labels, kernels=model.kernels)
+    finally:
+        linear_ce.CHUNK_TOKENS = old
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _vocab_parallel_worker(rank, init_file, result_dir):
+    from fairscale.nn.model_parallel.initialize import initialize_model_parallel
+
+    from retnet_train.model import build_model
+    from retnet_train.model.kernels import linear_ce
+    from retnet_train.parallel.tensor_parallel import apply_tensor_parallel, shard_state_dict
+    from retnet_train.train.evaluate import lm_loss_from_hidden
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    initialize_model_parallel(2)
+    torch.manual_seed(0)
+    model = build_model("retnet_tiny", vocab_size=256, d_model=64, n_layers=2, n_heads=4, kernels="torch")
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, 1)
+    labels[:, -3:] = -100
+    labels[0, 5:20] = -100  # a whole chunk of 10 ignored
+    ref = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    ref.backward()
+    ref_grads = shard_state_dict({n: p.grad for n, p in model.named_parameters()}, rank, 2)
+    model.zero_grad()
+    apply_tensor_parallel(model, rank, 2)
+    linear_ce.CHUNK_TOKENS = 10  # 8 chunks of the 80 tokens
+    loss = lm_loss_from_hidden(model(ids, return_hidden=True), model.lm_head, labels, vocab_parallel=True)
+    loss.backward()
+    errs = {n: ((p.grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-12)).item()
+            for n, p in model.named_parameters()}
+    torch.save({"loss": loss.item(), "ref": ref.item(), "errs": errs}, os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_vocab_parallel_chunked_loss_equals_plain_loss(tmp_path):
+    mp.spawn(_vocab_parallel_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"{rank}.pt")
+        assert abs(r["loss"] - r["ref"]) < 1e-5, r
+        worst = max(r["errs"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-4, worst
+
+
+# ---- FFN activations recomputed in backward (layers.py) ------------------------------------------------
+
+
+def _plain_ffn(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    """The FFN as autograd would store it: fc1, fp32 activation, (gate), fc2."""
+    h = ffn.fc1(x)
+    act = F.silu if ffn.act_name == "swish" else F.gelu
+    h = act(h.float()).type_as(h)
+    if ffn.gate is not None:
+        h = h * ffn.gate(x)
+    return ffn.fc2(h)
+
+
+def _saved_bytes(fn) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("flavour", [dict(ffn_type="gelu"), dict(ffn_type="glu", glu_activation="swish"),
+                                     dict(ffn_type="glu", glu_activation="gelu")])
+def test_ffn_activation_recomputed_gives_equal_gradients_and_saves_less(flavour):
+    from retnet_train.model import load_preset
+
+    torch.manual_seed(0)
+    ffn = FeedForward(load_preset("retnet_tiny", d_model=16, **flavour))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    params = [x] + list(ffn.parameters())
+    out, ref = ffn(x), _plain_ffn(ffn, x)
+    assert torch.equal(out, ref)
+    dy = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # in bf16, the activation keeps fc1's bf16 output instead of its fp32 copy (2 bytes less per
+    # unit), and the GLU no longer keeps the activation output (2 bytes more)
+    ffn, xb = ffn.to(torch.bfloat16), x.detach().to(torch.bfloat16).requires_grad_()
+    ours, plain = _saved_bytes(lambda: ffn(xb)), _saved_bytes(lambda: _plain_ffn(ffn, xb))
+    units = 2 * 5 * ffn.fc1.out_features
+    assert plain - ours == units * (2 if ffn.gate is None else 4), (ours, plain)

@@ -1,0 +1,139 @@
+"""model.kernels: resolved once at build, stored on the model, shown by the summary, obeyed by the
+retention dispatch; impossible choices fail at build naming the key; torch.compile trains alike."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from retnet_train.model import ModelConfigError, build_model
+from retnet_train.model import kernels as K
+from retnet_train.model.retention import chunkwise_retention
+
+TINY = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=2, chunk_size=8)
+
+
+@pytest.fixture(autouse=True)
+def fresh_import_cache():
+    K._import_error.cache_clear()
+    yield
+    K._import_error.cache_clear()
+
+
+def test_torch_and_auto_on_cpu():
+    assert build_model("retnet_tiny", kernels="torch", **TINY).kernels == "torch"
+    assert build_model("retnet_tiny", **TINY).kernels == "torch"  # auto: the torch forms on CPU
+    assert build_model("transformer_tiny", vocab_size=97, d_model=32, n_layers=1, n_heads=2).kernels == "torch"
+
+
+def test_fla_on_cpu_is_a_build_error():
+    with pytest.raises(ModelConfigError, match=r"model.kernels='fla': fla needs CUDA"):
+        build_model("retnet_tiny", kernels="fla", **TINY)
+
+
+def test_unknown_choice_names_the_key():
+    with pytest.raises(ModelConfigError, match=r"model.kernels='cuda' is not one of \['auto', 'torch', 'fla', 'triton'\]"):
+        build_model("retnet_tiny", kernels="cuda", **TINY)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ModelConfigError, match=r"model.kernels='triton': triton kernels need a GPU"):
+        build_model("retnet_tiny", kernels="triton", **TINY)
+
+
+def test_triton_without_its_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "retnet_train.model.kernels.retention_triton", None)  # import fails
+    with pytest.raises(ModelConfigError, match=r"model.kernels='triton': our Triton retention kernels are not importable"):
+        build_model("retnet_tiny", kernels="triton", **TINY)
+
+
+def test_dispatch_follows_the_resolved_choice(monkeypatch):
+    """With kernels=triton (a stand-in module, interpreter on), chunkwise and recurrent calls go to it;
+    the parallel form stays in torch; a kernels=torch model never calls it."""
+    calls = []
+
+    def fake_retention(q, k, v, log_gamma, mode, state=None, need_state=False, cu_seqlens=None):
+        calls.append(mode)
+        return chunkwise_retention(q, k, v, log_gamma, state, need_state, chunk_size=8)
+
+    fake = types.ModuleType("retention_triton")
+    fake.retention, fake.usable = fake_retention, lambda x: x.dtype != torch.float64
+    monkeypatch.setitem(sys.modules, "retnet_train.model.kernels.retention_triton", fake)
+    monkeypatch.setattr(K, "retention_triton", fake, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    # a GELU gate keeps the fused head-norm kernel (its own tests) out of this one
+    model = build_model("retnet_tiny", kernels="triton", gate_activation="gelu", **TINY)
+    assert model.kernels == "triton"
+    ids = torch.randint(0, 97, (2, 20))
+    chunk = model(ids, mode="chunkwise")
+    assert calls == ["chunkwise"] * 2  # one call per layer
+    par = model(ids, mode="parallel")
+    assert calls == ["chunkwise"] * 2
+    torch.testing.assert_close(chunk, par, rtol=1e-4, atol=1e-4)
+
+    torch.manual_seed(0)
+    plain = build_model("retnet_tiny", kernels="torch", gate_activation="gelu", **TINY)
+    plain(ids, mode="chunkwise")
+    assert calls == ["chunkwise"] * 2
+
+
+@pytest.mark.parametrize("hip, usable, want", [
+    (None, {"fla", "triton"}, "fla"),  # NVIDIA: fla first (AUTO_ORDER_CUDA, bench/RESULTS.md)
+    (None, {"triton"}, "triton"),
+    (None, set(), "torch"),
+    ("6.2", {"fla", "triton"}, "triton"),  # ROCm: never fla
+    ("6.2", {"fla"}, "torch"),
+])
+def test_auto_order_on_a_gpu(monkeypatch, hip, usable, want):
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(K, "available", lambda c, d: None if c == "torch" or c in usable else "no")
+    assert K.resolve_kernels("auto", torch.device("cuda")) == want
+
+
+def test_summary_shows_the_choice():
+    from retnet_train.model.summary import summarise
+
+    text = summarise("retnet_tiny", kernels="torch")
+    assert "kernels           torch (model.kernels=torch" in text
+    assert "kernels           torch (model.kernels=auto" in summarise("retnet_tiny")
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------
+
+
+def _train(model, steps: int, compiled: bool) -> list[float]:
+    from retnet_train.train.evaluate import lm_loss_from_hidden
+
+    fwd = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+    out = []
+    for _ in range(steps):  # the same batch: the loss must fall
+        hidden = fwd(ids, mode="chunkwise", chunk_size=8, return_hidden=True)
+        loss = lm_loss_from_hidden(hidden, model.lm_head, labels, kernels=model.kernels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+def test_compiled_training_steps_equal_eager():
+    """kernels=torch (the one choice a CPU can compile): 3 AdamW steps, compiled vs eager."""
+    torch.manual_seed(0)
+    eager = build_model("retnet_tiny", kernels="torch", ffn_type="glu", **{**TINY, "n_layers": 1})
+    torch.manual_seed(0)
+    compiled = build_model("retnet_tiny", kernels="torch", ffn_type="glu", **{**TINY, "n_layers": 1})
+    torch._dynamo.reset()
+    want, got = _train(eager, 3, False), _train(compiled, 3, True)
+    assert want[-1] < want[0]
+    for a, b in zip(got, want):
+        assert abs(a - b) < 1e-5, (got, want)
