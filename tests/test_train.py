@@ -99,11 +99,24 @@ def test_many_bad_steps_stop_the_run(tmp_path):
     assert [r["step"] for r in records(tmp_path) if r.get("event") == "bad_step"] == [2, 3, 4]
 
 
-def test_chunkwise_form_and_activation_checkpointing_train_the_same(tmp_path, reference):
-    """trainer.mode=chunkwise computes the parallel form's function; checkpointing recomputes it."""
+@pytest.mark.parametrize("options", [
+    ("trainer.activation_checkpointing=true", "trainer.fused_loss=false"),  # a config of before: true = full
+    ("trainer.activation_checkpointing=selective", "trainer.fused_loss=true"),
+])
+def test_chunkwise_form_and_activation_checkpointing_train_the_same(tmp_path, reference, options):
+    """trainer.mode=chunkwise computes the parallel form's function; checkpointing (full or
+    selective) recomputes it; the loss from hidden states equals the loss from logits."""
     run_train(tmp_path, "trainer.max_steps=3", "deepspeed=zero0", "trainer.mode=chunkwise", "trainer.chunk_size=16",
-              "trainer.activation_checkpointing=true", "trainer.eval_at_end=false", "checkpoint.save_at_end=false",
-              f"optim.decay_steps={STEPS}")
+              *options, "trainer.eval_at_end=false", "checkpoint.save_at_end=false", f"optim.decay_steps={STEPS}")
     got = losses(tmp_path)
     for step in (1, 2, 3):
         assert abs(got[step] - reference[step]) < 1e-4, (step, got[step], reference[step])
+    log = (tmp_path / "logs" / "rank00000.log").read_text()
+    mode = "full" if "true" in options[0] else "selective"
+    assert f"activation checkpointing {mode}, fused loss {options[1].endswith('true')}" in log
+
+
+def test_bad_checkpointing_value_names_the_new_values(tmp_path):
+    proc = run_train(tmp_path, "trainer.activation_checkpointing=some", check=False)
+    assert proc.returncode == 2
+    assert "trainer.activation_checkpointing='some': must be one of ['none', 'full', 'selective']" in proc.stderr
