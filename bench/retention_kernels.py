@@ -1,10 +1,13 @@
-"""Time retention's forms (and causal SDPA for reference), forward + backward, at several lengths.
+"""Time retention's kernels (and causal SDPA for reference), forward and forward + backward.
 
-    python bench/retention_kernels.py [--tokens 32768] [--lengths 2048,8192,32768]
+    python bench/retention_kernels.py [--tokens 16384,32768] [--lengths 2048,8192,32768] [--quick]
 
-Same token count per call at every length: chunkwise retention should cost the same at any T,
-attention grows with T. Shapes of RetNet-1.3B (8 heads, d_k 256, d_v 512) and of the Transformer
-baseline (16 heads x 128).
+Same token count per call at every length (batch = tokens / T): chunkwise retention should cost the
+same at any T, attention grows with T. Shapes of RetNet-1.3B (8 heads, d_k 256, d_v 512) and of the
+Transformer baseline (16 heads x 128). Rows: every fla retention path that imports (skipped ones
+are printed), our Triton kernels at a few tile configurations, the torch chunkwise form (T <= 8192,
+16k tokens), SDPA. TFLOP/s counts the same useful work for every retention row: forward
+2*T*(64*(d_k + d_v) + 2*d_k*d_v) per head (chunk 64: in-chunk QK^T and PV, q.S, k^T v), backward 2x that.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append  # noqa: E402
-from retnet_train.model.kernels import fla_retention  # noqa: E402
 from retnet_train.model.retention import chunkwise_retention, head_log_decays  # noqa: E402
+
+H, DK, DV = 8, 256, 512
 
 
 def time_ms(fn, warmup=3, reps=10) -> float:
@@ -37,38 +41,104 @@ def time_ms(fn, warmup=3, reps=10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def fwd_bwd(forward, *inputs):
-    def run():
-        out = forward(*inputs)
+def retention_flop(tokens: int, backward: bool) -> float:
+    fwd = 2 * tokens * H * (64 * (DK + DV) + 2 * DK * DV)
+    return fwd * (3 if backward else 1)
+
+
+def fla_paths(lg):
+    """name -> f(q, k, v) -> o, for every fla retention kernel that imports; prints the skipped ones."""
+    paths = {}
+    g_gamma = lg.float().cuda()
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+        paths["fla chunk_simple_gla"] = lambda q, k, v: chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)[0]
+    except Exception as e:
+        print(f"skipped fla chunk_simple_gla: {type(e).__name__}: {e}")
+    # fla.ops.retention derives the decays from the head count (the paper's schedule, = ours for 8 heads)
+    for name in ("chunk_retention", "fused_chunk_retention", "parallel_retention"):
+        try:
+            fn = getattr(__import__("fla.ops.retention", fromlist=[name]), name)
+            paths[f"fla {name}"] = lambda q, k, v, fn=fn: fn(q, k, v, scale=1.0)[0]
+        except Exception as e:
+            print(f"skipped fla {name}: {type(e).__name__}: {e}")
+    return paths
+
+
+def ours_paths(lg, quick: bool):
+    try:
+        from retnet_train.model.kernels import retention_triton as RT
+        from retnet_train.model.kernels.retention_launch import Tuning
+    except Exception as e:
+        print(f"skipped our Triton kernels: {type(e).__name__}: {e}")
+        return {}
+    configs = {"triton c64": Tuning(chunk=64)}
+    if not quick:
+        configs.update({"triton c64 bz64 w4": Tuning(chunk=64, block_z=64, num_warps=4),
+                        "triton c64 stages3": Tuning(chunk=64, num_stages=3),
+                        "triton c128 bz64": Tuning(chunk=128, block_z=64)})
+    return {name: (lambda q, k, v, t=t: RT.chunk_retention(q, k, v, lg, chunk_size=t.chunk, tuning=t)[0])
+            for name, t in configs.items()}
+
+
+def measure(fn, inputs, backward: bool, reps: int = 10) -> float:
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def fwd_bwd():
+        out = fn(*inputs)
         out.backward(torch.ones_like(out))
-    return run
+
+    try:
+        return time_ms(fwd_bwd if backward else fwd, reps=reps)
+    except Exception as e:  # one failing path must not cost the others' numbers
+        print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return float("nan")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--tokens", default="16384,32768")
     p.add_argument("--lengths", default="2048,8192,32768")
+    p.add_argument("--quick", action="store_true", help="one Triton configuration only")
     args = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     dt, dev = torch.bfloat16, "cuda"
-    lg = head_log_decays(8)
+    lg = head_log_decays(H)
+    paths = {**fla_paths(lg), **ours_paths(lg, args.quick)}
+    paths["torch chunkwise"] = lambda q, k, v: chunkwise_retention(q, k, v, lg, chunk_size=64)[0]
     rows = []
-    for T in (int(x) for x in args.lengths.split(",")):
-        B = max(args.tokens // T, 1)
+    for tokens in (int(x) for x in args.tokens.split(",")):
+        for T in (int(x) for x in args.lengths.split(",")):
+            B = max(tokens // T, 1)
 
-        def rand(*shape):
-            return torch.randn(*shape, device=dev, dtype=dt).requires_grad_()
+            def rand(*shape, scale=1.0):
+                return (torch.randn(*shape, device=dev) * scale).to(dt).requires_grad_()
 
-        q, k, v = rand(B, T, 8, 256), rand(B, T, 8, 256), rand(B, T, 8, 512)
-        fla_ms = time_ms(fwd_bwd(lambda a, b, c: fla_retention.retention(a, b, c, lg, "chunkwise")[0], q, k, v))
-        torch_ms = time_ms(fwd_bwd(lambda a, b, c: chunkwise_retention(a, b, c, lg, chunk_size=64)[0], q, k, v),
-                           warmup=1, reps=3) if T <= 8192 else float("nan")
-        qa, ka, va = rand(B, 16, T, 128), rand(B, 16, T, 128), rand(B, 16, T, 128)
-        sdpa_ms = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), qa, ka, va))
-        rows.append([T, B, f"{fla_ms:.2f}", f"{torch_ms:.2f}", f"{sdpa_ms:.2f}"])
-    append("Retention kernels, forward + backward", ["T", "batch", "fla chunk (ms)", "torch chunkwise (ms)",
-           "causal SDPA 16x128 (ms)"], rows,
-           notes=f"{args.tokens} tokens per call, bf16; retention 8 heads, d_k 256, d_v 512; median of 10 (torch: 3)")
+            q, k, v = rand(B, T, H, DK), rand(B, T, H, DK, scale=DK ** -0.5), rand(B, T, H, DV)
+            for name, fn in paths.items():
+                if name == "torch chunkwise" and (T > 8192 or B * T > 16384):
+                    continue
+                reps = 3 if name == "torch chunkwise" else 10
+                f_ms = measure(fn, (q, k, v), False, reps)
+                fb_ms = measure(fn, (q, k, v), True, reps)
+                rows.append([B * T, T, B, name, f"{f_ms:.3f}", f"{fb_ms:.3f}",
+                             f"{retention_flop(B * T, False) / f_ms / 1e9:.0f}",
+                             f"{retention_flop(B * T, True) / fb_ms / 1e9:.0f}"])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+            qa, ka, va = (rand(B, 16, T, 128) for _ in range(3))
+            sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
+            f_ms, fb_ms = measure(sdpa, (qa, ka, va), False), measure(sdpa, (qa, ka, va), True)
+            sdpa_flop = 4 * B * 16 * T * T * 128 / 2  # causal: half of QK^T and PV
+            rows.append([B * T, T, B, "causal SDPA 16x128", f"{f_ms:.3f}", f"{fb_ms:.3f}",
+                         f"{sdpa_flop / f_ms / 1e9:.0f}", f"{3.5 * sdpa_flop / fb_ms / 1e9:.0f}"])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    append("Retention kernels, forward and forward + backward",
+           ["tokens", "T", "batch", "kernel", "fwd (ms)", "fwd+bwd (ms)", "fwd TFLOP/s", "fwd+bwd TFLOP/s"], rows,
+           notes="bf16; retention 8 heads, d_k 256, d_v 512, keys pre-scaled (scale=1); median of 10 (torch: 3); "
+                 "TFLOP/s: retention counts 2*tokens*H*(64*(d_k+d_v) + 2*d_k*d_v) forward and 3x that "
+                 "forward+backward for every row; SDPA counts its causal half, backward 2.5x forward")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""Compile every Triton kernel of ours ahead of time, for GPUs this machine need not have.
+
+    python -m retnet_train.model.kernels.aot sm_90 gfx90a
+
+Replays the launches of real calls (retention_launch builds them; here on meta tensors) at the
+presets' head shapes (d_k 256 / d_v 512 and 128 / 256, bf16, chunk 64; fixed-length and varlen;
+with and without states) and compiles each distinct (kernel, signature, constexprs, warps, stages)
+with triton.compile for each target, in parallel. Prints one line per kernel and target, checks the
+shared memory each needs against the target's limit, and exits 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib
+import os
+import sys
+import time
+
+import torch
+
+HEAD_SHAPES = ((256, 512), (128, 256))  # (d_k, d_v) of the presets
+# shared memory a program may use: H100 227 KiB; MI200 64 KiB of LDS
+SMEM_LIMIT = {"cuda": 232448, "hip": 65536}
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+
+
+def target(name: str):
+    from triton.backends.compiler import GPUTarget
+
+    if name.startswith("sm_"):
+        return GPUTarget("cuda", int(name[3:]), 32)
+    if name.startswith("gfx"):
+        return GPUTarget("hip", name, 64)
+    raise SystemExit(f"unknown target {name!r}: expected sm_XY (NVIDIA) or gfxNNN (AMD)")
+
+
+def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
+    """The launches of forward, backward and the recurrent kernel at the preset shapes."""
+    from . import retention_launch as L
+
+    meta = torch.device("meta")
+    tuning = L.default_tuning(chunk, rocm=rocm)
+    lg2 = torch.empty(8, dtype=torch.float32, device=meta)
+    seen = []
+    for DK, DV in HEAD_SHAPES:
+        q, k = (torch.empty(8192, 8, DK, dtype=dtype, device=meta) for _ in range(2))
+        v = torch.empty(8192, 8, DV, dtype=dtype, device=meta)
+        for cu in (None, torch.empty(5, dtype=torch.int32, device=meta)):
+            # 4 rows of 2048 tokens, or one packed row of 4 sequences: 4 states either way
+            lay = L.make_layout(4, 2048, 8, DV, None, tuning, meta) if cu is None else \
+                L.make_layout(1, 8192, 8, DV, cu, tuning, meta)
+            state = torch.empty(4, 8, DK, DV, dtype=torch.float32, device=meta)
+            for s0 in (None, state):
+                for need in (False, True):
+                    _, _, A = L.forward(q, k, v, lg2, s0, need, lay, tuning, run=seen.append)
+                    L.backward(q, k, v, A, lg2, s0, v, state if need else None, s0 is not None and need, lay, tuning,
+                               run=seen.append)
+        qr, kr = (torch.empty(4, 1, 8, DK, dtype=dtype, device=meta) for _ in range(2))
+        vr = torch.empty(4, 1, 8, DV, dtype=dtype, device=meta)
+        st = torch.empty(4, 8, DK, DV, dtype=torch.float32, device=meta)
+        for s_in, s_out in ((st, st), (None, st), (st, None), (None, None)):
+            seen.append(L.recurrent(qr, kr, vr, lg2, s_in, s_out)[1])
+    return seen
+
+
+def spec(launch) -> tuple:
+    """(module, kernel name, signature, constexprs, num_warps, num_stages): what one compile needs."""
+    fn = launch.kernel
+    sig = {}
+    for name in fn.arg_names:
+        if name in launch.constexprs:
+            sig[name] = "constexpr"
+        else:
+            a = launch.args[name]
+            sig[name] = _PTR[a.dtype] if isinstance(a, torch.Tensor) else "i32"
+    return (fn.fn.__module__, fn.__name__, tuple(sig.items()), tuple(sorted(launch.constexprs.items())),
+            launch.num_warps, launch.num_stages)
+
+
+def compile_one(job):
+    import triton
+
+    s, tgt_name = job
+    module, name, sig, constexprs, warps, stages = s
+    fn = getattr(importlib.import_module(module), name)
+    tgt = target(tgt_name)
+    start = time.time()
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=dict(sig), constexprs=dict(constexprs))
+        out = triton.compile(src, target=tgt, options={"num_warps": warps, "num_stages": stages})
+        shared = int(getattr(out.metadata, "shared", 0))
+        err = None if shared <= SMEM_LIMIT[tgt.backend] else \
+            f"needs {shared} bytes of shared memory, over the {SMEM_LIMIT[tgt.backend]} of {tgt_name}"
+    except Exception as e:  # report and go on: every failure is listed
+        shared, err = 0, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return s, tgt_name, shared, err, time.time() - start
+
+
+def describe(s) -> str:
+    _, name, _, constexprs, warps, stages = s
+    keep = ("H", "D", "DX", "DZ", "DY", "DK", "DV", "BZ", "BY", "BV", "C", "REVERSE", "VARLEN",
+            "HAS_INIT", "STORE_FINAL", "HAS_STATE", "STORE_STATE")
+    c = " ".join(f"{k}={v}" for k, v in constexprs if k in keep)
+    return f"{name} {c} warps={warps} stages={stages}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("targets", nargs="+", help="sm_90, gfx90a, ...")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    for t in args.targets:
+        target(t)
+    jobs = []
+    for t in args.targets:  # the tiles differ by vendor (shared memory), so do the launches
+        specs = dict.fromkeys(spec(launch) for launch in launches(rocm=target(t).backend == "hip"))
+        jobs += [(s, t) for s in specs]
+    print(f"compiling {len(jobs)} kernel specialisations for {', '.join(args.targets)}", flush=True)
+    failed = 0
+    with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for s, t, shared, err, secs in pool.map(compile_one, jobs):
+            failed += err is not None
+            status = "FAILED" if err else "ok"
+            print(f"{status} {t} {describe(s)} shared={shared} ({secs:.1f} s)" + (f": {err}" if err else ""),
+                  flush=True)
+    print(f"{len(jobs) - failed} of {len(jobs)} compiled" + (f"; {failed} FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Retention through our own Triton kernels (constant decay gamma per head), a drop-in for the
+torch forms in ../retention.py and for fla_retention.py; forward and backward, varlen, decoding.
+
+Contract (as the torch forms): q, k [B, T, H, d_k], v [B, T, H, d_v] (bf16, fp16 or fp32; keys
+already scaled by 1/sqrt(d_k): nothing is scaled here), log_gamma [H], optional incoming state
+[B, H, d_k, d_v]; returns (o [B, T, H, d_v] in the input dtype, final state [B, H, d_k, d_v] fp32
+or None). With cu_seqlens (int32 [N + 1], offsets into a B = 1 packed row), the state restarts at
+each boundary (from state[n] or 0) and states are [N, H, d_k, d_v].
+
+Gradients flow to q, k, v and the incoming state, and from the final state; there is no decay
+gradient (the decays are fixed). The kernels and their design: retention_chunk_kernels.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from . import retention_launch as L
+from .retention_launch import MAX_DK, MAX_DV, Tuning
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def usable(x: Tensor) -> bool:
+    """True where these kernels run on x: a CUDA/ROCm tensor, or a CPU tensor under Triton's
+    interpreter (TRITON_INTERPRET=1 set before triton was imported; tests only)."""
+    if x.dtype not in _DTYPES:
+        return False
+    if x.is_cuda:  # ROCm tensors are "cuda" too
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str, state: Tensor | None = None,
+              need_state: bool = False, cu_seqlens: Tensor | None = None):
+    """fla_retention.retention's contract. "recurrent" without gradients and without cu_seqlens
+    runs the token-by-token kernel; otherwise both modes run the chunkwise kernels (same result)."""
+    if mode not in ("chunkwise", "recurrent"):
+        raise ValueError(f"unknown retention mode {mode!r}; the Triton kernels do chunkwise or recurrent")
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, state))
+    if mode == "recurrent" and not grads and cu_seqlens is None:
+        return recurrent(q, k, v, log_gamma, state, need_state)
+    return chunk_retention(q, k, v, log_gamma, state, need_state, cu_seqlens)
+
+
+def chunk_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: Tensor | None = None,
+                    need_state: bool = False, cu_seqlens: Tensor | None = None, chunk_size: int = 64,
+                    tuning: Tuning | None = None):
+    """Chunkwise retention with autograd. Heads wider than one kernel call takes (d_k > 256,
+    d_v > 512) are split: retention is a sum over key slices and independent per value column."""
+    B, T, H, DK = _check(q, k, v, log_gamma, state, cu_seqlens)
+    DV = v.shape[-1]
+    tuning = L.with_tuning(tuning, chunk_size)
+    if DK > MAX_DK or DV > MAX_DV:
+        return _split_heads(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning)
+    lg2 = _log2_gamma(log_gamma, q.device)
+    lay = L.make_layout(B, T, H, DV, cu_seqlens, tuning, q.device)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    init = None if state is None else state.float().contiguous()
+    o, final = _ChunkRetention.apply(q, k, v, init, lg2, lay, tuning, need_state)
+    return o, (final if need_state else None)
+
+
+def recurrent(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: Tensor | None = None,
+              need_state: bool = True):
+    """Token-by-token retention, no autograd: (o [B, T, H, d_v], final state or None); `state` is
+    left as it was."""
+    B, T, H, DK = _check(q, k, v, log_gamma, state, None)
+    init = None if state is None else state.float().contiguous()
+    final = torch.empty(B, H, DK, v.shape[-1], dtype=torch.float32, device=q.device) if need_state else None
+    o, launch = L.recurrent(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(),
+                            _log2_gamma(log_gamma, q.device), init, final)
+    launch()
+    return o, final
+
+
+def recurrent_step(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: Tensor) -> Tensor:
+    """One decoding step: q, k [B, H, d_k], v [B, H, d_v]; state [B, H, d_k, d_v] fp32 is updated
+    IN PLACE (S <- gamma S + k^T v); returns o = q S [B, H, d_v] in q's dtype."""
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"recurrent_step updates the state in place: it must be contiguous float32, "
+                         f"got {state.dtype} (contiguous={state.is_contiguous()})")
+    q4, k4, v4 = (x.unsqueeze(1) for x in (q, k, v))
+    _check(q4, k4, v4, log_gamma, state, None)
+    o, launch = L.recurrent(q4.contiguous(), k4.to(q.dtype).contiguous(), v4.to(q.dtype).contiguous(),
+                            _log2_gamma(log_gamma, q.device), state, state)
+    launch()
+    return o.squeeze(1)
+
+
+class _ChunkRetention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, init, lg2, lay, tuning, need_state):
+        # the batch folds into time: [B, T, H, D] -> [B * T, H, D] (a view of contiguous inputs)
+        flat = [x.contiguous().view(-1, *x.shape[2:]) for x in (q, k, v)]
+        o, final, A = L.forward(*flat, lg2, init, need_state, lay, tuning)
+        ctx.save_for_backward(*flat, A, lg2, init)
+        ctx.lay, ctx.tuning, ctx.shapes = lay, tuning, (q.shape, k.shape, v.shape)
+        ctx.set_materialize_grads(False)
+        return o.view(v.shape), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, A, lg2, init = ctx.saved_tensors
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous().view(v.shape)
+        dfinal = None if dfinal is None else dfinal.float().contiguous()
+        need_dinit = init is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dinit = L.backward(q, k, v, A, lg2, init, do, dfinal, need_dinit, ctx.lay, ctx.tuning)
+        dq, dk, dv = (g.view(shape) for g, shape in zip((dq, dk, dv), ctx.shapes))
+        return dq, dk, dv, dinit, None, None, None, None
+
+
+def _split_heads(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning):
+    """o = sum over key slices of retention(q_s, k_s, v); value columns are independent."""
+    DK, DV = q.shape[-1], v.shape[-1]
+    k_cuts = _cuts(DK, MAX_DK)
+    v_cuts = _cuts(DV, MAX_DV)
+    outs, finals = [], []
+    for v0, v1 in v_cuts:
+        o_sum, rows = None, []
+        for k0, k1 in k_cuts:
+            s = None if state is None else state[:, :, k0:k1, v0:v1]
+            o, f = chunk_retention(q[..., k0:k1], k[..., k0:k1], v[..., v0:v1], log_gamma, s, need_state,
+                                   cu_seqlens, tuning.chunk, tuning)
+            o_sum = o.float() if o_sum is None else o_sum + o.float()
+            rows.append(f)
+        outs.append(o_sum.to(q.dtype))
+        finals.append(torch.cat(rows, dim=2) if need_state else None)
+    return torch.cat(outs, dim=-1), (torch.cat(finals, dim=3) if need_state else None)
+
+
+def _cuts(n: int, limit: int) -> list[tuple[int, int]]:
+    pieces = math.ceil(n / limit)
+    step = math.ceil(n / pieces)
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _log2_gamma(log_gamma: Tensor, device: torch.device) -> Tensor:
+    # log2(gamma) in fp32 from the float64 log: the kernels take gamma^n = exp2(n * log2 gamma)
+    return (log_gamma.to(device=device, dtype=torch.float64) / math.log(2.0)).to(torch.float32).contiguous()
+
+
+def _check(q, k, v, log_gamma, state, cu_seqlens):
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k [B, T, H, d_k] and v [B, T, H, d_v]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, T, H, DK = q.shape
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"dtype {q.dtype} is not supported by the Triton retention kernels (fp16, bf16, fp32)")
+    if log_gamma.shape != (H,):
+        raise ValueError(f"log_gamma must be [H] = [{H}], got {tuple(log_gamma.shape)}")
+    if cu_seqlens is not None:
+        if B != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens needs a packed row (B = 1, got {B}) and [N + 1] offsets "
+                             f"(got shape {tuple(cu_seqlens.shape)})")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    n_states = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if state is not None and tuple(state.shape) != (n_states, H, DK, v.shape[-1]):
+        raise ValueError(f"state must be [{n_states}, {H}, {DK}, {v.shape[-1]}], got {tuple(state.shape)}")
+    return B, T, H, DK

@@ -1,0 +1,245 @@
+"""Our Triton retention kernels equal the torch forms: forward, backward, varlen, decoding, AOT.
+
+Without CUDA the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set
+here before triton is first imported); with CUDA the same small-shape tests run natively, and the
+gpu-marked ones check the real head shapes in bf16.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from retnet_train.model.kernels import retention_triton as RT  # noqa: E402
+from retnet_train.model.kernels.retention_launch import Tuning  # noqa: E402
+from retnet_train.model.retention import (chunkwise_retention, head_log_decays, parallel_retention,  # noqa: E402
+                                          recurrent_retention)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+# fp32 kernels (exact fp32 products) against a float64 reference
+TOL = 2e-5
+TUNINGS = [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16, segment_chunks=2), Tuning(chunk=32)]
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def inputs(B, T, H, K, V, seed=0, n_states=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, H, K, generator=g, dtype=torch.float64) * K ** -0.5
+    v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+    s0 = torch.randn(n_states or B, H, K, V, generator=g, dtype=torch.float64) * 0.1
+    return q, k, v, s0
+
+
+def ours(q, k, v, lg, s0, need_state, tuning, cu_seqlens=None):
+    """Our kernels in fp32 on DEV, leaves that require grad; returns (o, final, leaves)."""
+    leaves = [None if x is None else x.detach().float().to(DEV).requires_grad_() for x in (q, k, v, s0)]
+    cu = None if cu_seqlens is None else cu_seqlens.to(DEV)
+    o, f = RT.chunk_retention(*leaves[:3], lg, leaves[3], need_state, cu, chunk_size=tuning.chunk, tuning=tuning)
+    return o, f, leaves
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=["seg1", "seg2", "c32"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_forward_matches_torch(tuning, with_state):
+    # T = 50: not a multiple of the chunk; d_v = 48: not a power of two (masked columns)
+    lg = head_log_decays(3)
+    q, k, v, s0 = inputs(2, 50, 3, 32, 48)
+    s0 = s0 if with_state else None
+    o, f, _ = ours(q, k, v, lg, s0, True, tuning)
+    o_ref, f_ref = parallel_retention(q, k, v, lg, s0, need_state=True)
+    o_chunk, _ = chunkwise_retention(q, k, v, lg, s0, chunk_size=16)
+    assert rel(o, o_ref) < TOL and rel(f, f_ref) < TOL and rel(o, o_chunk) < TOL
+    assert o.dtype == torch.float32 and f.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=["seg1", "seg2", "c32"])
+def test_backward_matches_autograd(tuning):
+    # the loss reads o and the final state, so d(final state) flows back into every gradient
+    lg = head_log_decays(2, schedule="linspace")
+    q, k, v, s0 = inputs(2, 45, 2, 32, 16, seed=1)
+    w_o, w_f = torch.randn(2, 45, 2, 16, dtype=torch.float64), torch.randn(2, 2, 32, 16, dtype=torch.float64)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    o_ref, f_ref = parallel_retention(*ref_leaves[:3], lg, ref_leaves[3], need_state=True)
+    ((o_ref * w_o).sum() + (f_ref * w_f).sum()).backward()
+    o, f, leaves = ours(q, k, v, lg, s0, True, tuning)
+    ((o * w_o.to(o)).sum() + (f * w_f.to(f)).sum()).backward()
+    for name, a, b in zip(("dq", "dk", "dv", "dstate"), leaves, ref_leaves):
+        assert rel(a.grad, b.grad) < TOL, name
+
+
+def test_backward_without_state():
+    lg = head_log_decays(2)
+    q, k, v, _ = inputs(1, 40, 2, 16, 32, seed=2)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    parallel_retention(*ref_leaves, lg)[0].square().sum().backward()
+    o, f, leaves = ours(q, k, v, lg, None, False, Tuning(chunk=16, segment_chunks=2))
+    assert f is None
+    o.square().sum().backward()
+    for name, a, b in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+        assert rel(a.grad, b.grad) < TOL, name
+
+
+@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16)], ids=["seg1", "auto"])
+def test_varlen_equals_each_sequence_alone(tuning):
+    # an empty sequence, one shorter than a chunk, ones that end mid-chunk and mid-segment
+    cu = torch.tensor([0, 7, 7, 40, 90], dtype=torch.int32)
+    N, H, K, V = 4, 2, 16, 32
+    lg = head_log_decays(H)
+    q, k, v, s0 = inputs(1, 90, H, K, V, seed=3, n_states=N)
+    w_o = torch.randn(1, 90, H, V, dtype=torch.float64)
+    w_f = torch.randn(N, H, K, V, dtype=torch.float64)
+    o, f, leaves = ours(q, k, v, lg, s0, True, tuning, cu_seqlens=cu)
+    ((o * w_o.to(o)).sum() + (f * w_f.to(f)).sum()).backward()
+    for n in range(N):
+        a, b = cu[n].item(), cu[n + 1].item()
+        ref_leaves = [x[:, a:b].clone().requires_grad_() for x in (q, k, v)] + [s0[n:n + 1].clone().requires_grad_()]
+        o_r, f_r = parallel_retention(*ref_leaves[:3], lg, ref_leaves[3], need_state=True)
+        ((o_r * w_o[:, a:b]).sum() + (f_r * w_f[n:n + 1]).sum()).backward()
+        assert rel(f[n:n + 1], f_r) < TOL and rel(leaves[3].grad[n:n + 1], ref_leaves[3].grad) < TOL
+        if b > a:
+            assert rel(o[:, a:b], o_r) < TOL
+            for name, ours_leaf, ref in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+                assert rel(ours_leaf.grad[:, a:b], ref.grad) < TOL, (n, name)
+        else:  # nothing in it: the state passes through, and so does its gradient
+            assert torch.equal(f[n].cpu(), s0[n].float()) and torch.equal(leaves[3].grad[n].cpu(), w_f[n].float())
+
+
+def test_wide_heads_are_split(monkeypatch):
+    # shrink the per-call limits so d_k 32 / d_v 48 take the split path (2 key x 3 value slices)
+    monkeypatch.setattr(RT, "MAX_DK", 16)
+    monkeypatch.setattr(RT, "MAX_DV", 16)
+    lg = head_log_decays(2)
+    q, k, v, s0 = inputs(1, 30, 2, 32, 48, seed=4)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    o_ref, f_ref = parallel_retention(*ref_leaves[:3], lg, ref_leaves[3], need_state=True)
+    (o_ref.sum() + f_ref.square().sum()).backward()
+    o, f, leaves = ours(q, k, v, lg, s0, True, Tuning(chunk=16))
+    (o.sum() + f.square().sum()).backward()
+    assert rel(o, o_ref) < TOL and rel(f, f_ref) < TOL
+    for name, a, b in zip(("dq", "dk", "dv", "dstate"), leaves, ref_leaves):
+        assert rel(a.grad, b.grad) < TOL, name
+
+
+def test_recurrent_step_updates_state_in_place():
+    B, H, K, V = 2, 3, 32, 48
+    lg = head_log_decays(H)
+    q, k, v, s0 = inputs(B, 5, H, K, V, seed=5)
+    o_ref, s_ref = recurrent_retention(q, k, v, lg, s0)
+    state = s0.float().to(DEV)
+    ptr = state.data_ptr()
+    outs = [RT.recurrent_step(q[:, t].float().to(DEV), k[:, t].float().to(DEV), v[:, t].float().to(DEV), lg, state)
+            for t in range(5)]
+    assert state.data_ptr() == ptr
+    assert rel(torch.stack(outs, 1), o_ref) < TOL and rel(state, s_ref) < TOL
+
+
+def test_recurrent_mode_matches_torch_and_keeps_the_passed_state():
+    B, T, H, K, V = 2, 6, 2, 16, 32
+    lg = head_log_decays(H)
+    q, k, v, s0 = inputs(B, T, H, K, V, seed=6)
+    state = s0.float().to(DEV)
+    before = state.clone()
+    o, f = RT.retention(*(x.float().to(DEV) for x in (q, k, v)), lg, "recurrent", state, need_state=True)
+    o_ref, f_ref = recurrent_retention(q, k, v, lg, s0)
+    assert rel(o, o_ref) < TOL and rel(f, f_ref) < TOL
+    assert torch.equal(state, before)
+    o2, f2 = RT.retention(*(x.float().to(DEV) for x in (q, k, v)), lg, "recurrent", None, need_state=False)
+    assert f2 is None and rel(o2, recurrent_retention(q, k, v, lg)[0]) < TOL
+
+
+def test_bad_arguments_are_named():
+    lg = head_log_decays(2)
+    q = torch.zeros(1, 8, 2, 16, device=DEV)
+    v = torch.zeros(1, 8, 2, 32, device=DEV)
+    with pytest.raises(ValueError, match="log_gamma"):
+        RT.chunk_retention(q, q, v, head_log_decays(3))
+    with pytest.raises(ValueError, match=r"state must be \[1, 2, 16, 32\]"):
+        RT.chunk_retention(q, q, v, lg, torch.zeros(1, 2, 32, 16, device=DEV))
+    with pytest.raises(ValueError, match="float64"):
+        RT.chunk_retention(q.double(), q.double(), v.double(), lg)
+    with pytest.raises(ValueError, match="B = 1, got 2"):
+        RT.chunk_retention(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), lg,
+                           cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="chunk size 24"):
+        RT.chunk_retention(q, q, v, lg, chunk_size=24)
+    with pytest.raises(ValueError, match="mode 'parallel'"):
+        RT.retention(q, q, v, lg, "parallel")
+    assert RT.usable(q) and not RT.usable(q.double())
+
+
+def test_aot_compiles_every_kernel_for_sm90_and_gfx90a():
+    # the compilers run on CPU; this is the slow test of the file (see the timing it prints)
+    start = time.time()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "retnet_train.model.kernels.aot", "sm_90", "gfx90a"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    print(out.stdout[-3000:], out.stderr[-3000:], f"aot took {time.time() - start:.0f} s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("ok ")]
+    assert any("sm_90" in line for line in lines) and any("gfx90a" in line for line in lines)
+
+
+# ---- GPU, real head shapes -----------------------------------------------------------------------
+
+def _gpu_inputs(B, T, H, K, V, n_states):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, T, H, K, device="cuda", generator=g).bfloat16()
+    k = (torch.randn(B, T, H, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+    v = torch.randn(B, T, H, V, device="cuda", generator=g).bfloat16()
+    s0 = torch.randn(n_states, H, K, V, device="cuda", generator=g) * 0.1
+    return q, k, v, s0
+
+
+def _errors(q, k, v, s0, lg, cu_seqlens=None):
+    """Relative L2 errors (o, state, dq, dk, dv, dstate): our bf16 kernels vs the torch form in fp32."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w_f = torch.randn(s0.shape, device="cuda", generator=g)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    o, f = RT.chunk_retention(*leaves[:3], lg, leaves[3], True, cu_seqlens)
+    w_o = torch.randn(o.shape, device="cuda", generator=g)
+    ((o.float() * w_o).sum() + (f * w_f).sum()).backward()
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v, s0)]
+    if cu_seqlens is None:
+        o_r, f_r = chunkwise_retention(*ref[:3], lg, ref[3], need_state=True, chunk_size=64)
+    else:  # each sequence alone
+        cuts = cu_seqlens.tolist()
+        pieces = [chunkwise_retention(*(x[:, a:b] for x in ref[:3]), lg, ref[3][n:n + 1], need_state=True)
+                  for n, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+        o_r, f_r = torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], 0)
+    ((o_r * w_o).sum() + (f_r * w_f).sum()).backward()
+    return [rel(o, o_r), rel(f, f_r)] + [rel(a.grad, b.grad) for a, b in zip(leaves, ref)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [2048, 8192])
+def test_gpu_real_shapes_bf16(T):
+    lg = head_log_decays(16, head_start=8, head_count=8)  # a tensor-parallel shard's heads
+    errs = _errors(*_gpu_inputs(2 if T == 2048 else 1, T, 8, 256, 512, 2 if T == 2048 else 1), lg)
+    print(f"T={T} relative L2 errors (o, state, dq, dk, dv, dstate): " + ", ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_bf16():
+    cu = torch.tensor([0, 1000, 1064, 3000, 4096], dtype=torch.int32, device="cuda")
+    lg = head_log_decays(8)
+    errs = _errors(*_gpu_inputs(1, 4096, 8, 128, 256, 4), lg, cu)
+    print("varlen relative L2 errors (o, state, dq, dk, dv, dstate): " + ", ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < 1e-2
