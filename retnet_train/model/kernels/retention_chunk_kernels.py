@@ -152,16 +152,21 @@ def segment_scan_kernel(BUF, LOG2_GAMMA, INIT, FINAL, cu_seqlens, seg_first, T, 
     else:
         r = tl.zeros([BLOCK], dtype=tl.float32)
     lg2 = tl.load(LOG2_GAMMA + h)
+    # the sums are read one segment ahead (their loads do not wait for the previous store), so a
+    # program has a load in flight while it writes; otherwise each segment costs a memory round trip
+    m = tl.where(REVERSE, n_seg - 1, 0)
+    step = tl.where(REVERSE, -1, 1)
+    nxt = BUF + ((first + m).to(tl.int64) * H + h) * E + e
+    d = tl.load(nxt, mask=e < tl.where(n_seg > 0, E, 0), other=0.0)
     for it in range(n_seg):
-        if REVERSE:
-            m = n_seg - 1 - it
-        else:
-            m = it
+        p = nxt
         length = tl.minimum(S, seq_len - m * S)
-        p = BUF + ((first + m).to(tl.int64) * H + h) * E + e
-        d = tl.load(p, mask=mask, other=0.0)
+        m += step
+        nxt = BUF + ((first + m).to(tl.int64) * H + h) * E + e
+        d_next = tl.load(nxt, mask=e < tl.where(it + 1 < n_seg, E, 0), other=0.0)
         tl.store(p, r, mask=mask)
         r = r * tl.exp2(length.to(tl.float32) * lg2) + d
+        d = d_next
     if STORE_FINAL:
         tl.store(FINAL + nh.to(tl.int64) * E + e, r, mask=mask)
 
