@@ -233,7 +233,7 @@ def _saved_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize("flavour", [dict(ffn_type="gelu"), dict(ffn_type="glu", glu_activation="swish"),
-                                     dict(ffn_type="glu", glu_activation="gelu")])
+                                     dict(ffn_type="glu", glu_activation="gelu", bias=True)])
 def test_ffn_activation_recomputed_gives_equal_gradients_and_saves_less(flavour):
     from retnet_train.model import load_preset
 
@@ -246,9 +246,27 @@ def test_ffn_activation_recomputed_gives_equal_gradients_and_saves_less(flavour)
     dy = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    # in bf16, the activation keeps fc1's bf16 output instead of its fp32 copy (2 bytes less per
-    # unit), and the GLU no longer keeps the activation output (2 bytes more)
+    # in bf16, per hidden unit: fc1's bf16 output (2 bytes) is kept instead of its fp32 copy (4) and
+    # fc2's input (2); the GLU also drops the activation output (2)
     ffn, xb = ffn.to(torch.bfloat16), x.detach().to(torch.bfloat16).requires_grad_()
     ours, plain = _saved_bytes(lambda: ffn(xb)), _saved_bytes(lambda: _plain_ffn(ffn, xb))
     units = 2 * 5 * ffn.fc1.out_features
-    assert plain - ours == units * (2 if ffn.gate is None else 4), (ours, plain)
+    assert plain - ours == units * (4 if ffn.gate is None else 6), (ours, plain)
+
+
+def test_ffn_under_autocast_matches_plain():
+    """fp32 weights, bf16 matmuls (trainer.precision=bf16_autocast): the backward runs fc2 in the
+    dtype autocast chose in forward and hands fp32 gradients to the fp32 weights."""
+    from retnet_train.model import load_preset
+
+    torch.manual_seed(0)
+    ffn = FeedForward(load_preset("retnet_tiny", d_model=16, ffn_type="glu", bias=True))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    params = [x] + list(ffn.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = ffn(x), _plain_ffn(ffn, x)
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)
+    dy = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)

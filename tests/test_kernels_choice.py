@@ -137,3 +137,11 @@ def test_compiled_training_steps_equal_eager():
     assert want[-1] < want[0]
     for a, b in zip(got, want):
         assert abs(a - b) < 1e-5, (got, want)
+
+
+def test_no_graph_break_in_the_model_forward():
+    """Dynamo traces the whole forward in one graph (the GPU test checks the same with fla)."""
+    model = build_model("retnet_tiny", kernels="torch", **TINY)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(torch.randint(0, 97, (2, 16)), mode="chunkwise", return_hidden=True)
+    assert explained.graph_break_count == 0, explained.break_reasons

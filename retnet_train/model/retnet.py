@@ -53,6 +53,8 @@ class MultiScaleRetention(nn.Module):
 
     def _log_decay_on(self, device: torch.device) -> Tensor:
         """log_decay on `device`, cached (not a buffer: a bf16 cast of the module must not round it)."""
+        if torch.compiler.is_compiling():  # a constant of the graph; the cache dict would break it
+            return self.log_decay.to(device)
         key = (device, self.n_heads, self.head_start)
         cache = self.__dict__.setdefault("_decay_cache", {})
         if key not in cache:

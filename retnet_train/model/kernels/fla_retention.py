@@ -84,15 +84,31 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, g_gamma, initial_state)
 
 
-def _backward(ctx, do, dht):
+@torch.library.custom_op("retnet::retention_fla_chunk_backward", mutates_args=())
+def _chunk_backward_op(do: Tensor, dht: Tensor | None, q: Tensor, k: Tensor, v: Tensor, g_gamma: Tensor,
+                       initial_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv and the incoming state's gradient (empty without an incoming state)."""
     _, bwd, rcp_ln2 = _fla()[2]
-    q, k, v, g_gamma, initial_state = ctx.saved_tensors
-    dht = dht if dht is not None and dht.numel() else None
     with torch.cuda.device(q.device):
         dq, dk, dv, _, dh0 = bwd(q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), g=None,
                                  g_gamma=g_gamma * rcp_ln2, initial_state=initial_state, do=do.contiguous(),
                                  dht=dht, scale=1.0)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, (dh0 if ctx.has_initial_state else None), None
+    dh0 = dh0 if initial_state is not None else q.new_empty(0, dtype=torch.float32)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0
+
+
+@_chunk_backward_op.register_fake
+def _(do, dht, q, k, v, g_gamma, initial_state):
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
+
+
+def _backward(ctx, do, dht):
+    # an op of its own: torch.compile traces this function with fake tensors, which fla cannot take
+    q, k, v, g_gamma, initial_state = ctx.saved_tensors
+    dht = dht if dht is not None and dht.numel() else None
+    dq, dk, dv, dh0 = torch.ops.retnet.retention_fla_chunk_backward(do, dht, q, k, v, g_gamma, initial_state)
+    return dq, dk, dv, None, (dh0 if ctx.has_initial_state else None), None
 
 
 _chunk_op.register_autograd(_backward, setup_context=_setup_context)
