@@ -1,0 +1,212 @@
+"""One training step, side by side: our RetNet through the trainer and in a plain loop, fla's
+RetNet-1.3B, and our Transformer, at the same tokens per step (issue 10's comparison).
+
+    python bench/train_step.py                                   # all four, T=2048 (8 x 2048) and T=8192 (2 x 8192)
+    python bench/train_step.py --runs plain fla --seq-len 2048 --kernels triton fla
+    python bench/train_step.py --runs plain --seq-len 32768 131072 --tokens-per-step 32768 131072
+
+The plain loop is the same for every model: fp32 weights, bf16 autocast, fused AdamW, the loss of
+each model's own training path (ours: `trainer.fused_loss`'s chunked loss where the model offers it;
+fla: its fused cross-entropy). "trainer" is `python -m retnet_train`'s own loop (DeepSpeed ZeRO-2,
+bf16, synthetic tokens), as bench/train_throughput.py runs it. Every configuration runs in a fresh
+process; tokens/s is the median over the measured steps; peak memory is torch's peak allocation
+after the model is built (weights, optimizer state and activations). Prints the table, appends it to
+bench/RESULTS.md and, with several lengths, writes bench/train_step.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RUNS = ("trainer", "plain", "fla", "transformer")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    p.add_argument("--seq-len", nargs="+", type=int, default=[2048, 8192])
+    p.add_argument("--tokens-per-step", nargs="+", type=int, default=[16384],
+                   help="one value for every length, or one per length")
+    p.add_argument("--size", default="1.3b", help="preset size: retnet_<size>, transformer_<size>")
+    p.add_argument("--kernels", nargs="+", default=["auto"], help="our RetNet's model.kernels values to compare")
+    p.add_argument("--compile", action="store_true", help="torch.compile our models")
+    p.add_argument("--act-ckpt", default="none", help="our models' activation checkpointing mode")
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: RUN:T:TOKENS:KERNELS, result to --result-json
+    p.add_argument("--result-json", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+# ---- the models -----------------------------------------------------------------------------------
+
+
+def ours(arch: str, args, kernels: str):
+    from retnet_train.model import build_model
+
+    overrides = {"kernels": kernels} if arch == "retnet" else {}
+    model = build_model(f"{arch}_{args.size}", **overrides)
+    if args.act_ckpt != "none":
+        model.set_activation_checkpointing(args.act_ckpt)
+    return model
+
+
+def fla_retnet(args):
+    from fla.models import RetNetConfig, RetNetForCausalLM
+
+    from retnet_train.model import load_preset
+
+    ref = load_preset(f"retnet_{args.size}")
+    # fla's defaults are its RetNet recipe (fused norms, SwiGLU, fused cross-entropy); only the size is ours
+    cfg = RetNetConfig(hidden_size=ref.d_model, num_hidden_layers=ref.n_layers, num_heads=ref.n_heads,
+                       expand_v=ref.value_width / ref.d_model, vocab_size=ref.vocab_size)
+    return RetNetForCausalLM(cfg)
+
+
+def loss_fn(kind: str, model):
+    """The training loss of each model, as its own training path computes it."""
+    if kind == "fla":
+        return lambda ids, labels: model(input_ids=ids, labels=labels).loss
+    from retnet_train.train.evaluate import lm_loss_from_hidden
+
+    # as the trainer with trainer.fused_loss: final hidden states, then the LM head and the loss in
+    # token chunks (liger on GPU), never the [B, T, vocab] fp32 logits
+    fwd = {"mode": "chunkwise"} if kind == "plain" else {}
+    kernels = getattr(model, "kernels", "torch")
+    return lambda ids, labels: lm_loss_from_hidden(model(ids, return_hidden=True, **fwd), model.lm_head, labels,
+                                                   kernels=kernels)
+
+
+def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    with dev:
+        model = fla_retnet(args) if kind == "fla" else ours("retnet" if kind == "plain" else "transformer", args,
+                                                            kernels)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    step_loss = loss_fn(kind, model)
+    if args.compile and kind != "fla":
+        step_loss = torch.compile(step_loss)
+    batch = max(1, tokens // seq_len)
+    vocab = model.config.vocab_size
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (batch, seq_len + 1), device=dev)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    seconds = sorted(times)[len(times) // 2]
+    return {"tokens_per_s": batch * seq_len / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "batch": batch, "loss": f"{losses[0]:.2f} -> {losses[-1]:.2f}",
+            "kernels": getattr(model, "kernels", "fla" if kind == "fla" else "-")}
+
+
+def through_trainer(seq_len: int, tokens: int, args, kernels: str) -> dict:
+    from bench.train_throughput import measure
+
+    batch = max(1, tokens // seq_len)
+    ns = argparse.Namespace(micro_batch=batch, tokens_per_step=tokens, mode="auto", tp=1, grad_accum=1,
+                            warmup=args.warmup, steps=args.steps, precision="auto", zero=2,
+                            act_ckpt=args.act_ckpt, compile=args.compile, chunk_size=args.chunk_size,
+                            overrides=[f"model.kernels={kernels}"])
+    row = measure(f"retnet_{args.size}", seq_len, ns)
+    return {"tokens_per_s": row["tokens_per_s"], "peak_gib": row["peak_mem_gib"], "batch": batch,
+            "loss": f"{row['first_loss']:.2f} -> {row['loss']:.2f}", "kernels": kernels}
+
+
+def measure_one(spec: str, args) -> dict:
+    import torch
+
+    kind, seq_len, tokens, kernels = spec.split(":")
+    seq_len, tokens = int(seq_len), int(tokens)
+    try:
+        out = (through_trainer(seq_len, tokens, args, kernels) if kind == "trainer"
+               else plain_loop(kind, seq_len, tokens, args, kernels))
+    except torch.OutOfMemoryError:
+        out = {"error": "out of memory"}
+    return {"run": kind, "seq_len": seq_len, **out}
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+
+def run_isolated(spec: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", spec, "--result-json", f.name]
+        proc = subprocess.run(cmd)
+        text = Path(f.name).read_text()
+    kind, seq_len = spec.split(":")[:2]
+    if proc.returncode != 0 or not text:
+        return {"run": kind, "seq_len": int(seq_len), "error": f"failed (exit {proc.returncode})"}
+    print(f"RESULT {spec} {text}", flush=True)  # each figure as soon as it exists (a run cut short keeps them)
+    return json.loads(text)
+
+
+def label(run: str, args, kernels: str) -> str:
+    return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels})",
+            "plain": f"our RetNet-{args.size}, plain loop (kernels={kernels})",
+            "fla": f"fla RetNet-{args.size} (flash-linear-attention)",
+            "transformer": f"our Transformer-{args.size} (SDPA)"}[run]
+
+
+def main() -> None:
+    args = parse()
+    if args.one:
+        Path(args.result_json).write_text(json.dumps(measure_one(args.one, args)))
+        return
+    tokens = dict(zip(args.seq_len, args.tokens_per_step * len(args.seq_len) if len(args.tokens_per_step) == 1
+                      else args.tokens_per_step))
+    specs = []
+    for run in args.runs:
+        for kernels in (args.kernels if run in ("trainer", "plain") else ["-"]):
+            for t in args.seq_len:
+                specs.append((run, kernels, t, f"{run}:{t}:{tokens[t]}:{kernels}"))
+    results = {(run, k, t): run_isolated(spec) for run, k, t, spec in specs}
+
+    def ref(run, t):
+        r = results.get((run, "-", t))
+        return r if r and "error" not in r else None
+
+    header = ["model", "T", "batch", "tokens/s", "peak GiB", "x fla tokens/s", "x Transformer memory", "loss"]
+    rows = []
+    for (run, k, t), r in results.items():
+        if "error" in r:
+            rows.append([label(run, args, k), t, "", r["error"], "", "", "", ""])
+            continue
+        fla, tf = ref("fla", t), ref("transformer", t)
+        rows.append([label(run, args, k), t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
+                     f"{r['tokens_per_s'] / fla['tokens_per_s']:.2f}" if fla else "",
+                     f"{r['peak_gib'] / tf['peak_gib']:.2f}" if tf else "", r["loss"]])
+    from bench.results import append
+
+    notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median), "
+             f"tokens per step {args.tokens_per_step}; compile={args.compile}, activation checkpointing "
+             f"{args.act_ckpt}; plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: ZeRO-2 bf16")
+    append("Training step side by side (bench/train_step.py)", header, rows, notes=notes, save=not args.no_save)
+
+
+if __name__ == "__main__":
+    main()
