@@ -1,6 +1,6 @@
 """Time retention's kernels (and causal SDPA for reference), forward and forward + backward.
 
-    python bench/retention_kernels.py [--tokens 16384,32768] [--lengths 2048,8192,32768] [--quick]
+    python bench/retention_kernels.py [--tokens 16384,32768] [--lengths 2048,8192,32768] [--sweep]
 
 Same token count per call at every length (batch = tokens / T): chunkwise retention should cost the
 same at any T, attention grows with T. Shapes of RetNet-1.3B (8 heads, d_k 256, d_v 512) and of the
@@ -65,17 +65,20 @@ def fla_paths(lg):
     return paths
 
 
-def ours_paths(lg, quick: bool):
+def ours_paths(lg, sweep: bool):
     try:
         from retnet_train.model.kernels import retention_triton as RT
         from retnet_train.model.kernels.retention_launch import Tuning
     except Exception as e:
         print(f"skipped our Triton kernels: {type(e).__name__}: {e}")
         return {}
-    configs = {"triton c64": Tuning(chunk=64)}
-    if not quick:
-        configs.update({"triton c64 bz64 w4": Tuning(chunk=64, block_z=64, num_warps=4),
-                        "triton c64 stages3": Tuning(chunk=64, num_stages=3),
+    # each configuration compiles ~12 kernel variants (~30 s on the GPU machine): few by default
+    configs = {"triton c64": Tuning(chunk=64),
+               "triton c64 bz64": Tuning(chunk=64, block_z=64, num_warps=8)}
+    if sweep:
+        configs.update({"triton c64 st2": Tuning(chunk=64, num_stages=2),
+                        "triton c64 bz64 w4": Tuning(chunk=64, block_z=64, num_warps=4),
+                        "triton c64 seg16": Tuning(chunk=64, segment_chunks=16),
                         "triton c128 bz64": Tuning(chunk=128, block_z=64)})
     return {name: (lambda q, k, v, t=t: RT.chunk_retention(q, k, v, lg, chunk_size=t.chunk, tuning=t)[0])
             for name, t in configs.items()}
@@ -101,12 +104,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="16384,32768")
     p.add_argument("--lengths", default="2048,8192,32768")
-    p.add_argument("--quick", action="store_true", help="one Triton configuration only")
+    p.add_argument("--sweep", action="store_true", help="more Triton tile configurations (slower: compiles)")
     args = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     dt, dev = torch.bfloat16, "cuda"
     lg = head_log_decays(H)
-    paths = {**fla_paths(lg), **ours_paths(lg, args.quick)}
+    paths = {**fla_paths(lg), **ours_paths(lg, args.sweep)}
     paths["torch chunkwise"] = lambda q, k, v: chunkwise_retention(q, k, v, lg, chunk_size=64)[0]
     rows = []
     for tokens in (int(x) for x in args.tokens.split(",")):
