@@ -270,3 +270,18 @@ def test_ffn_under_autocast_matches_plain():
     for a, b in zip(torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy)):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)
+
+
+def test_chunked_linear_cross_entropy_without_grad_computes_no_gradient(monkeypatch):
+    """Under no_grad (evaluation) the chunked loss does only the forward matmul per chunk."""
+    from retnet_train.model.kernels import linear_ce
+
+    hidden, weight, labels = _loss_inputs()
+    calls = []
+    real_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or real_matmul(a, b))
+    with torch.no_grad():
+        loss = linear_ce.linear_cross_entropy(hidden, weight, labels, "sum", chunk_tokens=7)
+    assert len(calls) == 5  # 30 tokens in chunks of 7: one logits matmul each
+    ref = F.cross_entropy(real_matmul(hidden, weight.t()), labels, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)

@@ -29,9 +29,10 @@ CHUNK_TOKENS = 2048  # [2048, 32000] fp32 logits: 262 MB per chunk
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int):
-        """x [N, d], weight [V, d], labels [N] -> (sum of token losses fp32, count of counted tokens)"""
-        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int, grad: bool):
+        """x [N, d], weight [V, d], labels [N] -> (sum of token losses fp32, count of counted tokens);
+        `grad`: whether autograd is on outside (inside forward it is always off)"""
+        want_dx, want_dw = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         dx = torch.empty_like(x) if want_dx else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_dw else None
@@ -65,7 +66,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         dx, dw = ctx.saved_tensors
         dx = dx * grad_loss.to(dx.dtype) if dx is not None else None
         dw = (dw * grad_loss).to(ctx.weight_dtype) if dw is not None else None
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, reduction: str = "mean",
@@ -81,7 +82,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, reducti
                                                 accum_dtype=torch.float32)
     if impl != "torch":
         raise ValueError(f"linear cross-entropy impl={impl!r}: expected torch or liger")
-    total, count = _ChunkedLinearCrossEntropy.apply(x, weight, lab, ignore_index, chunk_tokens or CHUNK_TOKENS)
+    total, count = _ChunkedLinearCrossEntropy.apply(x, weight, lab, ignore_index, chunk_tokens or CHUNK_TOKENS,
+                                                    torch.is_grad_enabled())
     return total if reduction == "sum" else total / count.clamp(min=1)
 
 
