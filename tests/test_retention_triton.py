@@ -137,6 +137,21 @@ def test_wide_heads_are_split(monkeypatch):
         assert rel(a.grad, b.grad) < TOL, name
 
 
+def test_preset_head_dims_with_default_tiles():
+    # d_k 256 / d_v 512 as in the presets, default tuning (chunk 64; the column blocks the GPU uses)
+    lg = head_log_decays(2)
+    q, k, v, s0 = inputs(1, 150, 2, 256, 512, seed=7)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    o_ref, f_ref = parallel_retention(*ref_leaves[:3], lg, ref_leaves[3], need_state=True)
+    (o_ref.sum() + f_ref.square().sum()).backward()
+    leaves = [x.detach().float().to(DEV).requires_grad_() for x in (q, k, v, s0)]
+    o, f = RT.chunk_retention(*leaves[:3], lg, leaves[3], need_state=True)
+    (o.sum() + f.square().sum()).backward()
+    assert rel(o, o_ref) < TOL and rel(f, f_ref) < TOL
+    for name, a, b in zip(("dq", "dk", "dv", "dstate"), leaves, ref_leaves):
+        assert rel(a.grad, b.grad) < TOL, name
+
+
 def test_recurrent_step_updates_state_in_place():
     B, H, K, V = 2, 3, 32, 48
     lg = head_log_decays(H)
