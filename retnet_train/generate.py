@@ -94,22 +94,29 @@ def load_for_inference(path: str | Path, device: torch.device):
     from retnet_train.model import EXPORT_CONFIG, build_model
 
     p = Path(path)
+    # built on the device it runs on: model.kernels=auto resolves for that device (fla/Triton on a GPU)
     if (p / EXPORT_CONFIG).is_file():
-        model = build_model(p)
+        with torch.device(device):
+            model = build_model(p)
         tok = p / "tokenizer.model"
-        return model.to(device), (str(tok) if tok.is_file() else None)
+        return model, (str(tok) if tok.is_file() else None)
     from retnet_train.export import consolidated_state_dict, model_config_of
     from retnet_train.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(p)
-    cfg = model_config_of(ckpt)
-    model = build_model(cfg)
+    import dataclasses
+
+    # the training run's kernel choice (fla, say) is about its device, not the weights: decode with
+    # what this device has
+    cfg = dataclasses.replace(model_config_of(ckpt), kernels="auto")
+    with torch.device(device):
+        model = build_model(cfg)
     state = consolidated_state_dict(ckpt)
     if cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state["embed.weight"])
     model.load_state_dict(state)
     tok = json.loads((ckpt / "meta.json").read_text()).get("tokenizer")
-    return model.to(device), (tok if tok and Path(tok).is_file() else None)
+    return model, (tok if tok and Path(tok).is_file() else None)
 
 
 # Values of these keys are text, taken byte for byte: OmegaConf.from_dotlist would parse them as
