@@ -102,7 +102,7 @@ def candidates(root: Path) -> tuple[list[Path], Optional[str]]:
     return first + rest, note
 
 
-def pick_intact(paths: list[Path], *, rank: int = 0, world: int = 1, gather=integrity._alone,
+def pick_intact(paths: list[Path], *, rank: int = 0, world: int = 1, gather=integrity.single_process,
                 checksums: bool = True) -> Path:
     """The first of `paths` whose files match its files.json; every rank must call it alike.
     Damaged ones are logged loudly (each bad file named); none intact is a CheckpointError."""
@@ -130,12 +130,12 @@ def checkpoint_root(path: Path) -> Optional[Path]:
     return None
 
 
-def resolve_checkpoint(path: str | Path, checksums: bool = True) -> Path:
-    """For one process (export, generate): a checkpoint folder as named, checked; or from a
-    checkpoints/ folder or run_dir, the newest intact checkpoint."""
+def checkpoints_named_by(path: str | Path) -> list[Path]:
+    """What a user's path means: a checkpoint folder, that one alone (no fallback: it was named);
+    a checkpoints/ folder or run_dir, its checkpoints in order of preference (see candidates)."""
     p = Path(path)
-    if TAG_RE.match(p.name) and _is_complete(p):
-        return pick_intact([p], checksums=checksums)
+    if _is_complete(p):
+        return [p]
     root = checkpoint_root(p)
     if root is None:
         raise FileNotFoundError(f"{path}: not a checkpoint (no meta.json), checkpoints/ folder or run_dir "
@@ -145,7 +145,13 @@ def resolve_checkpoint(path: str | Path, checksums: bool = True) -> Path:
         log.error(note)
     if not paths:
         raise CheckpointError(f"{root}: {note}; no complete checkpoint there")
-    return pick_intact(paths, checksums=checksums)
+    return paths
+
+
+def resolve_checkpoint(path: str | Path, checksums: bool = True) -> Path:
+    """For one process (export, generate): the checkpoint a path names, checked (see
+    checkpoints_named_by and pick_intact)."""
+    return pick_intact(checkpoints_named_by(path), checksums=checksums)
 
 
 def describe_write_error(e: BaseException, folder: Path) -> str:

@@ -23,7 +23,8 @@ _READ = 8 << 20  # bytes per read: large reads keep hashlib (which releases the 
 Gather = Callable[[object], list]  # all_gather of a picklable object over the ranks
 
 
-def _alone(obj) -> list:
+def single_process(obj) -> list:
+    """The Gather of a process that is alone (export, generate)."""
     return [obj]
 
 
@@ -64,7 +65,7 @@ def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
         return dict(zip(names, pool.map(lambda n: sha256_of(folder / n), names)))
 
 
-def write_manifest(folder: Path, rank: int = 0, world: int = 1, gather: Gather = _alone) -> int:
+def write_manifest(folder: Path, rank: int = 0, world: int = 1, gather: Gather = single_process) -> int:
     """Hash the folder's files (this rank's share) and, on rank 0, write files.json.
     Every rank must call it after all ranks finished writing. Returns the total bytes."""
     sizes = {n: (folder / n).stat().st_size for n in list_files(folder)}
@@ -106,7 +107,7 @@ def total_bytes(folder: Path) -> Optional[int]:
     return None if files is None else sum(f["bytes"] for f in files.values())
 
 
-def find_problems(folder: Path, rank: int = 0, world: int = 1, gather: Gather = _alone,
+def find_problems(folder: Path, rank: int = 0, world: int = 1, gather: Gather = single_process,
                   checksums: bool = True) -> Optional[list[str]]:
     """What is wrong with the checkpoint's files, one line each (empty: intact); None when it
     has no files.json to check against. Every rank must call it; all get the same answer.

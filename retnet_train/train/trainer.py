@@ -17,7 +17,7 @@ from retnet_train.parallel.tensor_parallel import grad_norm
 from . import faults
 from .build_lock import bound_build_lock_wait
 from .build import build_engine, forward_kwargs, is_export_dir
-from .checkpoint import CheckpointManager, checkpoint_root, candidates
+from .checkpoint import CheckpointManager, checkpoints_named_by
 from .data import build_train_stream, build_val, resolve_vocab_size, verify_data
 from .evaluate import evaluate, lm_loss, lm_loss_from_hidden
 from .metrics import MetricsWriter
@@ -120,23 +120,12 @@ class Trainer:
             self.resumed_from = latest
             log.info("resumed from %s (step %d, %s tokens)", latest, self.step, f"{self.tokens:,}")
         elif cfg.checkpoint.init_from and not is_export_dir(cfg.checkpoint.init_from):  # exports load in build
-            path = self._init_checkpoint(cfg.checkpoint.init_from)
+            path = self.ckpt.pick(checkpoints_named_by(cfg.checkpoint.init_from))
             self.ckpt.load(self.engine, path, module_only=True)
             self.resumed_from = None
             log.info("initialised weights from %s", path)
         else:
             self.resumed_from = None
-
-    def _init_checkpoint(self, init_from: str) -> Path:
-        """checkpoint.init_from: a checkpoint folder as named, or a run's newest intact one; checked."""
-        p = Path(init_from)
-        if (p / "meta.json").is_file():
-            return self.ckpt.pick([p])
-        root = checkpoint_root(p)
-        paths = candidates(root)[0] if root is not None else []
-        if not paths:
-            raise FileNotFoundError(f"checkpoint.init_from={init_from}: not a checkpoint, run_dir or export folder")
-        return self.ckpt.pick(paths)
 
     def _metrics_writer(self) -> MetricsWriter:
         wandb_run = None
