@@ -169,6 +169,15 @@ def describe_write_error(e: BaseException, folder: Path) -> str:
     return f"{type(e).__name__} writing {folder}: {e}"
 
 
+def _write_error(write, folder: Path) -> Optional[str]:
+    """Run `write`; the one-line description of the OSError it raised, or None."""
+    try:
+        write()
+    except OSError as e:
+        return describe_write_error(e, folder)
+    return None
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int, checksums: bool = True):
         self.root = Path(run_dir) / "checkpoints"
@@ -230,9 +239,11 @@ class CheckpointManager:
 
     def _space_error(self) -> Optional[str]:
         """On rank 0: too little free space for one more checkpoint of the size of the last one."""
+        if not self.ps.is_main:
+            return None
         last = self.latest()
         need = integrity.total_bytes(last) if last is not None else None
-        if not self.ps.is_main or not need:
+        if not need:
             return None
         free = shutil.disk_usage(self.root).free
         if free < need:
@@ -262,22 +273,15 @@ class CheckpointManager:
             barrier()
         faults.maybe_kill("kill_in_save", step)
         self._agree(error, cleanup=tmp)
-        error = None
-        if self.ps.is_main:
-            try:
-                _atomic_write(tmp / "meta.json", json.dumps({**meta, "step": step, "tag": tag,
-                                                             "world_size": self.ps.world_size,
-                                                             "dp_size": self.ps.dp_size,
-                                                             "tp_size": self.ps.tp_size}, indent=2))
-            except OSError as e:
-                error = describe_write_error(e, tmp)
-        self._agree(error, cleanup=tmp)
-        error = None
-        try:
-            integrity.write_manifest(tmp, self.ps.rank, self.ps.world_size, all_gather_objects)
-        except OSError as e:
-            error = describe_write_error(e, tmp)
-        self._agree(error, cleanup=tmp)
+        meta = {**meta, "step": step, "tag": tag, "world_size": self.ps.world_size, "dp_size": self.ps.dp_size,
+                "tp_size": self.ps.tp_size}
+        def write_meta():
+            if self.ps.is_main:
+                _atomic_write(tmp / "meta.json", json.dumps(meta, indent=2))
+
+        self._agree(_write_error(write_meta, tmp), cleanup=tmp)
+        self._agree(_write_error(lambda: integrity.write_manifest(tmp, self.ps.rank, self.ps.world_size,
+                                                                  all_gather_objects), tmp), cleanup=tmp)
         final = self.root / tag
         if self.ps.is_main:
             if final.exists():  # the same step saved again (after a resume): replace it

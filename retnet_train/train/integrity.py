@@ -9,16 +9,16 @@ seconds for a 13B run's optimizer state), rank 0 writes the manifest. Called by 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
+from retnet_train.data.tokenizer import file_sha256
+
 FILES = "files.json"
 FORMAT = "retnet_train-checkpoint-files-v1"
-_READ = 8 << 20  # bytes per read: large reads keep hashlib (which releases the GIL) busy
 
 Gather = Callable[[object], list]  # all_gather of a picklable object over the ranks
 
@@ -26,14 +26,6 @@ Gather = Callable[[object], list]  # all_gather of a picklable object over the r
 def single_process(obj) -> list:
     """The Gather of a process that is alone (export, generate)."""
     return [obj]
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def list_files(folder: Path) -> list[str]:
@@ -62,7 +54,7 @@ def _my_share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
 
 def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return dict(zip(names, pool.map(lambda n: sha256_of(folder / n), names)))
+        return dict(zip(names, pool.map(lambda n: file_sha256(folder / n), names)))
 
 
 def write_manifest(folder: Path, rank: int = 0, world: int = 1, gather: Gather = single_process) -> int:
