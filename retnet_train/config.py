@@ -303,11 +303,11 @@ def batch_layout(cfg: DictConfig, world_size: Optional[int] = None) -> Dict[str,
             "global_batch_seqs": t.global_batch_tokens // t.seq_len}
 
 
-CHECKPOINTING = ("none", "full", "selective")
-
-
 def checkpointing_mode(value: Any) -> str:
-    """trainer.activation_checkpointing as one of CHECKPOINTING (true/false of older configs: full/none)."""
+    """trainer.activation_checkpointing as one of the model's CHECKPOINTING modes (true/false of older
+    configs: full/none)."""
+    from retnet_train.model.lm import CHECKPOINTING  # the modes are the model's; defined there once
+
     if isinstance(value, bool):
         return "full" if value else "none"
     if value not in CHECKPOINTING:
