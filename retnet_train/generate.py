@@ -1,18 +1,21 @@
 """`python -m retnet_train.generate checkpoint=PATH prompt="..." max_new_tokens=N [key=value ...]`
 
-Decodes with the recurrent form (O(1) memory per token) after a chunkwise prefill of the prompt.
-PATH: an export folder (model_config.json + model.safetensors), a checkpoint folder, or a run_dir.
-Keys: prompt, prompt_file, prompt_ids (token ids instead of text), max_new_tokens, temperature
-(0: greedy), top_k (0: off), top_p (1.0: off), seed, num_samples, tokenizer (a sentencepiece .model;
-default: the one exported with the model or recorded in the checkpoint), device, chunk_size,
-stop_at_eos.
+Decodes through the inference engine (retnet_train.inference.Generator): a chunkwise prefill of
+the prompts, then the recurrent form (O(1) memory per token), batch_size prompts at a time, in CUDA
+graphs on a GPU. PATH: an export folder (model_config.json + model.safetensors), a checkpoint
+folder, or a run_dir. Keys: prompt, prompt_file, prompt_ids (token ids instead of text),
+max_new_tokens, temperature (0: greedy), top_k (0: off), top_p (1.0: off), seed, num_samples,
+batch_size, stream (print a single output's text as it is generated), tokenizer (a sentencepiece
+.model; default: the one exported with the model or recorded in the checkpoint), device,
+chunk_size, stop_at_eos. The decoding speed (new tokens/s) goes to stderr at the end.
 
 prompt=TEXT is taken literally: everything after the first `=`, trailing spaces, colons, quotes,
 `true` and `123` included (prompt="def " keeps its space). prompt_file=PATH is a UTF-8 text file
-with one prompt per line: empty lines are skipped, line ends removed, other whitespace kept; each
-prompt is generated in turn (with the same seed, so a prompt gives what prompt=TEXT would give)
-and printed, outputs separated by a line of dashes when there are several (several prompts or
-num_samples > 1). Pass one of prompt and prompt_file (prompt_ids replaces prompt, and cannot go
+with one prompt per line: empty lines are skipped, line ends removed, other whitespace kept; its
+prompts are decoded batch_size at a time and printed in order. Sample j of any prompt draws its
+random numbers from (seed, j) whatever batch it runs in, so a prompt of a prompt_file gives what
+prompt=TEXT gives. Outputs are separated by a line of dashes when there are several (several
+prompts or num_samples > 1). Pass one of prompt and prompt_file (prompt_ids replaces prompt, and cannot go
 with prompt_file). The prompt_file path is taken literally too; other values are parsed as YAML
 (max_new_tokens=64 is a number, prompt_ids=[1,2,3] a list).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -41,52 +45,47 @@ class GenerateConfig:
     top_p: float = 0.95
     seed: int = 0
     num_samples: int = 1
+    batch_size: int = 8
+    stream: bool = True
     tokenizer: Optional[str] = None
     device: str = "auto"
     chunk_size: Optional[int] = None
     stop_at_eos: bool = True
 
 
-def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> Tensor:
-    """logits [B, V] -> next ids [B]; greedy when temperature == 0."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_id: Optional[int] = None, chunk_size: Optional[int] = None,
-             generator=None) -> Tensor:
-    """prompt_ids [B, T] -> new ids [B, <= max_new_tokens]: prefill once, then one token per step."""
+             seed: int = 0) -> Tensor:
+    """prompt_ids [B, T] -> new ids [B, <= max_new_tokens]: prefill once, then one token per step.
+
+    The plain eager loop (a growing state, a host check per token): the reference the inference
+    engine (retnet_train.inference.Generator) is tested against; it samples the same way (row i
+    draws from (seed, i)), and a finished row repeats eos_id."""
+    from retnet_train.inference.sampling import SamplingSettings
+
     model.eval()
+    B = prompt_ids.size(0)
+    settings = SamplingSettings(B, prompt_ids.device)
+    settings.set(temperature, top_k, top_p, seed)
     mode = "chunkwise" if model.config.arch == "retnet" else "parallel"
     kwargs = {"chunk_size": chunk_size} if mode == "chunkwise" and chunk_size else {}
     logits, state = model(prompt_ids, mode=mode, return_state=True, **kwargs)
     last = logits[:, -1]
     out = []
-    done = torch.zeros(prompt_ids.size(0), dtype=torch.bool, device=prompt_ids.device)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(last, temperature, top_k, top_p, generator)
-        out.append(nxt)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    for i in range(max_new_tokens):
+        nxt = settings.sample(last, torch.tensor(i, device=prompt_ids.device))
         if eos_id is not None:
+            nxt = torch.where(done, eos_id, nxt)
             done |= nxt == eos_id
-            if bool(done.all()):
-                break
-        logits, state = model.step(nxt[:, None], state)
-        last = logits[:, -1]
-    return torch.stack(out, dim=1) if out else prompt_ids.new_zeros(prompt_ids.size(0), 0)
+        out.append(nxt)
+        if eos_id is not None and bool(done.all()):
+            break
+        if i + 1 < max_new_tokens:
+            logits, state = model.step(nxt[:, None], state)
+            last = logits[:, -1]
+    return torch.stack(out, dim=1) if out else prompt_ids.new_zeros(B, 0)
 
 
 def load_for_inference(path: str | Path, device: torch.device):
@@ -193,14 +192,40 @@ def _load_tokenizer(path: Optional[str]):
     return spm.SentencePieceProcessor(model_file=path)
 
 
-def _generate_rows(model, ids: list[int], cfg: GenerateConfig, eos_id: Optional[int],
-                   device: torch.device) -> list[list[int]]:
-    # seeded per prompt: a prompt of a prompt_file gives what prompt=TEXT alone gives
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    prompt = torch.tensor([ids] * cfg.num_samples, device=device)
-    new = generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                   eos_id=eos_id, chunk_size=cfg.chunk_size, generator=g)
-    return new.tolist()
+def _generate_all(model, jobs: list[tuple[list[int], int]], cfg: GenerateConfig, eos_id: Optional[int],
+                  on_token=None) -> list[list[int]]:
+    """New ids for each (prompt ids, sample index) job, batch_size jobs per engine call."""
+    from retnet_train.inference import Generator
+
+    longest = max(len(ids) for ids, _ in jobs)
+    gen = Generator(model, max_batch=min(cfg.batch_size, len(jobs)), max_len=longest + max(cfg.max_new_tokens, 1),
+                    chunk_size=cfg.chunk_size)
+    rows = []
+    for start in range(0, len(jobs), gen.max_batch):
+        batch = jobs[start:start + gen.max_batch]
+        rows += gen.generate([ids for ids, _ in batch], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                             eos_id=eos_id, seed=cfg.seed, streams=[j for _, j in batch], on_token=on_token)
+    return rows
+
+
+class _TextStream:
+    """Prints one output's text as its tokens arrive: what is decoded so far, less a trailing
+    incomplete character, then the rest at the end."""
+
+    def __init__(self, prompt: str, sp):
+        self.prompt, self.sp, self.ids, self.shown = prompt, sp, [], ""
+        print(prompt, end="", flush=True)
+
+    def __call__(self, step_ids) -> None:
+        self.ids.append(int(step_ids[0]))
+        text = _text_of("", self.ids, self.sp).rstrip("\ufffd")
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, row: list[int]) -> None:
+        text = _text_of("", row, self.sp)
+        print(text[len(self.shown):] if text.startswith(self.shown) else "", flush=True)
 
 
 def _text_of(prompt: str, row: list[int], sp) -> str:
@@ -236,13 +261,35 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no tokenizer found: pass tokenizer=PATH or prompt_ids=[...]", file=sys.stderr)
         return 2
     eos_id = sp.eos_id() if (sp is not None and cfg.stop_at_eos) else None
-    separate = len(prompts) * cfg.num_samples > 1
+    if cfg.batch_size < 1 or cfg.num_samples < 1:
+        print(f"error: batch_size={cfg.batch_size} and num_samples={cfg.num_samples} must be >= 1", file=sys.stderr)
+        return 2
+    texts, jobs = [], []
     for prompt in prompts:
         ids = list(cfg.prompt_ids) if cfg.prompt_ids is not None else [sp.bos_id()] + sp.encode(prompt)
-        for row in _generate_rows(model, ids, cfg, eos_id, device):
+        for j in range(cfg.num_samples):
+            texts.append(prompt)
+            jobs.append((ids, j))
+    separate = len(jobs) > 1
+    streaming = cfg.stream and not separate and cfg.prompt_ids is None
+    live = _TextStream(texts[0], sp) if streaming else None
+    start = time.perf_counter()
+    try:
+        rows = _generate_all(model, jobs, cfg, eos_id, on_token=live)
+    except ValueError as e:  # a prompt too long, token ids outside the vocabulary
+        print(f"\nerror: {e}" if live else f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    for prompt, row in zip(texts, rows):
+        if live is not None:
+            live.finish(row)
+        else:
             print(_text_of(prompt, row, sp) if cfg.prompt_ids is None else " ".join(map(str, row)))
-            if separate:
-                print(SEPARATOR)
+        if separate:
+            print(SEPARATOR)
+    new = sum(len(r) for r in rows)
+    print(f"{new} new tokens in {seconds:.2f} s ({new / max(seconds, 1e-9):.1f} tokens/s, prefill included, "
+          f"batch_size={min(cfg.batch_size, len(jobs))})", file=sys.stderr)
     return 0
 
 

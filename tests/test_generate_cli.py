@@ -111,3 +111,15 @@ def test_bad_prompt_file_exits_2_naming_it(tmp_path, content):
 def test_other_keys_keep_their_errors(tmp_path):
     proc = _generate(f"checkpoint={tmp_path}", "prompt=x", "max_new_tokens=many")
     assert proc.returncode == 2 and "max_new_tokens" in proc.stderr, proc.stderr
+
+
+def test_batch_size_does_not_change_the_samples(checkpoint, tokenizer, tmp_path):
+    """Sample j of a prompt draws from (seed, j) in any batch: batch_size 1 and 4 print the same,
+    and the decoding speed goes to stderr."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("def fib(n):\nclass A:\nreturn\n", encoding="utf-8")
+    one = _outputs(checkpoint, tokenizer, f"prompt_file={path}", "num_samples=2", "batch_size=1")
+    four = _outputs(checkpoint, tokenizer, f"prompt_file={path}", "num_samples=2", "batch_size=4")
+    assert one == four and len(one) == 6
+    proc = _generate(f"checkpoint={checkpoint}", f"tokenizer={tokenizer}", "prompt=def ", "max_new_tokens=4")
+    assert proc.returncode == 0 and "tokens/s" in proc.stderr and "tokens/s" not in proc.stdout, proc.stderr

@@ -135,25 +135,30 @@ class FeedForward(nn.Module):
         return fc2(self.dropout(_hidden(h, gate, self.act_name)))
 
 
-def rotary_angles(head_dim: int, base: float) -> Tensor:
+def rotary_angles(head_dim: int, base: float, device: torch.device | None = None) -> Tensor:
     """Per-channel frequencies [head_dim], each repeated for its interleaved pair.
 
-    Frequencies are base^-linspace(0, 1, head_dim/2), as in the official RetNet code.
+    Frequencies are base^-linspace(0, 1, head_dim/2), as in the official RetNet code. Built on
+    `device` directly: a host-built table copied over would synchronise every call while decoding.
     """
-    freqs = 1.0 / (base ** torch.linspace(0, 1, head_dim // 2, dtype=torch.float32))
+    freqs = 1.0 / (base ** torch.linspace(0, 1, head_dim // 2, dtype=torch.float32, device=device))
     return freqs.repeat_interleave(2)
 
 
-def rotary_sin_cos(head_dim: int, base: float, start: int, length: int,
+def rotary_sin_cos(head_dim: int, base: float, start: int | Tensor, length: int,
                    device: torch.device) -> tuple[Tensor, Tensor]:
-    """sin, cos [T, 1, head_dim] for absolute positions start .. start + length - 1, in fp32.
+    """sin, cos for absolute positions start .. start + length - 1, in fp32: [T, 1, head_dim] for
+    an int start, [B, T, 1, head_dim] for a per-sequence start [B] (a ragged decoding batch).
 
     Built per call rather than kept in a buffer: a bf16 cast of the module (DeepSpeed's bf16 mode)
     would otherwise round the frequencies and scramble positions beyond a few hundred tokens.
     """
-    angles = rotary_angles(head_dim, base).to(device)
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
-    theta = pos[:, None] * angles[None, :]
+    angles = rotary_angles(head_dim, base, device)
+    pos = torch.arange(length, device=device, dtype=torch.float32)
+    if isinstance(start, Tensor):
+        theta = (start.to(torch.float32)[:, None] + pos)[..., None] * angles  # [B, T, head_dim]
+        return theta.sin()[:, :, None, :], theta.cos()[:, :, None, :]
+    theta = (pos + start)[:, None] * angles[None, :]
     return theta.sin()[:, None, :], theta.cos()[:, None, :]
 
 

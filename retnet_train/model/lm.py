@@ -28,10 +28,16 @@ CHECKPOINTING = ("none", "full", "selective")
 @dataclass
 class State:
     """Per-layer recurrent state (RetNet: [B, H, d_k, d_v]; Transformer: its KV cache) and the
-    number of tokens consumed so far, which fixes the rotary positions of the next tokens."""
+    number of tokens consumed so far, which fixes the rotary positions of the next tokens: an int,
+    or a long tensor [B] where each sequence of a batch is at its own position (ragged decoding).
+
+    `in_place`: the layers are preallocated buffers (`model.allocate_state`) that a recurrent step
+    updates in place, as the inference engine's CUDA graphs need; the returned state holds the
+    same buffers."""
 
     layers: list[Any] = field(default_factory=list)
-    offset: int = 0
+    offset: int | Tensor = 0
+    in_place: bool = False
 
 
 @dataclass
@@ -40,9 +46,10 @@ class ForwardContext:
 
     mode: str
     chunk_size: int
-    offset: int  # absolute position of the first token
+    offset: int | Tensor  # absolute position of the first token: an int, or [B] per sequence
     need_state: bool
     kernels: str = "torch"  # the model's resolved kernel choice: torch | fla | triton
+    state_in_place: bool = False  # layer states are buffers the step updates in place (State.in_place)
 
 
 class LanguageModel(nn.Module):
@@ -93,7 +100,11 @@ class LanguageModel(nn.Module):
             offset=state.offset if state is not None else 0,
             need_state=return_state,
             kernels=self.kernels,
+            state_in_place=state is not None and state.in_place,
         )
+        if ctx.state_in_place and (mode != "recurrent" or ids.shape[1] != 1):
+            raise ValueError(f"a state updated in place (State.in_place) takes one recurrent token per call, "
+                             f"got mode={mode!r} and {ids.shape[1]} tokens")
         x = self.embed(ids)
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.d_model)
@@ -111,12 +122,22 @@ class LanguageModel(nn.Module):
         x = self.norm(x)
         out = x if return_hidden else self.lm_head(x)
         if return_state:
-            return out, State(layers=new_layers, offset=ctx.offset + ids.shape[1])
+            return out, State(layers=new_layers, offset=ctx.offset + ids.shape[1], in_place=ctx.state_in_place)
         return out
 
     def step(self, ids: Tensor, state: State | None):
         """Recurrent decoding: ids [B, 1] (or [B, n], taken token by token) -> (logits [B, n, vocab], state)."""
         return self.forward(ids, mode="recurrent", state=state, return_state=True)
+
+    def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                       device: torch.device | None = None) -> State:
+        """Zeroed decoding state for `batch` sequences, updated in place by `step` (State.in_place).
+        `max_len` bounds the tokens a KV cache holds (RetNet's state does not grow); `dtype` is the
+        cache's (default: the model's); RetNet's state is always fp32."""
+        p = next(self.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        return State(layers=[block.allocate_state(batch, max_len, dtype, device) for block in self.layers],
+                     offset=torch.zeros(batch, dtype=torch.long, device=device), in_place=True)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         seen, total = set(), 0

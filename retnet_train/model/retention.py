@@ -139,13 +139,34 @@ def chunkwise_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
     return o, (S if need_state else None)
 
 
+def recurrent_step_in_place(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: Tensor,
+                            kernels: str = "torch") -> Tensor:
+    """One decoding token, q, k [B, 1, H, d_k], v [B, 1, H, d_v], with the fp32 state [B, H, d_k, d_v]
+    updated in place (S <- gamma S + k^T v) -> o = q S [B, 1, H, d_v]. With fla or triton kernels
+    on a GPU this is our Triton decoding kernel (one read and one write of the state); fla's fused
+    recurrent kernel returns a new state instead of updating one."""
+    if q.shape[1] != 1 or state.dtype != torch.float32:
+        raise ValueError(f"an in-place retention step takes one token and an fp32 state; got {q.shape[1]} "
+                         f"tokens and a {state.dtype} state")
+    if kernels != "torch" and (q.is_cuda or (kernels == "triton" and triton_interpreted())):
+        from .kernels.retention_triton import recurrent_step
+
+        return recurrent_step(q[:, 0], k[:, 0], v[:, 0], log_gamma, state)[:, None]
+    gamma = torch.exp(log_gamma.to(device=q.device, dtype=torch.float32))[None, :, None, None]
+    state.mul_(gamma).add_(k[:, 0, :, :, None].float() * v[:, 0, :, None, :].float())
+    return torch.einsum("bhk,bhkv->bhv", q[:, 0].float(), state).to(q.dtype)[:, None]
+
+
 def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
               state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64,
-              kernels: str = "torch"):
+              kernels: str = "torch", in_place: bool = False):
     """Dispatch to one form. `kernels` is the model's resolved choice (model.kernels): with "fla" or
     "triton", chunkwise and recurrent run those kernels (they do the chunking themselves, so
     `chunk_size` only shapes the torch form); the parallel form and dtypes a kernel does not take
-    (its `usable`, e.g. float64) run in torch."""
+    (its `usable`, e.g. float64) run in torch. `in_place`: one recurrent token with `state` an fp32
+    buffer updated in place (the inference engine); returns (o, that same state)."""
+    if in_place:
+        return recurrent_step_in_place(q, k, v, log_gamma, state, kernels), state
     if kernels != "torch" and mode != "parallel":
         fast = _fast_module(kernels)
         if not (q.is_cuda or (kernels == "triton" and triton_interpreted())):

@@ -90,23 +90,31 @@ class MultiScaleRetention(nn.Module):
             # a column of ones in v makes retention also return n_t = sum_s gamma^(t-s) q_t.k_s,
             # the score sum the official code divides by; it carries through every form and the state
             v = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1)
-        o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state, ctx.chunk_size, ctx.kernels)
+        o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state, ctx.chunk_size, ctx.kernels,
+                                 in_place=ctx.state_in_place)
         if self.cfg.score_norm == "torchscale":
             o = self._torchscale_normalise(o, log_decay, ctx.offset)
 
         y = gated_head_norm(o, g, self.head_norm, self.cfg.gate_activation, ctx.kernels)  # swish(g) * GroupNorm_h(o)
         return self.out_proj(y), new_state
 
-    def _torchscale_normalise(self, o: Tensor, log_decay: Tensor, offset: int) -> Tensor:
+    def allocate_state(self, batch: int, device: torch.device) -> Tensor:
+        """A zeroed fp32 state [B, H, d_k, d_v] (d_v + 1 with the torchscale score sum)."""
+        width = self.value_dim + (1 if self.cfg.score_norm == "torchscale" else 0)
+        return torch.zeros(batch, self.n_heads, self.key_dim, width, dtype=torch.float32, device=device)
+
+    def _torchscale_normalise(self, o: Tensor, log_decay: Tensor, offset: int | Tensor) -> Tensor:
         """The official code's scalings: the decay mask's rows divided by sqrt(sum_s gamma^(t-s)),
         then the scores by max(|row sum|, 1) (detached). Both are per-token, per-head scalars, so the
         head norm almost cancels them; they keep activations bounded in low precision."""
         o, n = o[..., :-1], o[..., -1:]
         T = o.shape[1]
-        pos = torch.arange(offset, offset + T, device=o.device, dtype=torch.float64)
-        # sum_{s<=t} gamma^(t-s) = (1 - gamma^(t+1)) / (1 - gamma)
-        row_sum = -torch.expm1((pos + 1)[:, None] * log_decay[None, :]) / -torch.expm1(log_decay)[None, :]
-        row_scale = row_sum.sqrt().to(torch.float32 if o.dtype != torch.float64 else o.dtype)[None, :, :, None]
+        # positions [1, T] (or [B, T] for per-sequence offsets)
+        pos = torch.arange(T, device=o.device, dtype=torch.float64)
+        pos = (offset.to(torch.float64)[:, None] if isinstance(offset, Tensor) else float(offset)) + pos[None]
+        # sum_{s<=t} gamma^(t-s) = (1 - gamma^(t+1)) / (1 - gamma): [1 or B, T, H]
+        row_sum = -torch.expm1((pos + 1)[..., None] * log_decay) / -torch.expm1(log_decay)
+        row_scale = row_sum.sqrt().to(torch.float32 if o.dtype != torch.float64 else o.dtype)[..., None]
         denom = (n.detach().abs() / row_scale).clamp(min=1)
         return (o / row_scale / denom).to(o.dtype)
 
@@ -119,6 +127,9 @@ class RetNetBlock(nn.Module):
         self.ffn_norm = make_norm(cfg, cfg.d_model)
         self.ffn = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return self.retention.allocate_state(batch, device)  # constant size: max_len and dtype do not matter
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: Tensor | None = None):
         y, new_state = self.retention(self.retention_norm(x), ctx, state)

@@ -12,6 +12,43 @@ from .layers import FeedForward, apply_rotary, make_norm, rotary_sin_cos
 from .lm import ForwardContext, LanguageModel
 
 
+class StaticKVCache:
+    """A preallocated KV cache, keys and values [B, max_len, H, D], written in place one token per
+    step at each sequence's own position (gpt-fast style): no growth, no copies, fixed shapes for a
+    CUDA graph. A step attends over all max_len slots with slots past each position masked."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    @classmethod
+    def zeros(cls, batch: int, max_len: int, n_heads: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> "StaticKVCache":
+        shape = (batch, max_len, n_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def __getitem__(self, rows) -> "StaticKVCache":
+        """The cache of some sequences (a view for a slice of rows, which a step updates in place)."""
+        return StaticKVCache(self.k[rows], self.v[rows])
+
+    def fill(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
+        """A prefill's keys and values [n, T, H, D] into rows [n] (slots 0 .. T-1)."""
+        if k.shape[1] > self.k.shape[1]:
+            raise ValueError(f"{k.shape[1]} tokens do not fit a KV cache of max_len={self.k.shape[1]}")
+        self.k[rows, : k.shape[1]] = k.to(self.k.dtype)
+        self.v[rows, : v.shape[1]] = v.to(self.v.dtype)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """q, k, v [B, 1, H, D] of the tokens at positions pos [B] -> attention output [B, 1, H, D]."""
+        rows = torch.arange(q.shape[0], device=q.device)
+        self.k[rows, pos] = k[:, 0].to(self.k.dtype)
+        self.v[rows, pos] = v[:, 0].to(self.v.dtype)
+        slots = torch.arange(self.k.shape[1], device=q.device)
+        allowed = (slots[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, max_len]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k.transpose(1, 2), self.v.transpose(1, 2),
+                                             attn_mask=allowed)
+        return out.transpose(1, 2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, n_heads: int | None = None):
         super().__init__()
@@ -45,6 +82,10 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(B, T, H, D), sin, cos)
         k = apply_rotary(self.k_proj(x).view(B, T, H, D), sin, cos)
         v = self.v_proj(x).view(B, T, H, D)
+        if isinstance(cache, StaticKVCache):  # the inference engine's decoding step
+            pos = ctx.offset if isinstance(ctx.offset, Tensor) else torch.full((B,), ctx.offset, device=x.device)
+            out = cache.attend(q, k, v, pos).reshape(B, T, H * D)
+            return self.out_proj(out), cache
         if cache is not None:
             k = torch.cat([cache[0], k], dim=1)
             v = torch.cat([cache[1], v], dim=1)
@@ -70,6 +111,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = make_norm(cfg, cfg.d_model)
         self.ffn = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> StaticKVCache:
+        att = self.attention
+        return StaticKVCache.zeros(batch, max_len, att.n_heads, att.head_dim, dtype, device)
 
     def forward(self, x: Tensor, ctx: ForwardContext, cache=None):
         y, new_cache = self.attention(self.attention_norm(x), ctx, cache)

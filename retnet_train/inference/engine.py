@@ -1,0 +1,197 @@
+"""The inference engine: preallocated decoding state, batched prefill, and a decoding step that
+runs on the device with no host synchronisation per token (replayed from a CUDA graph on a GPU).
+
+    gen = Generator(model, max_batch=16, max_len=4096)
+    outs = gen.generate([[1, 5, 9], [1, 7]], max_new_tokens=64, temperature=0.0)
+
+Per layer the state is a preallocated buffer for max_batch sequences (RetNet: fp32 [B, H, d_k, d_v];
+Transformer: a static KV cache [B, max_len, H, D]) that each step updates in place. Every sequence
+keeps its own position, so prompts of different lengths share a batch and a prompt decodes the
+same alone or in any batch. A call of n prompts runs in the smallest batch bucket (a power of two,
+or max_batch) that holds them; each bucket's step is captured once as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from retnet_train.model.lm import State
+
+from .graphs import StepGraphs
+from .sampling import SamplingSettings
+
+log = logging.getLogger(__name__)
+
+# how often the host looks at the stop flags (one synchronisation every this many tokens)
+STOP_CHECK_EVERY = 16
+
+
+class Generator:
+    """Batched decoding with one model (RetNet or the Transformer baseline).
+
+    max_batch: the most prompts one generate call takes. max_len: prompt plus new tokens of any
+    sequence; it sizes the Transformer's KV cache (RetNet's state does not grow, so for RetNet it
+    is only checked). cuda_graphs: None (default) uses graphs where the model is on a CUDA device.
+    prefill_tokens: prompts are prefilled in groups of equal length of at most this many tokens
+    (bounds the prefill's activation memory).
+    """
+
+    def __init__(self, model, max_batch: int = 16, max_len: int = 4096, cuda_graphs: Optional[bool] = None,
+                 prefill_tokens: int = 32768, chunk_size: Optional[int] = None):
+        if max_batch < 1 or max_len < 2:
+            raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
+        self.model = model.eval()
+        self.arch = model.config.arch
+        self.vocab_size = model.config.vocab_size
+        self.max_batch, self.max_len = max_batch, max_len
+        self.prefill_tokens, self.chunk_size = prefill_tokens, chunk_size
+        p = next(model.parameters())
+        self.device = p.device
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
+        self.state = model.allocate_state(max_batch, max_len)
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # the last token of each
+        self.done = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
+        self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
+        self.eos = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.settings = SamplingSettings(max_batch, self.device)
+        self.graphs = StepGraphs(self._step) if use_graphs else None
+
+    # ---- one decoding step: device tensors only, fixed shapes ---------------------------------
+
+    def _step(self, n: int) -> None:
+        """Feed the first n sequences' last tokens, sample their next ones, advance; all in place."""
+        state = State(layers=[layer[:n] for layer in self.state.layers], offset=self.state.offset[:n], in_place=True)
+        logits, _ = self.model.step(self.tokens[:n, None], state)
+        self._take(self.settings.select(slice(0, n)).sample(logits[:, -1], self.step_index), n)
+        self.state.offset[:n] += 1
+
+    def _take(self, nxt: Tensor, n: int) -> None:
+        """Record the sampled ids [n]: a finished sequence repeats its end-of-sequence id."""
+        done = self.done[:n]
+        nxt = torch.where(done, self.eos, nxt)
+        done |= nxt == self.eos
+        self.tokens[:n] = nxt
+        self.step_index += 1
+
+    def bucket(self, n: int) -> int:
+        """The batch size n prompts run at: the next power of two, at most max_batch."""
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, self.max_batch)
+
+    # ---- generate -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: int = 0,
+                 streams: Optional[Sequence[int]] = None,
+                 on_token: Optional[Callable[[Tensor], None]] = None) -> list[list[int]]:
+        """New token ids for each prompt (a list of ids): max_new_tokens of them, or fewer, ending
+        with eos_id, where the sequence produced it. Sequence i draws its random numbers from
+        (seed, streams[i]) (default: (seed, i)), so a prompt given the same stream samples the same
+        in any batch. on_token, if given, is called with each step's ids [n] (a host
+        synchronisation per token: for streaming)."""
+        n = self._check(prompts, max_new_tokens, eos_id)
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
+        b = self.bucket(n)
+        if self.graphs is not None:
+            self.graphs.ensure(b)  # first: its warm-up steps scribble on the buffers reset below
+        if streams is not None and len(streams) != n:
+            raise ValueError(f"{len(streams)} streams given for {n} prompts")
+        self.settings.set(temperature, top_k, top_p, seed, streams)
+        self.eos.fill_(-1 if eos_id is None else eos_id)
+        self.step_index.zero_()
+        self.done.zero_()
+        self._reset_rows(n, b)
+        self._prefill(prompts)
+        self.done[:n] = self.tokens[:n] == self.eos
+        self.step_index.fill_(1)
+        steps = [self.tokens[:n].clone()]
+        self._emit(on_token, steps[-1])
+        for i in range(1, max_new_tokens):
+            if i % STOP_CHECK_EVERY == 0 and eos_id is not None and bool(self.done[:n].all()):
+                break
+            if self.graphs is not None:
+                self.graphs.replay(b)
+            else:
+                self._step(b)
+            steps.append(self.tokens[:n].clone())
+            self._emit(on_token, steps[-1])
+        return _trim(torch.stack(steps, dim=1).tolist(), eos_id)
+
+    @staticmethod
+    def _emit(on_token, ids: Tensor) -> None:
+        if on_token is not None:
+            on_token(ids)
+
+    def _check(self, prompts, max_new_tokens: int, eos_id: Optional[int]) -> int:
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("no prompts given")
+        if n > self.max_batch:
+            raise ValueError(f"{n} prompts are more than max_batch={self.max_batch}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if eos_id is not None and not 0 <= eos_id < self.vocab_size:
+            raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {self.vocab_size})")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (a BOS id)")
+            bad = [t for t in p if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+            if bad:
+                raise ValueError(f"prompt {i}: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+            if len(p) + max_new_tokens > self.max_len:
+                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} = "
+                                 f"{len(p) + max_new_tokens} exceeds max_len={self.max_len}")
+        return n
+
+    def _reset_rows(self, n: int, b: int) -> None:
+        """Rows n .. b-1 decode alongside as padding: give them a clean state and a valid token."""
+        self.tokens[n:b] = 0
+        self.state.offset[n:b] = 0
+        for layer in self.state.layers:
+            rows = layer[n:b]
+            for t in ((rows,) if isinstance(rows, Tensor) else (rows.k, rows.v)):
+                t.zero_()
+
+    def _prefill(self, prompts) -> None:
+        """Each group of equal-length prompts in one forward (chunkwise for RetNet), at most
+        prefill_tokens at a time; its final state goes into the group's rows, its first new token
+        is sampled at step 0."""
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        for length, rows in sorted(by_len.items()):
+            per = max(1, self.prefill_tokens // length)
+            for start in range(0, len(rows), per):
+                self._prefill_group(prompts, rows[start:start + per], length)
+
+    def _prefill_group(self, prompts, rows: list[int], length: int) -> None:
+        ids = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=self.device)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        mode = "chunkwise" if self.arch == "retnet" else "parallel"
+        hidden, state = self.model(ids, mode=mode, chunk_size=self.chunk_size, return_state=True, return_hidden=True)
+        logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits: [n, V]
+        for buf, layer in zip(self.state.layers, state.layers):
+            if isinstance(buf, Tensor):
+                buf[idx] = layer.float()
+            else:
+                buf.fill(idx, *layer)
+        self.state.offset[idx] = length
+        first = torch.zeros((), dtype=torch.long, device=self.device)  # step 0: the first new token
+        self.tokens[idx] = self.settings.select(idx).sample(logits, first)
+
+
+def _trim(rows: list[list[int]], eos_id: Optional[int]) -> list[list[int]]:
+    """Cut each sequence after its first end-of-sequence id."""
+    if eos_id is None:
+        return rows
+    return [r[: r.index(eos_id) + 1] if eos_id in r else r for r in rows]
