@@ -1,0 +1,47 @@
+"""bench/decode.py end to end on CPU with the tiny presets: every section's table has its rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+from bench import decode
+
+TINY = "retnet_tiny,transformer_tiny"
+
+
+def test_decode_bench_runs_every_section_on_cpu(tmp_path):
+    tables = decode.main([
+        "--device", "cpu", "--threads", "1", "--dtype", "fp32", "--pair", TINY, "--step-pair", TINY,
+        "--contexts", "48,96", "--memory-batch", "2", "--new-tokens", "2", "--max-batch", "2",
+        "--at-context", "96", "--batches", "1,2", "--step-batch", "2", "--step-prompt", "16",
+        "--steps", "2", "--warmup-steps", "1", "--prompt-len", "8", "--no-save", "--chart-dir", str(tmp_path)])
+    assert set(tables) == {"memory", "throughput", "latency", "step", "summary"}
+    header, rows = tables["memory"]
+    assert [r[0] for r in rows] == ["weights only", 48, 96] and rows[1][2] == "-"  # no GPU: no memory figure
+    header, rows = tables["throughput"]
+    assert [r[0] for r in rows] == [48, 96] and all(r[1] == "2" and float(r[2]) > 0 for r in rows)
+    assert header[-1] == "retnet_tiny / transformer_tiny" and all(r[-1].endswith("x") for r in rows)
+    header, rows = tables["latency"]
+    assert [r[0] for r in rows] == [1, 2] and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    header, rows = tables["step"]
+    assert [(r[0], r[1]) for r in rows] == [("retnet_tiny", 2), ("retnet_tiny", 1),
+                                            ("transformer_tiny", 2), ("transformer_tiny", 1)]
+    assert all(float(r[6]) > 0 for r in rows)  # the bandwidth floor
+    header, rows = tables["summary"]
+    assert len(rows) == 3 and re.search(r"= \d+\.\d+x$", rows[0][3]) and "within" in rows[-1][1]
+    if importlib.util.find_spec("matplotlib"):  # optional: without it the bench says so and goes on
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            f"decode_{s}_retnet_tiny_vs_transformer_tiny.png" for s in ("latency", "throughput")]
+
+
+def test_largest_batch_halves_until_one_fits(monkeypatch):
+    from bench import decode_lib
+
+    def fake(model, batch, *args, **kw):
+        return decode_lib.OOM if batch > 2 else {"batch": batch}
+
+    monkeypatch.setattr(decode_lib, "run_setting", fake)
+    assert decode_lib.largest_batch(None, 8, 1024, 16, 1, 2) == ({"batch": 2}, [8, 4])
+    monkeypatch.setattr(decode_lib, "run_setting", lambda *a, **k: decode_lib.OOM)
+    assert decode_lib.largest_batch(None, 4, 1024, 16, 1, 2) == (decode_lib.OOM, [4, 2, 1])
