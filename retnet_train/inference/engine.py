@@ -37,11 +37,12 @@ class Generator:
     sequence; it sizes the Transformer's KV cache (RetNet's state does not grow, so for RetNet it
     is only checked). cuda_graphs: None (default) uses graphs where the model is on a CUDA device.
     prefill_tokens: prompts are prefilled in groups of equal length of at most this many tokens
-    (bounds the prefill's activation memory).
+    (bounds the prefill's activation memory). compile: the decoding step goes through
+    torch.compile first (fusing its elementwise work; a CUDA graph then captures the compiled step).
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int = 4096, cuda_graphs: Optional[bool] = None,
-                 prefill_tokens: int = 32768, chunk_size: Optional[int] = None):
+                 prefill_tokens: int = 32768, chunk_size: Optional[int] = None, compile: bool = False):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
         self.model = model.eval()
@@ -60,15 +61,35 @@ class Generator:
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.eos = torch.full((), -1, dtype=torch.long, device=self.device)
         self.settings = SamplingSettings(max_batch, self.device)
+        # the model's part of the step, compiled where asked (sampling stays eager: inductor gains
+        # little on a sort over the vocabulary and has failed to compile it)
+        self.logits_fn = self._logits
+        if compile:
+            self._logits(1)  # once eagerly: fills the model's per-device caches, which compiled code only reads
+            self.logits_fn = torch.compile(self._logits, dynamic=False)
         self.graphs = StepGraphs(self._step) if use_graphs else None
+
+    def close(self) -> None:
+        """Free the state, the buffers and the graphs now (the graphs refer back to this object, so
+        dropping the last reference leaves them to the cycle collector)."""
+        self.graphs = None
+        self.state = None
+        torch.cuda.empty_cache() if self.device.type == "cuda" else None
 
     # ---- one decoding step: device tensors only, fixed shapes ---------------------------------
 
-    def _step(self, n: int) -> None:
-        """Feed the first n sequences' last tokens, sample their next ones, advance; all in place."""
+    def _logits(self, n: int) -> Tensor:
+        """Feed the first n sequences' last tokens through the model (state updated in place) ->
+        next-token logits [n, V]."""
         state = State(layers=[layer[:n] for layer in self.state.layers], offset=self.state.offset[:n], in_place=True)
         logits, _ = self.model.step(self.tokens[:n, None], state)
-        self._take(self.settings.select(slice(0, n)).sample(logits[:, -1], self.step_index), n)
+        return logits[:, -1]
+
+    def _step(self, n: int, greedy: bool) -> None:
+        """One token for the first n sequences: logits, the next ids, advance; all in place."""
+        logits = self.logits_fn(n)
+        nxt = logits.argmax(-1) if greedy else self.settings.select(slice(0, n)).sample(logits, self.step_index)
+        self._take(nxt, n)
         self.state.offset[:n] += 1
 
     def _take(self, nxt: Tensor, n: int) -> None:
@@ -102,8 +123,9 @@ class Generator:
         if max_new_tokens == 0:
             return [[] for _ in prompts]
         b = self.bucket(n)
+        greedy = temperature == 0
         if self.graphs is not None:
-            self.graphs.ensure(b)  # first: its warm-up steps scribble on the buffers reset below
+            self.graphs.ensure(b, greedy)  # first: its warm-up steps scribble on the buffers reset below
         if streams is not None and len(streams) != n:
             raise ValueError(f"{len(streams)} streams given for {n} prompts")
         self.settings.set(temperature, top_k, top_p, seed, streams)
@@ -120,9 +142,9 @@ class Generator:
             if i % STOP_CHECK_EVERY == 0 and eos_id is not None and bool(self.done[:n].all()):
                 break
             if self.graphs is not None:
-                self.graphs.replay(b)
+                self.graphs.replay(b, greedy)
             else:
-                self._step(b)
+                self._step(b, greedy)
             steps.append(self.tokens[:n].clone())
             self._emit(on_token, steps[-1])
         return _trim(torch.stack(steps, dim=1).tolist(), eos_id)

@@ -1,4 +1,5 @@
-"""CUDA graphs of the decoding step, one per batch bucket, captured on first use and replayed.
+"""CUDA graphs of the decoding step, one per batch bucket and sampling kind (greedy, or sampled),
+captured on first use and replayed.
 
 A replay launches the whole step (every layer's kernels, sampling, the stop flags) with one host
 call, where eager decoding spends more time launching a thousand small kernels than running them.
@@ -20,31 +21,33 @@ WARMUP_STEPS = 2  # Triton compiles and cuBLAS picks its algorithms here, outsid
 
 
 class StepGraphs:
-    def __init__(self, step: Callable[[int], None]):
-        self.step = step
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    def __init__(self, step: Callable[[int, bool], None]):
+        self.step = step  # step(batch, greedy)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool for all buckets' graphs
 
-    def ensure(self, batch: int) -> None:
-        """Capture the step at this batch size if not yet done. The warm-up runs the step for real:
-        call this before the buffers are filled for a generate call."""
-        if batch in self.graphs:
+    def ensure(self, batch: int, greedy: bool) -> None:
+        """Capture the step at this batch size and kind if not yet done. The warm-up runs the step for
+        real: call this before the buffers are filled for a generate call."""
+        key = (batch, greedy)
+        if key in self.graphs:
             return
         start = time.perf_counter()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self.step(batch)
+                self.step(batch, greedy)
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.step(batch)
+            self.step(batch, greedy)
         torch.cuda.synchronize()
-        self.graphs[batch] = graph
-        log.info("captured the decoding step for batch %d in %.1f s", batch, time.perf_counter() - start)
+        self.graphs[key] = graph
+        log.info("captured the decoding step (batch %d, %s) in %.1f s", batch, "greedy" if greedy else "sampled",
+                 time.perf_counter() - start)
 
-    def replay(self, batch: int) -> None:
-        self.graphs[batch].replay()
+    def replay(self, batch: int, greedy: bool) -> None:
+        self.graphs[(batch, greedy)].replay()

@@ -53,9 +53,10 @@ class MultiScaleRetention(nn.Module):
 
     def _log_decay_on(self, device: torch.device) -> Tensor:
         """log_decay on `device`, cached (not a buffer: a bf16 cast of the module must not round it)."""
-        if torch.compiler.is_compiling():  # a constant of the graph; the cache dict would break it
-            return self.log_decay.to(device)
         key = (device, self.n_heads, self.head_start)
+        if torch.compiler.is_compiling():  # read the cache, never write it: a dict update breaks the graph
+            cached = self.__dict__.get("_decay_cache", {}).get(key)
+            return cached if cached is not None else self.log_decay.to(device)
         cache = self.__dict__.setdefault("_decay_cache", {})
         if key not in cache:
             cache.clear()

@@ -86,10 +86,23 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: Te
                          f"got {state.dtype} (contiguous={state.is_contiguous()})")
     q4, k4, v4 = (x.unsqueeze(1) for x in (q, k, v))
     _check(q4, k4, v4, log_gamma, state, None)
-    o, launch = L.recurrent(q4.contiguous(), k4.to(q.dtype).contiguous(), v4.to(q.dtype).contiguous(),
-                            _log2_gamma(log_gamma, q.device), state, state)
-    launch()
+    o = _recurrent_step_op(q4.contiguous(), k4.to(q.dtype).contiguous(), v4.to(q.dtype).contiguous(),
+                           _log2_gamma(log_gamma, q.device), state)
     return o.squeeze(1)
+
+
+# a torch.library op, so torch.compile (the inference engine's compiled step) calls the kernel as
+# one opaque in-place op instead of tracing into Triton's launcher
+@torch.library.custom_op("retnet::retention_recurrent_step", mutates_args=("state",))
+def _recurrent_step_op(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state: Tensor) -> Tensor:
+    o, launch = L.recurrent(q, k, v, lg2, state, state)
+    launch()
+    return o
+
+
+@_recurrent_step_op.register_fake
+def _(q, k, v, lg2, state):
+    return torch.empty_like(v)
 
 
 class _ChunkRetention(torch.autograd.Function):
