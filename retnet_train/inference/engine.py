@@ -128,12 +128,16 @@ class Generator:
             self.graphs.ensure(b, greedy)  # first: its warm-up steps scribble on the buffers reset below
         if streams is not None and len(streams) != n:
             raise ValueError(f"{len(streams)} streams given for {n} prompts")
-        self.settings.set(temperature, top_k, top_p, seed, streams)
+        # row r decodes prompt order[r]: sorted by length, so each prefill group is a slice of rows
+        # (its state written in place) and no state of a whole group is ever held twice
+        order = sorted(range(n), key=lambda i: len(prompts[i]))
+        streams = list(range(n)) if streams is None else list(streams)
+        self.settings.set(temperature, top_k, top_p, seed, [streams[i] for i in order])
         self.eos.fill_(-1 if eos_id is None else eos_id)
         self.step_index.zero_()
         self.done.zero_()
-        self._reset_rows(n, b)
-        self._prefill(prompts)
+        self._reset_rows(0, b)
+        self._prefill([prompts[i] for i in order])
         self.done[:n] = self.tokens[:n] == self.eos
         self.step_index.fill_(1)
         steps = [self.tokens[:n].clone()]
@@ -147,7 +151,11 @@ class Generator:
                 self._step(b, greedy)
             steps.append(self.tokens[:n].clone())
             self._emit(on_token, steps[-1])
-        return _trim(torch.stack(steps, dim=1).tolist(), eos_id)
+        rows = torch.stack(steps, dim=1).tolist()
+        out: list[list[int]] = [[] for _ in range(n)]
+        for r, i in enumerate(order):
+            out[i] = rows[r]
+        return _trim(out, eos_id)
 
     @staticmethod
     def _emit(on_token, ids: Tensor) -> None:
@@ -176,7 +184,8 @@ class Generator:
         return n
 
     def _reset_rows(self, n: int, b: int) -> None:
-        """Rows n .. b-1 decode alongside as padding: give them a clean state and a valid token."""
+        """Rows n .. b-1 start clean: a zero state (a prompt's prefill starts from it; rows past the
+        prompts decode alongside as padding) and a valid token."""
         self.tokens[n:b] = 0
         self.state.offset[n:b] = 0
         for layer in self.state.layers:
@@ -185,31 +194,28 @@ class Generator:
                 t.zero_()
 
     def _prefill(self, prompts) -> None:
-        """Each group of equal-length prompts in one forward (chunkwise for RetNet), at most
-        prefill_tokens at a time; its final state goes into the group's rows, its first new token
-        is sampled at step 0."""
-        by_len: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_len.setdefault(len(p), []).append(i)
-        for length, rows in sorted(by_len.items()):
-            per = max(1, self.prefill_tokens // length)
-            for start in range(0, len(rows), per):
-                self._prefill_group(prompts, rows[start:start + per], length)
+        """Prompts sorted by length, one row each: each run of equal lengths goes through one
+        forward (chunkwise for RetNet), at most prefill_tokens at a time, with its rows' state
+        written in place; its first new token is sampled at step 0."""
+        start = 0
+        while start < len(prompts):
+            length = len(prompts[start])
+            end = start + 1
+            while end < len(prompts) and len(prompts[end]) == length and (end - start + 1) * length <= self.prefill_tokens:
+                end += 1
+            self._prefill_rows(prompts, start, end, length)
+            start = end
 
-    def _prefill_group(self, prompts, rows: list[int], length: int) -> None:
-        ids = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=self.device)
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+    def _prefill_rows(self, prompts, r0: int, r1: int, length: int) -> None:
+        ids = torch.tensor([list(prompts[r]) for r in range(r0, r1)], dtype=torch.long, device=self.device)
+        rows = State(layers=[layer[r0:r1] for layer in self.state.layers], offset=0, in_place=True)
         mode = "chunkwise" if self.arch == "retnet" else "parallel"
-        hidden, state = self.model(ids, mode=mode, chunk_size=self.chunk_size, return_state=True, return_hidden=True)
+        hidden, _ = self.model(ids, mode=mode, chunk_size=self.chunk_size, state=rows, return_state=True,
+                               return_hidden=True)
         logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits: [n, V]
-        for buf, layer in zip(self.state.layers, state.layers):
-            if isinstance(buf, Tensor):
-                buf[idx] = layer.float()
-            else:
-                buf.fill(idx, *layer)
-        self.state.offset[idx] = length
+        self.state.offset[r0:r1] = length
         first = torch.zeros((), dtype=torch.long, device=self.device)  # step 0: the first new token
-        self.tokens[idx] = self.settings.select(idx).sample(logits, first)
+        self.tokens[r0:r1] = self.settings.select(slice(r0, r1)).sample(logits, first)
 
 
 def _trim(rows: list[list[int]], eos_id: Optional[int]) -> list[list[int]]:

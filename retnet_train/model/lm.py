@@ -31,9 +31,10 @@ class State:
     number of tokens consumed so far, which fixes the rotary positions of the next tokens: an int,
     or a long tensor [B] where each sequence of a batch is at its own position (ragged decoding).
 
-    `in_place`: the layers are preallocated buffers (`model.allocate_state`) that a recurrent step
-    updates in place, as the inference engine's CUDA graphs need; the returned state holds the
-    same buffers."""
+    `in_place`: the layers are preallocated buffers (`model.allocate_state`) that a call updates in
+    place, as the inference engine's CUDA graphs need: a recurrent step one token at a time, or a
+    prefill (chunkwise / parallel) of sequences starting at the same position; the returned state
+    holds the same buffers."""
 
     layers: list[Any] = field(default_factory=list)
     offset: int | Tensor = 0
@@ -102,9 +103,9 @@ class LanguageModel(nn.Module):
             kernels=self.kernels,
             state_in_place=state is not None and state.in_place,
         )
-        if ctx.state_in_place and (mode != "recurrent" or ids.shape[1] != 1):
+        if ctx.state_in_place and mode == "recurrent" and ids.shape[1] != 1:
             raise ValueError(f"a state updated in place (State.in_place) takes one recurrent token per call, "
-                             f"got mode={mode!r} and {ids.shape[1]} tokens")
+                             f"got {ids.shape[1]} tokens")
         x = self.embed(ids)
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.d_model)

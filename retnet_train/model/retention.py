@@ -163,10 +163,15 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
     """Dispatch to one form. `kernels` is the model's resolved choice (model.kernels): with "fla" or
     "triton", chunkwise and recurrent run those kernels (they do the chunking themselves, so
     `chunk_size` only shapes the torch form); the parallel form and dtypes a kernel does not take
-    (its `usable`, e.g. float64) run in torch. `in_place`: one recurrent token with `state` an fp32
-    buffer updated in place (the inference engine); returns (o, that same state)."""
-    if in_place:
+    (its `usable`, e.g. float64) run in torch. `in_place`: `state` is an fp32 buffer the call updates
+    in place (the inference engine), one recurrent token or a chunkwise / parallel prefill; returns
+    (o, that same state)."""
+    if in_place and mode == "recurrent":
         return recurrent_step_in_place(q, k, v, log_gamma, state, kernels), state
+    if in_place:  # a prefill: the buffer is the incoming state and receives the final one
+        o, final = retention(q, k, v, log_gamma, mode, state, True, chunk_size, kernels)
+        state.copy_(final)
+        return o, state
     if kernels != "torch" and mode != "parallel":
         fast = _fast_module(kernels)
         if not (q.is_cuda or (kernels == "triton" and triton_interpreted())):

@@ -30,8 +30,8 @@ class StaticKVCache:
         """The cache of some sequences (a view for a slice of rows, which a step updates in place)."""
         return StaticKVCache(self.k[rows], self.v[rows])
 
-    def fill(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
-        """A prefill's keys and values [n, T, H, D] into rows [n] (slots 0 .. T-1)."""
+    def fill(self, rows: Tensor | slice, k: Tensor, v: Tensor) -> None:
+        """A prefill's keys and values [n, T, H, D] into rows (slots 0 .. T-1)."""
         if k.shape[1] > self.k.shape[1]:
             raise ValueError(f"{k.shape[1]} tokens do not fit a KV cache of max_len={self.k.shape[1]}")
         self.k[rows, : k.shape[1]] = k.to(self.k.dtype)
@@ -82,10 +82,17 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(B, T, H, D), sin, cos)
         k = apply_rotary(self.k_proj(x).view(B, T, H, D), sin, cos)
         v = self.v_proj(x).view(B, T, H, D)
-        if isinstance(cache, StaticKVCache):  # the inference engine's decoding step
-            pos = ctx.offset if isinstance(ctx.offset, Tensor) else torch.full((B,), ctx.offset, device=x.device)
-            out = cache.attend(q, k, v, pos).reshape(B, T, H * D)
-            return self.out_proj(out), cache
+        if isinstance(cache, StaticKVCache):  # the inference engine: a prefill or a decoding step
+            if T > 1:
+                if not isinstance(ctx.offset, int) or ctx.offset != 0:
+                    raise ValueError("a static KV cache is prefilled from position 0 only")
+                cache.fill(slice(None), k, v)
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True).transpose(1, 2)
+            else:
+                pos = ctx.offset if isinstance(ctx.offset, Tensor) else torch.full((B,), ctx.offset, device=x.device)
+                out = cache.attend(q, k, v, pos)
+            return self.out_proj(out.reshape(B, T, H * D)), cache
         if cache is not None:
             k = torch.cat([cache[0], k], dim=1)
             v = torch.cat([cache[1], v], dim=1)
