@@ -128,3 +128,20 @@ def test_graphs_equal_eager_token_for_token(arch):
     assert graphs == eager
     for p, out in zip(prompts, graphs):
         assert out == generate(model, torch.tensor([p], device="cuda"), 48)[0].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_projections_give_the_same_logits_and_follow_loaded_weights(arch):
+    model, other = _model(arch), _model(arch)
+    torch.manual_seed(1)
+    other.load_state_dict({k: torch.randn_like(v) * 0.02 for k, v in other.state_dict().items()})
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        before, want = model(ids), other(ids)
+        model.fuse_projections()
+        assert all(m._fused is not None for m in model.modules() if hasattr(m, "_fused"))
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+        keys = set(model.state_dict())
+        model.load_state_dict(other.state_dict())  # copies into the views: the fused weight follows
+        assert set(model.state_dict()) == keys
+        torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)

@@ -42,10 +42,11 @@ class Generator:
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int = 4096, cuda_graphs: Optional[bool] = None,
-                 prefill_tokens: int = 32768, chunk_size: Optional[int] = None, compile: bool = False):
+                 prefill_tokens: int = 8192, chunk_size: Optional[int] = None, compile: bool = False):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
         self.model = model.eval()
+        model.fuse_projections()  # one matmul for q, k, v (and g): small decoding matmuls waste bandwidth
         self.arch = model.config.arch
         self.vocab_size = model.config.vocab_size
         self.max_batch, self.max_len = max_batch, max_len

@@ -135,6 +135,30 @@ class FeedForward(nn.Module):
         return fc2(self.dropout(_hidden(h, gate, self.act_name)))
 
 
+def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """One weight [sum of outputs, in] (and bias) for linears that read the same input, with each
+    linear's parameters turned into views of it: one matmul replaces several (at decoding batch
+    sizes a small matmul cannot use the memory bandwidth), no weight is stored twice, and an
+    in-place update of the parameters (load_state_dict, an optimizer) keeps the two in step. A
+    later .to() of the module makes new parameters: fuse after it."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = weight[start:start + n]
+        if has_bias:
+            m.bias.data = bias[start:start + n]
+        start += n
+    return weight, bias
+
+
+def fused_is_current(fused: tuple[Tensor, Tensor | None] | None, first: nn.Linear) -> bool:
+    """True while `first` (the first fused linear) still views the fused weight."""
+    return fused is not None and first.weight.data_ptr() == fused[0].data_ptr()
+
+
 def rotary_angles(head_dim: int, base: float, device: torch.device | None = None) -> Tensor:
     """Per-channel frequencies [head_dim], each repeated for its interleaved pair.
 

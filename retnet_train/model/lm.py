@@ -130,6 +130,13 @@ class LanguageModel(nn.Module):
         """Recurrent decoding: ids [B, 1] (or [B, n], taken token by token) -> (logits [B, n, vocab], state)."""
         return self.forward(ids, mode="recurrent", state=state, return_state=True)
 
+    def fuse_projections(self) -> None:
+        """For inference: each layer's projections of one input become one matmul (RetNet q, k, v,
+        g; the Transformer's q, k, v), their weights views of one tensor. Call after any .to()."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections"):
+                module.fuse_projections()
+
     def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                        device: torch.device | None = None) -> State:
         """Zeroed decoding state for `batch` sequences, updated in place by `step` (State.in_place).

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .kernels.norm_gate import gated_head_norm
-from .layers import FeedForward, HeadNorm, apply_rotary, make_norm, rotary_sin_cos
+import torch.nn.functional as F
+
+from .layers import FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos
 from .lm import ForwardContext, LanguageModel
 from .retention import head_log_decays, retention
 
@@ -40,7 +42,12 @@ class MultiScaleRetention(nn.Module):
         self.out_proj = nn.Linear(hv, d, bias=cfg.bias)
         self.head_norm = HeadNorm(self.n_heads, self.value_dim, cfg.head_norm, cfg.head_norm_eps, cfg.head_norm_affine)
         self.rope_base = cfg.rope_base
+        self._fused = None  # (weight, bias) of q, k, v, g as one projection: fuse_projections
         self.reset_parameters()
+
+    def fuse_projections(self) -> None:
+        """Inference: q, k, v and g in one matmul (their weights become views of one tensor)."""
+        self._fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj, self.g_proj])
 
     def set_heads(self, n_heads: int, head_start: int) -> None:
         """Used by tensor parallelism after it has sliced the projections to these heads."""
@@ -76,10 +83,14 @@ class MultiScaleRetention(nn.Module):
         """x [B, T, d] -> ([B, T, d], state [B, H, d_k, d_v(+1)] or None)"""
         B, T, _ = x.shape
         H = self.n_heads
-        q = self.q_proj(x).view(B, T, H, self.key_dim)
-        k = self.k_proj(x).view(B, T, H, self.key_dim)
-        v = self.v_proj(x).view(B, T, H, self.value_dim)
-        g = self.g_proj(x)
+        if self._fused is not None and (torch.compiler.is_compiling() or fused_is_current(self._fused, self.q_proj)):
+            hk, hv = H * self.key_dim, H * self.value_dim
+            q, k, v, g = F.linear(x, *self._fused).split([hk, hk, hv, hv], dim=-1)
+        else:
+            q, k, v, g = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
+        q = q.view(B, T, H, self.key_dim)
+        k = k.view(B, T, H, self.key_dim)
+        v = v.reshape(B, T, H, self.value_dim)
 
         sin, cos = rotary_sin_cos(self.key_dim, self.rope_base, ctx.offset, T, x.device)
         # the keys' 1/sqrt(d_k) rides on the rotation (a [T, 1, d_k] table), sparing a pass over k

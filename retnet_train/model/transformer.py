@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import FeedForward, apply_rotary, make_norm, rotary_sin_cos
+from .layers import FeedForward, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos
 from .lm import ForwardContext, LanguageModel
 
 
@@ -61,7 +61,12 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(inner, d, bias=cfg.bias)
         self.dropout_p = cfg.dropout
         self.rope_base = cfg.rope_base
+        self._fused = None  # (weight, bias) of q, k, v as one projection: fuse_projections
         self.reset_parameters()
+
+    def fuse_projections(self) -> None:
+        """Inference: q, k and v in one matmul (their weights become views of one tensor)."""
+        self._fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def set_heads(self, n_heads: int, head_start: int) -> None:
         self.n_heads = n_heads
@@ -79,9 +84,13 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         sin, cos = rotary_sin_cos(self.head_dim, self.rope_base, ctx.offset, T, x.device)
-        q = apply_rotary(self.q_proj(x).view(B, T, H, D), sin, cos)
-        k = apply_rotary(self.k_proj(x).view(B, T, H, D), sin, cos)
-        v = self.v_proj(x).view(B, T, H, D)
+        if self._fused is not None and (torch.compiler.is_compiling() or fused_is_current(self._fused, self.q_proj)):
+            q, k, v = F.linear(x, *self._fused).split(H * D, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rotary(q.view(B, T, H, D), sin, cos)
+        k = apply_rotary(k.view(B, T, H, D), sin, cos)
+        v = v.reshape(B, T, H, D)
         if isinstance(cache, StaticKVCache):  # the inference engine: a prefill or a decoding step
             if T > 1:
                 if not isinstance(ctx.offset, int) or ctx.offset != 0:
