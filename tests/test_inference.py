@@ -116,7 +116,7 @@ def test_uniform_is_a_pure_function_in_the_open_interval():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", ["retnet_1.3b", "transformer_1.3b"])
 def test_graphs_equal_eager_token_for_token(arch):
-    """With CUDA graphs, greedy decoding equals the eager engine and the plain loop (fp32 weights
+    """With CUDA graphs (and compiled), greedy decoding equals the eager engine and the plain loop (fp32 weights
     so the three paths' roundings cannot flip an argmax), for a ragged batch."""
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -125,7 +125,8 @@ def test_graphs_equal_eager_token_for_token(arch):
     prompts = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in (300, 64, 300)]
     graphs = Generator(model, max_batch=4, max_len=512, cuda_graphs=True).generate(prompts, max_new_tokens=48)
     eager = Generator(model, max_batch=4, max_len=512, cuda_graphs=False).generate(prompts, max_new_tokens=48)
-    assert graphs == eager
+    compiled = Generator(model, max_batch=4, max_len=512, compile=True).generate(prompts, max_new_tokens=48)
+    assert graphs == eager == compiled
     for p, out in zip(prompts, graphs):
         assert out == generate(model, torch.tensor([p], device="cuda"), 48)[0].tolist()
 
