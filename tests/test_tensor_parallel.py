@@ -27,6 +27,8 @@ CASES = {
     "transformer": dict(spec="transformer_tiny", overrides=dict(vocab_size=256, d_model=64, n_layers=2,
                                                                n_heads=4, bias=True)),
 }
+CASE_MODES = [("retnet", "parallel"), ("retnet", "chunkwise"), ("retnet_tied", "chunkwise"),
+              ("transformer", "parallel")]
 
 
 def _reference(case, mode):
@@ -42,11 +44,18 @@ def _reference(case, mode):
     return model, ids, labels, logits.detach(), loss.detach(), grads
 
 
-def _worker(rank, init_file, case, mode, result_dir):
+def _worker(rank, init_file, result_dir):
+    """Every case in one pair of processes (a spawned process takes seconds to import torch)."""
     from fairscale.nn.model_parallel.initialize import initialize_model_parallel
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP)
     initialize_model_parallel(TP)
+    for case, mode in CASE_MODES:
+        _compare(rank, case, mode, result_dir)
+    dist.destroy_process_group()
+
+
+def _compare(rank, case, mode, result_dir):
     model, ids, labels, ref_logits, ref_loss, ref_grads = _reference(case, mode)
     model.zero_grad()
     apply_tensor_parallel(model, rank, TP)
@@ -64,15 +73,19 @@ def _worker(rank, init_file, case, mode, result_dir):
         loss=abs(loss.item() - ref_loss.item()) / ref_loss.item(),
         grads=grad_errs,
         shard=model.state_dict(),
-    ), os.path.join(result_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    ), os.path.join(result_dir, f"{case}-{mode}-rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("case,mode", [("retnet", "parallel"), ("retnet", "chunkwise"), ("retnet_tied", "chunkwise"),
-                                       ("transformer", "parallel")])
-def test_tp2_equals_tp1(case, mode, tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), case, mode, str(tmp_path)), nprocs=TP, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(TP)]
+@pytest.fixture(scope="module")
+def tp2_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2")
+    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=TP, join=True)
+    return out
+
+
+@pytest.mark.parametrize("case,mode", CASE_MODES)
+def test_tp2_equals_tp1(case, mode, tp2_results):
+    results = [torch.load(tp2_results / f"{case}-{mode}-rank{r}.pt") for r in range(TP)]
     for r in results:
         assert r["logits"] < 1e-5 and r["loss"] < 1e-5
         worst = max(r["grads"].items(), key=lambda kv: kv[1])
