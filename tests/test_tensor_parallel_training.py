@@ -4,6 +4,7 @@ another tp; two torchrun "nodes" joined by rendezvous train and checkpoint."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -27,10 +28,30 @@ def _close(got: dict, want: dict, steps: int) -> None:
         assert abs(got[step] - want[step]) < tol * abs(want[step]), (step, got[step], want[step])
 
 
+# One tp=2 run that three tests share (a torchrun start costs ~20 s of CPU here): 4 steps with
+# checkpoints at steps 2 and 4, the LR decay over 6 steps so that a resume to step 6 continues it.
+TP2 = ["parallel.tp=2", "optim.decay_steps=6"]
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tp2") / "run"
+    run_train(run, "trainer.max_steps=4", *TP2, "checkpoint.every=2", nproc=2, launcher="torchrun")
+    return run
+
+
+@pytest.fixture
+def tp2_copy(tmp_path, tp2_run):
+    run = tmp_path / "run"
+    shutil.copytree(tp2_run, run)
+    return run
+
+
 @pytest.mark.slow
-def test_tp2_losses_equal_single_process(tmp_path):
-    run_train(tmp_path / "run", "trainer.max_steps=4", "parallel.tp=2", nproc=2, launcher="torchrun")
-    _close(losses(tmp_path / "run"), reference_losses(4), 4)
+def test_tp2_losses_equal_single_process(tp2_run):
+    _close(losses(tp2_run), reference_losses(6), 4)
+    assert sorted(p.name for p in (tp2_run / "checkpoints").iterdir() if p.name.startswith("step_")) == [
+        "step_00000002", "step_00000004"]
 
 
 def _export(run, out):
@@ -54,13 +75,14 @@ def test_tp2_dp2_losses_equal_single_process(tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_tp2_checkpoint_resumes_exports_and_starts_a_tp1_run(tmp_path):
-    run = tmp_path / "run"
-    run_train(run, "trainer.max_steps=3", "parallel.tp=2", "checkpoint.every=2", nproc=2, launcher="torchrun")
-    # resuming the tp=2 run from its step-3 checkpoint continues to step 4 with the reference loss
-    run_train(run, "trainer.max_steps=4", "parallel.tp=2", nproc=2, launcher="torchrun")
-    _close(losses(run), reference_losses(4), 4)
+def test_tp2_checkpoint_resumes_exports_and_starts_a_tp1_run(tmp_path, tp2_copy):
+    run = tp2_copy
+    # resuming the tp=2 run from its step-4 checkpoint continues to step 6 with the reference losses
+    proc = run_train(run, "trainer.max_steps=6", *TP2, nproc=2, launcher="torchrun")
+    assert f"resumed from {run}/checkpoints/step_00000004" in proc.stdout + proc.stderr
+    _close(losses(run), reference_losses(6), 6)
     want = evals(run)[-1]
+    assert want["step"] == 6
     out = tmp_path / "export"
     _export(run, out)
     # the merged model gives the validation loss the tp=2 trainer measured
@@ -78,10 +100,9 @@ def test_tp2_checkpoint_resumes_exports_and_starts_a_tp1_run(tmp_path):
     assert abs(losses(tmp_path / "tp1")[1] - first) < FIRST_STEP_TOLERANCE * first
 
 
-def test_resume_at_another_tp_is_refused_with_the_way_out(tmp_path):
-    run = tmp_path / "run"
-    run_train(run, "trainer.max_steps=1", "parallel.tp=2", nproc=2, launcher="torchrun")
-    proc = run_train(run, "trainer.max_steps=2", check=False)
+def test_resume_at_another_tp_is_refused_with_the_way_out(tp2_copy):
+    run = tp2_copy
+    proc = run_train(run, "trainer.max_steps=6", "optim.decay_steps=6", check=False)
     assert proc.returncode != 0
     assert "parallel.tp=2; this run has parallel.tp=1" in proc.stderr and "checkpoint.init_from" in proc.stderr
 
@@ -127,13 +148,15 @@ def test_tp2_clips_by_the_whole_models_gradient_norm(tmp_path, stage):
     """The norm that clipping uses covers every slice once: tp=2 logs the tp=1 norm and, with the
     clip well below it, gives the tp=1 losses. Counting one rank's slices gives a smaller norm
     (DeepSpeed does so for parameters not flagged as sharded); a per-rank norm makes the
-    replicated weights of the two ranks drift apart."""
-    clip = ["optim.grad_clip=0.05", f"deepspeed=zero{stage}"]
-    run_train(tmp_path / "tp1", "trainer.max_steps=3", *clip)
-    run_train(tmp_path / "tp2", "trainer.max_steps=3", "parallel.tp=2", *clip, nproc=2, launcher="torchrun")
-    want, got = _grad_norms(tmp_path / "tp1"), _grad_norms(tmp_path / "tp2")
+    replicated weights of the two ranks drift apart. tp=1 here is the plain-PyTorch reference
+    (what the single-process trainer computes, test_train.py), clipped at the same 0.05."""
+    run_train(tmp_path / "tp2", "trainer.max_steps=3", "parallel.tp=2", "optim.grad_clip=0.05",
+              f"deepspeed=zero{stage}", nproc=2, launcher="torchrun")
+    want: dict[int, float] = {}
+    want_losses = reference_losses(3, clip=0.05, grad_norms=want)
+    got = _grad_norms(tmp_path / "tp2")
     assert sorted(want) == sorted(got) == [1, 2, 3]
     assert min(want.values()) > 4 * 0.05  # clipping is active at every step
     for step in want:
         assert abs(got[step] - want[step]) < TOLERANCE * want[step], (step, got, want)
-    _close(losses(tmp_path / "tp2"), losses(tmp_path / "tp1"), 3)
+    _close(losses(tmp_path / "tp2"), want_losses, 3)

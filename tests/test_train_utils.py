@@ -82,9 +82,11 @@ def evals(run_dir) -> list[dict]:
 
 
 def reference_losses(steps: int, skip: frozenset = frozenset(), seed: int = 1234, lr: float = 3e-3,
-                     warmup: int = 2, clip: float = 2.0, betas=(0.9, 0.98), wd: float = 0.05) -> dict[int, float]:
+                     warmup: int = 2, clip: float = 2.0, betas=(0.9, 0.98), wd: float = 0.05,
+                     grad_norms: dict | None = None) -> dict[int, float]:
     """What the trainer must compute for TINY, in plain PyTorch: same init, data, AdamW groups,
-    schedule and clipping; steps in `skip` are evaluated but not applied (the NaN guard)."""
+    schedule and clipping; steps in `skip` are evaluated but not applied (the NaN guard). Each
+    applied step's gradient norm before clipping goes into `grad_norms`, if given."""
     import torch
 
     from retnet_train.model import build_model
@@ -112,7 +114,9 @@ def reference_losses(steps: int, skip: frozenset = frozenset(), seed: int = 1234
         if step + 1 in skip:
             opt.zero_grad(set_to_none=True)
             continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if grad_norms is not None:
+            grad_norms[step + 1] = float(norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return out
