@@ -64,14 +64,23 @@ def _saved_by_signal(run_dir: Path, sig) -> int:
 # ---- signals -------------------------------------------------------------------------------------
 
 
+SIGNAL_STEPS = 5
+SIGNAL_ARGS = [*STREAM, f"data.root={SAMPLE}", f"optim.decay_steps={SIGNAL_STEPS}", "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="module")
+def whole_stream_run(tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted run that each signalled run must equal after its resume."""
+    whole = tmp_path_factory.mktemp("whole_stream")
+    run_train(whole, *SIGNAL_ARGS, f"trainer.max_steps={SIGNAL_STEPS}")
+    return losses(whole)
+
+
 @needs_sample
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_signal_to_the_whole_process_group_saves_and_resumes_exactly(tmp_path, sig):
+def test_signal_to_the_whole_process_group_saves_and_resumes_exactly(tmp_path, sig, whole_stream_run):
     """scancel, preemption, `timeout` and Ctrl-C signal every process of the job, loader workers too."""
-    steps = 5
-    args = [*STREAM, f"data.root={SAMPLE}", f"optim.decay_steps={steps}", "checkpoint.every=0"]
-    whole = tmp_path / "whole"
-    run_train(whole, *args, f"trainer.max_steps={steps}")
+    steps, args = SIGNAL_STEPS, SIGNAL_ARGS
     cut = tmp_path / "cut"
     proc, log = _start(tmp_path, [f"run_dir={cut}", *args, "trainer.max_steps=100000"])
     _wait_for_step(cut, 2, proc)
@@ -83,7 +92,7 @@ def test_signal_to_the_whole_process_group_saves_and_resumes_exactly(tmp_path, s
     assert step < steps, "the signal came too late to test a resume"
     proc = run_train(cut, *args, f"trainer.max_steps={steps}")
     assert f"resumed from {cut}/checkpoints/step_{step:08d}" in proc.stdout + proc.stderr
-    assert losses(cut) == losses(whole)
+    assert losses(cut) == whole_stream_run
 
 
 @needs_sample
@@ -274,10 +283,10 @@ def test_restart_before_the_first_checkpoint_writes_no_duplicate_steps(tmp_path,
 
 
 @pytest.mark.slow
-def test_another_data_parallel_size_is_refused_truthfully_and_overwrites_nothing(tmp_path):
-    run_train(tmp_path, *CKPT, "trainer.max_steps=3")
+def test_another_data_parallel_size_is_refused_truthfully_and_overwrites_nothing(run_copy):
+    tmp_path = run_copy  # a one-rank run with its step-6 checkpoint
     config = (tmp_path / "config.yaml").read_text()
-    proc = run_train(tmp_path, *CKPT, "trainer.max_steps=6", nproc=2, launcher="torchrun", check=False)
+    proc = run_train(tmp_path, *CKPT, "trainer.max_steps=8", nproc=2, launcher="torchrun", check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "written by 1 data-parallel ranks; this run has 2" in out
