@@ -16,10 +16,15 @@ ARGS = [f"trainer.max_steps={STEPS}", "checkpoint.every=3", "checkpoint.keep=2",
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("whole")
     run_train(run_dir, *ARGS, "deepspeed=zero0")
-    return losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return losses(uninterrupted_run)
 
 
 def _assert_same(run_dir, want):
@@ -129,9 +134,8 @@ def test_resume_with_the_shard_stream_is_exact(tmp_path):
     assert losses(cut) == losses(whole) and len(losses(whole)) == 6
 
 
-def test_init_from_starts_a_new_run_from_weights(tmp_path):
-    first = tmp_path / "first"
-    run_train(first, "trainer.max_steps=6", "deepspeed=zero0", "trainer.eval_at_end=false")
+def test_init_from_starts_a_new_run_from_weights(tmp_path, uninterrupted_run):
+    first = uninterrupted_run  # ZeRO-0, 10 steps
     second = tmp_path / "second"
     proc = run_train(second, "trainer.max_steps=1", "deepspeed=zero2", "trainer.eval_at_end=false",
                      f"checkpoint.init_from={first}")
