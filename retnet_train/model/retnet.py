@@ -47,7 +47,8 @@ class MultiScaleRetention(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference: q, k, v and g in one matmul (their weights become views of one tensor)."""
-        self._fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj, self.g_proj])
+        if not fused_is_current(self._fused, self.q_proj):  # fusing again would copy the weights once more
+            self._fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj, self.g_proj])
 
     def set_heads(self, n_heads: int, head_start: int) -> None:
         """Used by tensor parallelism after it has sliced the projections to these heads."""

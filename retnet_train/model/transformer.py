@@ -66,7 +66,8 @@ class CausalSelfAttention(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference: q, k and v in one matmul (their weights become views of one tensor)."""
-        self._fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if not fused_is_current(self._fused, self.q_proj):  # fusing again would copy the weights once more
+            self._fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def set_heads(self, n_heads: int, head_start: int) -> None:
         self.n_heads = n_heads
