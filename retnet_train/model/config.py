@@ -47,6 +47,8 @@ class ModelConfig:
     decay_schedule: str = "paper"  # "paper": 1 - 2^(-5-h); "linspace": 1 - exp(linspace(ln 1/32, ln 1/512)); "uniform"
     score_norm: str = "none"  # "torchscale": the official code's decay-mask and score normalisations
     rope_base: float = 10000.0
+    # with doc_starts, rotary positions count from each document's first token (False: from the window's)
+    rope_reset_at_documents: bool = True
     bias: bool = False  # biases in every projection
     tie_embeddings: bool = False
     embed_scale: bool = False  # multiply token embeddings by sqrt(d_model)

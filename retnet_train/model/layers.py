@@ -177,13 +177,28 @@ def rotary_sin_cos(head_dim: int, base: float, start: int | Tensor, length: int,
     Built per call rather than kept in a buffer: a bf16 cast of the module (DeepSpeed's bf16 mode)
     would otherwise round the frequencies and scramble positions beyond a few hundred tokens.
     """
-    angles = rotary_angles(head_dim, base, device)
     pos = torch.arange(length, device=device, dtype=torch.float32)
     if isinstance(start, Tensor):
-        theta = (start.to(torch.float32)[:, None] + pos)[..., None] * angles  # [B, T, head_dim]
-        return theta.sin()[:, :, None, :], theta.cos()[:, :, None, :]
-    theta = (pos + start)[:, None] * angles[None, :]
+        return rotary_sin_cos_at(start.to(torch.float32)[:, None] + pos, head_dim, base)
+    theta = (pos + start)[:, None] * rotary_angles(head_dim, base, device)[None, :]
     return theta.sin()[:, None, :], theta.cos()[:, None, :]
+
+
+def rotary_sin_cos_at(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """sin, cos [B, T, 1, head_dim] fp32 for any positions [B, T] (per-document positions)."""
+    theta = positions.to(torch.float32)[..., None] * rotary_angles(head_dim, base, positions.device)
+    return theta.sin()[:, :, None, :], theta.cos()[:, :, None, :]
+
+
+def document_positions(doc_starts: Tensor, offset: int | Tensor = 0) -> Tensor:
+    """doc_starts bool [B, T] (true at each document's first token) -> each token's position within
+    its document [B, T] (long); tokens before the first start continue from `offset` (an int, or
+    [B] per sequence)."""
+    T = doc_starts.shape[1]
+    idx = torch.arange(T, device=doc_starts.device).expand_as(doc_starts)
+    last_start = torch.where(doc_starts, idx, torch.full_like(idx, -1)).cummax(dim=1).values
+    before = idx + (offset[:, None] if isinstance(offset, Tensor) else offset)
+    return torch.where(last_start >= 0, idx - last_start, before)
 
 
 def apply_rotary(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:

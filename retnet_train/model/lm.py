@@ -51,6 +51,9 @@ class ForwardContext:
     need_state: bool
     kernels: str = "torch"  # the model's resolved kernel choice: torch | fla | triton
     state_in_place: bool = False  # layer states are buffers the step updates in place (State.in_place)
+    doc_starts: Tensor | None = None  # [B, T] bool, true at each document's first token
+    positions: Tensor | None = None  # [B, T] each token's position in its document (with doc_starts)
+    cu_seqlens: Tensor | None = None  # the documents as packed sequences, for the kernels (with doc_starts)
 
 
 class LanguageModel(nn.Module):
@@ -87,11 +90,15 @@ class LanguageModel(nn.Module):
         self.activation_checkpointing = mode
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
-                state: State | None = None, return_state: bool = False, return_hidden: bool = False):
+                state: State | None = None, return_state: bool = False, return_hidden: bool = False,
+                doc_starts: Tensor | None = None):
         """ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, d] with return_hidden).
 
         With `state`, the tokens continue the sequence that state summarises; with `return_state`,
-        returns (logits, state) for a later call or for `step`.
+        returns (logits, state) for a later call or for `step`. doc_starts [B, T] bool marks the first
+        token of each document packed in the window: nothing before it is seen from it on (retention
+        restarts its state, attention is block-diagonal) and, with model.rope_reset_at_documents,
+        its rotary position is 0.
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
@@ -103,6 +110,8 @@ class LanguageModel(nn.Module):
             kernels=self.kernels,
             state_in_place=state is not None and state.in_place,
         )
+        if doc_starts is not None:
+            self._documents(ctx, ids, doc_starts)
         if ctx.state_in_place and mode == "recurrent" and ids.shape[1] != 1:
             raise ValueError(f"a state updated in place (State.in_place) takes one recurrent token per call, "
                              f"got {ids.shape[1]} tokens")
@@ -123,8 +132,27 @@ class LanguageModel(nn.Module):
         x = self.norm(x)
         out = x if return_hidden else self.lm_head(x)
         if return_state:
-            return out, State(layers=new_layers, offset=ctx.offset + ids.shape[1], in_place=ctx.state_in_place)
+            # with documents, the next token's position is one past the last token's in its document
+            offset = ctx.positions[:, -1] + 1 if ctx.positions is not None else ctx.offset + ids.shape[1]
+            return out, State(layers=new_layers, offset=offset, in_place=ctx.state_in_place)
         return out
+
+    def _documents(self, ctx: ForwardContext, ids: Tensor, doc_starts: Tensor) -> None:
+        """Fill ctx's document fields; a window without any document start is a plain window."""
+        from .layers import document_positions
+        from .retention import packed_cu_seqlens
+
+        if doc_starts.shape != ids.shape or doc_starts.dtype != torch.bool:
+            raise ValueError(f"doc_starts must be a bool tensor shaped like ids {tuple(ids.shape)}, "
+                             f"got {doc_starts.dtype} {tuple(doc_starts.shape)}")
+        if ctx.state_in_place:
+            raise ValueError("doc_starts with a state updated in place (the inference engine) is not supported")
+        if not bool(doc_starts.any()):  # one host check per forward
+            return
+        ctx.doc_starts = doc_starts
+        ctx.positions = document_positions(doc_starts, ctx.offset)
+        if self.kernels != "torch" and ctx.mode == "chunkwise":
+            ctx.cu_seqlens = packed_cu_seqlens(doc_starts)
 
     def step(self, ids: Tensor, state: State | None):
         """Recurrent decoding: ids [B, 1] (or [B, n], taken token by token) -> (logits [B, n, vocab], state)."""

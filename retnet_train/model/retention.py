@@ -56,58 +56,81 @@ def decay_mask(log_gamma: Tensor, length: int, dtype: torch.dtype) -> Tensor:
     return torch.exp(exponent) * causal
 
 
+def document_ids(doc_starts: Tensor) -> Tensor:
+    """doc_starts bool [B, T] -> the document index of each token [B, T] (0: the document the
+    incoming state belongs to, continued from before these tokens)."""
+    return doc_starts.long().cumsum(dim=1)
+
+
 def parallel_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
-                       state: Tensor | None = None, need_state: bool = False):
-    """The parallel form: one masked matmul over all T tokens; O(T^2) time and memory."""
+                       state: Tensor | None = None, need_state: bool = False, doc_starts: Tensor | None = None):
+    """The parallel form: one masked matmul over all T tokens; O(T^2) time and memory. With
+    doc_starts [B, T] (true at a document's first token) a token sees only its own document."""
     B, T, H, _ = q.shape
     mdt = _mask_dtype(q)
     lg = log_gamma.to(device=q.device, dtype=mdt)
     D = decay_mask(lg, T, mdt).to(q.dtype)  # [H, T, T]
     scores = torch.einsum("bthk,bshk->bhts", q, k) * D
+    doc = None if doc_starts is None else document_ids(doc_starts)
+    if doc is not None:
+        scores = scores * (doc[:, :, None] == doc[:, None, :])[:, None].to(scores.dtype)  # [B, 1, T, T]
     o = torch.einsum("bhts,bshv->bthv", scores, v)
     pos = torch.arange(T, device=q.device, dtype=mdt)
     if state is not None:
-        # contribution of the past: q_t gamma^(t+1) S_in
+        # contribution of the past: q_t gamma^(t+1) S_in, for tokens still in the incoming document
         q_decay = torch.exp((pos + 1)[:, None] * lg[None, :]).to(q.dtype)  # [T, H]
-        o = o + torch.einsum("bthk,bhkv->bthv", q * q_decay[None, :, :, None], state.to(q.dtype))
+        past = torch.einsum("bthk,bhkv->bthv", q * q_decay[None, :, :, None], state.to(q.dtype))
+        o = o + (past if doc is None else past * (doc == 0)[:, :, None, None].to(past.dtype))
     new_state = None
     if need_state:
-        k_decay = torch.exp((T - 1 - pos)[:, None] * lg[None, :]).to(k.dtype)  # [T, H]
-        new_state = torch.einsum("bthk,bthv->bhkv", k * k_decay[None, :, :, None], v)
+        k_decay = torch.exp((T - 1 - pos)[:, None] * lg[None, :]).to(k.dtype)[None, :, :, None]  # [1, T, H, 1]
+        if doc is not None:  # only the last document's tokens reach the final state
+            k_decay = k_decay * (doc == doc[:, -1:])[:, :, None, None].to(k.dtype)
+        new_state = torch.einsum("bthk,bthv->bhkv", k * k_decay, v)
         if state is not None:
-            new_state = new_state + state.to(new_state.dtype) * torch.exp(T * lg).to(new_state.dtype)[None, :, None, None]
+            carried = state.to(new_state.dtype) * torch.exp(T * lg).to(new_state.dtype)[None, :, None, None]
+            if doc is not None:
+                carried = carried * (doc[:, -1] == 0)[:, None, None, None].to(carried.dtype)
+            new_state = new_state + carried
     return o, new_state
 
 
 def recurrent_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
-                        state: Tensor | None = None, need_state: bool = True):
-    """The recurrent form: one token at a time, O(1) time and memory per token."""
+                        state: Tensor | None = None, need_state: bool = True, doc_starts: Tensor | None = None):
+    """The recurrent form: one token at a time, O(1) time and memory per token. A document start
+    empties the state before its token."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     gamma = torch.exp(log_gamma.to(device=q.device, dtype=_mask_dtype(q))).to(q.dtype)[None, :, None, None]
     S = q.new_zeros(B, H, K, V) if state is None else state.to(q.dtype)
     outs = []
     for t in range(T):
+        if doc_starts is not None:
+            S = S * (~doc_starts[:, t])[:, None, None, None].to(S.dtype)
         S = gamma * S + k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
     return torch.stack(outs, dim=1), (S if need_state else None)
 
 
 def chunkwise_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
-                        state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64):
+                        state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64,
+                        doc_starts: Tensor | None = None):
     """The chunkwise form: parallel inside chunks of C tokens, recurrent across them; any T.
 
     Full chunks are done batched: the within-chunk part as a [C, C] masked matmul per chunk, the
     cross-chunk part as q times the state entering that chunk. Only the state hand-off between
     chunks is a loop (over T / C steps of [B, H, d_k, d_v] work). A last partial chunk runs the
-    parallel form from the state the full chunks left.
+    parallel form from the state the full chunks left. With doc_starts, a chunk masks its in-chunk
+    scores to same-document pairs, hands on only its last document's keys, carries the entering
+    state only if no document starts in it, and lets a token read that state only before the
+    chunk's first start.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
     n = T // C
     if n == 0:
-        return parallel_retention(q, k, v, log_gamma, state, need_state)
+        return parallel_retention(q, k, v, log_gamma, state, need_state, doc_starts)
     mdt = _mask_dtype(q)
     lg = log_gamma.to(device=q.device, dtype=mdt)
     pos = torch.arange(C, device=q.device, dtype=mdt)
@@ -121,20 +144,33 @@ def chunkwise_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
     vc = v[:, : n * C].reshape(B, n, C, H, V)
 
     scores = torch.einsum("bnchk,bndhk->bnhcd", qc, kc) * D
+    k_weight = k_decay[None, None, :, :, None]  # [1, 1, C, H, 1]
+    carry = read = None
+    if doc_starts is not None:
+        starts = doc_starts[:, : n * C].reshape(B, n, C)
+        doc = document_ids(doc_starts)[:, : n * C].reshape(B, n, C)
+        scores = scores * (doc[..., :, None] == doc[..., None, :])[:, :, None].to(scores.dtype)
+        k_weight = k_weight * (doc == doc[..., -1:])[..., None, None].to(k.dtype)  # the chunk's last document
+        carry = (~starts.any(-1)).to(q.dtype)[:, :, None, None, None]  # [B, n, 1, 1, 1]
+        read = (starts.long().cumsum(-1) == 0).to(q.dtype)[..., None, None]  # [B, n, C, 1, 1]
     o_inner = torch.einsum("bnhcd,bndhv->bnchv", scores, vc)
-    kv = torch.einsum("bnchk,bnchv->bnhkv", kc * k_decay[None, None, :, :, None], vc)  # each chunk's own sum
+    kv = torch.einsum("bnchk,bnchv->bnhkv", kc * k_weight, vc)  # each chunk's own sum
 
     S = q.new_zeros(B, H, K, V) if state is None else state.to(q.dtype)
     entering = []
     for i in range(n):
         entering.append(S)
-        S = chunk_decay * S + kv[:, i]
+        S = chunk_decay * S * (carry[:, i] if carry is not None else 1) + kv[:, i]
     entering = torch.stack(entering, dim=1)  # [B, n, H, K, V]: the state before each chunk
     o_cross = torch.einsum("bnchk,bnhkv->bnchv", qc * q_decay[None, None, :, :, None], entering)
+    if read is not None:
+        o_cross = o_cross * read
     o = (o_inner + o_cross).reshape(B, n * C, H, V)
 
     if n * C < T:  # the last, partial chunk
-        o_tail, S_tail = parallel_retention(q[:, n * C:], k[:, n * C:], v[:, n * C:], log_gamma, S, need_state)
+        tail_starts = None if doc_starts is None else doc_starts[:, n * C:]
+        o_tail, S_tail = parallel_retention(q[:, n * C:], k[:, n * C:], v[:, n * C:], log_gamma, S, need_state,
+                                            tail_starts)
         return torch.cat([o, o_tail], dim=1), S_tail
     return o, (S if need_state else None)
 
@@ -159,19 +195,29 @@ def recurrent_step_in_place(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, 
 
 def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
               state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64,
-              kernels: str = "torch", in_place: bool = False):
+              kernels: str = "torch", in_place: bool = False, doc_starts: Tensor | None = None,
+              cu_seqlens: Tensor | None = None):
     """Dispatch to one form. `kernels` is the model's resolved choice (model.kernels): with "fla" or
     "triton", chunkwise and recurrent run those kernels (they do the chunking themselves, so
     `chunk_size` only shapes the torch form); the parallel form and dtypes a kernel does not take
     (its `usable`, e.g. float64) run in torch. `in_place`: `state` is an fp32 buffer the call updates
     in place (the inference engine), one recurrent token or a chunkwise / parallel prefill; returns
-    (o, that same state)."""
+    (o, that same state). doc_starts [B, T] bool: the state restarts at each document's first
+    token (the kernels take them as variable-length sequences, `cu_seqlens` = packed_cu_seqlens(
+    doc_starts), where no state comes in or goes out; otherwise the torch forms run)."""
+    if in_place and doc_starts is not None:
+        raise ValueError("doc_starts with a state updated in place (the inference engine) is not supported")
     if in_place and mode == "recurrent":
         return recurrent_step_in_place(q, k, v, log_gamma, state, kernels), state
     if in_place:  # a prefill: the buffer is the incoming state and receives the final one
         o, final = retention(q, k, v, log_gamma, mode, state, True, chunk_size, kernels)
         state.copy_(final)
         return o, state
+    if kernels != "torch" and mode != "parallel" and doc_starts is not None:
+        if state is None and not need_state and _fast_module(kernels).usable(q):
+            cu_seqlens = packed_cu_seqlens(doc_starts) if cu_seqlens is None else cu_seqlens
+            return _documents_as_sequences(q, k, v, log_gamma, cu_seqlens, _fast_module(kernels)), None
+        kernels = "torch"
     if kernels != "torch" and mode != "parallel":
         fast = _fast_module(kernels)
         if not (q.is_cuda or (kernels == "triton" and triton_interpreted())):
@@ -180,12 +226,32 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
         if fast.usable(q):
             return fast.retention(q, k, v, log_gamma, mode, state, need_state)
     if mode == "parallel":
-        return parallel_retention(q, k, v, log_gamma, state, need_state)
+        return parallel_retention(q, k, v, log_gamma, state, need_state, doc_starts)
     if mode == "chunkwise":
-        return chunkwise_retention(q, k, v, log_gamma, state, need_state, chunk_size)
+        return chunkwise_retention(q, k, v, log_gamma, state, need_state, chunk_size, doc_starts)
     if mode == "recurrent":
-        return recurrent_retention(q, k, v, log_gamma, state, need_state)
+        return recurrent_retention(q, k, v, log_gamma, state, need_state, doc_starts)
     raise ValueError(f"unknown retention mode {mode!r}; expected parallel, chunkwise or recurrent")
+
+
+def packed_cu_seqlens(doc_starts: Tensor) -> Tensor:
+    """doc_starts [B, T] -> int32 offsets [N + 1] of every document of every row in the packed row
+    of B * T tokens (a row's first token always starts one). One host synchronisation: compute
+    it once per forward."""
+    B, T = doc_starts.shape
+    starts = doc_starts.clone()
+    starts[:, 0] = True
+    first = starts.flatten().nonzero().flatten()
+    return torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
+
+
+def _documents_as_sequences(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, cu_seqlens: Tensor, fast) -> Tensor:
+    """Every document as its own sequence of one packed row, through a kernel module's
+    variable-length path: [B, T, H, D] -> o [B, T, H, d_v]."""
+    B, T = q.shape[:2]
+    flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v)]
+    o, _ = fast.retention(*flat, log_gamma, "chunkwise", None, False, cu_seqlens=cu_seqlens)
+    return o.reshape(B, T, *o.shape[2:])
 
 
 def _fast_module(kernels: str):

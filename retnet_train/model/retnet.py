@@ -14,7 +14,8 @@ from .config import ModelConfig
 from .kernels.norm_gate import gated_head_norm
 import torch.nn.functional as F
 
-from .layers import FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos
+from .layers import (FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos,
+                     rotary_sin_cos_at)
 from .lm import ForwardContext, LanguageModel
 from .retention import head_log_decays, retention
 
@@ -93,7 +94,10 @@ class MultiScaleRetention(nn.Module):
         k = k.view(B, T, H, self.key_dim)
         v = v.reshape(B, T, H, self.value_dim)
 
-        sin, cos = rotary_sin_cos(self.key_dim, self.rope_base, ctx.offset, T, x.device)
+        if ctx.positions is not None and self.cfg.rope_reset_at_documents:
+            sin, cos = rotary_sin_cos_at(ctx.positions, self.key_dim, self.rope_base)
+        else:
+            sin, cos = rotary_sin_cos(self.key_dim, self.rope_base, ctx.offset, T, x.device)
         # the keys' 1/sqrt(d_k) rides on the rotation (a [T, 1, d_k] table), sparing a pass over k
         scale = self.key_dim ** -0.5
         q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin * scale, cos * scale)
@@ -104,9 +108,9 @@ class MultiScaleRetention(nn.Module):
             # the score sum the official code divides by; it carries through every form and the state
             v = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1)
         o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state, ctx.chunk_size, ctx.kernels,
-                                 in_place=ctx.state_in_place)
-        if self.cfg.score_norm == "torchscale":
-            o = self._torchscale_normalise(o, log_decay, ctx.offset)
+                                 in_place=ctx.state_in_place, doc_starts=ctx.doc_starts, cu_seqlens=ctx.cu_seqlens)
+        if self.cfg.score_norm == "torchscale":  # its decay sums restart with each document too
+            o = self._torchscale_normalise(o, log_decay, ctx.positions if ctx.positions is not None else ctx.offset)
 
         y = gated_head_norm(o, g, self.head_norm, self.cfg.gate_activation, ctx.kernels)  # swish(g) * GroupNorm_h(o)
         return self.out_proj(y), new_state
@@ -117,14 +121,18 @@ class MultiScaleRetention(nn.Module):
         return torch.zeros(batch, self.n_heads, self.key_dim, width, dtype=torch.float32, device=device)
 
     def _torchscale_normalise(self, o: Tensor, log_decay: Tensor, offset: int | Tensor) -> Tensor:
+        """offset: the first token's position (int, or [B]), or every token's [B, T]."""
         """The official code's scalings: the decay mask's rows divided by sqrt(sum_s gamma^(t-s)),
         then the scores by max(|row sum|, 1) (detached). Both are per-token, per-head scalars, so the
         head norm almost cancels them; they keep activations bounded in low precision."""
         o, n = o[..., :-1], o[..., -1:]
         T = o.shape[1]
-        # positions [1, T] (or [B, T] for per-sequence offsets)
+        # positions [1, T] (or [B, T] for per-sequence offsets [B], or the positions [B, T] themselves)
         pos = torch.arange(T, device=o.device, dtype=torch.float64)
-        pos = (offset.to(torch.float64)[:, None] if isinstance(offset, Tensor) else float(offset)) + pos[None]
+        if isinstance(offset, Tensor) and offset.dim() == 2:
+            pos = offset.to(torch.float64)
+        else:
+            pos = (offset.to(torch.float64)[:, None] if isinstance(offset, Tensor) else float(offset)) + pos[None]
         # sum_{s<=t} gamma^(t-s) = (1 - gamma^(t+1)) / (1 - gamma): [1 or B, T, H]
         row_sum = -torch.expm1((pos + 1)[..., None] * log_decay) / -torch.expm1(log_decay)
         row_scale = row_sum.sqrt().to(torch.float32 if o.dtype != torch.float64 else o.dtype)[..., None]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import FeedForward, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos
+from .layers import (FeedForward, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos,
+                     rotary_sin_cos_at)
 from .lm import ForwardContext, LanguageModel
 
 
@@ -61,6 +62,7 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(inner, d, bias=cfg.bias)
         self.dropout_p = cfg.dropout
         self.rope_base = cfg.rope_base
+        self.rope_reset = cfg.rope_reset_at_documents
         self._fused = None  # (weight, bias) of q, k, v as one projection: fuse_projections
         self.reset_parameters()
 
@@ -80,11 +82,15 @@ class CausalSelfAttention(nn.Module):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
-    def forward(self, x: Tensor, ctx: ForwardContext, cache: tuple[Tensor, Tensor] | None = None):
-        """x [B, T, d]; cache (k, v) [B, T_past, H, D] -> ([B, T, d], new cache or None)"""
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: tuple[Tensor, ...] | None = None):
+        """x [B, T, d]; cache (k, v) [B, T_past, H, D] (and, once documents were marked, the document
+        index of each cached key [B, T_past]) -> ([B, T, d], new cache or None)"""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        sin, cos = rotary_sin_cos(self.head_dim, self.rope_base, ctx.offset, T, x.device)
+        if ctx.positions is not None and self.rope_reset:
+            sin, cos = rotary_sin_cos_at(ctx.positions, self.head_dim, self.rope_base)
+        else:
+            sin, cos = rotary_sin_cos(self.head_dim, self.rope_base, ctx.offset, T, x.device)
         if self._fused is not None and (torch.compiler.is_compiling() or fused_is_current(self._fused, self.q_proj)):
             q, k, v = F.linear(x, *self._fused).split(H * D, dim=-1)
         else:
@@ -103,6 +109,7 @@ class CausalSelfAttention(nn.Module):
                 pos = ctx.offset if isinstance(ctx.offset, Tensor) else torch.full((B,), ctx.offset, device=x.device)
                 out = cache.attend(q, k, v, pos)
             return self.out_proj(out.reshape(B, T, H * D)), cache
+        past_docs = cache[2] if cache is not None and len(cache) > 2 else None
         if cache is not None:
             k = torch.cat([cache[0], k], dim=1)
             v = torch.cat([cache[1], v], dim=1)
@@ -110,14 +117,27 @@ class CausalSelfAttention(nn.Module):
         # [B, H, T, D] for SDPA
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         dropout = self.dropout_p if self.training else 0.0
-        if past == 0:
+        docs = None
+        if ctx.doc_starts is not None or past_docs is not None:
+            # block-diagonal causal: query t sees the keys up to it in its own document
+            base = past_docs[:, -1:] if past_docs is not None and past else torch.zeros(B, 1, dtype=torch.long, device=x.device)
+            new_docs = base + (ctx.doc_starts.long().cumsum(1) if ctx.doc_starts is not None else 0)  # [B, T]
+            if past_docs is None:
+                past_docs = torch.zeros(B, past, dtype=torch.long, device=x.device)
+            docs = torch.cat([past_docs, new_docs.expand(B, T)], dim=1)  # [B, past + T]
+            causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            allowed = causal & (docs[:, None, :] == new_docs.expand(B, T)[:, :, None])  # [B, T, past + T]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None], dropout_p=dropout)
+        elif past == 0:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=dropout)
         else:
             # query t (absolute past + t) sees keys 0 .. past + t
             allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(B, T, H * D)
-        return self.out_proj(out), ((k, v) if ctx.need_state else None)
+        if not ctx.need_state:
+            return self.out_proj(out), None
+        return self.out_proj(out), ((k, v) if docs is None else (k, v, docs))
 
 
 class TransformerBlock(nn.Module):
@@ -148,12 +168,14 @@ class Transformer(LanguageModel):
         super().__init__(cfg, [TransformerBlock(cfg) for _ in range(cfg.n_layers)])
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
-                state=None, return_state: bool = False, return_hidden: bool = False):
+                state=None, return_state: bool = False, return_hidden: bool = False,
+                doc_starts: Tensor | None = None):
         if mode != "recurrent" or ids.shape[1] == 1:
-            return super().forward(ids, mode, chunk_size, state, return_state, return_hidden)
+            return super().forward(ids, mode, chunk_size, state, return_state, return_hidden, doc_starts)
         outs = []
         for t in range(ids.shape[1]):
-            out, state = super().forward(ids[:, t:t + 1], mode, chunk_size, state, True, return_hidden)
+            starts = doc_starts[:, t:t + 1] if doc_starts is not None else None
+            out, state = super().forward(ids[:, t:t + 1], mode, chunk_size, state, True, return_hidden, starts)
             outs.append(out)
         out = torch.cat(outs, dim=1)
         return (out, state) if return_state else out
