@@ -117,3 +117,21 @@ def test_bad_doc_starts_are_named():
         model(ids, doc_starts=torch.zeros(2, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="doc_starts must be a bool"):
         model(ids, doc_starts=torch.zeros(2, 8, dtype=torch.long))
+
+
+SAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+@pytest.mark.skipif(not (SAMPLE / ".complete").is_file(), reason="needs `make sample-data`")
+def test_trainer_hands_the_stream_document_starts_to_the_model(tmp_path):
+    """data.reset_at_documents=true: training and eval losses on the packed sample shards change
+    (the windows hold several documents), and the run is otherwise the same run."""
+    from test_train_utils import losses, run_train
+
+    args = ["trainer.data_source=stream", "data=sample", f"data.root={SAMPLE}", "trainer.max_steps=2",
+            "data.num_workers=0", "trainer.seq_len=256", "trainer.global_batch_tokens=2048"]
+    run_train(tmp_path / "off", *args, "data.reset_at_documents=false")
+    run_train(tmp_path / "on", *args, "data.reset_at_documents=true")
+    off, on = losses(tmp_path / "off"), losses(tmp_path / "on")
+    assert set(off) == set(on) == {1, 2}
+    assert off[1] != on[1] and abs(off[1] - on[1]) < 0.5  # same weights and data, other attention pattern

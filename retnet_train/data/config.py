@@ -23,6 +23,10 @@ class DataConfig:
     # with the size, sample count and headers its manifest records; full = also its sha256
     # (reads every byte once).
     verify: str = "quick"
+    # Hand the model each window's document starts (the batch's doc_starts): retention restarts its
+    # state and attention is blocked at every boundary, so no document is conditioned on the one
+    # packed before it. On in the pretraining data (pile_c4_stack); off keeps the old behaviour.
+    reset_at_documents: bool = False
     # Not read by the code: a base directory that the YAML files interpolate into paths
     # (`path: ${...root}/pile`), so that one override moves a whole mixture.
     root: str = "."

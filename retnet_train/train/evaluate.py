@@ -55,8 +55,16 @@ def fused_loss_impl(hidden: torch.Tensor, kernels: str) -> str:
 
 
 @torch.no_grad()
+def document_starts(batch: dict, reset_at_documents: bool, device: torch.device) -> torch.Tensor | None:
+    """The batch's doc_starts [B, T] on `device` when data.reset_at_documents is on (None otherwise,
+    or for a stream without them, e.g. synthetic data)."""
+    starts = batch.get("doc_starts") if reset_at_documents else None
+    return None if starts is None else starts.to(device, non_blocking=True)
+
+
 def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: torch.device,
-             vocab_parallel: bool = False, fused_loss: bool = False) -> dict[str, float]:
+             vocab_parallel: bool = False, fused_loss: bool = False,
+             reset_at_documents: bool = False) -> dict[str, float]:
     """Every rank runs the same number of batches per source (ZeRO-3 forwards are collective)."""
     was_training = engine.training
     engine.eval()
@@ -69,12 +77,14 @@ def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: t
         count = 0
         for batch in batches[:n]:
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            starts = document_starts(batch, reset_at_documents, device)
+            fwd = forward_kwargs if starts is None else {**forward_kwargs, "doc_starts": starts}
             if fused_loss:
                 module = engine.module
-                hidden = engine(ids, return_hidden=True, **forward_kwargs)
+                hidden = engine(ids, return_hidden=True, **fwd)
                 loss = lm_loss_from_hidden(hidden, module.lm_head, labels, "sum", vocab_parallel, module.kernels)
             else:
-                loss = lm_loss(engine(ids, **forward_kwargs), labels, "sum", vocab_parallel)
+                loss = lm_loss(engine(ids, **fwd), labels, "sum", vocab_parallel)
             loss_sum += loss.double()
             count += int((labels != -100).sum())
         total, tokens = all_reduce_sum([float(loss_sum), float(count)])

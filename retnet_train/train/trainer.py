@@ -19,7 +19,7 @@ from .build_lock import bound_build_lock_wait
 from .build import build_engine, forward_kwargs, is_export_dir
 from .checkpoint import CheckpointManager, checkpoints_named_by
 from .data import build_train_stream, build_val, resolve_vocab_size, verify_data
-from .evaluate import evaluate, lm_loss, lm_loss_from_hidden
+from .evaluate import document_starts, evaluate, lm_loss, lm_loss_from_hidden
 from .metrics import MetricsWriter
 from .rng import get_rng_state, seed_all, set_rng_state
 from .schedule import schedule_from_config
@@ -160,7 +160,7 @@ class Trainer:
             batch = next(self.it)
             sources.update(self._source_names(batch.get("source")))
             ids, labels = batch["input_ids"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
-            loss = self._loss(ids, labels)
+            loss = self._loss(ids, labels, document_starts(batch, self.cfg.data.reset_at_documents, dev))
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -178,13 +178,14 @@ class Trainer:
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "bad": bad, "cursor": cursor,
                 "sources": sorted(str(s) for s in sources)}
 
-    def _loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, doc_starts: torch.Tensor | None) -> torch.Tensor:
         """Mean next-token loss of one micro-batch; trainer.fused_loss: from the final hidden states
         [B, T, d] and the LM head in token chunks, without the [B, T, vocab] fp32 logits."""
         engine, vp = self.engine, self.built.vocab_parallel
+        fwd = self.fwd if doc_starts is None else {**self.fwd, "doc_starts": doc_starts}
         if not self.cfg.trainer.fused_loss:
-            return lm_loss(engine(ids, **self.fwd), labels, vocab_parallel=vp)
-        hidden = engine(ids, return_hidden=True, **self.fwd)
+            return lm_loss(engine(ids, **fwd), labels, vocab_parallel=vp)
+        hidden = engine(ids, return_hidden=True, **fwd)
         return lm_loss_from_hidden(hidden, engine.module.lm_head, labels, vocab_parallel=vp,
                                    kernels=engine.module.kernels)
 
@@ -234,7 +235,7 @@ class Trainer:
         if self.val is None:
             self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
         result = evaluate(self.engine, self.val, self.fwd, self.ps.device, self.built.vocab_parallel,
-                          self.cfg.trainer.fused_loss)
+                          self.cfg.trainer.fused_loss, self.cfg.data.reset_at_documents)
         self.last_eval_step = self.step
         record = {"step": self.step, "tokens": self.tokens, **result}
         if "val/loss" in result:
