@@ -304,9 +304,12 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ---- load -------------------------------------------------------------------------------------
-    def load(self, engine, path: Path, module_only: bool = False) -> tuple[dict, dict]:
-        """Load into the engine; return (meta, this rank's trainer state)."""
+    def load(self, engine, path: Path, module_only: bool = False, model_config: dict | None = None) -> tuple[dict, dict]:
+        """Load into the engine; return (meta, this rank's trainer state). With `model_config` (this
+        run's `model` section), a checkpoint of another model is refused, naming the keys."""
         meta = json.loads((path / "meta.json").read_text())
+        if model_config is not None and isinstance(meta.get("model_config"), dict):
+            check_same_model(path, meta["model_config"], model_config)
         if not module_only and meta.get("dp_size", self.ps.dp_size) != self.ps.dp_size:
             raise CheckpointError(
                 f"{path} was written by {meta['dp_size']} data-parallel ranks; this run has {self.ps.dp_size}. "
@@ -326,3 +329,18 @@ class CheckpointManager:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
         state = {} if module_only else torch.load(path / trainer_state_file(self.ps.rank), weights_only=False)
         return meta, state
+
+
+# model keys that choose how the same weights run, not what the weights are
+RUNTIME_MODEL_KEYS = ("kernels", "chunk_size", "dropout", "rope_reset_at_documents", "extra")
+
+
+def check_same_model(path: Path, saved: dict, current: dict) -> None:
+    """CheckpointError naming every model key whose value differs between the checkpoint's
+    meta.json and this run (instead of a shape error deep inside the load)."""
+    keys = sorted((set(saved) | set(current)) - set(RUNTIME_MODEL_KEYS))
+    diffs = [f"model.{k}={saved.get(k)!r} in the checkpoint, {current.get(k)!r} in this run"
+             for k in keys if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"{path / 'meta.json'} is a checkpoint of another model: " + "; ".join(diffs)
+                              + ". Use the checkpoint's model settings, or another run_dir")

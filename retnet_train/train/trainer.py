@@ -111,7 +111,7 @@ class Trainer:
         cfg = self.cfg
         latest = self.ckpt.resume_point() if cfg.checkpoint.resume else None
         if latest is not None:
-            meta, state = self.ckpt.load(self.engine, latest)
+            meta, state = self.ckpt.load(self.engine, latest, model_config=self._model_config())
             self.step, self.tokens = state["step"], state["tokens"]
             self.bad_in_row, self.skipped_total = state["bad_in_row"], state["skipped_total"]
             self.last_eval_step = state.get("last_eval_step", -1)
@@ -121,11 +121,15 @@ class Trainer:
             log.info("resumed from %s (step %d, %s tokens)", latest, self.step, f"{self.tokens:,}")
         elif cfg.checkpoint.init_from and not is_export_dir(cfg.checkpoint.init_from):  # exports load in build
             path = self.ckpt.pick(checkpoints_named_by(cfg.checkpoint.init_from))
-            self.ckpt.load(self.engine, path, module_only=True)
+            self.ckpt.load(self.engine, path, module_only=True, model_config=self._model_config())
             self.resumed_from = None
             log.info("initialised weights from %s", path)
         else:
             self.resumed_from = None
+
+    def _model_config(self) -> dict:
+        """This run's `model` section as a checkpoint's meta.json records it."""
+        return OmegaConf.to_container(self.cfg.model, resolve=True)
 
     def _metrics_writer(self) -> MetricsWriter:
         wandb_run = None
@@ -220,7 +224,7 @@ class Trainer:
 
     def save(self, reason: str) -> None:
         meta = {"tokens": self.tokens, "reason": reason, "time": time.time(),
-                "model_config": OmegaConf.to_container(self.cfg.model, resolve=True),
+                "model_config": self._model_config(),
                 "zero_stage": self.cfg.deepspeed.stage, "precision": self.built.precision,
                 "tokenizer": self._tokenizer_path()}
         path = self.ckpt.save(self.engine, self.step, self.trainer_state(), meta)
