@@ -75,7 +75,8 @@ class Generator:
         dropping the last reference leaves them to the cycle collector)."""
         self.graphs = None
         self.state = None
-        torch.cuda.empty_cache() if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- one decoding step: device tensors only, fixed shapes ---------------------------------
 
