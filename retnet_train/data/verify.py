@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import tarfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -186,10 +187,20 @@ def _npy_layout(buf: bytes, what: str) -> tuple[tuple[int, ...], np.dtype, int]:
     return _parse_npy_header(bytes(buf[:end]))
 
 
+# numpy parses .npy headers with ast.literal_eval, and CPython 3.11 before 3.11.8 can fail
+# ("AST constructor recursion depth mismatch") when threads parse at the same time: one at a time
+_AST_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
-    # Cached: the shards of a source share their headers, and numpy parses them with
-    # literal_eval, the slowest step of a cheap check.
+    # Cached: the shards of a source share their headers, and literal_eval is the slowest step of
+    # a cheap check.
+    with _AST_LOCK:
+        return _parse_npy_header_locked(header)
+
+
+def _parse_npy_header_locked(header: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
     f = io.BytesIO(header)
     version = np.lib.format.read_magic(f)
     read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
