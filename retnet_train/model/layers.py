@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import init
 from .config import ModelConfig
 
 
@@ -16,6 +17,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def init_rules(self) -> dict[str, init.Rule]:
+        return {"weight": init.constant(1.0)}
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
@@ -43,6 +47,9 @@ class HeadNorm(nn.Module):
         width = n_heads * head_dim
         self.weight = nn.Parameter(torch.ones(width)) if affine else None
         self.bias = nn.Parameter(torch.zeros(width)) if affine and kind == "groupnorm" else None
+
+    def init_rules(self) -> dict[str, init.Rule]:
+        return {"weight": init.constant(1.0), "bias": init.constant(0.0)}
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, H, d_v] -> [B, T, H * d_v]"""
@@ -121,6 +128,12 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(f, d, bias=cfg.bias)
         self.act_name = cfg.glu_activation if self.gate is not None else "gelu"
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def init_rules(self) -> dict[str, init.Rule]:
+        """nn.Linear's own init, U(+-1/sqrt(fan_in)) for weight and bias (model/init.py draws it)."""
+        linears = {"fc1": self.fc1, "gate": self.gate, "fc2": self.fc2}
+        return {f"{name}.{p}": init.linear_default(m.in_features)
+                for name, m in linears.items() if m is not None for p in ("weight", "bias")}
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)

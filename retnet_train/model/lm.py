@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
+from . import init
 from .config import MODES, ModelConfig
 from .kernels import resolve_kernels
 from .layers import make_norm
@@ -73,12 +74,17 @@ class LanguageModel(nn.Module):
         log.info("model.kernels=%s -> %s", cfg.kernels, self.kernels)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """The official initialisation: embedding and LM head N(0, d^-1/2); blocks init themselves."""
+    def init_rules(self) -> dict[str, init.Rule]:
+        """The official initialisation of embedding and LM head: N(0, d^-1/2); blocks name their own."""
         std = self.config.d_model ** -0.5
-        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
-        if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        return {"embed.weight": init.normal(std), "lm_head.weight": init.normal(std)}
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Draw every weight from `seed` (default: torch.initial_seed(), the seed last given to
+        torch.manual_seed): each value is a function of (seed, parameter name, index), so building
+        again with the same seed gives the same weights, and a tensor-parallel or ZeRO-3 shard drawn
+        on its own (parallel/sharded_init.py) gives the same values as this. No-op on the meta device."""
+        init.init_parameters(self, torch.initial_seed() if seed is None else seed)
 
     def set_activation_checkpointing(self, mode: str | bool = "full") -> None:
         """What each block keeps for backward: "none" everything; "full" only its input (the whole

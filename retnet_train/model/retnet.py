@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import init
 from .config import ModelConfig
 from .kernels.norm_gate import gated_head_norm
 import torch.nn.functional as F
@@ -44,7 +45,6 @@ class MultiScaleRetention(nn.Module):
         self.head_norm = HeadNorm(self.n_heads, self.value_dim, cfg.head_norm, cfg.head_norm_eps, cfg.head_norm_affine)
         self.rope_base = cfg.rope_base
         self._fused = None  # (weight, bias) of q, k, v, g as one projection: fuse_projections
-        self.reset_parameters()
 
     def fuse_projections(self) -> None:
         """Inference: q, k, v and g in one matmul (their weights become views of one tensor)."""
@@ -72,14 +72,16 @@ class MultiScaleRetention(nn.Module):
             cache[key] = self.log_decay.to(device)
         return cache[key]
 
-    def reset_parameters(self) -> None:
-        # the official initialisation: small xavier gain on q/k/v/g, unit gain on the output
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
-            nn.init.xavier_uniform_(proj.weight, gain=2 ** -2.5)
-        nn.init.xavier_uniform_(self.out_proj.weight)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+    def init_rules(self) -> dict[str, init.Rule]:
+        """The official initialisation: small xavier gain on q/k/v/g, unit gain on the output, zero biases
+        (read by model/init.py, which draws the values; fans of the unsharded [out, in] weights)."""
+        rules = {}
+        for name in ("q_proj", "k_proj", "v_proj", "g_proj", "out_proj"):
+            proj = getattr(self, name)
+            gain = 1.0 if name == "out_proj" else 2 ** -2.5
+            rules[f"{name}.weight"] = init.xavier_uniform(proj.out_features, proj.in_features, gain)
+            rules[f"{name}.bias"] = init.constant(0.0)
+        return rules
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: Tensor | None = None):
         """x [B, T, d] -> ([B, T, d], state [B, H, d_k, d_v(+1)] or None)"""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import init
 from .config import ModelConfig
 from .layers import (FeedForward, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos,
                      rotary_sin_cos_at)
@@ -64,7 +65,6 @@ class CausalSelfAttention(nn.Module):
         self.rope_base = cfg.rope_base
         self.rope_reset = cfg.rope_reset_at_documents
         self._fused = None  # (weight, bias) of q, k, v as one projection: fuse_projections
-        self.reset_parameters()
 
     def fuse_projections(self) -> None:
         """Inference: q, k and v in one matmul (their weights become views of one tensor)."""
@@ -74,13 +74,15 @@ class CausalSelfAttention(nn.Module):
     def set_heads(self, n_heads: int, head_start: int) -> None:
         self.n_heads = n_heads
 
-    def reset_parameters(self) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.xavier_uniform_(proj.weight, gain=2 ** -0.5)
-        nn.init.xavier_uniform_(self.out_proj.weight)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+    def init_rules(self) -> dict[str, init.Rule]:
+        """xavier-uniform with gain 2^-1/2 on q/k/v, unit gain on the output, zero biases (model/init.py)."""
+        rules = {}
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            proj = getattr(self, name)
+            gain = 1.0 if name == "out_proj" else 2 ** -0.5
+            rules[f"{name}.weight"] = init.xavier_uniform(proj.out_features, proj.in_features, gain)
+            rules[f"{name}.bias"] = init.constant(0.0)
+        return rules
 
     def forward(self, x: Tensor, ctx: ForwardContext, cache: tuple[Tensor, ...] | None = None):
         """x [B, T, d]; cache (k, v) [B, T_past, H, D] (and, once documents were marked, the document
