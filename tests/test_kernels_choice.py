@@ -139,17 +139,16 @@ def test_summary_shows_the_choice():
 # ---- torch.compile ---------------------------------------------------------------------------------
 
 
-def _train(model, steps: int, compiled: bool) -> list[float]:
+def _train(model, steps: int) -> list[float]:
     from retnet_train.train.evaluate import lm_loss_from_hidden
 
-    fwd = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
     labels = ids.roll(-1, 1)
     labels[:, -1] = -100
     out = []
     for _ in range(steps):  # the same batch: the loss must fall
-        hidden = fwd(ids, mode="chunkwise", chunk_size=8, return_hidden=True)
+        hidden = model(ids, mode="chunkwise", chunk_size=8, return_hidden=True)
         loss = lm_loss_from_hidden(hidden, model.lm_head, labels, kernels=model.kernels)
         loss.backward()
         opt.step()
@@ -158,17 +157,27 @@ def _train(model, steps: int, compiled: bool) -> list[float]:
     return out
 
 
-def test_compiled_training_steps_equal_eager():
-    """kernels=torch (the one choice a CPU can compile): 3 AdamW steps, compiled vs eager."""
-    torch.manual_seed(0)
-    eager = build_model("retnet_tiny", kernels="torch", ffn_type="glu", **{**TINY, "n_layers": 1})
-    torch.manual_seed(0)
-    compiled = build_model("retnet_tiny", kernels="torch", ffn_type="glu", **{**TINY, "n_layers": 1})
+@pytest.mark.parametrize("checkpointing", ["none", "selective"])
+def test_compiled_blocks_train_like_eager_with_one_graph_for_all_layers(checkpointing):
+    """trainer.compile's regional compilation (kernels=torch, the one choice a CPU can compile):
+    3 AdamW steps equal eager's, and the 2 blocks share one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = build_model("retnet_tiny", kernels="torch", ffn_type="glu", **{**TINY, "n_layers": 2})
+        m.set_activation_checkpointing(checkpointing)
+        models.append(m)
+    eager, compiled = models
     torch._dynamo.reset()
-    want, got = _train(eager, 3, False), _train(compiled, 3, True)
+    counters.clear()
+    compiled.compile_blocks()
+    want, got = _train(eager, 3), _train(compiled, 3)
     assert want[-1] < want[0]
     for a, b in zip(got, want):
         assert abs(a - b) < 1e-5, (got, want)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_no_graph_break_in_the_model_forward():

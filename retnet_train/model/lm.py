@@ -69,6 +69,7 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = "none"
+        self._compiled_block = None  # compile_blocks(): run_block through torch.compile
         # resolved once, for the device the model is built on (torch.device(...) context)
         self.kernels = resolve_kernels(cfg.kernels)
         log.info("model.kernels=%s -> %s", cfg.kernels, self.kernels)
@@ -94,6 +95,14 @@ class LanguageModel(nn.Module):
         if mode not in CHECKPOINTING:
             raise ValueError(f"activation checkpointing {mode!r} is not one of {list(CHECKPOINTING)}")
         self.activation_checkpointing = mode
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation: torch.compile one block's call (with its activation checkpointing,
+        so selective checkpointing's policy is traced too) instead of the whole model. The blocks
+        share one code path and their weights are graph inputs, so one graph serves every layer:
+        compile time is one block's (seconds), not n_layers' (minutes for a 24-layer 1.3B), and the
+        embedding, final norm and the loss stay eager."""
+        self._compiled_block = torch.compile(run_block, **compile_kwargs)
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
                 state: State | None = None, return_state: bool = False, return_hidden: bool = False,
@@ -125,15 +134,11 @@ class LanguageModel(nn.Module):
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.d_model)
         x = self.embed_dropout(x)
+        ckpt = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
+        run = self._compiled_block or run_block
         new_layers = []
         for i, block in enumerate(self.layers):
-            layer_state = state.layers[i] if state is not None else None
-            ckpt = self.activation_checkpointing
-            if ckpt != "none" and self.training and torch.is_grad_enabled():
-                context_fn = _selective_contexts if ckpt == "selective" else noop_context_fn
-                x, new = checkpoint(block, x, ctx, layer_state, use_reentrant=False, context_fn=context_fn)
-            else:
-                x, new = block(x, ctx, layer_state)
+            x, new = run(block, x, ctx, state.layers[i] if state is not None else None, ckpt)
             new_layers.append(new)
         x = self.norm(x)
         out = x if return_hidden else self.lm_head(x)
@@ -191,6 +196,14 @@ class LanguageModel(nn.Module):
                 continue
             total += p.numel()
         return total
+
+
+def run_block(block: nn.Module, x: Tensor, ctx: ForwardContext, layer_state, checkpointing: str):
+    """One block's call, under the activation checkpointing mode ("none" | "full" | "selective")."""
+    if checkpointing == "none":
+        return block(x, ctx, layer_state)
+    context_fn = _selective_contexts if checkpointing == "selective" else noop_context_fn
+    return checkpoint(block, x, ctx, layer_state, use_reentrant=False, context_fn=context_fn)
 
 
 # ---- selective activation checkpointing ------------------------------------------------------------

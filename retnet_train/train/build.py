@@ -80,7 +80,7 @@ def build_engine(cfg, layout: dict, device: torch.device) -> Built:
         model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
         config=ds_config, dist_init_required=False, mpu=mpu())
     if cfg.trainer.compile:
-        engine.compile()
+        model.compile_blocks()  # regional: one graph for every block, compiled in seconds
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.1fM parameters (zero-%d shards may report fewer), precision %s, ZeRO-%d, kernels %s "
              "(model.kernels=%s), activation checkpointing %s, fused loss %s",
