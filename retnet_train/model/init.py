@@ -106,7 +106,8 @@ def draw_(out: Tensor, rule: Rule, key: tuple[int, ...], full_shape: tuple[int, 
     for start in range(0, out.numel(), CHUNK):
         stop = min(start + CHUNK, out.numel())
         index = _full_index(flat_start + start, flat_start + stop, full_shape, offsets, view_shape, out.device)
-        flat_out[start:stop] = _values(rule, key, index).to(out.dtype)
+        # through float32, as an fp32 model later cast to bf16 would round: one value whatever the dtype
+        flat_out[start:stop] = _values(rule, key, index).float()
     return out
 
 

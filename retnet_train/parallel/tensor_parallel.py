@@ -11,6 +11,7 @@ merging checkpoint shards and re-sharding at another `tp` all read it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Mapping
 
@@ -21,6 +22,7 @@ from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entro
 from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
 from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model.layers import HeadNorm
 
@@ -48,6 +50,17 @@ def shard_state_dict(full: Mapping[str, Tensor], rank: int, tp: int) -> dict[str
     return out
 
 
+def shard_region(name: str, full_shape: tuple[int, ...], rank: int, tp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offsets, shape) of rank's slice of parameter `name` within its full tensor: the slice that
+    shard_state_dict takes (`tensor.chunk(tp, dim)[rank]`; check_divisible makes the chunks equal)."""
+    dim = split_dim(name)
+    offsets, shape = [0] * len(full_shape), list(full_shape)
+    if dim is not None and tp > 1:
+        shape[dim] = full_shape[dim] // tp
+        offsets[dim] = rank * shape[dim]
+    return tuple(offsets), tuple(shape)
+
+
 def merge_state_dicts(shards: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """The full state dict from every rank's shard, in rank order."""
     out = {}
@@ -65,6 +78,23 @@ def check_divisible(cfg, tp: int, world_size: int | None = None) -> None:
             raise ValueError(f"parallel.tp={tp} does not divide {key}={value}")
     if world_size is not None and world_size % tp:
         raise ValueError(f"parallel.tp={tp} does not divide the world size {world_size}")
+
+
+class _FactoriesOn(TorchDispatchMode):
+    """Every tensor factory (empty, zeros, ...) allocates on `device`. fairscale 0.4's layers make their
+    slice with the legacy `torch.Tensor(rows, cols)` and a full master weight with `torch.empty`; a
+    `torch.device("meta")` context reaches only the second, so on a meta model each layer would
+    allocate its slice on the host and fail to copy the meta master weight into it."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = self.device
+        return func(*args, **kwargs)
 
 
 class _NoInit:
@@ -126,14 +156,29 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, seed: in
 
     fairscale's model-parallel groups must already be initialised (parallel/groups.py does it).
     The weights the model holds are sliced into the new layers, so every tp gives the same function.
+    On a meta model (parallel/sharded_init.py) the new layers are meta too: nothing is allocated, and
+    the caller materialises each slice.
     """
     if tp_size == 1:
         return model
     check_divisible(model.config, tp_size)
     device = model.embed.weight.device  # where the full model was built; the slices stay there
-    full = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        full.pop("lm_head.weight", None)  # the same tensor as embed.weight
+    full = None
+    if device.type != "meta":
+        full = {k: v.detach() for k, v in model.state_dict().items()}
+        if model.config.tie_embeddings:
+            full.pop("lm_head.weight", None)  # the same tensor as embed.weight
+    with _FactoriesOn(device) if device.type == "meta" else contextlib.nullcontext():
+        _swap_layers(model, tp_rank, tp_size, seed, device)
+    if full is not None:
+        model.load_state_dict(shard_state_dict(full, tp_rank, tp_size))
+    mark_sharded_parameters(model)
+    model.tensor_parallel = tp_size
+    return model
+
+
+def _swap_layers(model: nn.Module, tp_rank: int, tp_size: int, seed: int, device: torch.device) -> None:
+    """Replace the model's layers by fairscale's parallel ones, with uninitialised weights."""
     heads = model.config.n_heads // tp_size
     for i, block in enumerate(model.layers):
         mixer = getattr(block, "retention", None) or getattr(block, "attention")
@@ -155,10 +200,6 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, seed: in
     model.embed = mp.VocabParallelEmbedding(model.config.vocab_size, model.config.d_model,
                                             init_method=_NoInit()).to(device)
     model.lm_head = TiedParallelLMHead(model.embed) if tied else _column(model.lm_head)
-    model.load_state_dict(shard_state_dict(full, tp_rank, tp_size))
-    mark_sharded_parameters(model)
-    model.tensor_parallel = tp_size
-    return model
 
 
 def mark_sharded_parameters(model: nn.Module) -> None:

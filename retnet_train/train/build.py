@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from omegaconf import OmegaConf
 
 from retnet_train.config import checkpointing_mode
 from retnet_train.parallel import get_state, mpu
-from retnet_train.parallel.tensor_parallel import apply_tensor_parallel
 
 from .ds_config import build_ds_config
 from .optimizer import build_optimizer, param_groups
@@ -52,27 +52,15 @@ def forward_kwargs(cfg, model_cfg) -> dict:
 def build_engine(cfg, layout: dict, device: torch.device) -> Built:
     import deepspeed
 
-    from retnet_train.model import build_model
-
     precision = resolve_precision(cfg.trainer.precision, device)
     if precision == "bf16" and device.type == "cpu":
         log.warning("trainer.precision=bf16 on CPU: DeepSpeed's CPU bf16 path is slow and untested here")
     mcfg = model_config(cfg)
-    # Initialise on the training device: a GPU draws 13B random weights in seconds, where a host takes
-    # minutes and 52 GB of fp32 per rank. Every rank of a tensor-parallel group still draws the same
-    # full weights (the same seed on the same kind of device). The full fp32 model must fit one device
-    # before ZeRO-3 partitions or tensor parallelism slices it.
-    with torch.device(device):
-        model = build_model(mcfg)
-    if is_export_dir(cfg.checkpoint.init_from):
-        load_export_weights(model, cfg.checkpoint.init_from)
-    model.set_activation_checkpointing(checkpointing_mode(cfg.trainer.activation_checkpointing))
     ps = get_state()
-    if ps.tp_size > 1:
-        # every rank built the same full model from the same seed; each keeps its slice
-        apply_tensor_parallel(model, ps.tp_rank, ps.tp_size, seed=cfg.trainer.seed)
     own_clipping = cfg.deepspeed.stage == 0 and precision != "bf16" and cfg.optim.impl != "deepspeed"
     ds_config = build_ds_config(cfg, layout, precision, own_clipping)
+    model = build_model_shard(cfg, mcfg, ds_config, device)
+    model.set_activation_checkpointing(checkpointing_mode(cfg.trainer.activation_checkpointing))
     offload = bool(cfg.deepspeed.offload_optimizer)
     optimizer = build_optimizer(model, cfg.optim, device, offload)
     engine, _, _, _ = deepspeed.initialize(
@@ -81,10 +69,10 @@ def build_engine(cfg, layout: dict, device: torch.device) -> Built:
         config=ds_config, dist_init_required=False, mpu=mpu())
     if cfg.trainer.compile:
         model.compile_blocks()  # regional: one graph for every block, compiled in seconds
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.1fM parameters (zero-%d shards may report fewer), precision %s, ZeRO-%d, kernels %s "
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log.info("model %s: %.1fM parameters in this rank's tensor-parallel slice, precision %s, ZeRO-%d, kernels %s "
              "(model.kernels=%s), activation checkpointing %s, fused loss %s",
-             mcfg.arch, n_params / 1e6, cfg.deepspeed.stage, precision, cfg.deepspeed.stage, model.kernels,
+             mcfg.arch, n_params / 1e6, precision, cfg.deepspeed.stage, model.kernels,
              mcfg.kernels, model.activation_checkpointing, cfg.trainer.fused_loss)
     return Built(engine=engine, model_cfg=mcfg, precision=precision, own_clipping=own_clipping, ds_config=ds_config,
                  vocab_parallel=ps.tp_size > 1)
@@ -96,22 +84,38 @@ def is_export_dir(path) -> bool:
     return bool(path) and (Path(str(path)) / EXPORT_CONFIG).is_file()
 
 
-def load_export_weights(model, export_dir) -> None:
-    """Start from exported (full, unsharded) weights, e.g. a run at another parallel.tp. The run's own
-    model config must describe the same network."""
-    from safetensors.torch import load_file
+def build_model_shard(cfg, mcfg, ds_config: dict, device: torch.device):
+    """This rank's shard of the model, never the whole (parallel/sharded_init.py): built on the meta
+    device, each parameter materialised as its tensor-parallel slice, with ZeRO-3 straight into this
+    rank's partition; the values from trainer.seed, or from the export checkpoint.init_from names."""
+    from retnet_train.model import EXPORT_WEIGHTS
+    from retnet_train.parallel.sharded_init import ExportValues, InitValues, build_sharded_model
+    from retnet_train.parallel.zero3_init import Zero3Partitioner
 
-    from retnet_train.model import EXPORT_WEIGHTS, resolve_config
+    ps = get_state()
+    if is_export_dir(cfg.checkpoint.init_from):
+        check_export_config(mcfg, cfg.checkpoint.init_from)
+        values = ExportValues(Path(str(cfg.checkpoint.init_from)) / EXPORT_WEIGHTS)
+    else:
+        values = InitValues(cfg.trainer.seed)
+    partition = Zero3Partitioner(ds_config, mpu()) if cfg.deepspeed.stage == 3 else None
+    start = time.perf_counter()
+    model = build_sharded_model(mcfg, values, device, ps.tp_rank, ps.tp_size, partition=partition,
+                                dropout_seed=cfg.trainer.seed)
+    log.info("built this rank's shard of the model in %.1f s (tensor-parallel rank %d of %d%s)%s",
+             time.perf_counter() - start, ps.tp_rank, ps.tp_size, ", ZeRO-3 partitions" if partition else "",
+             f", weights from {cfg.checkpoint.init_from}" if isinstance(values, ExportValues) else "")
+    return model
+
+
+def check_export_config(model_cfg, export_dir) -> None:
+    """An export starts a run only if it holds the run's network (the kernel choice may differ)."""
+    from retnet_train.model import resolve_config
 
     # the kernel choice is how this machine runs the weights, not part of what they are
-    theirs = dataclasses.replace(resolve_config(str(export_dir)), kernels=model.config.kernels)
-    if theirs != model.config:
-        diff = {k: (getattr(theirs, k), getattr(model.config, k)) for k in vars(theirs)
-                if getattr(theirs, k) != getattr(model.config, k)}
+    theirs = dataclasses.replace(resolve_config(str(export_dir)), kernels=model_cfg.kernels)
+    if theirs != model_cfg:
+        diff = {k: (getattr(theirs, k), getattr(model_cfg, k)) for k in vars(theirs)
+                if getattr(theirs, k) != getattr(model_cfg, k)}
         raise ValueError(f"checkpoint.init_from={export_dir}: its model config differs from this run's "
                          f"(key: (export, run)): {diff}")
-    weights = load_file(str(Path(str(export_dir)) / EXPORT_WEIGHTS))
-    if model.config.tie_embeddings:
-        weights.setdefault("lm_head.weight", weights["embed.weight"])
-    model.load_state_dict(weights)
-    log.info("initialised weights from the export %s", export_dir)
