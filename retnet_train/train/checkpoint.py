@@ -11,6 +11,12 @@ checkpoints beyond `keep` are pruned.
 Resuming: `latest` first, then older checkpoints, newest first; each is checked against its
 files.json and a damaged one is reported file by file and skipped (kept on disk for inspection).
 If checkpoints exist but none is intact the run stops: it never silently starts from step 0.
+
+A checkpoint written at another data-parallel size, tensor-parallel size or ZeRO stage is resharded
+on the way in (reshard.py): rank 0 converts its optimizer state into `<tag>.tp<N>.universal.tmp/`,
+renames it to `<tag>.tp<N>.universal/`, every rank loads its part, and the folder is removed; the
+checkpoint itself is only read. The trainer state (step, tokens, counters, data cursor) is the same on
+every rank and comes from rank 0's file; each rank's RNG is re-seeded (see state.py).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import torch
 
 from retnet_train.parallel import all_gather_objects, barrier, get_state
 
-from . import faults, integrity
+from . import faults, integrity, reshard
+from .cadence import Every
+from .state import TrainingState, TrainingStateError
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +187,24 @@ def _write_error(write, folder: Path) -> Optional[str]:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep: int, checksums: bool = True):
+    def __init__(self, run_dir: str | Path, keep: int, checksums: bool = True, every: Optional[Every] = None,
+                 save_at_end: bool = True):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.checksums = checksums
+        self.every, self.save_at_end = every, save_at_end  # its cadence: checkpoint.every, checkpoint.save_at_end
         self.ps = get_state()
+
+    # ---- cadence ----------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """A periodic save after this step (checkpoint.every; the last step: see due_at_end)."""
+        return self.every is not None and self.every(step)
+
+    def due_at_end(self, step: int) -> bool:
+        """The save at the end of the run, unless the checkpoint of this step exists (a finished run
+        started again)."""
+        latest = self.latest()
+        return self.save_at_end and (latest is None or latest.name != tag_for(step))
 
     # ---- discovery --------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
@@ -222,6 +243,8 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
             for p in self.root.glob(f"{LATEST}.part*"):
                 p.unlink(missing_ok=True)
+            for p in self.root.glob("*.universal"):  # a resharded copy whose load was cut off
+                shutil.rmtree(p, ignore_errors=True)
         barrier()
 
     # ---- save -------------------------------------------------------------------------------------
@@ -251,7 +274,8 @@ class CheckpointManager:
                     f"{need / 2**20:.1f} MiB; nothing was written")
         return None
 
-    def save(self, engine, step: int, trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def save(self, engine, state: TrainingState, meta: dict[str, Any]) -> Path:
+        step, trainer_state = state.step, state.state_dict()
         tag = tag_for(step)
         tmp = self.root / (tag + ".tmp")
         t0 = time.time()
@@ -304,31 +328,127 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ---- load -------------------------------------------------------------------------------------
-    def load(self, engine, path: Path, module_only: bool = False, model_config: dict | None = None) -> tuple[dict, dict]:
-        """Load into the engine; return (meta, this rank's trainer state). With `model_config` (this
-        run's `model` section), a checkpoint of another model is refused, naming the keys."""
+    def _meta(self, path: Path, model_config: dict | None) -> dict:
         meta = json.loads((path / "meta.json").read_text())
         if model_config is not None and isinstance(meta.get("model_config"), dict):
             check_same_model(path, meta["model_config"], model_config)
-        if not module_only and meta.get("dp_size", self.ps.dp_size) != self.ps.dp_size:
-            raise CheckpointError(
-                f"{path} was written by {meta['dp_size']} data-parallel ranks; this run has {self.ps.dp_size}. "
-                "Resuming at another data-parallel size is not supported yet: DeepSpeed saves the optimizer "
-                "state (ZeRO partitions) and each rank its RNG state per data-parallel rank (the data cursor "
-                f"itself does not depend on the size). Resume with {meta['dp_size']} data-parallel ranks, or start "
-                "a new run from the weights with checkpoint.init_from")
+        return meta
+
+    def load(self, engine, path: Path, model_config: dict | None = None) -> dict:
+        """Weights only (checkpoint.init_from: a new run from them); return meta. The checkpoint must
+        have this run's tensor-parallel size (an export works at any)."""
+        meta = self._meta(path, model_config)
         if meta.get("tp_size", 1) != self.ps.tp_size:
             raise CheckpointError(
                 f"{path} was written with parallel.tp={meta.get('tp_size', 1)}; this run has parallel.tp="
                 f"{self.ps.tp_size}. Export it (python -m retnet_train.export {path} OUT) and start from "
                 "checkpoint.init_from=OUT, which works at any tp")
+        self._load_native(engine, path, module_only=True)
+        return meta
+
+    def restore(self, engine, path: Path, state: TrainingState, model_config: dict | None = None) -> dict:
+        """Resume: model, optimizer and the trainer's state (counters, data cursor, RNG) from `path`,
+        written at this run's layout or any other (data-parallel size, tensor-parallel size, ZeRO
+        stage). With `model_config` (this run's `model` section), a checkpoint of another model is
+        refused, naming the keys. Returns meta."""
+        meta = self._meta(path, model_config)
+        saved = layout_of(meta, self.ps.dp_size)
+        here = (self.ps.dp_size, self.ps.tp_size, engine.zero_optimization_stage())
+        if saved == here:
+            self._load_native(engine, path)
+            state_file = path / trainer_state_file(self.ps.rank)
+            trainer = self._read_trainer_state(state_file)
+        else:
+            self._reshard(engine, path, meta, saved, here)
+            # the counters and the data cursor are alike on every rank; the RNG states belong to ranks
+            # of the old layout, so none is taken (TrainingState re-seeds)
+            state_file = path / trainer_state_file(0)
+            trainer = {k: v for k, v in self._read_trainer_state(state_file).items() if k != "rng"}
+        try:
+            state.load_state_dict(trainer, source=str(state_file))
+        except TrainingStateError as e:
+            raise CheckpointError(str(e)) from None
+        return meta
+
+    def _read_trainer_state(self, path: Path) -> dict:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (each rank of the run that saved {path.parent.name} "
+                                  "wrote one)")
+        return torch.load(path, weights_only=False)
+
+    def _load_native(self, engine, path: Path, module_only: bool = False) -> None:
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=module_only,
                                               load_optimizer_states=not module_only,
                                               load_lr_scheduler_states=False)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
-        state = {} if module_only else torch.load(path / trainer_state_file(self.ps.rank), weights_only=False)
-        return meta, state
+
+    def _reshard(self, engine, path: Path, meta: dict, saved: tuple, here: tuple) -> None:
+        ps = self.ps
+        t0 = time.time()
+        if saved[1:] == here[1:] and here[2] == 0 and meta.get("precision") == "fp32":
+            # ZeRO-0 fp32 at the same tensor-parallel size: every data-parallel rank holds the whole
+            # optimizer state, in the file of its tensor-parallel rank; DeepSpeed loads it at any size
+            log.info("%s was written by %d data-parallel ranks; this run has %d: ZeRO-0 keeps the whole "
+                     "optimizer state on every rank, so it loads as it is", path, saved[0], here[0])
+            self._load_native(engine, path)
+            return
+        (log.warning if ps.is_main else log.info)("RESHARDING %s: written at data-parallel size %d, tensor-parallel size %d, ZeRO-%d; this run "
+                    "is %d, %d, ZeRO-%d. Its weights, Adam moments and step are cut anew for this run",
+                    path, *saved, *here)
+        if here[2] == 0 and not engine.bfloat16_enabled():
+            # torch's own optimizer: every rank reads the whole state and keeps its slice
+            error, full = None, None
+            try:
+                full = reshard.read_full_state(path, meta)
+            except reshard.ReshardError as e:
+                error = str(e)
+            self._agree_load(error)
+            reshard.load_plain(engine, full, ps.tp_rank, ps.tp_size)
+        else:
+            out = self.root / f"{path.name}.tp{ps.tp_size}.universal"
+            error = None
+            if ps.is_main:
+                error = _convert(path, meta, out, ps.tp_size, ps.dp_size)
+            self._agree_load(error)
+            try:
+                reshard.load_universal(engine, out / f"tp{ps.tp_rank}")
+            finally:
+                barrier()
+                if ps.is_main:
+                    reshard.remove(out)
+        log.info("resharded %s in %.1fs", path.name, time.time() - t0)
+
+    def _agree_load(self, error: Optional[str]) -> None:
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:
+            raise CheckpointError(f"cannot reshard the checkpoint: {errors[0]}")
+
+
+def layout_of(meta: dict, dp_default: int) -> tuple[int, int, int]:
+    """(data-parallel size, tensor-parallel size, ZeRO stage) of a checkpoint, from its meta.json."""
+    return int(meta.get("dp_size", dp_default)), int(meta.get("tp_size", 1)), int(meta.get("zero_stage", 0))
+
+
+def _convert(path: Path, meta: dict, out: Path, tp: int, dp: int) -> Optional[str]:
+    """Rank 0: the universal copy of checkpoint `path` for `tp` tensor-parallel ranks, written to
+    `out`.tmp and renamed to `out` once whole. Returns the error's one line, or None."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        full = reshard.read_full_state(path, meta)
+        counters = {**reshard.engine_counters(path), "dp_world_size": dp}
+        reshard.write_universal(full, tmp, tp, counters)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except reshard.ReshardError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return str(e)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return describe_write_error(e, tmp)
+    return None
 
 
 # model keys that choose how the same weights run, not what the weights are

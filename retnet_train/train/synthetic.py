@@ -50,10 +50,15 @@ class SyntheticStream:
         return {"index": self.index, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["dp_size"], state["seed"]) != (self.dp_size, self.seed):
-            raise ValueError(f"synthetic stream cursor is for dp_size={state['dp_size']}, seed={state['seed']}; "
-                             f"this run has dp_size={self.dp_size}, seed={self.seed}")
-        self.index = state["index"]
+        """The position is global: index x dp_size micro-batches taken by all ranks together, so a
+        cursor saved at one data-parallel size continues at another where that count divides."""
+        if state["seed"] != self.seed:
+            raise ValueError(f"synthetic stream cursor is for seed={state['seed']}; this run has seed={self.seed}")
+        taken = state["index"] * state["dp_size"]
+        if taken % self.dp_size:
+            raise ValueError(f"synthetic stream cursor: {taken} micro-batches taken (index {state['index']} x "
+                             f"dp_size {state['dp_size']}) do not split over dp_size={self.dp_size}")
+        self.index = taken // self.dp_size
 
 
 def synthetic_val_batches(vocab_size: int, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,

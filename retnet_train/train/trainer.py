@@ -11,19 +11,23 @@ import torch
 from omegaconf import OmegaConf
 
 from retnet_train.config import batch_layout
-from retnet_train.parallel import all_reduce_max, all_reduce_sum, barrier, destroy, init_distributed, mpu
+from retnet_train.parallel import all_reduce_max, barrier, destroy, init_distributed, mpu
 from retnet_train.parallel.tensor_parallel import grad_norm
 
 from . import faults
 from .build_lock import bound_build_lock_wait
 from .build import build_engine, forward_kwargs, is_export_dir
+from .cadence import Every
 from .checkpoint import CheckpointManager, checkpoints_named_by
-from .data import build_train_stream, build_val, resolve_vocab_size, verify_data
-from .evaluate import document_starts, evaluate, lm_loss, lm_loss_from_hidden
+from .data import build_train_stream, resolve_vocab_size, verify_data
+from .evaluate import document_starts, lm_loss, lm_loss_from_hidden
+from .evaluator import Evaluator
 from .metrics import MetricsWriter
-from .rng import get_rng_state, seed_all, set_rng_state
+from .rng import seed_all
 from .schedule import schedule_from_config
 from .signals import StopRequest, signal_name
+from .state import TrainingState
+from .step_log import StepLog
 from .throughput import flops_per_token, peak_flops_per_device, peak_memory_gib
 
 log = logging.getLogger("retnet_train")
@@ -90,38 +94,38 @@ class Trainer:
             self.flops_per_token = 6.0 * n
         self.peak_flops = peak_flops_per_device(self.ps.device, cfg.logging.peak_tflops) * self.ps.world_size
 
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.checksums)
+        c = cfg.checkpoint
+        self.ckpt = CheckpointManager(self.run_dir, c.keep, c.checksums,
+                                      every=Every(c.every, last=t.max_steps), save_at_end=c.save_at_end)
         self.ckpt.clean_partial()
 
-        self.step, self.tokens, self.bad_in_row, self.skipped_total = 0, 0, 0, 0
-        self.last_eval_step = -1
         # dropout differs across data-parallel ranks but not within a tensor-parallel group, whose ranks
         # hold the same replicated activations (sharded activations use ShardedDropout's own streams)
-        seed_all(t.seed + 1000 * self.ps.dp_rank)
+        rank_seed = t.seed + 1000 * self.ps.dp_rank
+        seed_all(rank_seed)
         self.stream = build_train_stream(cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
+        self.state = TrainingState(self.stream, rng_seed=rank_seed)
         self._restore()
         if self.ps.is_main:  # only now: a run refused above must not overwrite the config of the run it found
             OmegaConf.save(cfg, self.run_dir / "config.yaml")
         barrier()
-        self.val = None
         self.metrics = self._metrics_writer()
+        self.step_log = StepLog(self.metrics, Every(t.log_every, last=t.max_steps, at_last=True),
+                                t.global_batch_tokens, t.max_steps, self.flops_per_token, self.peak_flops,
+                                self.ps.device)
+        self.evaluator = Evaluator(cfg, self.engine, self.built, self.fwd, self.ps, self.metrics)
 
     # ---- set-up -----------------------------------------------------------------------------------
     def _restore(self) -> None:
         cfg = self.cfg
         latest = self.ckpt.resume_point() if cfg.checkpoint.resume else None
         if latest is not None:
-            meta, state = self.ckpt.load(self.engine, latest, model_config=self._model_config())
-            self.step, self.tokens = state["step"], state["tokens"]
-            self.bad_in_row, self.skipped_total = state["bad_in_row"], state["skipped_total"]
-            self.last_eval_step = state.get("last_eval_step", -1)
-            self.stream.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
+            self.ckpt.restore(self.engine, latest, self.state, model_config=self._model_config())
             self.resumed_from = latest
-            log.info("resumed from %s (step %d, %s tokens)", latest, self.step, f"{self.tokens:,}")
+            log.info("resumed from %s (step %d, %s tokens)", latest, self.state.step, f"{self.state.tokens:,}")
         elif cfg.checkpoint.init_from and not is_export_dir(cfg.checkpoint.init_from):  # exports load in build
             path = self.ckpt.pick(checkpoints_named_by(cfg.checkpoint.init_from))
-            self.ckpt.load(self.engine, path, module_only=True, model_config=self._model_config())
+            self.ckpt.load(self.engine, path, model_config=self._model_config())
             self.resumed_from = None
             log.info("initialised weights from %s", path)
         else:
@@ -142,7 +146,7 @@ class Trainer:
                                wandb_run)
         # records of steps after the point this run starts from were written by a run that stopped
         # before saving them (no checkpoint at all: step 0); they are about to be written again
-        writer.truncate_after(self.step)
+        writer.truncate_after(self.state.step)
         return writer
 
     # ---- one optimizer step -----------------------------------------------------------------------
@@ -152,8 +156,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         engine, gas, dev = self.engine, self.layout["grad_accum"], self.ps.device
-        step = self.step + 1  # 1-based number of the step being taken
-        lr = self.lr_at(self.step)
+        step = self.state.step + 1  # 1-based number of the step being taken
+        lr = self.lr_at(self.state.step)
         self._set_lr(lr)
         cursor = self.stream.state_dict()
         skipped_before = engine.skipped_steps
@@ -178,7 +182,7 @@ class Trainer:
         loss = float(loss_sum) / gas
         bad = ((engine.skipped_steps > skipped_before) or not math.isfinite(loss)
                or (grad_norm is not None and not math.isfinite(grad_norm)))
-        self.step, self.tokens = step, self.tokens + self.cfg.trainer.global_batch_tokens
+        self.state.advance(self.cfg.trainer.global_batch_tokens)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "bad": bad, "cursor": cursor,
                 "sources": sorted(str(s) for s in sources)}
 
@@ -217,114 +221,73 @@ class Trainer:
         return norm
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "bad_in_row": self.bad_in_row,
-                "skipped_total": self.skipped_total, "last_eval_step": self.last_eval_step,
-                "data": self.stream.state_dict(), "rng": get_rng_state()}
-
     def save(self, reason: str) -> None:
-        meta = {"tokens": self.tokens, "reason": reason, "time": time.time(),
+        meta = {"tokens": self.state.tokens, "reason": reason, "time": time.time(),
                 "model_config": self._model_config(),
                 "zero_stage": self.cfg.deepspeed.stage, "precision": self.built.precision,
                 "tokenizer": self._tokenizer_path()}
-        path = self.ckpt.save(self.engine, self.step, self.trainer_state(), meta)
-        self.metrics.event({"event": "checkpoint", "step": self.step, "path": str(path), "reason": reason})
+        path = self.ckpt.save(self.engine, self.state, meta)
+        self.metrics.event({"event": "checkpoint", "step": self.state.step, "path": str(path), "reason": reason})
 
     def _tokenizer_path(self):
         if self.cfg.trainer.data_source != "stream":
             return None
         return str(Path(self.cfg.data.tokenizer).resolve())
 
-    def run_eval(self) -> dict:
-        if self.val is None:
-            self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
-        result = evaluate(self.engine, self.val, self.fwd, self.ps.device, self.built.vocab_parallel,
-                          self.cfg.trainer.fused_loss, self.cfg.data.reset_at_documents)
-        self.last_eval_step = self.step
-        record = {"step": self.step, "tokens": self.tokens, **result}
-        if "val/loss" in result:
-            self.metrics.eval(record)
-        return record
-
     def _sync_stop(self) -> int:
         """The stop signal's number if any rank received one (0 if none): every rank decides alike."""
         return int(all_reduce_max([float(self.stop.signum or 0)], world=True)[0])
 
     def fit(self) -> int:
-        t, c = self.cfg.trainer, self.cfg.checkpoint
+        t, state = self.cfg.trainer, self.state
         self.engine.train()
         self.it = iter(self.stream)
         log.info("run_dir %s | %d ranks (dp %d) | %d tokens/step = %d x %d seqs x %d accumulation x %d ranks",
                  self.run_dir, self.ps.world_size, self.ps.dp_size, t.global_batch_tokens, t.micro_batch_size,
                  t.seq_len, self.layout["grad_accum"], self.ps.dp_size)
-        interval_loss, interval_steps, interval_t0, interval_tokens = 0.0, 0, time.time(), 0
-        while self.step < t.max_steps:
+        while state.step < t.max_steps:
+            t0 = time.time()
             out = self.train_step()
-            step = self.step
+            seconds = time.time() - t0
             if out["bad"]:
                 self._bad_step(out)
             else:
-                self.bad_in_row = 0
-                interval_loss += out["loss"]
-                interval_steps += 1
-            interval_tokens += t.global_batch_tokens
-            faults.maybe_kill("kill", step)
-            faults.maybe_signal_last_rank(step, self.ps.rank, self.ps.world_size)
-            if step % t.log_every == 0 or step == t.max_steps:
-                self._log(out, interval_loss, interval_steps, interval_tokens, time.time() - interval_t0)
-                interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
-                interval_t0 = time.time()
-            paused = False
-            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-                self.run_eval()
-                paused = True
+                state.bad_in_row = 0
+            faults.maybe_kill("kill", state.step)
+            faults.maybe_signal_last_rank(state.step, self.ps.rank, self.ps.world_size)
+            self.step_log.add(out, seconds)
+            self.step_log.maybe_write(state, out)
+            self.evaluator.maybe_run(state)
             signum = self._sync_stop()
             if signum:
-                log.info("%s: stopping at step %d; saving a checkpoint", signal_name(signum), step)
+                log.info("%s: stopping at step %d; saving a checkpoint", signal_name(signum), state.step)
                 self.save(reason=f"signal {signum}")
-                log.info("stopped at step %d; the same command resumes from here", step)
+                log.info("stopped at step %d; the same command resumes from here", state.step)
                 self.close()
                 return 0
-            if c.every and step % c.every == 0 and step < t.max_steps:
+            if self.ckpt.due(state.step):
                 self.save(reason="every")
-                paused = True
-            if paused:
-                interval_t0 = time.time()
-        if t.eval_at_end and self.last_eval_step != self.step:  # not again when restarted after the end
-            self.run_eval()
-        latest = self.ckpt.latest()
-        if c.save_at_end and (latest is None or latest.name != f"step_{self.step:08d}"):
+        self.evaluator.finish(state)
+        if self.ckpt.due_at_end(state.step):
             self.save(reason="end")
         self.close()
         return 0
 
     def _bad_step(self, out: dict) -> None:
-        self.bad_in_row += 1
-        self.skipped_total += 1
+        state = self.state
+        state.bad_in_row += 1
+        state.skipped_total += 1
         self.metrics.event(
-            {"event": "bad_step", "step": self.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
-             "batch": out["cursor"], "sources": out["sources"], "bad_in_row": self.bad_in_row},
-            message=(f"step {self.step}: non-finite loss or gradient (loss={out['loss']}, "
+            {"event": "bad_step", "step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+             "batch": out["cursor"], "sources": out["sources"], "bad_in_row": state.bad_in_row},
+            message=(f"step {state.step}: non-finite loss or gradient (loss={out['loss']}, "
                      f"grad_norm={out['grad_norm']}); update skipped; batch cursor {out['cursor']}"),
             warn=True)
-        if self.bad_in_row >= self.cfg.trainer.max_bad_steps:
+        if state.bad_in_row >= self.cfg.trainer.max_bad_steps:
             raise TooManyBadSteps(
-                f"{self.bad_in_row} consecutive steps (up to step {self.step}) had a non-finite loss or gradient "
+                f"{state.bad_in_row} consecutive steps (up to step {state.step}) had a non-finite loss or gradient "
                 f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); stopping. The last good checkpoint "
                 f"is in {self.ckpt.root}; lower optim.lr or inspect the batches logged in metrics.jsonl")
-
-    def _log(self, out: dict, loss_sum: float, n_steps: int, tokens: int, seconds: float) -> None:
-        total_loss, total_steps = all_reduce_sum([loss_sum, float(n_steps)])
-        loss = total_loss / total_steps if total_steps else float("nan")
-        tps = tokens / max(seconds, 1e-9)
-        steps_left = self.cfg.trainer.max_steps - self.step
-        step_time = seconds / max(1, tokens // self.cfg.trainer.global_batch_tokens)
-        self.metrics.train({
-            "step": self.step, "loss": loss, "lr": out["lr"],
-            "grad_norm": out["grad_norm"], "tokens": self.tokens, "tokens_per_s": tps,
-            "mfu": tps * self.flops_per_token / self.peak_flops, "mem_gib": peak_memory_gib(self.ps.device),
-            "eta_s": steps_left * step_time, "skipped_steps": self.skipped_total, "time": time.time(),
-        })
 
     def close(self) -> None:
         self.metrics.close()

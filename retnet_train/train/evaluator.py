@@ -1,0 +1,36 @@
+"""Periodic validation: every trainer.eval_every steps and once at the end (trainer.eval_at_end)."""
+
+from __future__ import annotations
+
+from .cadence import Every
+from .data import build_val
+from .evaluate import evaluate
+
+
+class Evaluator:
+    def __init__(self, cfg, engine, built, forward_kwargs: dict, ps, metrics):
+        t = cfg.trainer
+        self.cfg, self.engine, self.built, self.fwd, self.ps, self.metrics = cfg, engine, built, forward_kwargs, ps, metrics
+        self.every = Every(t.eval_every, last=t.max_steps)  # the last step: see finish()
+        self.at_end = t.eval_at_end
+        self.val = None  # built at the first evaluation
+
+    def maybe_run(self, state) -> None:
+        if self.every(state.step):
+            self.run(state)
+
+    def finish(self, state) -> None:
+        # not again when a finished run is started once more (its last evaluation is in its state)
+        if self.at_end and state.last_eval_step != state.step:
+            self.run(state)
+
+    def run(self, state) -> dict:
+        if self.val is None:
+            self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
+        result = evaluate(self.engine, self.val, self.fwd, self.ps.device, self.built.vocab_parallel,
+                          self.cfg.trainer.fused_loss, self.cfg.data.reset_at_documents)
+        state.last_eval_step = state.step
+        record = {"step": state.step, "tokens": state.tokens, **result}
+        if "val/loss" in result:
+            self.metrics.eval(record)
+        return record
