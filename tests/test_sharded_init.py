@@ -1,14 +1,14 @@
 """Sharded initialisation (parallel/sharded_init.py): a rank builds only its shard, on the meta
 device first, and each slice or ZeRO-3 partition it materialises holds exactly the unsharded build's
-values; nothing it allocates on the way is as large as a full sharded parameter."""
+values; nothing it allocates on the way is as large as a full sharded parameter.
+
+The two-process cases run inside test_tensor_parallel.py's pair of gloo processes (`sharded_cases`
+below; a spawned process takes seconds to start) and are checked there."""
 
 import math
 import os
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from retnet_train.model import build_model, resolve_config
@@ -75,17 +75,18 @@ def _build(cfg, values, rank, tp, partition=None):
     return model, checked.worst, max(seen.numels)
 
 
-def _worker(rank, init_file, out_dir):
-    """Every multi-process case in one pair of processes (a spawned process takes seconds to start)."""
-    from fairscale.nn.model_parallel.initialize import destroy_model_parallel, initialize_model_parallel
+def sharded_cases(rank, out_dir):
+    """In each of two gloo processes whose fairscale groups are tp=2 (test_tensor_parallel.py's):
+    every case's tp=2 slices drawn from the seed, tp=2 slices read from an export, and (the fairscale
+    groups destroyed) ZeRO-3 over both processes. Saves rank{rank}.pt in out_dir; the fairscale
+    groups are gone afterwards."""
+    from fairscale.nn.model_parallel.initialize import destroy_model_parallel
     from safetensors.torch import save_file
 
     from retnet_train.parallel.sharded_init import ExportValues, InitValues
     from retnet_train.parallel.zero3_init import Zero3Partitioner
 
     os.environ.update(LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    initialize_model_parallel(WORLD)
     results = {}
     for case in CASES:  # tp=2: this rank's slices, drawn from the seed
         model, fill_worst, biggest = _build(_config(case), InitValues(SEED), rank, WORLD)
@@ -104,7 +105,7 @@ def _worker(rank, init_file, out_dir):
     from retnet_train.parallel.groups import _no_shared_memory_comm_build
 
     _no_shared_memory_comm_build()  # DeepSpeed would compile a C++ op for a minute or more
-    deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group above
+    deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group already there
     for case in ("retnet", "retnet_tied"):  # ZeRO-3 over both ranks (tp=1)
         partition = Zero3Partitioner({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
         model, fill_worst, biggest = _build(_config(case), InitValues(SEED), 0, 1, partition)
@@ -115,14 +116,6 @@ def _worker(rank, init_file, out_dir):
         results[f"zero3-{case}"] = dict(gathered=gathered, kept=kept, empty=empty, fill_worst=fill_worst,
                                         biggest=biggest)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded_init")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
 def _full(case):
@@ -132,9 +125,7 @@ def _full(case):
     return full
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_tp2_slices_equal_the_unsharded_build(ranks, case):
+def check_tp2_slices(ranks, case):
     full = _full(case)
     merged = merge_state_dicts([r[case]["shard"] for r in ranks])
     assert merged.keys() == full.keys()
@@ -150,17 +141,14 @@ def test_tp2_slices_equal_the_unsharded_build(ranks, case):
         assert r[case]["biggest"] < max(full[n].numel() for n in full if split_dim(n) is not None)
 
 
-@pytest.mark.slow
-def test_tp2_slices_read_from_an_export(ranks):
+def check_tp2_export(ranks):
     """(safetensors maps the file and slices a view of it: the host pages of a slice are read.)"""
     full = _full("retnet")
     merged = merge_state_dicts([r["export"]["shard"] for r in ranks])
     assert all(torch.equal(merged[n], full[n]) for n in full)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["retnet", "retnet_tied"])
-def test_zero3_partitions_at_construction_equal_the_unsharded_build(ranks, case):
+def check_zero3(ranks, case):
     full = _full(case)
     for r in ranks:
         got = r[f"zero3-{case}"]

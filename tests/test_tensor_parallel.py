@@ -1,5 +1,7 @@
 """tp=2 (two gloo processes) computes what tp=1 computes with the same weights: logits, loss and
-gradients, for RetNet and the Transformer, in the parallel and chunkwise forms."""
+gradients, for RetNet and the Transformer, in the parallel and chunkwise forms. The same processes
+build sharded models (tests/test_sharded_init.py's cases): tp=2 slices and ZeRO-3 partitions equal
+the unsharded build."""
 
 import os
 
@@ -8,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from retnet_train.model import build_model
+import test_sharded_init
+from retnet_train.model import build_model, resolve_config
 from retnet_train.parallel.tensor_parallel import (
     apply_tensor_parallel,
     check_divisible,
@@ -52,6 +55,8 @@ def _worker(rank, init_file, result_dir):
     initialize_model_parallel(TP)
     for case, mode in CASE_MODES:
         _compare(rank, case, mode, result_dir)
+    os.makedirs(os.path.join(result_dir, "sharded"), exist_ok=True)
+    test_sharded_init.sharded_cases(rank, os.path.join(result_dir, "sharded"))
     dist.destroy_process_group()
 
 
@@ -118,8 +123,27 @@ def test_split_dims_of_every_parameter():
     (dict(vocab_size=250), r"parallel.tp=4 does not divide model.vocab_size=250"),
 ])
 def test_indivisible_sizes_are_refused(overrides, message):
-    cfg = build_model("retnet_tiny", **overrides).config
+    cfg = resolve_config("retnet_tiny", **overrides)  # the config alone: no weights to draw
     with pytest.raises(ValueError, match=message):
         check_divisible(cfg, 4)
     with pytest.raises(ValueError, match="does not divide the world size 6"):
-        check_divisible(build_model("retnet_tiny").config, 4, world_size=6)
+        check_divisible(resolve_config("retnet_tiny"), 4, world_size=6)
+
+
+@pytest.fixture(scope="module")
+def sharded_ranks(tp2_results):
+    return [torch.load(tp2_results / "sharded" / f"rank{r}.pt") for r in range(TP)]
+
+
+@pytest.mark.parametrize("case", list(test_sharded_init.CASES))
+def test_sharded_build_tp2_slices_equal_the_unsharded_build(sharded_ranks, case):
+    test_sharded_init.check_tp2_slices(sharded_ranks, case)
+
+
+def test_sharded_build_tp2_slices_read_from_an_export(sharded_ranks):
+    test_sharded_init.check_tp2_export(sharded_ranks)
+
+
+@pytest.mark.parametrize("case", ["retnet", "retnet_tied"])
+def test_sharded_build_zero3_partitions_at_construction_equal_the_unsharded_build(sharded_ranks, case):
+    test_sharded_init.check_zero3(sharded_ranks, case)
