@@ -198,3 +198,30 @@ def test_each_parameter_has_the_official_distribution():
     torch.manual_seed(1)
     c = build_model("retnet_tiny", vocab_size=512, d_model=64, n_layers=1, n_heads=2)
     assert torch.equal(a.embed.weight, b.embed.weight) and not torch.equal(a.embed.weight, c.embed.weight)
+
+
+def test_an_export_of_another_model_or_without_a_tensor_is_refused_by_name(tmp_path):
+    import dataclasses
+    import json
+
+    import pytest
+    from safetensors.torch import save_file
+
+    from retnet_train.model import EXPORT_CONFIG, EXPORT_WEIGHTS
+    from retnet_train.parallel.sharded_init import ExportValues
+    from retnet_train.train.build import check_export_config
+
+    cfg = _config("retnet_tied")
+    (tmp_path / EXPORT_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg)))
+    check_export_config(cfg, tmp_path)  # the same network
+    with pytest.raises(ValueError, match=r"checkpoint.init_from=.*'d_model': \(64, 128\)"):
+        check_export_config(dataclasses.replace(cfg, d_model=128), tmp_path)
+    weights = _unsharded("retnet_tied").state_dict()
+    weights.pop("lm_head.weight")
+    weights.pop("norm.weight")
+    save_file(weights, tmp_path / EXPORT_WEIGHTS)
+    values = ExportValues(tmp_path / EXPORT_WEIGHTS)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    with pytest.raises(ValueError, match=rf"{EXPORT_WEIGHTS}: no tensor for the model's parameters \['norm.weight'\]"):
+        values.plan(model)
