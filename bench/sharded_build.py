@@ -65,27 +65,16 @@ def shard_bytes(model) -> int:
 
 
 def measure(layout: str, args, cfg, ps) -> dict:
-    from retnet_train.model import build_model
-    from retnet_train.parallel import mpu
-    from retnet_train.parallel.sharded_init import InitValues, build_sharded_model
-    from retnet_train.parallel.zero3_init import Zero3Partitioner
-
     cuda = ps.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    if layout == "zero3":
-        # ZeRO-3 over the data-parallel ranks: all of them when tp=1, each tp rank's peers otherwise
-        partition = Zero3Partitioner(ds_config(ps.device), mpu() if ps.tp_size > 1 else None)
-        model = build_sharded_model(cfg, InitValues(args.seed), ps.device, ps.tp_rank, ps.tp_size,
-                                    partition=partition)
-    elif layout == "tp":
-        model = build_sharded_model(cfg, InitValues(args.seed), ps.device, ps.tp_rank, ps.tp_size)
-    else:
-        with torch.device(ps.device):
-            model = build_model(cfg)
+    try:
+        model = build(layout, args, cfg, ps)
+    except torch.cuda.OutOfMemoryError:  # the unsharded 13B on a small card: a row, not a lost table
+        return {"layout": layout, "rank": ps.rank, "seconds": float("nan"), "shard": 0, "peak": None, "dtype": "OOM"}
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -97,6 +86,25 @@ def measure(layout: str, args, cfg, ps) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def build(layout: str, args, cfg, ps):
+    from retnet_train.model import build_model
+    from retnet_train.parallel import mpu
+    from retnet_train.parallel.sharded_init import InitValues, build_sharded_model
+    from retnet_train.parallel.zero3_init import Zero3Partitioner
+
+    if layout == "zero3":
+        # ZeRO-3 over the data-parallel ranks: all of them when tp=1, each tp rank's peers otherwise
+        partition = Zero3Partitioner(ds_config(ps.device), mpu() if ps.tp_size > 1 else None)
+        model = build_sharded_model(cfg, InitValues(args.seed), ps.device, ps.tp_rank, ps.tp_size,
+                                    partition=partition)
+    elif layout == "tp":
+        model = build_sharded_model(cfg, InitValues(args.seed), ps.device, ps.tp_rank, ps.tp_size)
+    else:
+        with torch.device(ps.device):
+            model = build_model(cfg)
+    return model
 
 
 def main() -> None:
@@ -130,7 +138,7 @@ def report(rows: list[dict], args, cfg, ps, tp: int) -> None:
     n_params = sum(p.numel() for p in _meta_model(cfg).parameters())
     table, worst = [], {}
     for r in rows:
-        ratio = r["peak"] / r["shard"] if r["peak"] is not None else None
+        ratio = r["peak"] / r["shard"] if r["peak"] is not None and r["shard"] else None
         if ratio is not None:
             worst[r["layout"]] = max(worst.get(r["layout"], 0.0), ratio)
         label = {"zero3": f"ZeRO-3 over {ps.world_size}", "tp": f"tp={tp}", "unsharded": "unsharded (before)"}
