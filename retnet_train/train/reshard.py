@@ -25,6 +25,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -221,18 +222,29 @@ def write_universal(full: FullState, out: Path, tp: int, engine_state: dict) -> 
             torch.save(model, folder / name)
 
 
+_ONE_RANK = SimpleNamespace(get_tensor_model_parallel_rank=lambda: 0, get_tensor_model_parallel_world_size=lambda: 1,
+                            get_model_parallel_rank=lambda: 0, get_model_parallel_world_size=lambda: 1)
+
+
 def load_universal(engine, folder: Path) -> None:
     """Load a folder of write_universal into a DeepSpeed engine (ZeRO-1-3, or DeepSpeed's bf16
     optimizer). DeepSpeed reads `checkpoint.load_universal` from its config at load time; it is
     switched on for this one load only, so that the run's own checkpoints load the usual way."""
-    config = engine._config
-    before = config.load_universal_checkpoint
+    config, optimizer = engine._config, engine.optimizer
+    before = config.load_universal_checkpoint, getattr(optimizer, "mpu", None)
     config.load_universal_checkpoint = True
+    if hasattr(optimizer, "mpu"):
+        # ZeRO-1/2 ask the mpu for the tensor-parallel rank and size to cut slices from whole tensors
+        # (with Megatron's method names, which fairscale's registry lacks); the folder holds this
+        # rank's slices already, so to that loader the tensor-parallel world is one rank
+        optimizer.mpu = _ONE_RANK
     try:
         path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
     finally:
-        config.load_universal_checkpoint = before
+        config.load_universal_checkpoint = before[0]
+        if hasattr(optimizer, "mpu"):
+            optimizer.mpu = before[1]
     if path is None:
         raise ReshardError(f"DeepSpeed could not load the converted checkpoint {folder}")
     # ZeRO-3's universal load gives every parameter group the hyperparameters of the first (measured:
