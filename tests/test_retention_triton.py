@@ -217,6 +217,31 @@ def test_documents_run_as_variable_length_sequences_in_the_kernels():
     assert rel(got["triton"][1], got["torch"][1]) < 1e-4
 
 
+def test_documents_with_incoming_and_final_states_in_the_kernels():
+    """Documents through the variable-length kernels with a state coming in (context parallelism
+    hands one to each slice) and going out: the incoming state reaches each row's first document
+    only (not a row whose token 0 starts one), the final state is each row's last document's;
+    forward and the gradients of q, k, v and the incoming state equal the torch chunkwise form."""
+    from retnet_train.model.retention import retention
+
+    B, T, H, K, V = 2, 40, 2, 16, 16
+    q, k, v, s0 = inputs(B, T, H, K, V, seed=5)
+    lg = head_log_decays(H)
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[0, [11, 30]] = True  # row 0 continues the incoming document up to token 11
+    starts[1, [0, 23]] = True  # row 1 starts a new document at once: the incoming state is unused
+    got = {}
+    for kernels in ("torch", "triton"):
+        leaves = [x.detach().float().to(DEV).requires_grad_() for x in (q, k, v, s0)]
+        o, final = retention(*leaves[:3], lg, "chunkwise", leaves[3], True, 16, kernels,
+                             doc_starts=starts.to(DEV))
+        (o.square().sum() + final.square().sum()).backward()
+        got[kernels] = [o, final] + [x.grad for x in leaves]
+    for name, a, b in zip(["o", "final", "dq", "dk", "dv", "ds0"], got["triton"], got["torch"]):
+        assert rel(a, b) < TOL, name
+    assert got["torch"][-1][1].abs().max() == 0  # row 1's incoming state reaches nothing
+
+
 def test_bad_arguments_are_named():
     lg = head_log_decays(2)
     q = torch.zeros(1, 8, 2, 16, device=DEV)

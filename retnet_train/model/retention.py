@@ -77,10 +77,7 @@ def parallel_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
     o = torch.einsum("bhts,bshv->bthv", scores, v)
     pos = torch.arange(T, device=q.device, dtype=mdt)
     if state is not None:
-        # contribution of the past: q_t gamma^(t+1) S_in, for tokens still in the incoming document
-        q_decay = torch.exp((pos + 1)[:, None] * lg[None, :]).to(q.dtype)  # [T, H]
-        past = torch.einsum("bthk,bhkv->bthv", q * q_decay[None, :, :, None], state.to(q.dtype))
-        o = o + (past if doc is None else past * (doc == 0)[:, :, None, None].to(past.dtype))
+        o = o + past_contribution(q, state, log_gamma, doc_starts)
     new_state = None
     if need_state:
         k_decay = torch.exp((T - 1 - pos)[:, None] * lg[None, :]).to(k.dtype)[None, :, :, None]  # [1, T, H, 1]
@@ -93,6 +90,39 @@ def parallel_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
                 carried = carried * (doc[:, -1] == 0)[:, None, None, None].to(carried.dtype)
             new_state = new_state + carried
     return o, new_state
+
+
+def past_contribution(q: Tensor, state: Tensor, log_gamma: Tensor, doc_starts: Tensor | None = None) -> Tensor:
+    """What an incoming state S_in [B, H, d_k, d_v] adds to the outputs of the T tokens after it:
+    q_t gamma^(t+1) S_in [B, T, H, d_v], for the tokens still in the incoming document (before the
+    first of doc_starts [B, T])."""
+    T = q.shape[1]
+    mdt = _mask_dtype(q)
+    lg = log_gamma.to(device=q.device, dtype=mdt)
+    pos = torch.arange(T, device=q.device, dtype=mdt)
+    q_decay = torch.exp((pos + 1)[:, None] * lg[None, :]).to(q.dtype)  # [T, H]
+    past = torch.einsum("bthk,bhkv->bthv", q * q_decay[None, :, :, None], state.to(q.dtype))
+    if doc_starts is not None:
+        past = past * (doc_starts.long().cumsum(dim=1) == 0)[:, :, None, None].to(past.dtype)
+    return past
+
+
+def carried_states(summaries: Tensor, log_gamma: Tensor, slice_len: int, resets: Tensor | None = None) -> Tensor:
+    """The state entering each of R consecutive slices of one sequence, from what each slice leaves
+    when it starts from zero (its `summary`, [R, B, H, d_k, d_v]): slice r receives
+    sum_{j<r} gamma^(L (r-1-j)) summary_j, the decay over a whole slice of L tokens being gamma^L;
+    resets [R, B] bool (a document starts in slice j) stops the earlier slices' part at slice j.
+    -> [R, B, H, d_k, d_v] (slice 0's is zero). fp32; R is small (the context-parallel size)."""
+    R = summaries.shape[0]
+    decay = torch.exp(slice_len * log_gamma.to(device=summaries.device, dtype=torch.float64))
+    decay = decay.to(summaries.dtype)[None, :, None, None]  # [1, H, 1, 1]
+    entering = [torch.zeros_like(summaries[0])]
+    for j in range(R - 1):
+        before = entering[-1] * decay
+        if resets is not None:
+            before = before * (~resets[j]).to(before.dtype)[:, None, None, None]
+        entering.append(before + summaries[j])
+    return torch.stack(entering)
 
 
 def recurrent_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
@@ -204,7 +234,7 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
     in place (the inference engine), one recurrent token or a chunkwise / parallel prefill; returns
     (o, that same state). doc_starts [B, T] bool: the state restarts at each document's first
     token (the kernels take them as variable-length sequences, `cu_seqlens` = packed_cu_seqlens(
-    doc_starts), where no state comes in or goes out; otherwise the torch forms run)."""
+    doc_starts), the incoming state entering each row's first one)."""
     if in_place and doc_starts is not None:
         raise ValueError("doc_starts with a state updated in place (the inference engine) is not supported")
     if in_place and mode == "recurrent":
@@ -214,9 +244,10 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
         state.copy_(final)
         return o, state
     if kernels != "torch" and mode != "parallel" and doc_starts is not None:
-        if state is None and not need_state and _fast_module(kernels).usable(q):
+        if _fast_module(kernels).usable(q):
             cu_seqlens = packed_cu_seqlens(doc_starts) if cu_seqlens is None else cu_seqlens
-            return _documents_as_sequences(q, k, v, log_gamma, cu_seqlens, _fast_module(kernels)), None
+            return _documents_as_sequences(q, k, v, log_gamma, cu_seqlens, _fast_module(kernels), doc_starts,
+                                           state, need_state)
         kernels = "torch"
     if kernels != "torch" and mode != "parallel":
         fast = _fast_module(kernels)
@@ -245,13 +276,24 @@ def packed_cu_seqlens(doc_starts: Tensor) -> Tensor:
     return torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
 
 
-def _documents_as_sequences(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, cu_seqlens: Tensor, fast) -> Tensor:
+def _documents_as_sequences(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, cu_seqlens: Tensor, fast,
+                            doc_starts: Tensor, state: Tensor | None = None, need_state: bool = False):
     """Every document as its own sequence of one packed row, through a kernel module's
-    variable-length path: [B, T, H, D] -> o [B, T, H, d_v]."""
+    variable-length path: [B, T, H, D] -> (o [B, T, H, d_v], final state [B, H, d_k, d_v] or None).
+    The incoming state [B, H, d_k, d_v] enters the first sequence of each row unless a document
+    starts at its first token; each row's final state is its last sequence's."""
     B, T = q.shape[:2]
     flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v)]
-    o, _ = fast.retention(*flat, log_gamma, "chunkwise", None, False, cu_seqlens=cu_seqlens)
-    return o.reshape(B, T, *o.shape[2:])
+    n_seq = cu_seqlens.numel() - 1
+    per_row = doc_starts[:, 1:].sum(dim=1) + 1  # sequences of each row (its token 0 always starts one)
+    last = per_row.cumsum(0) - 1  # [B]: index of each row's last sequence
+    init = None
+    if state is not None:
+        first = last - per_row + 1
+        continues = (~doc_starts[:, 0]).to(state.dtype)[:, None, None, None]
+        init = state.new_zeros(n_seq, *state.shape[1:]).index_add(0, first, state * continues)
+    o, finals = fast.retention(*flat, log_gamma, "chunkwise", init, need_state, cu_seqlens=cu_seqlens)
+    return o.reshape(B, T, *o.shape[2:]), (finals[last] if need_state else None)
 
 
 def _fast_module(kernels: str):
