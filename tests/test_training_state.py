@@ -77,6 +77,7 @@ def test_synthetic_cursor_continues_at_another_data_parallel_size(before, after)
             next(u)
         r.load_state_dict(old[0].state_dict())
     for u, r in zip(uninterrupted, resumed):
-        assert _rows([next(r) for _ in range(2 * per_step // after)]) == _rows([next(u) for _ in range(2 * per_step // after)])
+        n = 2 * per_step // after
+        assert _rows([next(r) for _ in range(n)]) == _rows([next(u) for _ in range(n)])
     with pytest.raises(ValueError, match="do not split over dp_size=3"):
         SyntheticStream(256, 16, 2, 0, 3).load_state_dict({**old[0].state_dict(), "index": 1, "dp_size": 2})

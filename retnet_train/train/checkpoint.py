@@ -352,14 +352,16 @@ class CheckpointManager:
         stage). With `model_config` (this run's `model` section), a checkpoint of another model is
         refused, naming the keys. Returns meta."""
         meta = self._meta(path, model_config)
-        saved = layout_of(meta, self.ps.dp_size)
         here = (self.ps.dp_size, self.ps.tp_size, engine.zero_optimization_stage())
+        saved = layout_of(meta, here)
         if saved == here:
             self._load_native(engine, path)
+        else:
+            self._reshard(engine, path, meta, saved, here)
+        if saved[:2] == here[:2]:
             state_file = path / trainer_state_file(self.ps.rank)
             trainer = self._read_trainer_state(state_file)
         else:
-            self._reshard(engine, path, meta, saved, here)
             # the counters and the data cursor are alike on every rank; the RNG states belong to ranks
             # of the old layout, so none is taken (TrainingState re-seeds)
             state_file = path / trainer_state_file(0)
@@ -386,17 +388,18 @@ class CheckpointManager:
     def _reshard(self, engine, path: Path, meta: dict, saved: tuple, here: tuple) -> None:
         ps = self.ps
         t0 = time.time()
-        if saved[1:] == here[1:] and here[2] == 0 and meta.get("precision") == "fp32":
+        fp32_zero0 = here[2] == 0 and not engine.bfloat16_enabled()
+        if saved[1:] == here[1:] and fp32_zero0 and meta.get("precision") == "fp32":
             # ZeRO-0 fp32 at the same tensor-parallel size: every data-parallel rank holds the whole
             # optimizer state, in the file of its tensor-parallel rank; DeepSpeed loads it at any size
             log.info("%s was written by %d data-parallel ranks; this run has %d: ZeRO-0 keeps the whole "
                      "optimizer state on every rank, so it loads as it is", path, saved[0], here[0])
             self._load_native(engine, path)
             return
-        (log.warning if ps.is_main else log.info)("RESHARDING %s: written at data-parallel size %d, tensor-parallel size %d, ZeRO-%d; this run "
-                    "is %d, %d, ZeRO-%d. Its weights, Adam moments and step are cut anew for this run",
-                    path, *saved, *here)
-        if here[2] == 0 and not engine.bfloat16_enabled():
+        (log.warning if ps.is_main else log.info)(
+            "RESHARDING %s: written at data-parallel size %d, tensor-parallel size %d, ZeRO-%d; this run is %d, "
+            "%d, ZeRO-%d. Its weights, Adam moments and step are cut anew for this run", path, *saved, *here)
+        if fp32_zero0:
             # torch's own optimizer: every rank reads the whole state and keeps its slice
             error, full = None, None
             try:
@@ -425,9 +428,11 @@ class CheckpointManager:
             raise CheckpointError(f"cannot reshard the checkpoint: {errors[0]}")
 
 
-def layout_of(meta: dict, dp_default: int) -> tuple[int, int, int]:
-    """(data-parallel size, tensor-parallel size, ZeRO stage) of a checkpoint, from its meta.json."""
-    return int(meta.get("dp_size", dp_default)), int(meta.get("tp_size", 1)), int(meta.get("zero_stage", 0))
+def layout_of(meta: dict, here: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(data-parallel size, tensor-parallel size, ZeRO stage) of a checkpoint, from its meta.json;
+    what an older meta.json does not say is taken to be this run's (`here`), tp 1."""
+    return (int(meta.get("dp_size", here[0])), int(meta.get("tp_size", 1)),
+            int(meta.get("zero_stage", here[2])))
 
 
 def _convert(path: Path, meta: dict, out: Path, tp: int, dp: int) -> Optional[str]:

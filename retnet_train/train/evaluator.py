@@ -10,7 +10,8 @@ from .evaluate import evaluate
 class Evaluator:
     def __init__(self, cfg, engine, built, forward_kwargs: dict, ps, metrics):
         t = cfg.trainer
-        self.cfg, self.engine, self.built, self.fwd, self.ps, self.metrics = cfg, engine, built, forward_kwargs, ps, metrics
+        self.cfg, self.engine, self.built, self.fwd = cfg, engine, built, forward_kwargs
+        self.ps, self.metrics = ps, metrics
         self.every = Every(t.eval_every, last=t.max_steps)  # the last step: see finish()
         self.at_end = t.eval_at_end
         self.val = None  # built at the first evaluation
