@@ -33,6 +33,9 @@ def test_engine_equals_plain_loop(engine, temperature):
 
 
 def test_ragged_batch_equals_each_prompt_alone(engine):
+    # in float64: a batch sums in another order than one prompt alone, and greedy tokens agree only
+    # away from ties; in fp32 the Transformer's weights of seed 0 tie two logits to 4 ulps (1e-6) once
+    engine = Generator(_model(f"{engine.model.config.arch}_tiny").double(), max_batch=4, max_len=96, chunk_size=16)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (23, 1, 40, 9)]
     batch = engine.generate(prompts, max_new_tokens=12)
