@@ -55,6 +55,10 @@ class ForwardContext:
     doc_starts: Tensor | None = None  # [B, T] bool, true at each document's first token
     positions: Tensor | None = None  # [B, T] each token's position in its document (with doc_starts)
     cu_seqlens: Tensor | None = None  # the documents as packed sequences, for the kernels (with doc_starts)
+    # context parallelism (parallel/context_parallel.py): this call holds slice `rank` of `size`
+    # consecutive slices of each sequence; resets [size, B] bool: a document starts in slice j
+    context_parallel: Any = None
+    cp_resets: Tensor | None = None
 
 
 class LanguageModel(nn.Module):
@@ -106,7 +110,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
                 state: State | None = None, return_state: bool = False, return_hidden: bool = False,
-                doc_starts: Tensor | None = None):
+                doc_starts: Tensor | None = None, context_parallel=None):
         """ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, d] with return_hidden).
 
         With `state`, the tokens continue the sequence that state summarises; with `return_state`,
@@ -114,9 +118,16 @@ class LanguageModel(nn.Module):
         token of each document packed in the window: nothing before it is seen from it on (retention
         restarts its state, attention is block-diagonal) and, with model.rope_reset_at_documents,
         its rotary position is 0.
+
+        `context_parallel` (a parallel.context_parallel.ContextParallel): ids are this rank's slice
+        of longer sequences, the slices of the other ranks of its group come before and after it
+        (training forms only: no state in or out).
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
+        if context_parallel is not None and (state is not None or return_state or mode == "recurrent"):
+            raise ValueError("context parallelism splits sequences for training (parallel or chunkwise form); "
+                             "it takes no state in or out")
         ctx = ForwardContext(
             mode=mode,
             chunk_size=chunk_size or self.config.chunk_size,
@@ -125,6 +136,9 @@ class LanguageModel(nn.Module):
             kernels=self.kernels,
             state_in_place=state is not None and state.in_place,
         )
+        if context_parallel is not None:
+            ctx.context_parallel = context_parallel
+            ctx.offset = context_parallel.rank * ids.shape[1]  # rotary positions count over the whole sequence
         if doc_starts is not None:
             self._documents(ctx, ids, doc_starts)
         if ctx.state_in_place and mode == "recurrent" and ids.shape[1] != 1:
@@ -158,10 +172,17 @@ class LanguageModel(nn.Module):
                              f"got {doc_starts.dtype} {tuple(doc_starts.shape)}")
         if ctx.state_in_place:
             raise ValueError("doc_starts with a state updated in place (the inference engine) is not supported")
-        if not bool(doc_starts.any()):  # one host check per forward
+        cp = ctx.context_parallel
+        # with context parallelism the whole sequences' starts: [size, B, T] -> [B, size * T]
+        whole = doc_starts if cp is None else cp.all_gather(doc_starts).permute(1, 0, 2).flatten(1)
+        if not bool(whole.any()):  # one host check per forward (the same on every rank of a group)
             return
         ctx.doc_starts = doc_starts
-        ctx.positions = document_positions(doc_starts, ctx.offset)
+        if cp is None:
+            ctx.positions = document_positions(doc_starts, ctx.offset)
+        else:  # a document begun on an earlier rank goes on counting its positions here
+            ctx.positions = cp.slice(document_positions(whole))
+            ctx.cp_resets = whole.view(whole.shape[0], cp.size, -1).any(dim=-1).T
         if self.kernels != "torch" and ctx.mode == "chunkwise":
             ctx.cu_seqlens = packed_cu_seqlens(doc_starts)
 

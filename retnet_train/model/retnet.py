@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .layers import (FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos,
                      rotary_sin_cos_at)
 from .lm import ForwardContext, LanguageModel
-from .retention import head_log_decays, retention
+from .retention import carried_states, head_log_decays, past_contribution, retention
 
 
 class MultiScaleRetention(nn.Module):
@@ -109,8 +109,16 @@ class MultiScaleRetention(nn.Module):
             # a column of ones in v makes retention also return n_t = sum_s gamma^(t-s) q_t.k_s,
             # the score sum the official code divides by; it carries through every form and the state
             v = torch.cat([v, v.new_ones(B, T, H, 1)], dim=-1)
-        o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state, ctx.chunk_size, ctx.kernels,
-                                 in_place=ctx.state_in_place, doc_starts=ctx.doc_starts, cu_seqlens=ctx.cu_seqlens)
+        cp = ctx.context_parallel
+        o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state or cp is not None, ctx.chunk_size,
+                                 ctx.kernels, in_place=ctx.state_in_place, doc_starts=ctx.doc_starts,
+                                 cu_seqlens=ctx.cu_seqlens)
+        if cp is not None:
+            # this slice ran from a zero state; new_state is what it leaves, its summary. The earlier
+            # slices' summaries make its incoming state, whose part of the outputs is added here
+            incoming = carried_states(cp.all_gather(new_state), log_decay, T, ctx.cp_resets)[cp.rank]
+            o = o + past_contribution(q, incoming, log_decay, ctx.doc_starts)
+            new_state = None
         if self.cfg.score_norm == "torchscale":  # its decay sums restart with each document too
             o = self._torchscale_normalise(o, log_decay, ctx.positions if ctx.positions is not None else ctx.offset)
 

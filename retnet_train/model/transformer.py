@@ -171,7 +171,10 @@ class Transformer(LanguageModel):
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
                 state=None, return_state: bool = False, return_hidden: bool = False,
-                doc_starts: Tensor | None = None):
+                doc_starts: Tensor | None = None, context_parallel=None):
+        if context_parallel is not None:
+            raise ValueError("the Transformer baseline does not split sequences over ranks (context parallelism "
+                             "is built for retention; attention would need ring attention): use parallel.cp=1")
         if mode != "recurrent" or ids.shape[1] == 1:
             return super().forward(ids, mode, chunk_size, state, return_state, return_hidden, doc_starts)
         outs = []
