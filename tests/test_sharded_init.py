@@ -8,6 +8,7 @@ below; a spawned process takes seconds to start) and are checked there."""
 import math
 import os
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -204,7 +205,6 @@ def test_an_export_of_another_model_or_without_a_tensor_is_refused_by_name(tmp_p
     import dataclasses
     import json
 
-    import pytest
     from safetensors.torch import save_file
 
     from retnet_train.model import EXPORT_CONFIG, EXPORT_WEIGHTS
@@ -225,3 +225,19 @@ def test_an_export_of_another_model_or_without_a_tensor_is_refused_by_name(tmp_p
         model = build_model(cfg)
     with pytest.raises(ValueError, match=rf"{EXPORT_WEIGHTS}: no tensor for the model's parameters \['norm.weight'\]"):
         values.plan(model)
+
+
+@pytest.mark.gpu
+def test_a_gpu_draws_the_cpus_values():
+    """The draw uses only exact or correctly rounded operations, so CUDA gives the CPU's values, and
+    a model built on the GPU (unsharded or through the sharded path) equals the CPU's."""
+    from retnet_train.parallel.sharded_init import InitValues, build_sharded_model
+
+    key = parameter_key(5, "embed.weight")
+    for rule in (normal(0.02), uniform(0.1)):
+        cpu = draw_(torch.empty(300, 77), rule, key, (300, 77))
+        gpu = draw_(torch.empty(300, 77, device="cuda"), rule, key, (300, 77))
+        assert torch.equal(gpu.cpu(), cpu)
+    want = _unsharded("retnet").state_dict()
+    got = build_sharded_model(_config("retnet"), InitValues(SEED), torch.device("cuda")).state_dict()
+    assert all(torch.equal(got[n].cpu(), want[n]) for n in want)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from .config import ModelConfig, ModelConfigError, config_from_dict, load_preset, preset_names, validate
 from .lm import LanguageModel, State
 from .retnet import MultiScaleRetention, RetNet
@@ -54,12 +56,23 @@ def build_model(spec: Any = "retnet_tiny", **overrides: Any) -> LanguageModel:
     model.kernels is resolved here, once, for the device the model is built on (the default device:
     build under `with torch.device("cuda"):` to get GPU kernels); the result is `model.kernels`."""
     cfg = resolve_config(spec, **overrides)
-    model = RetNet(cfg) if cfg.arch == "retnet" else Transformer(cfg)
-    if isinstance(spec, (str, Path)) and (Path(spec) / EXPORT_WEIGHTS).is_file():
-        from safetensors.torch import load_file
+    if not (isinstance(spec, (str, Path)) and (Path(spec) / EXPORT_WEIGHTS).is_file()):
+        return RetNet(cfg) if cfg.arch == "retnet" else Transformer(cfg)
+    from safetensors.torch import load_file
 
-        weights = load_file(str(Path(spec) / EXPORT_WEIGHTS))
-        if cfg.tie_embeddings:  # safetensors stores a shared tensor once
-            weights.setdefault("lm_head.weight", weights["embed.weight"])
-        model.load_state_dict(weights)
+    from .kernels import resolve_kernels
+
+    # an export's weights replace the initial ones: storage only, no values drawn (13B on a host
+    # would spend minutes drawing what load_state_dict then overwrites)
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        model = RetNet(cfg) if cfg.arch == "retnet" else Transformer(cfg)
+    model.to_empty(device=device)
+    model.kernels = resolve_kernels(cfg.kernels, device)  # for the device it runs on, not meta
+    if cfg.tie_embeddings:  # to_empty gave the two modules two tensors: one again
+        model.lm_head.weight = model.embed.weight
+    weights = load_file(str(Path(spec) / EXPORT_WEIGHTS))
+    if cfg.tie_embeddings:  # safetensors stores a shared tensor once
+        weights.setdefault("lm_head.weight", weights["embed.weight"])
+    model.load_state_dict(weights)
     return model

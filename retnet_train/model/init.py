@@ -4,11 +4,12 @@ Every element of every parameter is drawn by a counter-based generator: a 32-bit
 element's flat index in the full (unsharded) tensor, keyed by the seed and the parameter's name. Any
 slice of a parameter (a tensor-parallel shard, a ZeRO-3 partition, a chunk of either) is therefore
 drawn on its own, without drawing the rest, and holds exactly the values the whole tensor has:
-`draw_` of the whole tensor and of its slices agree bit for bit, on any device.
+`draw_` of the whole tensor and of its slices agree bit for bit (tests/test_sharded_init.py, CPU).
 
-Exactness rests on using only correctly rounded operations (integer arithmetic; float64 +, -, *, /,
-sqrt): torch computes log/cos of a CPU vector's tail elements with another routine than its body, so
-the normal's log and cosine are polynomials here. The distributions are the official RetNet
+Exactness rests on using only exact or correctly rounded operations (integer arithmetic; float64
++, -, *, /, sqrt; frexp): torch computes log/cos of a CPU vector's tail elements with another routine
+than its body, so the normal's log and cosine are polynomials here. The same operations are correctly
+rounded in torch's CUDA kernels, so a GPU should draw the CPU's values too (not checked on a GPU). The distributions are the official RetNet
 initialisation's (what each module's `init_rules` names): xavier-uniform bounds, N(0, std), constants.
 """
 
