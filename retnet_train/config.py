@@ -59,6 +59,7 @@ class DeepSpeedConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size: consecutive ranks form a group; must divide heads, FFN, vocab, world
+    cp: int = 1  # context-parallel size: ranks that split each sequence into consecutive slices (RetNet only)
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU | nccl | gloo
     timeout_minutes: int = 30
 
@@ -289,17 +290,19 @@ def world_size_from_env() -> int:
 def batch_layout(cfg: DictConfig, world_size: Optional[int] = None) -> Dict[str, int]:
     """Data-parallel size and gradient accumulation steps that the batch keys imply."""
     world = world_size or world_size_from_env()
-    tp = cfg.parallel.tp
+    tp, cp = cfg.parallel.tp, cfg.parallel.get("cp", 1)
     if world % tp:
         _fail("parallel.tp", tp, f"does not divide the world size {world}")
-    dp = world // tp
+    if world % (tp * cp):
+        _fail("parallel.cp", cp, f"times parallel.tp={tp} does not divide the world size {world}")
+    dp = world // (tp * cp)  # data-parallel replicas: each reads its own samples
     t = cfg.trainer
     per_micro = t.micro_batch_size * t.seq_len * dp
     if t.global_batch_tokens % per_micro:
         _fail("trainer.global_batch_tokens", t.global_batch_tokens,
               f"not divisible by trainer.micro_batch_size x trainer.seq_len x data-parallel size "
               f"= {t.micro_batch_size} x {t.seq_len} x {dp} = {per_micro}")
-    return {"dp_size": dp, "tp_size": tp, "grad_accum": t.global_batch_tokens // per_micro,
+    return {"dp_size": dp, "tp_size": tp, "cp_size": cp, "grad_accum": t.global_batch_tokens // per_micro,
             "global_batch_seqs": t.global_batch_tokens // t.seq_len}
 
 
@@ -315,12 +318,28 @@ def checkpointing_mode(value: Any) -> str:
     return value
 
 
+def _check_context_parallel(cfg: DictConfig, chunk: Optional[int]) -> None:
+    """parallel.cp > 1 splits each sequence into cp equal slices of whole chunks; retention only."""
+    cp = cfg.parallel.get("cp", 1)
+    if cp == 1:
+        return
+    arch = cfg.model.get("arch", "retnet")
+    if arch != "retnet":
+        _fail("parallel.cp", cp, f"context parallelism is built for retention; model.arch={arch!r} needs parallel.cp=1")
+    seq = cfg.trainer.seq_len
+    if seq % cp:
+        _fail("parallel.cp", cp, f"does not divide trainer.seq_len={seq} into equal slices")
+    if cfg.trainer.mode == "chunkwise" and chunk and (seq // cp) % chunk:
+        _fail("parallel.cp", cp, f"trainer.seq_len={seq} / cp = {seq // cp} tokens per rank is not a whole number "
+                                 f"of chunks of {chunk}")
+
+
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     """Checks types cannot express; each failure names its key and value."""
     if cfg.get("model") is None:
         _fail("model", None, "no model chosen (model=<preset> from conf/model/)")
     for key in ("trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_len", "trainer.log_every",
-                "trainer.global_batch_tokens", "trainer.max_bad_steps", "parallel.tp",
+                "trainer.global_batch_tokens", "trainer.max_bad_steps", "parallel.tp", "parallel.cp",
                 "optim.lr", "optim.eps", "trainer.build_lock_timeout_s"):
         _positive(cfg, key)
     for key in ("trainer.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
@@ -361,6 +380,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     chunk = cfg.trainer.chunk_size or model.get("chunk_size")
     if cfg.trainer.mode == "chunkwise" and chunk and cfg.trainer.seq_len % chunk:
         _fail("trainer.seq_len", cfg.trainer.seq_len, f"not divisible by the chunk size {chunk}")
+    _check_context_parallel(cfg, chunk)
     batch_layout(cfg, world_size)
     try:  # the model's own checks (heads | d_model, ...)
         from retnet_train.model import resolve_config

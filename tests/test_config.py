@@ -110,7 +110,8 @@ def test_batch_not_divisible_by_data_parallel_size(monkeypatch):
 def test_gradient_accumulation_follows_from_batch_keys():
     cfg = load_config([*SYN, "trainer.global_batch_tokens=65536", "trainer.seq_len=1024",
                        "trainer.micro_batch_size=4"])
-    assert batch_layout(cfg, world_size=2) == {"dp_size": 2, "tp_size": 1, "grad_accum": 8, "global_batch_seqs": 64}
+    assert batch_layout(cfg, world_size=2) == {"dp_size": 2, "tp_size": 1, "cp_size": 1, "grad_accum": 8,
+                                               "global_batch_seqs": 64}
 
 
 def test_launcher_arguments_are_not_overrides():

@@ -153,3 +153,36 @@ def test_a_sequence_that_does_not_split_evenly_is_refused():
 
     with pytest.raises(ValueError, match="parallel.cp=4"):
         ContextParallel(None, 1, 4).slice(torch.zeros(1, 10))
+
+
+# ---- the trainer ----------------------------------------------------------------------------------
+
+
+def test_a_cp2_training_run_reproduces_the_single_process_losses(tmp_path):
+    """torchrun, 2 processes, parallel.cp=2: both read the same samples, each trains on half of
+    every sequence; the losses are those of one process training on the whole sequences."""
+    from test_train_utils import losses, reference_losses, run_train
+
+    run_train(tmp_path / "cp2", "trainer.max_steps=3", "parallel.cp=2", "trainer.mode=chunkwise",
+              "model.chunk_size=16", nproc=2, launcher="torchrun")
+    got, want = losses(tmp_path / "cp2"), reference_losses(3)
+    assert sorted(got) == [1, 2, 3]
+    for step, loss in got.items():
+        assert abs(loss - want[step]) < 1e-5, (step, loss, want[step])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model=transformer_tiny", "parallel.cp=2"], "model.arch='transformer' needs parallel.cp=1"),
+    (["parallel.cp=2", "trainer.seq_len=63", "trainer.global_batch_tokens=504"], "does not divide trainer.seq_len=63"),
+    (["parallel.cp=2", "trainer.mode=chunkwise", "trainer.seq_len=64", "model.chunk_size=64"],
+     "32 tokens per rank is not a whole number of chunks of 64"),
+    (["parallel.cp=3", "trainer.seq_len=96"], "parallel.cp=3: times parallel.tp=1 does not divide the world size 2"),
+])
+def test_impossible_context_parallel_configs_stop_at_start_up_naming_the_key(monkeypatch, overrides, needle):
+    from retnet_train.config import ConfigError, load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as e:
+        load_config(["trainer.data_source=synthetic", "trainer.global_batch_tokens=4096", "trainer.seq_len=64",
+                     "trainer.micro_batch_size=1", *overrides])
+    assert needle in str(e.value) and "parallel.cp" in str(e.value)

@@ -1,7 +1,12 @@
 """Starting torch.distributed (through DeepSpeed) and making the process groups.
 
-This is the one place that splits the world into tensor-parallel and data-parallel groups
-(Megatron layout: consecutive ranks share a tensor-parallel group) and hands DeepSpeed an `mpu`.
+This is the one place that splits the world into tensor-parallel, context-parallel and
+data-parallel groups and hands DeepSpeed an `mpu`. Layout: rank = (d * cp + c) * tp + t, so
+consecutive ranks share a tensor-parallel group (Megatron), the cp ranks of one sequence are next
+(t fixed), then data-parallel replicas d. ZeRO shards and averages gradients over the ranks with
+the same t (dp x cp of them: the weights are replicated across both); the data stream splits over
+the dp replicas only (`data_rank`, `data_size`): the ranks of a context-parallel group read the same
+samples and each keeps its slice of every sequence.
 Works for all launchers: plain `python -m` (one process, no env), torchrun and the deepspeed
 launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment).
 """
@@ -29,14 +34,26 @@ class ParallelState:
     device: torch.device
     backend: str
     tp_rank: int = 0
+    cp_size: int = 1
+    cp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel replica: which share of the samples it reads."""
+        return self.dp_rank // self.cp_size
+
+    @property
+    def data_size(self) -> int:
+        return self.dp_size // self.cp_size
+
 
 _state: Optional[ParallelState] = None
 _dp_group = None
+_context_parallel = None  # a ContextParallel when parallel.cp > 1
 
 
 def _free_port() -> int:
@@ -67,9 +84,9 @@ def _no_shared_memory_comm_build() -> None:
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int = 1,
-                     timeout_minutes: int = 30) -> ParallelState:
+                     timeout_minutes: int = 30, cp_size: int = 1) -> ParallelState:
     """Start the default process group (idempotent) and build the data-parallel group."""
-    global _state, _dp_group
+    global _state, _dp_group, _context_parallel
     if _state is not None:
         return _state
     if device == "auto":
@@ -90,6 +107,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int =
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % tp_size:
         raise ValueError(f"parallel.tp={tp_size} does not divide the world size {world}")
+    if world % (tp_size * cp_size):
+        raise ValueError(f"parallel.cp={cp_size} x parallel.tp={tp_size} does not divide the world size {world}")
     if tp_size > 1:
         # fairscale's model-parallel layers read their groups from fairscale's own registry; making
         # the groups there makes them here too: tensor-parallel groups of consecutive ranks,
@@ -103,13 +122,36 @@ def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int =
     else:
         _dp_group = dist.group.WORLD
         tp_rank = 0
+    _context_parallel = _make_context_parallel(rank, world, tp_size, cp_size)
     _state = ParallelState(
         rank=rank, world_size=world, local_rank=local_rank,
         dp_rank=dist.get_rank(_dp_group), dp_size=dist.get_world_size(_dp_group), tp_size=tp_size,
         device=torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu"),
-        backend=backend, tp_rank=tp_rank,
+        backend=backend, tp_rank=tp_rank, cp_size=cp_size, cp_rank=(rank // tp_size) % cp_size,
     )
     return _state
+
+
+def _make_context_parallel(rank: int, world: int, tp: int, cp: int):
+    """The context-parallel groups: ranks (d * cp + c) * tp + t for c = 0..cp-1, one per (d, t).
+    Every rank takes part in making every group (torch.distributed's rule); None at cp = 1."""
+    if cp == 1:
+        return None
+    from .context_parallel import ContextParallel
+
+    mine = None
+    for d in range(world // (tp * cp)):
+        for t in range(tp):
+            ranks = [(d * cp + c) * tp + t for c in range(cp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine = ContextParallel(group, ranks.index(rank), cp)
+    return mine
+
+
+def context_parallel():
+    """This rank's ContextParallel (parallel/context_parallel.py), None at parallel.cp = 1."""
+    return _context_parallel
 
 
 def get_state() -> ParallelState:
@@ -166,11 +208,11 @@ def all_gather_objects(obj) -> list:
 
 
 def destroy() -> None:
-    global _state, _dp_group
+    global _state, _dp_group, _context_parallel
     if _state is not None and _state.tp_size > 1:
         from fairscale.nn.model_parallel import initialize as fs
 
         fs.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    _state, _dp_group = None, None
+    _state, _dp_group, _context_parallel = None, None, None

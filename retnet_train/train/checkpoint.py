@@ -298,7 +298,7 @@ class CheckpointManager:
         faults.maybe_kill("kill_in_save", step)
         self._agree(error, cleanup=tmp)
         meta = {**meta, "step": step, "tag": tag, "world_size": self.ps.world_size, "dp_size": self.ps.dp_size,
-                "tp_size": self.ps.tp_size}
+                "tp_size": self.ps.tp_size, "cp_size": self.ps.cp_size}
         def write_meta():
             if self.ps.is_main:
                 _atomic_write(tmp / "meta.json", json.dumps(meta, indent=2))

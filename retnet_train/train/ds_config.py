@@ -39,7 +39,9 @@ def build_ds_config(cfg, layout: dict, precision: str, own_clipping: bool) -> di
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": layout["grad_accum"],
-        "train_batch_size": t.micro_batch_size * layout["grad_accum"] * layout["dp_size"],
+        # DeepSpeed counts every rank of its data-parallel group, the cp ranks of a sequence too
+        # (it averages their gradients: each holds the mean loss of an equal slice)
+        "train_batch_size": t.micro_batch_size * layout["grad_accum"] * layout["dp_size"] * layout.get("cp_size", 1),
         "gradient_clipping": 0.0 if own_clipping else float(o.grad_clip),
         "zero_optimization": zero_section(cfg.deepspeed),
         "zero_allow_untested_optimizer": True,

@@ -62,9 +62,26 @@ def document_starts(batch: dict, reset_at_documents: bool, device: torch.device)
     return None if starts is None else starts.to(device, non_blocking=True)
 
 
+def model_inputs(batch: dict, forward_kwargs: dict, device: torch.device, reset_at_documents: bool,
+                 context_parallel=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(ids, labels, forward kwargs) of one micro-batch on `device`: with document starts when
+    data.reset_at_documents is on; with context parallelism, this rank's slice of every sequence
+    and the group the model exchanges states with."""
+    ids, labels = batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
+    starts = document_starts(batch, reset_at_documents, device)
+    fwd = dict(forward_kwargs)
+    if context_parallel is not None:
+        ids, labels = context_parallel.slice(ids), context_parallel.slice(labels)
+        starts = None if starts is None else context_parallel.slice(starts)
+        fwd["context_parallel"] = context_parallel
+    if starts is not None:
+        fwd["doc_starts"] = starts
+    return ids, labels, fwd
+
+
 def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: torch.device,
              vocab_parallel: bool = False, fused_loss: bool = False,
-             reset_at_documents: bool = False) -> dict[str, float]:
+             reset_at_documents: bool = False, context_parallel=None) -> dict[str, float]:
     """Every rank runs the same number of batches per source (ZeRO-3 forwards are collective)."""
     was_training = engine.training
     engine.eval()
@@ -76,9 +93,7 @@ def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: t
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
         for batch in batches[:n]:
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            starts = document_starts(batch, reset_at_documents, device)
-            fwd = forward_kwargs if starts is None else {**forward_kwargs, "doc_starts": starts}
+            ids, labels, fwd = model_inputs(batch, forward_kwargs, device, reset_at_documents, context_parallel)
             if fused_loss:
                 module = engine.module
                 hidden = engine(ids, return_hidden=True, **fwd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from retnet_train.parallel import context_parallel
+
 from .cadence import Every
 from .data import build_val
 from .evaluate import evaluate
@@ -27,9 +29,10 @@ class Evaluator:
 
     def run(self, state) -> dict:
         if self.val is None:
-            self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
+            # the ranks of a context-parallel group read the same batches (each keeps its slice)
+            self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.data_rank, self.ps.data_size)
         result = evaluate(self.engine, self.val, self.fwd, self.ps.device, self.built.vocab_parallel,
-                          self.cfg.trainer.fused_loss, self.cfg.data.reset_at_documents)
+                          self.cfg.trainer.fused_loss, self.cfg.data.reset_at_documents, context_parallel())
         state.last_eval_step = state.step
         record = {"step": state.step, "tokens": state.tokens, **result}
         if "val/loss" in result:

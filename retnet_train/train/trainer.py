@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from retnet_train.config import batch_layout
-from retnet_train.parallel import all_reduce_max, barrier, destroy, init_distributed, mpu
+from retnet_train.parallel import all_reduce_max, barrier, context_parallel, destroy, init_distributed, mpu
 from retnet_train.parallel.tensor_parallel import grad_norm
 
 from . import faults
@@ -20,7 +20,7 @@ from .build import build_engine, forward_kwargs, is_export_dir
 from .cadence import Every
 from .checkpoint import CheckpointManager, checkpoints_named_by
 from .data import build_train_stream, resolve_vocab_size, verify_data
-from .evaluate import document_starts, lm_loss, lm_loss_from_hidden
+from .evaluate import lm_loss, lm_loss_from_hidden, model_inputs
 from .evaluator import Evaluator
 from .metrics import MetricsWriter
 from .rng import seed_all
@@ -64,7 +64,8 @@ class Trainer:
         self.stop = StopRequest()
         bound_build_lock_wait(t.build_lock_timeout_s)
         self.ps = init_distributed(t.device, cfg.parallel.backend, cfg.parallel.tp,
-                                   cfg.parallel.timeout_minutes)
+                                   cfg.parallel.timeout_minutes, cfg.parallel.cp)
+        self.cp = context_parallel()  # None at parallel.cp=1
         setup_logging(cfg.logging.level, self.ps.rank, cfg.run_dir)
         if self.ps.device.type == "cpu":
             # Denormal floats (e.g. the softmax gradient of tokens the model has learned to rule out)
@@ -103,7 +104,8 @@ class Trainer:
         # hold the same replicated activations (sharded activations use ShardedDropout's own streams)
         rank_seed = t.seed + 1000 * self.ps.dp_rank
         seed_all(rank_seed)
-        self.stream = build_train_stream(cfg, self.built.model_cfg.vocab_size, self.ps.dp_rank, self.ps.dp_size)
+        # the ranks of a context-parallel group read the same samples; each keeps its slice
+        self.stream = build_train_stream(cfg, self.built.model_cfg.vocab_size, self.ps.data_rank, self.ps.data_size)
         self.state = TrainingState(self.stream, rng_seed=rank_seed)
         self._restore()
         if self.ps.is_main:  # only now: a run refused above must not overwrite the config of the run it found
@@ -167,8 +169,7 @@ class Trainer:
         for micro in range(gas):
             batch = next(self.it)
             sources.update(self._source_names(batch.get("source")))
-            ids, labels = batch["input_ids"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
-            loss = self._loss(ids, labels, document_starts(batch, self.cfg.data.reset_at_documents, dev))
+            loss = self._loss(*model_inputs(batch, self.fwd, dev, self.cfg.data.reset_at_documents, self.cp))
             if faults.active("nan_loss", step):
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -186,11 +187,11 @@ class Trainer:
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "bad": bad, "cursor": cursor,
                 "sources": sorted(str(s) for s in sources)}
 
-    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, doc_starts: torch.Tensor | None) -> torch.Tensor:
-        """Mean next-token loss of one micro-batch; trainer.fused_loss: from the final hidden states
-        [B, T, d] and the LM head in token chunks, without the [B, T, vocab] fp32 logits."""
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, fwd: dict) -> torch.Tensor:
+        """Mean next-token loss of one micro-batch (this rank's slice with context parallelism);
+        trainer.fused_loss: from the final hidden states [B, T, d] and the LM head in token chunks,
+        without the [B, T, vocab] fp32 logits."""
         engine, vp = self.engine, self.built.vocab_parallel
-        fwd = self.fwd if doc_starts is None else {**self.fwd, "doc_starts": doc_starts}
         if not self.cfg.trainer.fused_loss:
             return lm_loss(engine(ids, **fwd), labels, vocab_parallel=vp)
         hidden = engine(ids, return_hidden=True, **fwd)
@@ -242,9 +243,10 @@ class Trainer:
         t, state = self.cfg.trainer, self.state
         self.engine.train()
         self.it = iter(self.stream)
-        log.info("run_dir %s | %d ranks (dp %d) | %d tokens/step = %d x %d seqs x %d accumulation x %d ranks",
-                 self.run_dir, self.ps.world_size, self.ps.dp_size, t.global_batch_tokens, t.micro_batch_size,
-                 t.seq_len, self.layout["grad_accum"], self.ps.dp_size)
+        log.info("run_dir %s | %d ranks (dp %d, cp %d, tp %d) | %d tokens/step = %d x %d seqs x %d accumulation "
+                 "x %d data-parallel ranks", self.run_dir, self.ps.world_size, self.ps.data_size, self.ps.cp_size,
+                 self.ps.tp_size, t.global_batch_tokens, t.micro_batch_size, t.seq_len, self.layout["grad_accum"],
+                 self.ps.data_size)
         while state.step < t.max_steps:
             t0 = time.time()
             out = self.train_step()
