@@ -12,6 +12,8 @@
 #            per step, 12 steps
 #   export   a tp=2 bf16 ZeRO-1 run on 2 GPUs checkpoints, is exported to one model, decoded
 #            from, and starts a tp=1 run whose first loss is the exported model's
+#   build    retnet_13b built sharded on 2 GPUs (bench/sharded_build.py): ZeRO-3 over 2, tp=2, and
+#            the unsharded build of before; seconds, shard and peak memory per rank
 #
 # Env: LOG_DIR (default bench/logs), RUN_TIMEOUT (seconds per run, default 420), NGPUS (default 4).
 set -uo pipefail
@@ -87,12 +89,20 @@ phase_export() {
         checkpoint.init_from="$out" "${model[@]:0:2}"
 }
 
+phase_build() {
+    local log="$LOG_DIR/build.log"
+    echo "=== $(date +%T) torchrun --nproc_per_node 2 bench/sharded_build.py" | tee -a "$log"
+    CUDA_VISIBLE_DEVICES=0,1 timeout "$RUN_TIMEOUT" torchrun --standalone --nproc_per_node 2 \
+        bench/sharded_build.py --preset retnet_13b --layouts zero3 tp unsharded 2>&1 | tee -a "$log"
+    echo "=== $(date +%T) exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
 for phase in "$@"; do
     case "$phase" in
-        scaling | export) "phase_$phase" ;;
+        scaling | export | build) "phase_$phase" ;;
         6.7b) phase_6.7b zero3; phase_6.7b tp2; phase_6.7b tp4 ;;
         13b) phase_13b zero3; phase_13b tp4 ;;
         6.7b-zero3 | 6.7b-tp2 | 6.7b-tp4 | 13b-zero3 | 13b-tp4) "phase_${phase%-*}" "${phase#*-}" ;;
-        *) echo "unknown phase: $phase (scaling, 6.7b[-zero3|-tp2|-tp4], 13b[-zero3|-tp4], export)" >&2; exit 2 ;;
+        *) echo "unknown phase: $phase (scaling, 6.7b[-zero3|-tp2|-tp4], 13b[-zero3|-tp4], export, build)" >&2; exit 2 ;;
     esac
 done
