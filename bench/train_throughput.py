@@ -37,7 +37,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     p.add_argument("--zero", type=int, default=2)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (data-parallel size = GPUs / tp)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (data-parallel size = GPUs / (tp x cp))")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size: ranks that split each sequence")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "bf16_autocast", "fp32"])
     p.add_argument("--mode", default="auto", choices=["auto", "parallel", "chunkwise"],
                    help="RetNet training form; auto: chunkwise (fla kernels on CUDA when installed)")
@@ -60,7 +61,7 @@ def measure(preset: str, seq_len: int, args) -> dict:
     mode = "chunkwise" if args.mode == "auto" and preset.startswith("retnet") else args.mode
     mode = "parallel" if mode == "auto" else mode
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = max(1, world // args.tp)  # ranks of a tensor-parallel group share one micro-batch
+    dp = max(1, world // (args.tp * args.cp))  # ranks of a tensor- or context-parallel group share one micro-batch
     run_dir = tempfile.mkdtemp(prefix="train_throughput_")
     overrides = [
         f"model={preset}", "trainer.data_source=synthetic", f"trainer.seq_len={seq_len}",
@@ -68,7 +69,7 @@ def measure(preset: str, seq_len: int, args) -> dict:
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.log_every=1", "trainer.eval_every=0",
         "trainer.eval_at_end=false", f"trainer.precision={args.precision}", f"trainer.mode={mode}",
         f"trainer.activation_checkpointing={args.act_ckpt}", f"trainer.compile={args.compile}",
-        f"deepspeed=zero{args.zero}", f"parallel.tp={args.tp}", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
+        f"deepspeed=zero{args.zero}", f"parallel.tp={args.tp}", f"parallel.cp={args.cp}", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
         "logging.wandb.mode=disabled", "logging.console=false", f"run_dir={run_dir}", "name=bench",
         "optim.warmup_steps=1", *args.overrides,
     ]
@@ -95,7 +96,7 @@ def measure(preset: str, seq_len: int, args) -> dict:
     tokens = cfg.trainer.global_batch_tokens * len(steps)
     tps = tokens / seconds
     row = {"preset": preset, "seq_len": seq_len, "micro": micro, "world": trainer.ps.world_size,
-           "zero": args.zero, "tp": args.tp, "precision": trainer.built.precision, "mode": mode if preset.startswith("retnet") else "attention",
+           "zero": args.zero, "tp": args.tp, "cp": args.cp, "precision": trainer.built.precision, "mode": mode if preset.startswith("retnet") else "attention",
            "act_ckpt": args.act_ckpt, "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,
            "mfu": tps * trainer.flops_per_token / trainer.peak_flops,
            "peak_mem_gib": peak_mem, "first_loss": logged[0]["loss"], "loss": steps[-1]["loss"],
@@ -160,14 +161,14 @@ def main() -> None:
         return
     from bench.results import append
 
-    header = ["model", "T", "micro-batch", "GPUs", "tp", "ZeRO", "precision", "form", "act. ckpt",
+    header = ["model", "T", "micro-batch", "GPUs", "tp", "cp", "ZeRO", "precision", "form", "act. ckpt",
               "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)", "loss first -> last"]
     table = []
     for r in rows:
         if "error" in r:
             table.append([r["preset"], r["seq_len"]] + [r["error"]] + [""] * (len(header) - 3))
             continue
-        table.append([r["preset"], r["seq_len"], r["micro"], r["world"], r.get("tp", 1), r["zero"], r["precision"], r["mode"],
+        table.append([r["preset"], r["seq_len"], r["micro"], r["world"], r.get("tp", 1), r.get("cp", 1), r["zero"], r["precision"], r["mode"],
                       "yes" if r["act_ckpt"] else "no", f"{r['tokens_per_s'] / 1e3:.1f}k",
                       f"{r['tokens_per_s_per_device'] / 1e3:.1f}k", f"{100 * r['mfu']:.1f}%",
                       f"{r['peak_mem_gib']:.1f}", f"{r['first_loss']:.2f} -> {r['loss']:.2f}"])
