@@ -27,9 +27,15 @@ class Zero3Partitioner:
         # group, dtype and devices, and the all-gather / partition methods the parameters will call
         self.init = deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=ds_config, mpu=mpu)
         self.dtype = self.init.dtype
-        if self.init.remote_device == "nvme":
-            raise ValueError("deepspeed offload_param.device=nvme: partitioning at construction "
-                             "(parallel/zero3_init.py) supports none and cpu, not NVMe swapping")
+        # what this partitioning does not do: NVMe swapping, hpZ's secondary partitions (which DeepSpeed
+        # cuts from the full parameter), quantised weights
+        unsupported = {"offload_param.device=nvme": self.init.remote_device == "nvme",
+                       "zero_hpz_partition_size > 1": self.init.zero_param_process_group is not None,
+                       "zero_quantized_weights": bool(self.init.quantized_weights or
+                                                      self.init.quantized_nontrainable_weights)}
+        if any(unsupported.values()):
+            raise ValueError(f"deepspeed config {[k for k, v in unsupported.items() if v]}: partitioning at "
+                             f"construction (parallel/zero3_init.py) does not support it")
         self.elements = 0  # of this rank's partitions, padding included
 
     def __call__(self, shape: tuple[int, ...], fill: Callable[[Tensor, int], None]) -> nn.Parameter:
