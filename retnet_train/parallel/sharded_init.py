@@ -10,7 +10,6 @@ allocates the full model, nor (drawing) the full tensor of any sharded parameter
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -18,8 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from .tensor_parallel import apply_tensor_parallel, shard_region
-
-log = logging.getLogger(__name__)
 
 # (shape of the slice, fill(out, flat_start)) -> the parameter holding (its partition of) the slice
 Partition = Callable[[tuple[int, ...], Callable[[Tensor, int], None]], nn.Parameter]
