@@ -158,17 +158,29 @@ def test_a_sequence_that_does_not_split_evenly_is_refused():
 # ---- the trainer ----------------------------------------------------------------------------------
 
 
-def test_a_cp2_training_run_reproduces_the_single_process_losses(tmp_path):
+def test_a_cp2_run_trains_like_one_process_resumes_at_cp1_and_exports(tmp_path):
     """torchrun, 2 processes, parallel.cp=2: both read the same samples, each trains on half of
-    every sequence; the losses are those of one process training on the whole sequences."""
-    from test_train_utils import losses, reference_losses, run_train
+    every sequence; its losses are those of one process on the whole sequences. Its checkpoint
+    (ZeRO-2 over the 2 ranks) resumes in one process at cp=1 with the same next loss, and exports."""
+    import subprocess
+    import sys
 
-    run_train(tmp_path / "cp2", "trainer.max_steps=3", "parallel.cp=2", "trainer.mode=chunkwise",
-              "model.chunk_size=16", nproc=2, launcher="torchrun")
-    got, want = losses(tmp_path / "cp2"), reference_losses(3)
+    from test_train_utils import REPO, env, losses, reference_losses, run_train
+
+    run = tmp_path / "run"
+    common = ["trainer.mode=chunkwise", "model.chunk_size=16", "optim.decay_steps=3"]
+    run_train(run, "trainer.max_steps=2", "parallel.cp=2", "checkpoint.every=2", *common, nproc=2,
+              launcher="torchrun")
+    proc = run_train(run, "trainer.max_steps=3", *common)
+    assert "RESHARDING" in proc.stdout + proc.stderr  # ZeRO's partitions: 2 ranks -> 1
+    got, want = losses(run), reference_losses(3)
     assert sorted(got) == [1, 2, 3]
     for step, loss in got.items():
         assert abs(loss - want[step]) < 1e-5, (step, loss, want[step])
+    out = subprocess.run([sys.executable, "-m", "retnet_train.export", str(run / "checkpoints" / "step_00000002"),
+                          str(tmp_path / "export")], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "export" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("overrides,needle", [
