@@ -60,7 +60,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=tuple(L.DTYPES))
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads for the run (restored after)")
     p.add_argument("--kernels", default=None, help="model.kernels override (default: the preset's, auto)")
-    p.add_argument("--compile", action="store_true", help="Generator(compile=True), where the engine has it")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="Generator(compile=True), or compile=MODE (a torch.compile mode, e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--contexts", type=ints, default=ints("1024,2048,4096,8192,16384,32768"),
                    help="memory and throughput sections")
     p.add_argument("--memory-batch", type=int, default=8)
@@ -240,7 +241,7 @@ CHARTS = {  # section -> (x label, y label, key, log y)
 
 def notes_for(section: str, args, bw) -> str:
     common = (f"{args.dtype} weights (random init), greedy; {args.warmup_steps} untimed + {args.steps} timed "
-              f"decoding steps per setting, prefill not timed; a new Generator per setting")
+              f"decoding steps per setting, prefill not timed; a new Generator per setting; compile={args.compile}")
     prompt = "prompt = context - new tokens" if args.full_prompts else (
         f"prompt {args.prompt_len} tokens into a state of max_len = context (the step's cost does not depend on it)")
     return {"memory": f"peak max_memory_allocated over one generate call of {args.new_tokens} new tokens, "

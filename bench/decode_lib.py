@@ -75,7 +75,7 @@ def weight_bytes_per_step(model) -> int:
 
 
 def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, steps: int,
-                new_tokens: int = 0, compile: bool = False, seed: int = 0) -> dict | str:
+                new_tokens: int = 0, compile: bool | str = False, seed: int = 0) -> dict | str:
     """One generate call of `batch` random prompts of `prompt_len` tokens, max(new_tokens, 1 + warmup
     + steps) new tokens, in a fresh Generator (max_batch=batch, max_len=context). peak_gib covers
     the whole call (weights, state, prefill, graphs); ms times `steps` decoding steps after `warmup`
@@ -97,7 +97,7 @@ def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, s
             sync(device)
             marks.append(time.perf_counter())
 
-    kw = {"compile": True} if compile else {}
+    kw = {"compile": compile} if compile else {}
     if compile and "compile" not in inspect.signature(Generator).parameters:
         raise SystemExit("--compile: this Generator has no compile option")
     if device.type == "cuda":
@@ -123,7 +123,7 @@ def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, s
 
 
 def largest_batch(model, start: int, context: int, prompt_len: int, warmup: int, steps: int,
-                  compile: bool = False) -> tuple[dict | str, list[int]]:
+                  compile: bool | str = False) -> tuple[dict | str, list[int]]:
     """The first of start, start/2, ..., 1 that runs without running out of memory: (its result or
     OOM, the batches that did not fit)."""
     failed, b = [], start

@@ -38,11 +38,13 @@ class Generator:
     is only checked). cuda_graphs: None (default) uses graphs where the model is on a CUDA device.
     prefill_tokens: prompts are prefilled in groups of equal length of at most this many tokens
     (bounds the prefill's activation memory). compile: the decoding step goes through
-    torch.compile first (fusing its elementwise work; a CUDA graph then captures the compiled step).
+    torch.compile first (fusing its elementwise work; a CUDA graph then captures the compiled step);
+    a string is torch.compile's mode, e.g. "max-autotune-no-cudagraphs" (inductor then also times
+    its own GEMM kernels for the step's skinny matmuls; the engine captures its own graphs).
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int = 4096, cuda_graphs: Optional[bool] = None,
-                 prefill_tokens: int = 8192, chunk_size: Optional[int] = None, compile: bool = False):
+                 prefill_tokens: int = 8192, chunk_size: Optional[int] = None, compile: bool | str = False):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
         self.model = model.eval()
@@ -67,7 +69,7 @@ class Generator:
         self.logits_fn = self._logits
         if compile:
             self._logits(1)  # once eagerly: fills the model's per-device caches, which compiled code only reads
-            self.logits_fn = torch.compile(self._logits, dynamic=False)
+            self.logits_fn = torch.compile(self._logits, dynamic=False, mode=None if compile is True else compile)
         self.graphs = StepGraphs(self._step) if use_graphs else None
 
     def close(self) -> None:
