@@ -7,6 +7,10 @@ ZeRO 1-3), model_config.json (the ModelConfig as JSON) and, when the run had one
 into one unsharded model, which `checkpoint.init_from=OUT_DIR` can start a run from at any
 parallel.tp. Runs on CPU, no process group needed. Each file is written whole, then renamed into
 place with the mode of any new file (0644 under umask 022).
+
+With --hf, OUT_DIR is also a Hugging Face folder: `transformers.AutoModelForCausalLM.from_pretrained(
+OUT_DIR, trust_remote_code=True)` and `AutoTokenizer` load it, with the model's own code copied in
+(retnet_train/hf). model.safetensors then also holds lm_head.weight when it is the tied embedding.
 """
 
 from __future__ import annotations
@@ -122,29 +126,48 @@ def _output_file(dest: Path) -> Iterator[Path]:
         part.unlink(missing_ok=True)
 
 
-def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    import dataclasses
-
-    from safetensors.torch import save_file
-
+def export(checkpoint: str | Path, out_dir: str | Path, hf: bool = False) -> Path:
     from retnet_train.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     meta = json.loads((ckpt / "meta.json").read_text())
-    cfg = model_config_of(ckpt)
-    state = consolidated_state_dict(ckpt)
-    if cfg.tie_embeddings:  # safetensors refuses shared storage; build_model re-ties it
-        state.pop("lm_head.weight", None)
+    tokenizer = meta.get("tokenizer")
+    return write_export(consolidated_state_dict(ckpt), model_config_of(ckpt), out_dir,
+                        tokenizer if tokenizer and Path(tokenizer).is_file() else None,
+                        {"step": str(meta["step"]), "source": str(ckpt)}, hf=hf)
+
+
+def write_export(state: dict[str, torch.Tensor], cfg, out_dir: str | Path, tokenizer: str | Path | None = None,
+                 metadata: dict[str, str] | None = None, hf: bool = False) -> Path:
+    """An export folder of a model's fp32 state dict and its ModelConfig (and, with hf, its
+    Hugging Face files)."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    state = dict(state)
+    if cfg.tie_embeddings:
+        # safetensors refuses shared storage; build_model re-ties it. transformers would count a
+        # missing lm_head.weight as untrained, so a Hugging Face folder stores a copy
+        if hf:
+            state["lm_head.weight"] = state["embed.weight"].clone()
+        else:
+            state.pop("lm_head.weight", None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _output_file(out / "model.safetensors") as part:
-        save_file(state, str(part), metadata={"step": str(meta["step"]), "source": str(ckpt)})
+        save_file(state, str(part), metadata=metadata)
     with _output_file(out / "model_config.json") as part:
         part.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    tokenizer = meta.get("tokenizer")
-    if tokenizer and Path(tokenizer).is_file():
+    if tokenizer:
         with _output_file(out / "tokenizer.model") as part:
             shutil.copyfile(tokenizer, part)
+    if hf:
+        from retnet_train.hf.folder import hf_files
+
+        for name, text in hf_files(cfg, out / "tokenizer.model" if tokenizer else None).items():
+            with _output_file(out / name) as part:
+                part.write_text(text)
     return out
 
 
@@ -152,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m retnet_train.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint folder, checkpoints/ folder, or run_dir")
     p.add_argument("out_dir")
+    p.add_argument("--hf", action="store_true",
+                   help="also write a Hugging Face folder (AutoModelForCausalLM / AutoTokenizer, trust_remote_code)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from retnet_train.train.checkpoint import CheckpointError
 
     try:  # a missing or damaged checkpoint: one line naming it, not a traceback
-        out = export(args.checkpoint, args.out_dir)
+        out = export(args.checkpoint, args.out_dir, hf=args.hf)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
