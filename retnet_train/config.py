@@ -73,7 +73,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 500  # 0 disables periodic eval (eval still runs at the end unless eval_at_end=false)
     eval_at_end: bool = True
-    eval_batches: Optional[int] = None  # at most this many validation batches per source
+    eval_batches: Optional[int] = None  # validation micro-batches per source per eval; null: data.val_batches
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | bf16 | bf16_autocast | fp32
     device: str = "auto"  # auto | cuda | cpu
     mode: str = "parallel"  # retention form for training: parallel | chunkwise

@@ -69,10 +69,12 @@ def build_val(cfg, vocab_size: int, dp_rank: int, dp_size: int) -> dict[str, lis
 
         return synthetic_val_batches(vocab_size, t.seq_len, t.micro_batch_size, dp_rank, dp_size, seed=t.seed,
                                      n_batches=t.eval_batches or 4)
+    import dataclasses
+
     from retnet_train.data import build_val_batches
 
-    batches = build_val_batches(_data_config(cfg), seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                                dp_rank=dp_rank, dp_size=dp_size)
-    if t.eval_batches:
-        batches = {k: v[: t.eval_batches] for k, v in batches.items()}
-    return batches
+    data = _data_config(cfg)
+    if t.eval_batches:  # the trainer's count wins over the data config's default (it used to cap it silently)
+        data = dataclasses.replace(data, val_batches=t.eval_batches)
+    return build_val_batches(data, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                             dp_rank=dp_rank, dp_size=dp_size)

@@ -1,0 +1,22 @@
+"""trainer.eval_batches means what it says: that many validation batches per source."""
+
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+@pytest.mark.skipif(not (SAMPLE / ".complete").is_file(), reason="needs `make sample-data`")
+@pytest.mark.parametrize("eval_batches,want", [(None, 4), (2, 2), (6, 6)])
+def test_eval_batches_is_the_number_of_validation_batches(eval_batches, want):
+    """trainer.eval_batches sets the validation batches per source, above data.val_batches (4 in
+    the sample config) too; null leaves the data config's count."""
+    from retnet_train.config import load_config
+    from retnet_train.train.data import build_val
+
+    cfg = load_config(["trainer.data_source=stream", "data=sample", f"data.root={SAMPLE}", "trainer.seq_len=64",
+                       "trainer.micro_batch_size=2", "trainer.global_batch_tokens=128",
+                       f"trainer.eval_batches={'null' if eval_batches is None else eval_batches}"])
+    batches = build_val(cfg, 256, 0, 1)
+    assert batches and all(len(v) == want for v in batches.values()), {k: len(v) for k, v in batches.items()}
