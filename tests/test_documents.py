@@ -135,4 +135,3 @@ def test_trainer_hands_the_stream_document_starts_to_the_model(tmp_path):
     off, on = losses(tmp_path / "off"), losses(tmp_path / "on")
     assert set(off) == set(on) == {1, 2}
     assert off[1] != on[1] and abs(off[1] - on[1]) < 0.5  # same weights and data, other attention pattern
-
