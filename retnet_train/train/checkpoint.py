@@ -388,9 +388,10 @@ class CheckpointManager:
     def _reshard(self, engine, path: Path, meta: dict, saved: tuple, here: tuple) -> None:
         ps = self.ps
         t0 = time.time()
-        fp32_zero0 = here[2] == 0 and not engine.bfloat16_enabled()
-        if saved[1:] == here[1:] and fp32_zero0 and meta.get("precision") == "fp32":
-            # ZeRO-0 fp32 at the same tensor-parallel size: every data-parallel rank holds the whole
+        zero0 = here[2] == 0
+        same_kind = (meta.get("precision") == "bf16") == engine.bfloat16_enabled()
+        if saved[1:] == here[1:] and zero0 and same_kind:
+            # ZeRO-0 at the same tensor-parallel size: every data-parallel rank holds the whole
             # optimizer state, in the file of its tensor-parallel rank; DeepSpeed loads it at any size
             log.info("%s was written by %d data-parallel ranks; this run has %d: ZeRO-0 keeps the whole "
                      "optimizer state on every rank, so it loads as it is", path, saved[0], here[0])
@@ -399,8 +400,9 @@ class CheckpointManager:
         (log.warning if ps.is_main else log.info)(
             "RESHARDING %s: written at data-parallel size %d, tensor-parallel size %d, ZeRO-%d; this run is %d, "
             "%d, ZeRO-%d. Its weights, Adam moments and step are cut anew for this run", path, *saved, *here)
-        if fp32_zero0:
-            # torch's own optimizer: every rank reads the whole state and keeps its slice
+        if zero0:
+            # torch's own optimizer (in bf16 inside DeepSpeed's wrapper): every rank reads the whole state
+            # and keeps its slice
             error, full = None, None
             try:
                 full = reshard.read_full_state(path, meta)

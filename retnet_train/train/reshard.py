@@ -13,8 +13,13 @@ each ZeRO stage and data-parallel size, and tensor parallelism slices each weigh
    loads at any data-parallel size and ZeRO stage (engine.load_checkpoint with load_universal).
    The slices are cut here, from our own split table: DeepSpeed's universal loader slices tensor
    parallelism for ZeRO-1/2 only and from patterns a Megatron model supplies.
-3. `load_plain` does the same for a ZeRO-0 fp32 run, whose optimizer is torch's own (DeepSpeed's
-   universal load does not apply to it): the module's weights and the optimizer's state_dict.
+3. `load_plain` does the same for a ZeRO-0 run, whose optimizer is torch's own, in bf16 inside
+   DeepSpeed's wrapper with the fp32 masters (DeepSpeed's universal load applies to neither): the
+   module's weights, the masters and the optimizer's state_dict.
+
+In bf16 the ZeRO-1-3 optimizer files are named `bf16_zero_pp_rank_*` (ZeRO-1: DeepSpeed's
+BF16_Optimizer; ZeRO-2/3: the ZeRO optimizers, same layout as in fp32); the module holds bf16 weights,
+so the fp32 values always come from the optimizer's masters.
 
 The whole fp32 optimizer state passes through one process (12 bytes per parameter in host memory).
 """
@@ -98,7 +103,7 @@ def _fragments_rank(ckpt: Path, tp_rank: int, dp: int, prefix: str):
     return out, step, groups
 
 
-def _zero3_rank(ckpt: Path, tp_rank: int, dp: int):
+def _zero3_rank(ckpt: Path, tp_rank: int, dp: int, prefix: str):
     """ZeRO-3: every parameter is split evenly (the last piece padded) over the data-parallel
     ranks; each rank's flat groups hold its piece of each parameter, in the order of param_shapes."""
     shapes = _load(ckpt / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")["param_shapes"]
@@ -106,7 +111,7 @@ def _zero3_rank(ckpt: Path, tp_rank: int, dp: int):
     flats: dict[str, list[torch.Tensor]] = {k: [] for k in KEYS}
     step, groups = None, None
     for d in range(dp):
-        path = ckpt / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt"
+        path = ckpt / f"{prefix}zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt"
         osd = _load(path)["optimizer_state_dict"]
         inner = osd["optimizer_state_dict"]
         groups = groups or _groups_without_params(inner["param_groups"])
@@ -132,13 +137,18 @@ def _zero3_rank(ckpt: Path, tp_rank: int, dp: int):
 
 
 def _zero0_rank(ckpt: Path, tp_rank: int):
-    """ZeRO-0 with torch's optimizer: the model file holds the module and the optimizer's state_dict,
-    whose parameters are numbered in the order of optimizer.param_groups: matrices, then the rest."""
+    """ZeRO-0: the model file holds the module and the optimizer's state_dict, whose parameters are
+    numbered in the order of optimizer.param_groups: matrices, then the rest. In fp32 that is torch's
+    optimizer; in bf16, DeepSpeed's wrapper of it, with the fp32 master weights in `fp32_groups`
+    (aligned with the numbering) and torch's state under `optimizer_state_dict`."""
     path = ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt"
     sd = _load(path)
-    module, optim = sd["module"], sd.get("optimizer")
-    if not optim or "state" not in optim:
-        raise ReshardError(f"{path}: no optimizer state (a ZeRO-0 checkpoint holds torch's optimizer state here)")
+    module, optim = sd["module"], sd.get("optimizer") or {}
+    masters = optim.get("fp32_groups")
+    if masters is not None:
+        optim = optim.get("optimizer_state_dict") or {}
+    if "state" not in optim or "param_groups" not in optim:
+        raise ReshardError(f"{path}: no optimizer state (a ZeRO-0 checkpoint holds the optimizer's state here)")
     seen, names = set(), []
     for name, tensor in module.items():
         if tensor.data_ptr() not in seen:  # tied weights are one parameter
@@ -148,10 +158,16 @@ def _zero0_rank(ckpt: Path, tp_rank: int):
     indices = [i for g in optim["param_groups"] for i in g["params"]]
     if len(indices) != len(order):
         raise ReshardError(f"{path}: the optimizer holds {len(indices)} parameters, the module {len(order)}")
+    masters = [t for g in masters for t in g] if masters is not None else [module[n] for n in order]
+    if len(masters) != len(order):
+        raise ReshardError(f"{path}: fp32_groups holds {len(masters)} tensors, the module {len(order)} parameters")
     out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KEYS}
     step = None
-    for i, name in zip(indices, order):
-        out["fp32"][name] = module[name].float().clone()
+    for i, name, master in zip(indices, order, masters):
+        if master.shape != module[name].shape:
+            raise ReshardError(f"{path}: the fp32 master of {name} has shape {tuple(master.shape)}, the module's "
+                               f"{tuple(module[name].shape)}")
+        out["fp32"][name] = master.detach().float().clone()
         state = optim["state"].get(i, {})
         for key in ("exp_avg", "exp_avg_sq"):
             out[key][name] = state[key].float().clone() if key in state else torch.zeros_like(out["fp32"][name])
@@ -164,12 +180,12 @@ def read_full_state(ckpt: Path, meta: dict) -> FullState:
     tp, dp, stage = int(meta.get("tp_size", 1)), int(meta.get("dp_size", 1)), int(meta.get("zero_stage", 0))
     ranks = []
     for t in range(tp):
-        if (ckpt / f"bf16_zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt").is_file():
-            ranks.append(_fragments_rank(ckpt, t, dp, "bf16_"))
-        elif stage in (1, 2):
-            ranks.append(_fragments_rank(ckpt, t, dp, ""))
+        # a bf16 run's ZeRO-1-3 optimizer files carry the prefix bf16_ (same layout inside)
+        prefix = "bf16_" if (ckpt / f"bf16_zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt").is_file() else ""
+        if stage in (1, 2):
+            ranks.append(_fragments_rank(ckpt, t, dp, prefix))
         elif stage == 3:
-            ranks.append(_zero3_rank(ckpt, t, dp))
+            ranks.append(_zero3_rank(ckpt, t, dp, prefix))
         elif stage == 0:
             ranks.append(_zero0_rank(ckpt, t))
         else:
@@ -263,22 +279,26 @@ def load_universal(engine, folder: Path) -> None:
 
 
 def load_plain(engine, full: FullState, tp_rank: int, tp: int) -> None:
-    """ZeRO-0 with torch's own optimizer (fp32): weights into the module, the moments into the
-    optimizer's state_dict (numbered like optimizer.param_groups)."""
-    module = engine.module
+    """ZeRO-0: weights into the module, the moments into the optimizer's state_dict (numbered like
+    optimizer.param_groups). In bf16, DeepSpeed's wrapper holds torch's optimizer over fp32 copies
+    (`fp32_groups`) of the module's bf16 parameters (`fp16_groups`): the masters go there."""
+    module, wrapper = engine.module, engine.optimizer
     weights = shard_state_dict(full.params["fp32"], tp_rank, tp)
-    # not strict: a tied weight is one parameter in the checkpoint and two names in the module
+    # not strict: a tied weight is one parameter in the checkpoint and two names in the module;
+    # a bf16 module takes the fp32 weights rounded, as DeepSpeed's own copy after a step does
     unexpected = module.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected:
         raise ReshardError(f"parameters of the checkpoint that this model does not have: {unexpected}")
-    optimizer = engine.optimizer
+    masters = getattr(wrapper, "fp32_groups", None)
+    optimizer = wrapper.optimizer if masters is not None else wrapper
+    model_groups = wrapper.fp16_groups if masters is not None else [g["params"] for g in optimizer.param_groups]
     names = {id(p): n for n, p in module.named_parameters()}
     exp_avg = shard_state_dict(full.params["exp_avg"], tp_rank, tp)
     exp_avg_sq = shard_state_dict(full.params["exp_avg_sq"], tp_rank, tp)
     state, groups, i = {}, [], 0
-    for group, saved in zip(optimizer.param_groups, full.param_groups):
+    for group, params, saved in zip(optimizer.param_groups, model_groups, full.param_groups):
         ids = []
-        for p in group["params"]:
+        for p in params:
             name = names[id(p)]
             if full.step is not None:
                 state[i] = {"step": torch.as_tensor(full.step, dtype=torch.float32).clone(),
@@ -287,6 +307,10 @@ def load_plain(engine, full: FullState, tp_rank: int, tp: int) -> None:
             i += 1
         groups.append({**group, **saved, "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for group, params in zip(masters or [], model_groups):
+        with torch.no_grad():
+            for master, p in zip(group, params):
+                master.copy_(weights[names[id(p)]])
 
 
 def remove(folder: Path) -> None:
