@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.pack import Packer, ShardWriter, shard_checksum
-from data_prep.progress import Progress
+from retnet_train.progress import Bar
 from data_prep.readers import DataError, FileReader, Skip
 from retnet_train.data.manifest import MANIFEST_FORMAT, write_json_atomic
 from retnet_train.data.tokenizer import load_tokenizer
@@ -245,7 +245,14 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
     # the shared counters alike.
     ctx = mp.get_context("spawn")
     counters = ctx.Array("q", 3)
-    progress = Progress(total_bytes)
+    # The counters live in the workers (docs, tokens, input bytes read): the bar follows the
+    # bytes, since the input size is what is known in advance.
+    progress = Bar("encoding", total=total_bytes, unit="B")
+
+    def report() -> None:
+        docs, tokens, done_bytes = counters[:]
+        progress.note(f"{docs} docs, {tokens / 1e6:.1f}M tokens")
+        progress.set(done_bytes)
 
     def finished(rec: dict, task: FileTask) -> None:
         write_json_atomic(Path(task.out) / "parts" / f"{task.index:05d}.json", rec)
@@ -258,7 +265,7 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
         _init_worker(tokenizer, counters)
         for t in tasks:
             finished(build_file(t), t)
-            progress.report(*counters[:], force=False)
+            report()
     else:
         # Largest files first, so that no worker starts a big file when the others are
         # finishing.  (The output does not depend on the order.)
@@ -270,11 +277,12 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
                 try:
                     rec = results.next(timeout=1.0)
                 except mp.TimeoutError:
-                    progress.report(*counters[:])
+                    report()
                     continue
                 finished(rec, by_key[(rec["source"], rec["index"])])
                 remaining -= 1
-    progress.report(*counters[:], force=True)
+    report()
+    progress.close()
     manifests = {s: _write_manifest(out_dir / s, s, len(fs), common, done[s])
                  for s, fs in sources.items()}
     for s, m in manifests.items():

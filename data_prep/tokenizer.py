@@ -7,10 +7,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from data_prep.readers import Doc, FileReader
 from retnet_train.data.tokenizer import VOCAB_MULTIPLE, load_tokenizer
+from retnet_train.progress import Bar
 
 log = logging.getLogger("data_prep.tokenizer")
 # sentencepiece silently drops training "sentences" longer than max_sentence_length bytes,
@@ -36,7 +37,8 @@ def _chunks(text: str) -> Iterator[str]:
         yield text[pos:]
 
 
-def sample_docs(sources: dict[str, list[str]], n_docs: int, text_field: str | None) -> Iterator[str]:
+def sample_docs(sources: dict[str, list[str]], n_docs: int, text_field: str | None,
+                on_doc: Optional[Callable[[], None]] = None) -> Iterator[str]:
     """About n_docs documents, an equal share from every source and, within a source, from
     every file (taken from the head of each file, so a huge corpus is not read whole)."""
     for name, files in sources.items():
@@ -48,10 +50,22 @@ def sample_docs(sources: dict[str, list[str]], n_docs: int, text_field: str | No
                 if isinstance(rec, Doc):
                     yield from _chunks(rec.text)
                     taken += 1
+                    if on_doc is not None:
+                        on_doc()
                     if taken >= per_file:
                         break
             got += taken
         log.info("tokenizer sample: %d documents from %s (%d files)", got, name, len(files))
+
+
+def _sample_with_progress(sources: dict[str, list[str]], n_docs: int, text_field: str | None,
+                          vocab_size: int) -> Iterator[str]:
+    """sample_docs with a bar over the documents read. sentencepiece pulls this iterator, then
+    trains in one call that reports nothing: the end of the sample is the only moment we can
+    say that the (long, silent) BPE phase begins."""
+    with Bar("tokenizer sample", total=n_docs, unit="docs") as bar:
+        yield from sample_docs(sources, n_docs, text_field, on_doc=bar.update)
+    log.info("training sentencepiece BPE, %d pieces (it logs nothing until done) ...", vocab_size)
 
 
 def train_tokenizer(out: str, vocab_size: int, sources: dict[str, list[str]], *,
@@ -64,11 +78,10 @@ def train_tokenizer(out: str, vocab_size: int, sources: dict[str, list[str]], *,
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    log.info("training sentencepiece BPE, %d pieces, on about %d documents (it logs nothing "
-             "until done)", vocab_size, sample_docs_n)
+    log.info("sampling about %d documents for a sentencepiece BPE of %d pieces", sample_docs_n, vocab_size)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sample_docs(sources, sample_docs_n, text_field),
+        sentence_iterator=_sample_with_progress(sources, sample_docs_n, text_field, vocab_size),
         model_writer=model,  # not model_prefix: a path would be stored in the model, and hashed
         model_type="bpe",
         vocab_size=vocab_size,

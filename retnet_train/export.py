@@ -127,14 +127,19 @@ def _output_file(dest: Path) -> Iterator[Path]:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, hf: bool = False) -> Path:
+    from retnet_train.progress import phase
     from retnet_train.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     meta = json.loads((ckpt / "meta.json").read_text())
     tokenizer = meta.get("tokenizer")
-    return write_export(consolidated_state_dict(ckpt), model_config_of(ckpt), out_dir,
-                        tokenizer if tokenizer and Path(tokenizer).is_file() else None,
-                        {"step": str(meta["step"]), "source": str(ckpt)}, hf=hf)
+    # two long silent steps for a large model (gathering ZeRO partitions; writing GBs): say which runs
+    with phase(f"export: gathering the model of {ckpt}"):
+        state = consolidated_state_dict(ckpt)
+    with phase(f"export: writing {out_dir}"):
+        return write_export(state, model_config_of(ckpt), out_dir,
+                            tokenizer if tokenizer and Path(tokenizer).is_file() else None,
+                            {"step": str(meta["step"]), "source": str(ckpt)}, hf=hf)
 
 
 def write_export(state: dict[str, torch.Tensor], cfg, out_dir: str | Path, tokenizer: str | Path | None = None,

@@ -32,6 +32,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from retnet_train.progress import Bar
+
 
 @dataclass
 class GenerateConfig:
@@ -201,10 +203,16 @@ def _generate_all(model, jobs: list[tuple[list[int], int]], cfg: GenerateConfig,
     gen = Generator(model, max_batch=min(cfg.batch_size, len(jobs)), max_len=longest + max(cfg.max_new_tokens, 1),
                     chunk_size=cfg.chunk_size)
     rows = []
-    for start in range(0, len(jobs), gen.max_batch):
-        batch = jobs[start:start + gen.max_batch]
-        rows += gen.generate([ids for ids, _ in batch], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                             eos_id=eos_id, seed=cfg.seed, streams=[j for _, j in batch], on_token=on_token)
+    # A streamed output is its own progress; otherwise a bar over the decoding steps of all calls
+    # (it ends short of its total where every row stops at eos).
+    bar = Bar("generating", total=-(-len(jobs) // gen.max_batch) * cfg.max_new_tokens, unit="steps",
+              enabled=on_token is None)
+    with bar:
+        for start in range(0, len(jobs), gen.max_batch):
+            batch = jobs[start:start + gen.max_batch]
+            rows += gen.generate([ids for ids, _ in batch], cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                 cfg.top_p, eos_id=eos_id, seed=cfg.seed, streams=[j for _, j in batch],
+                                 on_token=on_token or (lambda _ids: bar.update()))
     return rows
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from retnet_train.parallel import all_reduce_max, all_reduce_sum
+from retnet_train.progress import Bar
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
@@ -87,6 +88,8 @@ def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: t
     engine.eval()
     out: dict[str, float] = {}
     all_sum = all_count = 0.0
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    bar = Bar("validation", total=sum(len(b) for b in val.values()), unit="batches", enabled=rank0)
     for name in sorted(val):
         batches = val[name]
         n = int(-all_reduce_max([-float(len(batches))])[0])
@@ -102,11 +105,13 @@ def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: t
                 loss = lm_loss(engine(ids, **fwd), labels, "sum", vocab_parallel)
             loss_sum += loss.double()
             count += int((labels != -100).sum())
+            bar.update()
         total, tokens = all_reduce_sum([float(loss_sum), float(count)])
         if tokens:
             out[f"val/{name}/loss"] = total / tokens
             out[f"val/{name}/ppl"] = math.exp(min(total / tokens, 50.0))
         all_sum, all_count = all_sum + total, all_count + tokens
+    bar.close()
     if all_count:
         out["val/loss"] = all_sum / all_count
         out["val/ppl"] = math.exp(min(all_sum / all_count, 50.0))
