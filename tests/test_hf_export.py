@@ -75,7 +75,7 @@ def test_bundled_model_code_imports_only_its_own_files():
     retnet_train itself: the folder's code is closed."""
     from retnet_train.hf.bundle import bundle_sources
 
-    files = bundle_sources()
+    files, _ = bundle_sources()
     for name, text in files.items():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ImportFrom) and node.level:

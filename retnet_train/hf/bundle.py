@@ -17,7 +17,7 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
 # what the folder's modeling code uses; everything these import comes along
 ROOTS = ("retnet", "transformer", "config", "kernels")
 PREFIX = "rtm_"
-# the module transformers is pointed at: it imports every bundled file (see bundle_index)
+# the module the modeling code imports the networks from
 INDEX = PREFIX + "bundle"
 
 
@@ -75,8 +75,9 @@ def _rewrite(module: str) -> tuple[str, set[str]]:
     return header + "".join(lines), needed
 
 
-def bundle_sources() -> dict[str, str]:
-    """File name -> text of every flat module the folder needs, and the index that imports them."""
+def bundle_sources() -> tuple[dict[str, str], str]:
+    """(file name -> text of every flat module the folder needs, index included; the import lines
+    that name each of those files, for the modeling file: see file_imports)."""
     files: dict[str, str] = {}
     todo, seen = list(ROOTS), set()
     while todo:
@@ -87,20 +88,25 @@ def bundle_sources() -> dict[str, str]:
         text, needed = _rewrite(module)
         files[flat_name(module) + ".py"] = text
         todo.extend(needed - seen)
-    files[INDEX + ".py"] = bundle_index(sorted(seen))
-    return files
+    files[INDEX + ".py"] = BUNDLE_INDEX
+    return files, file_imports(sorted(seen) + [INDEX[len(PREFIX):]])
 
 
-def bundle_index(modules: list[str]) -> str:
-    """The module the folder's modeling code imports the networks from. It names every bundled file
-    in a `from .x import` line, which is how transformers finds the files to copy (a module that is
-    only imported as `from . import x` would otherwise be left behind)."""
-    lines = ['"""The bundled copy of retnet_train.model (written by retnet_train.export --hf)."""\n',
-             "# one line per file, so that transformers copies each of them along with the modeling code\n"]
-    lines += [f"from .{flat_name(m)} import __name__ as _{flat_name(m)}  # noqa: F401\n" for m in modules]
-    lines += [f"from .{flat_name('config')} import ModelConfig, config_from_dict  # noqa: F401\n",
-              f"from .{flat_name('kernels')} import resolve_kernels  # noqa: F401\n",
-              f"from .{flat_name('lm')} import State  # noqa: F401\n",
-              f"from .{flat_name('retnet')} import RetNet  # noqa: F401\n",
-              f"from .{flat_name('transformer')} import Transformer  # noqa: F401\n"]
-    return "".join(lines)
+def file_imports(modules: list[str]) -> str:
+    """One `from .x import` line per bundled file. transformers copies a folder's code files into
+    its module cache by scanning the modeling file for such lines (transformers 4.x: that file's
+    own lines only; 5.x follows them from file to file), so the modeling file carries one for each
+    file, including those only imported as `from . import x`, which the scan does not see. The
+    block never runs: the kernel modules import triton, which a machine may not have."""
+    return ("if False:  # never runs: these lines name the bundled files for transformers' copy of the folder\n"
+            + "".join(f"    from .{flat_name(m)} import __name__  # noqa: F401\n" for m in modules))
+
+
+# the names the folder's modeling code takes from the bundle
+BUNDLE_INDEX = f"""\"\"\"The bundled copy of retnet_train.model (written by retnet_train.export --hf).\"\"\"
+from .{flat_name('config')} import ModelConfig, config_from_dict  # noqa: F401
+from .{flat_name('kernels')} import resolve_kernels  # noqa: F401
+from .{flat_name('lm')} import State  # noqa: F401
+from .{flat_name('retnet')} import RetNet  # noqa: F401
+from .{flat_name('transformer')} import Transformer  # noqa: F401
+"""

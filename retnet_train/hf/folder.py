@@ -17,6 +17,8 @@ from .bundle import bundle_sources
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
 MODEL_CLASS = "RetNetTrainForCausalLM"
+MODELING = "modeling_retnet_train.py"
+BUNDLE_MARKER = "# BUNDLED FILES"
 
 
 def _config_json(cfg, special_ids: dict[str, int]) -> dict:
@@ -50,10 +52,14 @@ def hf_files(cfg, tokenizer: Path | None) -> dict[str, str]:
     ids = _special_ids(tokenizer)
     files = {"config.json": json.dumps(_config_json(cfg, ids), indent=2) + "\n",
              "generation_config.json": json.dumps(ids, indent=2) + "\n"}
+    bundle, imports = bundle_sources()
     for src in sorted(REMOTE_DIR.glob("*.py")):
         if src.name != "__init__.py" and (tokenizer is not None or not src.name.startswith("tokenization_")):
             files[src.name] = src.read_text()
-    files.update(bundle_sources())
+    if BUNDLE_MARKER not in files[MODELING]:
+        raise ValueError(f"{REMOTE_DIR / MODELING} lost its line {BUNDLE_MARKER!r}: the bundled files' imports go there")
+    files[MODELING] = files[MODELING].replace(BUNDLE_MARKER, imports + BUNDLE_MARKER, 1)
+    files.update(bundle)
     if tokenizer is not None:
         files["tokenizer_config.json"] = json.dumps({
             "tokenizer_class": "RetNetTrainTokenizer",

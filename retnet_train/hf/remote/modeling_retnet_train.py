@@ -21,6 +21,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_retnet_train import RetNetTrainConfig
 from .rtm_bundle import RetNet, State, Transformer, config_from_dict, resolve_kernels
 
+# BUNDLED FILES: retnet_train.export --hf puts here an import line per file of the flat copy (see bundle.py)
+
 # transformers 5 names the decoding state `cache`, 4.x `past_key_values`: use the name this one has
 CACHE_KEY = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
