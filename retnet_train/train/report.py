@@ -1,8 +1,10 @@
-"""`python -m retnet_train.train.report RUN_DIR`: how a finished run did, next to a unigram baseline.
+"""`python -m retnet_train.train.report RUN_DIR [--plot [--plot-dir DIR]]`: how a finished run did,
+next to a unigram baseline.
 
 Prints the first and last training loss, the final validation loss and perplexity per source, and
 the unigram entropy of the training data (the loss of a model that ignores context): a language
-model that learned anything ends well below it.
+model that learned anything ends well below it. --plot also writes PNG curves (train loss,
+validation loss per source, LR, tokens/s, memory) to RUN_DIR/plots (needs matplotlib, the dev extra).
 """
 
 from __future__ import annotations
@@ -60,8 +62,34 @@ def report(run_dir: str | Path) -> dict:
     return out
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .plots import PlotError, plot_run
+
+    p = argparse.ArgumentParser(prog="python -m retnet_train.train.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--plot", action="store_true", help="also write PNG curves")
+    p.add_argument("--plot-dir", default=None, help="where the PNGs go (default RUN_DIR/plots)")
+    a = p.parse_args(argv)
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        print(f"error: no metrics.jsonl in {run_dir}: not a run directory, or a run that logged nothing yet",
+              file=sys.stderr)
+        return 2
+    if a.plot:
+        try:
+            for path in plot_run(run_dir, a.plot_dir):
+                print(f"chart: {path}")
+        except PlotError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not (run_dir / "config.yaml").is_file():  # the baseline needs the run's data config
+            print(f"no config.yaml in {run_dir}: charts only, no report")
+            return 0
+    report(run_dir)
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
-    report(sys.argv[1])
+    sys.exit(main())
