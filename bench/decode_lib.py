@@ -1,6 +1,6 @@
 """Helpers of bench/decode.py: build a model, run one decoding setting through the inference engine
 (peak memory, ms per decode step, out-of-memory as a result), the largest batch that fits, the
-bytes a decoding step must move, and the optional charts."""
+bytes a decoding step must move (charts: bench/charts.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bench.charts import chart  # noqa: F401  (re-exported: callers use decode_lib.chart)
 from retnet_train.inference import Generator
 from retnet_train.model import build_model
 
@@ -145,40 +146,3 @@ def bandwidth_gbs(flag: Optional[float], device: torch.device) -> tuple[float, s
         if key in name:
             return gbs, f"the {key} figure for {name}"
     return 3350.0, f"the H100 SXM figure (unknown device {name}; set --bandwidth-gbs)"
-
-
-def chart(path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
-          logx: bool = True, logy: bool = False) -> bool:
-    """One line per series (points whose y is None are left out); False, with a message, where
-    matplotlib is not installed or there is nothing to draw."""
-    series = {label: [(x, y) for x, y in pts if y is not None] for label, pts in series.items()}
-    if not any(series.values()):
-        print(f"nothing to draw: no chart written ({path})")
-        return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print(f"matplotlib is not installed: no chart written ({path})")
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in series.items():
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
-    if logx:
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    if logy:
-        ax.set_yscale("log")
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"chart: {path}")
-    return True

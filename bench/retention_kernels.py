@@ -137,11 +137,24 @@ def main() -> None:
             rows.append([B * T, T, B, "causal SDPA 16x128", f"{f_ms:.3f}", f"{fb_ms:.3f}",
                          f"{sdpa_flop / f_ms / 1e9:.0f}", f"{3.5 * sdpa_flop / fb_ms / 1e9:.0f}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    notes = ("bf16; retention 8 heads, d_k 256, d_v 512, keys pre-scaled (scale=1); median of 10 (torch: 3); "
+             "TFLOP/s: retention counts 2*tokens*H*(64*(d_k+d_v) + 2*d_k*d_v) forward and 3x that "
+             "forward+backward for every row; SDPA counts its causal half, backward 2.5x forward")
+    # the curve: at a fixed token count, retention stays flat in T while attention grows
+    from bench.charts import beside_results, chart
+
+    most = max(r[0] for r in rows)
+    series: dict[str, list] = {}
+    for r in rows:
+        if r[0] == most:
+            series.setdefault(r[3], []).append((r[1], float(r[5])))
+    path = beside_results("retention_kernels")
+    if chart(path, f"retention vs attention, {most} tokens: forward + backward", "sequence length T",
+             "ms", series, logy=True):
+        notes += f"; chart: [{path.name}]({path.name})"
     append("Retention kernels, forward and forward + backward",
            ["tokens", "T", "batch", "kernel", "fwd (ms)", "fwd+bwd (ms)", "fwd TFLOP/s", "fwd+bwd TFLOP/s"], rows,
-           notes="bf16; retention 8 heads, d_k 256, d_v 512, keys pre-scaled (scale=1); median of 10 (torch: 3); "
-                 "TFLOP/s: retention counts 2*tokens*H*(64*(d_k+d_v) + 2*d_k*d_v) forward and 3x that "
-                 "forward+backward for every row; SDPA counts its causal half, backward 2.5x forward")
+           notes=notes)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,15 @@ def main() -> None:
     notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median), "
              f"tokens per step {args.tokens_per_step}; compile={args.compile}, activation checkpointing "
              f"{args.act_ckpt}; plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: ZeRO-2 bf16")
+    if len(args.seq_len) > 1 and not args.no_save:  # the curve: how each model's rate bends with length
+        from bench.charts import beside_results, chart
+
+        path = beside_results("train_step")
+        series: dict[str, list] = {}
+        for (run, k, t), r in results.items():
+            series.setdefault(label(run, args, k), []).append((t, r["tokens_per_s"] if "error" not in r else None))
+        if chart(path, "training step: tokens/s by sequence length", "sequence length T", "tokens/s", series):
+            notes += f"; chart: [{path.name}]({path.name})"
     append("Training step side by side (bench/train_step.py)", header, rows, notes=notes, save=not args.no_save)
 
 

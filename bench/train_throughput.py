@@ -177,6 +177,15 @@ def main() -> None:
              "retnet_train.model.flops.training_flops_per_token over the device's dense bf16 peak "
              "(CPU: a rough cores x 2.5 GHz x 64 (AVX-512) or 32 (AVX2) fp32 FLOP/cycle); peak mem: the "
              "largest training peak of any rank, the fp32 build before it not counted")
+    if len({r["seq_len"] for r in rows}) > 1 and not args.no_save:  # a curve only where T varies
+        from bench.charts import beside_results, chart
+
+        path = beside_results("train_throughput")
+        series: dict[str, list] = {}
+        for r in rows:
+            series.setdefault(r["preset"], []).append((r["seq_len"], r.get("tokens_per_s")))
+        if chart(path, "training throughput by sequence length", "sequence length T", "tokens/s", series):
+            notes += f"; chart: [{path.name}]({path.name})"
     append("Training throughput (bench/train_throughput.py)", header, table, notes=notes, save=not args.no_save)
     from retnet_train.parallel import destroy
 
