@@ -52,6 +52,8 @@ def kind(cmd: str) -> str:
         return "gpu"
     if words[0] == "sbatch" or words[0].startswith("launch/"):
         return "launch"
+    if words[:3] == ["python", "-m", "retnet_train.lm_eval"]:
+        return "lm_eval"  # downloads the tasks' data: checked, not run
     if words[:2] == ["python", "-m"]:
         return "cpu"
     return "unknown"
@@ -121,6 +123,24 @@ def test_launch_commands_dry_run():
             words = ["bash", *[w for w in words[1:] if not w.startswith("--nodes")]]
         proc = _run(words, REPO, DRY_RUN=1, GPUS_PER_NODE=8, **extra)
         assert "retnet_train" in proc.stdout + proc.stderr
+
+
+def test_lm_eval_commands_name_a_registered_model_and_known_tasks():
+    pytest.importorskip("lm_eval", reason="the eval extra is not installed")
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    import retnet_train.lm_eval_adapter  # noqa: F401
+
+    known = set(TaskManager().all_tasks)
+    for cmd in commands():
+        if kind(cmd) != "lm_eval":
+            continue
+        words = shlex.split(cmd)
+        arg = dict(zip(words, words[1:]))
+        assert get_model(arg["--model"]).__module__ == "retnet_train.lm_eval_adapter"
+        assert "checkpoint=" in arg["--model_args"]
+        assert set(arg["--tasks"].split(",")) <= known, set(arg["--tasks"].split(",")) - known
 
 
 @pytest.mark.slow
