@@ -88,3 +88,42 @@ def test_bundled_model_code_imports_only_its_own_files():
                 assert not any(m.split(".")[0] == "retnet_train" for m in modules), (name, modules)
     assert {"rtm_retnet.py", "rtm_transformer.py", "rtm_bundle.py"} <= set(files)
     assert Path(REPO / "retnet_train/hf/remote/modeling_retnet_train.py").is_file()
+
+
+@pytest.fixture(scope="module")
+def hf_transformer_folder(tmp_path_factory):
+    """An export --hf folder of a randomly initialised Transformer (no tokenizer), built in process."""
+    from retnet_train.export import write_export
+    from retnet_train.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("transformer_tiny", vocab_size=256, d_model=64, n_layers=2, n_heads=2)
+    return write_export(model.state_dict(), model.config, tmp_path_factory.mktemp("hf") / "tiny", hf=True), model
+
+
+def test_hf_cache_continues_labels_and_padding(hf_transformer_folder, tmp_path, monkeypatch):
+    """A cache returned by a prompt continues it as the whole sequence would; labels give the
+    shifted cross-entropy; a padded batch is refused, naming why; a batch of equal-length prompts
+    decodes as our generate does."""
+    from transformers import AutoModelForCausalLM
+
+    from retnet_train.generate import generate
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    folder, ours = hf_transformer_folder
+    ours.eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = hf(ids).logits
+        first = hf(ids[:, :8], use_cache=True)
+        cache = first.cache if "cache" in first else first.past_key_values
+        rest = hf(ids[:, 8:9], **{"cache" if "cache" in first else "past_key_values": cache}, use_cache=True)
+        torch.testing.assert_close(rest.logits[:, 0], whole[:, 8], rtol=0, atol=1e-5)
+        loss = hf(ids, labels=ids).loss
+        want = torch.nn.functional.cross_entropy(whole[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        torch.testing.assert_close(loss, want)
+        with pytest.raises(ValueError, match="padded batches are not supported"):
+            hf(ids, attention_mask=torch.tensor([[0] + [1] * 11, [1] * 12]))
+        got = hf.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert got[:, 12:].tolist() == generate(ours, ids, 6).tolist()
