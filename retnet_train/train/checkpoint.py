@@ -349,12 +349,12 @@ class CheckpointManager:
     def restore(self, engine, path: Path, state: TrainingState, model_config: dict | None = None) -> dict:
         """Resume: model, optimizer and the trainer's state (counters, data cursor, RNG) from `path`,
         written at this run's layout or any other (data-parallel size, tensor-parallel size, ZeRO
-        stage). With `model_config` (this run's `model` section), a checkpoint of another model is
+        stage, bf16 or fp32 weights). With `model_config` (this run's `model` section), a checkpoint of another model is
         refused, naming the keys. Returns meta."""
         meta = self._meta(path, model_config)
         here = (self.ps.dp_size, self.ps.tp_size, engine.zero_optimization_stage())
         saved = layout_of(meta, here)
-        if saved == here:
+        if saved == here and _same_precision(meta, engine):
             self._load_native(engine, path)
         else:
             self._reshard(engine, path, meta, saved, here)
@@ -389,8 +389,7 @@ class CheckpointManager:
         ps = self.ps
         t0 = time.time()
         zero0 = here[2] == 0
-        same_kind = (meta.get("precision") == "bf16") == engine.bfloat16_enabled()
-        if saved[1:] == here[1:] and zero0 and same_kind:
+        if saved[1:] == here[1:] and zero0 and _same_precision(meta, engine):
             # ZeRO-0 at the same tensor-parallel size: every data-parallel rank holds the whole
             # optimizer state, in the file of its tensor-parallel rank; DeepSpeed loads it at any size
             log.info("%s was written by %d data-parallel ranks; this run has %d: ZeRO-0 keeps the whole "
@@ -400,6 +399,9 @@ class CheckpointManager:
         (log.warning if ps.is_main else log.info)(
             "RESHARDING %s: written at data-parallel size %d, tensor-parallel size %d, ZeRO-%d; this run is %d, "
             "%d, ZeRO-%d. Its weights, Adam moments and step are cut anew for this run", path, *saved, *here)
+        if not _same_precision(meta, engine):
+            log.info("%s holds %s weights, this run bf16=%s: the weights come from the fp32 masters", path,
+                     meta.get("precision"), engine.bfloat16_enabled())
         if zero0:
             # torch's own optimizer (in bf16 inside DeepSpeed's wrapper): every rank reads the whole state
             # and keeps its slice
@@ -435,6 +437,14 @@ def layout_of(meta: dict, here: tuple[int, int, int]) -> tuple[int, int, int]:
     what an older meta.json does not say is taken to be this run's (`here`), tp 1."""
     return (int(meta.get("dp_size", here[0])), int(meta.get("tp_size", 1)),
             int(meta.get("zero_stage", here[2])))
+
+
+def _same_precision(meta: dict, engine) -> bool:
+    """Whether the checkpoint's DeepSpeed files have this run's layout of precision: bf16 weights
+    (the fp32 masters in the optimizer, `bf16_*` file names) or fp32 ones (fp32 and bf16_autocast);
+    an older meta.json without `precision` is taken to be this run's."""
+    saved = meta.get("precision")
+    return saved is None or (saved == "bf16") == engine.bfloat16_enabled()
 
 
 def _convert(path: Path, meta: dict, out: Path, tp: int, dp: int) -> Optional[str]:

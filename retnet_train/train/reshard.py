@@ -180,8 +180,13 @@ def read_full_state(ckpt: Path, meta: dict) -> FullState:
     tp, dp, stage = int(meta.get("tp_size", 1)), int(meta.get("dp_size", 1)), int(meta.get("zero_stage", 0))
     ranks = []
     for t in range(tp):
-        # a bf16 run's ZeRO-1-3 optimizer files carry the prefix bf16_ (same layout inside)
-        prefix = "bf16_" if (ckpt / f"bf16_zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt").is_file() else ""
+        # a bf16 run's ZeRO-1-3 optimizer files carry the prefix bf16_ (same layout inside); an older
+        # meta.json without `precision`: whichever files are there
+        precision = meta.get("precision")
+        if precision is None:
+            bf16_file = ckpt / f"bf16_zero_pp_rank_0_mp_rank_{t:02d}_optim_states.pt"
+            precision = "bf16" if bf16_file.is_file() else "fp32"
+        prefix = "bf16_" if precision == "bf16" else ""
         if stage in (1, 2):
             ranks.append(_fragments_rank(ckpt, t, dp, prefix))
         elif stage == 3:
