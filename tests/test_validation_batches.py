@@ -1,4 +1,4 @@
-"""trainer.eval_batches means what it says: that many validation batches per source."""
+"""Validation: trainer.eval_batches means what it says, and evaluation builds no autograd graph."""
 
 from pathlib import Path
 
@@ -20,3 +20,20 @@ def test_eval_batches_is_the_number_of_validation_batches(eval_batches, want):
                        f"trainer.eval_batches={'null' if eval_batches is None else eval_batches}"])
     batches = build_val(cfg, 256, 0, 1)
     assert batches and all(len(v) == want for v in batches.values()), {k: len(v) for k, v in batches.items()}
+
+
+def test_validation_runs_without_autograd():
+    """evaluate() builds no autograd graph (it once lost its no_grad to a function inserted above it,
+    and held every layer's activations during validation)."""
+    import torch
+
+    from retnet_train.model import build_model
+    from retnet_train.train.evaluate import evaluate
+
+    model = build_model("retnet_tiny", d_model=32, n_layers=1, n_heads=2, vocab_size=64)
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append((torch.is_grad_enabled(), out.requires_grad)))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    val = {"a": [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]}
+    out = evaluate(model, val, {}, torch.device("cpu"))
+    assert seen == [(False, False)] and out["val/a/loss"] > 0

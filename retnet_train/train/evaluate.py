@@ -55,7 +55,6 @@ def fused_loss_impl(hidden: torch.Tensor, kernels: str) -> str:
     return "liger"
 
 
-@torch.no_grad()
 def document_starts(batch: dict, reset_at_documents: bool, device: torch.device) -> torch.Tensor | None:
     """The batch's doc_starts [B, T] on `device` when data.reset_at_documents is on (None otherwise,
     or for a stream without them, e.g. synthetic data)."""
@@ -80,6 +79,7 @@ def model_inputs(batch: dict, forward_kwargs: dict, device: torch.device, reset_
     return ids, labels, fwd
 
 
+@torch.no_grad()
 def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: torch.device,
              vocab_parallel: bool = False, fused_loss: bool = False,
              reset_at_documents: bool = False, context_parallel=None) -> dict[str, float]:
