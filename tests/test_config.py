@@ -22,8 +22,10 @@ def test_default_config_composes():
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(name, monkeypatch):
-    if name == "retnet_13b":  # parallel.tp=4: needs a world of 4 GPUs or more
-        monkeypatch.setenv("WORLD_SIZE", "4")
+    # parallel.tp=4 (retnet_13b) and parallel.cp=2 (the *_cp2 recipes) need worlds of 4 and 2 GPUs or more
+    worlds = {"retnet_13b": 4, "retnet_1.3b_256k_cp2": 2}
+    if name in worlds:
+        monkeypatch.setenv("WORLD_SIZE", str(worlds[name]))
     cfg = load_config([f"experiment={name}", *SYN], )
     assert cfg.name == name
 
