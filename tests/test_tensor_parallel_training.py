@@ -62,10 +62,10 @@ def _export(run, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 3])  # ZeRO-2 shares ZeRO-1's optimizer code (and its resume at tp is tested)
 def test_tp2_dp2_losses_equal_single_process(tmp_path, stage):
-    """Every ZeRO stage composes with tp=2 (ZeRO shards over the data-parallel group only); the
-    export gathers ZeRO partitions per tensor-parallel rank, then merges the shards."""
+    """ZeRO composes with tp=2 (ZeRO shards over the data-parallel group only); the export gathers
+    ZeRO partitions per tensor-parallel rank, then merges the shards."""
     run = tmp_path / "run"
     run_train(run, "trainer.max_steps=3", "parallel.tp=2", f"deepspeed=zero{stage}", nproc=4,
               launcher="torchrun", timeout=400)
