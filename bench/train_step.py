@@ -99,9 +99,10 @@ def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str) -> dict
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if args.compile and kind != "fla":
-        # the model's forward only, as trainer.compile does: liger's fused loss does not trace
-        # (a fake-tensor TypeError in its addmm, H100, torch 2.11)
-        model.compile()
+        # each block, as trainer.compile does (regional: one graph for every layer; compiling the
+        # whole 24-layer model took minutes); liger's fused loss stays eager (a fake-tensor
+        # TypeError in its addmm, H100, torch 2.11)
+        model.compile_blocks()
     step_loss = loss_fn(kind, model)
     batch = max(1, tokens // seq_len)
     vocab = model.config.vocab_size
