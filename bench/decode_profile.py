@@ -35,6 +35,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="inductor's coordinate_descent_tuning (it then lowers a one-row matmul to a tuned reduction)")
     return p.parse_args(argv)
 
 
@@ -75,6 +77,9 @@ def profile_batch(model, batch: int, args) -> None:
 
 def main(argv=None) -> None:
     args = parse(argv)
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     device = torch.device("cuda")
     model, _ = L.build(args.preset, device, torch.bfloat16, args.kernels)
     print(f"{args.preset}, kernels={model.kernels if hasattr(model, 'kernels') else '?'}, compile={args.compile}, "
