@@ -134,7 +134,8 @@ def test_activation_checkpointing_modes_give_same_losses_and_gradients():
     assert matmuls(results["full"][2]) > matmuls(base_ops)  # the blocks' forward again
     assert matmuls(results["selective"][2]) == matmuls(base_ops)  # projections and retention kept
     assert results["selective"][2].get("rsqrt", 0) > base_ops.get("rsqrt", 0)  # head norm recomputed
-    assert results["selective"][2].get("cos", 0) > base_ops.get("cos", 0)  # rotary recomputed
+    # the rotation of q and k (its sin/cos table is made once per forward, outside the blocks)
+    assert results["selective"][2].get("stack", 0) > base_ops.get("stack", 0)
     # configs of before: True / False
     model.set_activation_checkpointing(True)
     assert model.activation_checkpointing == "full"

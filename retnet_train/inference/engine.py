@@ -38,7 +38,8 @@ class Generator:
     is only checked). cuda_graphs: None (default) uses graphs where the model is on a CUDA device.
     prefill_tokens: prompts are prefilled in groups of equal length of at most this many tokens
     (bounds the prefill's activation memory). compile: the decoding step goes through
-    torch.compile first (fusing its elementwise work; a CUDA graph then captures the compiled step);
+    torch.compile first (fusing its elementwise work, with coordinate-descent tuning: see
+    compile_settings; a CUDA graph then captures the compiled step);
     a string is torch.compile's mode, e.g. "max-autotune-no-cudagraphs" (inductor then also times
     its own GEMM kernels for the step's skinny matmuls; the engine captures its own graphs).
     """
@@ -69,7 +70,7 @@ class Generator:
         self.logits_fn = self._logits
         if compile:
             self._logits(1)  # once eagerly: fills the model's per-device caches, which compiled code only reads
-            self.logits_fn = torch.compile(self._logits, dynamic=False, mode=None if compile is True else compile)
+            self.logits_fn = torch.compile(self._logits, dynamic=False, **compile_settings(compile))
         self.graphs = StepGraphs(self._step) if use_graphs else None
 
     def close(self) -> None:
@@ -220,6 +221,16 @@ class Generator:
         self.state.offset[r0:r1] = length
         first = torch.zeros((), dtype=torch.long, device=self.device)  # step 0: the first new token
         self.tokens[r0:r1] = self.settings.select(slice(r0, r1)).sample(logits, first)
+
+
+def compile_settings(compile: bool | str) -> dict:
+    """torch.compile's arguments for the step. True: inductor's coordinate-descent tuning, under
+    which a one-row matmul (batch 1) becomes a reduction fused with its neighbours (norm,
+    activation) and tuned, instead of a cuBLAS call plus its own elementwise kernels. A string is
+    torch.compile's mode (which cannot be combined with inductor options)."""
+    if compile is True:
+        return {"options": {"coordinate_descent_tuning": True}}
+    return {"mode": compile}
 
 
 def _trim(rows: list[list[int]], eos_id: Optional[int]) -> list[list[int]]:

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from . import init
 from .config import MODES, ModelConfig
 from .kernels import resolve_kernels
-from .layers import make_norm
+from .layers import make_norm, rotary_sin_cos, rotary_sin_cos_at
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class ForwardContext:
     # consecutive slices of each sequence; resets [size, B] bool: a document starts in slice j
     context_parallel: Any = None
     cp_resets: Tensor | None = None
+    # sin, cos of every token's rotary angles (fp32 [T, 1, d_k], or [B, T, 1, d_k] per sequence or
+    # document): made once per call, since every layer has the same head dim and base
+    rotary: tuple[Tensor, Tensor] | None = None
 
 
 class LanguageModel(nn.Module):
@@ -141,6 +144,7 @@ class LanguageModel(nn.Module):
             ctx.offset = context_parallel.rank * ids.shape[1]  # rotary positions count over the whole sequence
         if doc_starts is not None:
             self._documents(ctx, ids, doc_starts)
+        ctx.rotary = self._rotary_tables(ctx, ids.shape[1], ids.device)
         if ctx.state_in_place and mode == "recurrent" and ids.shape[1] != 1:
             raise ValueError(f"a state updated in place (State.in_place) takes one recurrent token per call, "
                              f"got {ids.shape[1]} tokens")
@@ -161,6 +165,14 @@ class LanguageModel(nn.Module):
             offset = ctx.positions[:, -1] + 1 if ctx.positions is not None else ctx.offset + ids.shape[1]
             return out, State(layers=new_layers, offset=offset, in_place=ctx.state_in_place)
         return out
+
+    def _rotary_tables(self, ctx: ForwardContext, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Once per call rather than once per layer: a decoding step otherwise spends three small
+        kernels per layer rebuilding the same table (bench/decode_profile.py)."""
+        cfg = self.config
+        if ctx.positions is not None and cfg.rope_reset_at_documents:
+            return rotary_sin_cos_at(ctx.positions, cfg.key_head_dim, cfg.rope_base)
+        return rotary_sin_cos(cfg.key_head_dim, cfg.rope_base, ctx.offset, length, device)
 
     def _documents(self, ctx: ForwardContext, ids: Tensor, doc_starts: Tensor) -> None:
         """Fill ctx's document fields; a window without any document start is a plain window."""

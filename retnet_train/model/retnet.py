@@ -15,8 +15,7 @@ from .config import ModelConfig
 from .kernels.norm_gate import gated_head_norm
 import torch.nn.functional as F
 
-from .layers import (FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos,
-                     rotary_sin_cos_at)
+from .layers import FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm
 from .lm import ForwardContext, LanguageModel
 from .retention import carried_states, head_log_decays, past_contribution, retention
 
@@ -43,7 +42,6 @@ class MultiScaleRetention(nn.Module):
         self.g_proj = nn.Linear(d, hv, bias=cfg.bias)
         self.out_proj = nn.Linear(hv, d, bias=cfg.bias)
         self.head_norm = HeadNorm(self.n_heads, self.value_dim, cfg.head_norm, cfg.head_norm_eps, cfg.head_norm_affine)
-        self.rope_base = cfg.rope_base
         self._fused = None  # (weight, bias) of q, k, v, g as one projection: fuse_projections
 
     def fuse_projections(self) -> None:
@@ -96,10 +94,7 @@ class MultiScaleRetention(nn.Module):
         k = k.view(B, T, H, self.key_dim)
         v = v.reshape(B, T, H, self.value_dim)
 
-        if ctx.positions is not None and self.cfg.rope_reset_at_documents:
-            sin, cos = rotary_sin_cos_at(ctx.positions, self.key_dim, self.rope_base)
-        else:
-            sin, cos = rotary_sin_cos(self.key_dim, self.rope_base, ctx.offset, T, x.device)
+        sin, cos = ctx.rotary
         # the keys' 1/sqrt(d_k) rides on the rotation (a [T, 1, d_k] table), sparing a pass over k
         scale = self.key_dim ** -0.5
         q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin * scale, cos * scale)

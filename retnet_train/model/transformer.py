@@ -9,8 +9,7 @@ from torch import Tensor, nn
 
 from . import init
 from .config import ModelConfig
-from .layers import (FeedForward, apply_rotary, fuse_linears, fused_is_current, make_norm, rotary_sin_cos,
-                     rotary_sin_cos_at)
+from .layers import FeedForward, apply_rotary, fuse_linears, fused_is_current, make_norm
 from .lm import ForwardContext, LanguageModel
 
 
@@ -62,8 +61,6 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, inner, bias=cfg.bias)
         self.out_proj = nn.Linear(inner, d, bias=cfg.bias)
         self.dropout_p = cfg.dropout
-        self.rope_base = cfg.rope_base
-        self.rope_reset = cfg.rope_reset_at_documents
         self._fused = None  # (weight, bias) of q, k, v as one projection: fuse_projections
 
     def fuse_projections(self) -> None:
@@ -89,10 +86,7 @@ class CausalSelfAttention(nn.Module):
         index of each cached key [B, T_past]) -> ([B, T, d], new cache or None)"""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        if ctx.positions is not None and self.rope_reset:
-            sin, cos = rotary_sin_cos_at(ctx.positions, self.head_dim, self.rope_base)
-        else:
-            sin, cos = rotary_sin_cos(self.head_dim, self.rope_base, ctx.offset, T, x.device)
+        sin, cos = ctx.rotary
         if self._fused is not None and (torch.compiler.is_compiling() or fused_is_current(self._fused, self.q_proj)):
             q, k, v = F.linear(x, *self._fused).split(H * D, dim=-1)
         else:
