@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("sample", help="write small raw corpora (Pile, C4, Stack layouts)")
     s.add_argument("out_dir")
+    s.add_argument("--site-packages", type=float, default=0, metavar="MB",
+                   help="also up to MB megabytes from the installed packages' .py files")
 
     t = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer")
     t.add_argument("--out", required=True, help="path of the .model file to write")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "sample":
             from data_prep.sample import write_sample
-            write_sample(a.out_dir)
+            write_sample(a.out_dir, a.site_packages)
         elif a.cmd == "tokenizer":
             from data_prep.sources import expand_sources
             from data_prep.tokenizer import train_tokenizer
