@@ -131,7 +131,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str) -> dict:
     from bench.train_throughput import measure
 
     batch = max(1, tokens // seq_len)
-    ns = argparse.Namespace(micro_batch=batch, tokens_per_step=tokens, mode="auto", tp=1, grad_accum=1,
+    ns = argparse.Namespace(micro_batch=batch, tokens_per_step=tokens, mode="auto", tp=1, cp=1, grad_accum=1,
                             warmup=args.warmup, steps=args.steps, precision="auto", zero=2,
                             act_ckpt=args.act_ckpt, compile=args.compile, chunk_size=args.chunk_size,
                             overrides=[f"model.kernels={kernels}"])
