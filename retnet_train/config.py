@@ -1,23 +1,98 @@
 """Dataclass schemas of every config group, their registration with Hydra, and start-up checks.
 
+The schemas hold every key's default and its documentation (`doc(default, text)`, see
+retnet_train/schema.py; docs/config.md is generated from them); conf/ sets only what differs.
 `load_config(overrides)` composes conf/config.yaml with command-line overrides. Hydra checks each
-key and type against these schemas (an unknown key or a wrong type fails naming the key);
-`validate` then checks the values that no type can express (batch arithmetic, choices, ranges),
-raising ConfigError with the key and its value. All of this runs before any device is touched.
+key and type against these schemas (an unknown key, a wrong type or a word that is not one of a
+Choice key's values fails naming the key); `validate` then checks the values that no type can
+express (batch arithmetic, ranges, combinations), raising ConfigError with the key and its value.
+All of this runs before any device is touched.
 """
 
 from __future__ import annotations
 
+import enum
 import os
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from retnet_train.schema import Choice, doc
+
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message starts with `key=value`."""
+
+
+# ---- choices -------------------------------------------------------------------------------------
+# Each is a Choice (a str Enum, see retnet_train/schema.py): OmegaConf refuses any other word where
+# YAML or the command line sets the key, and load_config turns that into `key='word': must be one of`.
+
+
+class Optimizer(Choice):
+    adamw = "adamw"
+
+
+class OptimImpl(Choice):
+    auto = "auto"
+    torch = "torch"
+    fused = "fused"
+    deepspeed = "deepspeed"
+
+
+class Decay(Choice):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Backend(Choice):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class Precision(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    bf16_autocast = "bf16_autocast"
+    fp32 = "fp32"
+
+
+class Device(Choice):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class TrainMode(Choice):
+    parallel = "parallel"
+    chunkwise = "chunkwise"
+
+
+class DataSource(Choice):
+    stream = "stream"
+    synthetic = "synthetic"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class LogLevel(Choice):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+# the modes of trainer.activation_checkpointing are the model's (retnet_train.model.lm.CHECKPOINTING);
+# the key stays untyped because configs written before them say true/false
+CHECKPOINTING_TYPE = "`none` | `full` | `selective` (older configs: `true` = full, `false` = none)"
 
 
 # ---- group schemas -------------------------------------------------------------------------------
@@ -25,99 +100,145 @@ class ConfigError(ValueError):
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then decay. The paper's recipe: betas 0.9/0.98, wd 0.05, clip 2.0."""
+    """The optimizer and the learning-rate schedule: AdamW, linear warmup, then decay. The defaults
+    are the RetNet paper's recipe at 1.3B (arXiv 2307.08621, section 3.1)."""
 
-    name: str = "adamw"
-    impl: str = "auto"  # auto: torch AdamW (fused on CUDA) | torch | fused | deepspeed (DeepSpeed's own AdamW)
-    lr: float = 6e-4  # peak learning rate
-    min_lr_ratio: float = 0.0  # LR at the end of decay = lr * min_lr_ratio
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
-    weight_decay: float = 0.05  # applied to matrices only (not norms, biases)
-    warmup_steps: int = 375
-    decay: str = "linear"  # linear | cosine | constant
-    decay_steps: Optional[int] = None  # steps from 0 to the end of decay; null: trainer.max_steps
-    grad_clip: float = 2.0  # max global gradient norm; 0 disables clipping
+    name: Optimizer = doc(Optimizer.adamw, "the optimizer (AdamW is the only one)")
+    impl: OptimImpl = doc(OptimImpl.auto, "whose AdamW: `auto`: torch's, fused on CUDA unless "
+                          "deepspeed.offload_optimizer (the per-tensor loop on CPU); `torch`: torch's, unfused; "
+                          "`fused`: torch's fused kernel; "
+                          "`deepspeed`: DeepSpeed's own, built from the DeepSpeed JSON (a JIT build that fails on "
+                          "some machines)")
+    lr: float = doc(6e-4, "peak learning rate, reached at the end of warmup; the paper uses 3e-4 above 1.3B")
+    min_lr_ratio: float = doc(0.0, "the LR at the end of the decay, as a fraction of lr (0-1)")
+    betas: List[float] = doc([0.9, 0.98], "AdamW's (beta1, beta2), each in [0, 1)")
+    eps: float = doc(1e-8, "AdamW's epsilon")
+    weight_decay: float = doc(0.05, "decoupled weight decay of the matrices; norms, biases and gains are not decayed")
+    warmup_steps: int = doc(375, "steps of linear warmup from lr / warmup_steps to lr; 0: none")
+    decay: Decay = doc(Decay.linear, "after warmup: `linear` or `cosine` down to lr x min_lr_ratio at decay_steps; "
+                       "`constant` keeps lr")
+    decay_steps: Optional[int] = doc(None, "the step at which the decay ends (counted from step 0); null: "
+                                     "trainer.max_steps")
+    grad_clip: float = doc(2.0, "clip the global gradient norm (all ranks, all tensor-parallel slices) to this; "
+                           "0 disables clipping")
 
 
 @dataclass
 class DeepSpeedConfig:
-    """The ZeRO part of the DeepSpeed JSON; the rest is derived from trainer/optim keys."""
+    """The ZeRO part of the DeepSpeed JSON; the rest of that JSON (batch sizes, clipping, bf16,
+    the optimizer) follows from the trainer and optim keys. conf/deepspeed/ holds one file per stage."""
 
-    stage: int = 2  # ZeRO stage 0-3
-    offload_optimizer: bool = False  # ZeRO-2/3: optimizer state on CPU
-    offload_params: bool = False  # ZeRO-3: parameters on CPU
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
-    extra: Dict[str, Any] = field(default_factory=dict)  # deep-merged into the generated DeepSpeed JSON
+    stage: int = doc(2, "ZeRO stage 0-3: 0 replicates everything (plain data parallelism); 1 shards the optimizer "
+                     "state over the data-parallel ranks; 2 also the gradients; 3 also the parameters")
+    offload_optimizer: bool = doc(False, "keep the optimizer state on the CPU (stage 2 or 3)")
+    offload_params: bool = doc(False, "keep the parameters on the CPU (stage 3)")
+    overlap_comm: bool = doc(True, "overlap gradient reduction with backward (stages 1-3)")
+    contiguous_gradients: bool = doc(True, "copy gradients into one contiguous buffer as they are produced "
+                                     "(stages 1-3)")
+    reduce_bucket_size: int = doc(500_000_000, "elements reduced at a time (stages 1-3)")
+    allgather_bucket_size: int = doc(500_000_000, "elements all-gathered at a time (stages 1-2)")
+    stage3_prefetch_bucket_size: int = doc(50_000_000, "parameter elements fetched ahead of use (stage 3)")
+    stage3_param_persistence_threshold: int = doc(100_000, "parameters smaller than this many elements stay "
+                                                  "unpartitioned (stage 3)")
+    extra: Dict[str, Any] = doc({}, "any other DeepSpeed keys, deep-merged into the generated JSON last (they win)")
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor-parallel size: consecutive ranks form a group; must divide heads, FFN, vocab, world
-    cp: int = 1  # context-parallel size: ranks that split each sequence into consecutive slices (RetNet only)
-    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU | nccl | gloo
-    timeout_minutes: int = 30
+    """Process groups. Data-parallel size = world size / (tp x cp); ZeRO shards over the data- and
+    context-parallel ranks (dp x cp)."""
+
+    tp: int = doc(1, "tensor-parallel size: `tp` consecutive ranks form a group that splits heads, FFN and "
+                  "vocabulary (fairscale's Megatron layers); must divide model.n_heads, the FFN width, the "
+                  "vocabulary and the world size; keep a group inside one node (NVLink)")
+    cp: int = doc(1, "context-parallel size (RetNet only): `cp` ranks split each sequence into consecutive slices "
+                  "of seq_len / cp tokens (whole chunks); each retention layer exchanges one [H, d_k, d_v] state "
+                  "per sequence (an all-gather)")
+    backend: Backend = doc(Backend.auto, "the torch.distributed backend; `auto`: nccl on CUDA, gloo on CPU")
+    timeout_minutes: int = doc(30, "how long a collective may wait before the process group fails")
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000  # optimizer steps
-    global_batch_tokens: int = 4_194_304  # tokens per optimizer step, all ranks together
-    micro_batch_size: int = 8  # sequences per forward pass per rank
-    seq_len: int = 2048
-    log_every: int = 10
-    eval_every: int = 500  # 0 disables periodic eval (eval still runs at the end unless eval_at_end=false)
-    eval_at_end: bool = True
-    eval_batches: Optional[int] = None  # validation micro-batches per source per eval; null: data.val_batches
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | bf16 | bf16_autocast | fp32
-    device: str = "auto"  # auto | cuda | cpu
-    mode: str = "parallel"  # retention form for training: parallel | chunkwise
-    chunk_size: Optional[int] = None  # chunkwise chunk length; null: model.chunk_size
-    # what each block keeps for backward: none | full (only the block input; the block is recomputed)
-    # | selective (matmul and retention outputs kept; norms, rotary, gates, activations recomputed).
-    # Configs written before these values: true = full, false = none.
-    activation_checkpointing: Any = "none"
-    compile: bool = False  # torch.compile the model
-    # true: the loss from the final hidden states and the LM head's weight in token chunks, never the
-    # full [tokens, vocab] fp32 logits (same loss to fp32 rounding); false: logits, then cross-entropy
-    fused_loss: bool = True
-    max_bad_steps: int = 5  # stop after this many consecutive skipped (NaN/inf) steps
-    data_source: str = "stream"  # stream: retnet_train.data shards | synthetic: a learnable token pattern
-    build_lock_timeout_s: float = 900  # give up waiting for a C++ extension build lock after this (a killed build leaves it)
-    seed: int = 1234
+    """The training loop: steps, batch, precision, retention form, evaluation, NaN guard. Gradient
+    accumulation is not a key: it is global_batch_tokens / (micro_batch_size x seq_len x
+    data-parallel size) and must be a whole number."""
+
+    max_steps: int = doc(1000, "optimizer steps to train")
+    global_batch_tokens: int = doc(4_194_304, "tokens per optimizer step, all ranks together (the paper: 4M)")
+    micro_batch_size: int = doc(8, "sequences per forward pass per rank")
+    seq_len: int = doc(2048, "tokens per training sequence")
+    log_every: int = doc(10, "steps between log lines (console, metrics.jsonl, wandb); the last step is always "
+                         "logged")
+    eval_every: int = doc(500, "steps between evaluations; 0: no periodic evaluation (the one at the end still "
+                          "runs unless eval_at_end=false)")
+    eval_at_end: bool = doc(True, "evaluate once more after the last step")
+    eval_batches: Optional[int] = doc(
+        None, "validation micro-batches per source at each evaluation, on every data-parallel rank (each of "
+        "micro_batch_size sequences of seq_len tokens, disjoint across ranks: a source is scored on "
+        "eval_batches x micro_batch_size x data-parallel size sequences); it replaces data.val_batches, larger "
+        "or smaller; null: data.val_batches (4 with trainer.data_source=synthetic)")
+    precision: Precision = doc(Precision.auto, "`auto`: bf16 on CUDA, fp32 on CPU; `bf16`: bf16 weights, fp32 "
+                               "master copy and gradient accumulation in the optimizer (DeepSpeed's bf16 mode); "
+                               "`bf16_autocast`: fp32 weights, bf16 matmuls under torch.autocast; `fp32`")
+    device: Device = doc(Device.auto, "`auto`: cuda when available, else cpu")
+    mode: TrainMode = doc(TrainMode.parallel, "the retention form for training and evaluation (RetNet): "
+                          "`parallel`, or `chunkwise` (memory linear in seq_len)")
+    chunk_size: Optional[int] = doc(None, "the chunk length of the chunkwise form; null: model.chunk_size")
+    activation_checkpointing: Any = doc(
+        "none", "what each block keeps for backward: `none`; `full`: only the block's input, the block is "
+        "recomputed (about 1/3 more compute); `selective`: the outputs of matmuls and retention kernels are "
+        "kept, norms, rotary, gates and activations recomputed. Configs written before these values: "
+        "true = full, false = none", shown_type=CHECKPOINTING_TYPE)
+    compile: bool = doc(False, "torch.compile each block (regional: one graph serves every layer)")
+    fused_loss: bool = doc(True, "true: the loss from the final hidden states and the LM head's weight in token "
+                           "chunks, never the full [tokens, vocab] fp32 logits (same loss to fp32 rounding); "
+                           "false: logits, then cross-entropy")
+    max_bad_steps: int = doc(5, "stop after this many consecutive skipped steps (a NaN/inf loss or gradient "
+                             "skips the update)")
+    data_source: DataSource = doc(DataSource.stream, "`stream`: the shards of data=<name>; `synthetic`: a "
+                                  "generated, learnable token pattern (tests, benchmarks; no data config needed)")
+    build_lock_timeout_s: float = doc(900, "give up waiting for a C++ extension build lock after this many seconds "
+                                      "(a killed build leaves its lock behind)")
+    seed: int = doc(1234, "initial weights (the same on every rank), dropout and synthetic data")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1000  # steps; 0: only at the end and on signals
-    keep: int = 3  # newest complete checkpoints kept; 0 keeps all
-    save_at_end: bool = True
-    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
-    init_from: Optional[str] = None  # start a *new* run from these weights: a checkpoint (same parallel.tp) or an export folder (any tp)
-    checksums: bool = True  # sha256 of every file written with each checkpoint and checked before one is loaded (sizes are always checked)
+    """Checkpoints in ${run_dir}/checkpoints/step_NNNNNNNN; `latest` names the newest complete one."""
+
+    every: int = doc(1000, "steps between checkpoints; 0: only at the end and on SIGTERM/SIGUSR1/Ctrl-C")
+    keep: int = doc(3, "newest complete checkpoints kept; 0 keeps all")
+    save_at_end: bool = doc(True, "save after the last step")
+    resume: bool = doc(True, "continue from ${run_dir}/checkpoints/latest when it exists")
+    init_from: Optional[str] = doc(None, "start a *new* run from these weights: a checkpoint folder (same "
+                                   "parallel.tp) or an export folder (any tp)")
+    checksums: bool = doc(True, "write the sha256 of every file with each checkpoint and check it before one is "
+                          "loaded (sizes are always checked)")
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online (offline if no API key) | offline | disabled
-    project: str = "retnet_train"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # null: the run's `name`
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    """Weights & Biases, on rank 0; the run's resolved config goes with it."""
+
+    mode: WandbMode = doc(WandbMode.offline, "`online` (offline when there is no WANDB_API_KEY or netrc login) | "
+                          "`offline` | `disabled`")
+    project: str = doc("retnet_train", "wandb project")
+    entity: Optional[str] = doc(None, "wandb entity (team or user); null: wandb's default")
+    name: Optional[str] = doc(None, "the wandb run name; null: the run's `name`")
+    group: Optional[str] = doc(None, "wandb group")
+    tags: List[str] = doc([], "wandb tags")
 
 
 @dataclass
 class LoggingConfig:
-    console: bool = True
-    level: str = "INFO"
-    peak_tflops: Optional[float] = None  # per device for MFU; null: guessed from the device name
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Console (rank 0; the other ranks warnings only), ${run_dir}/metrics.jsonl (always), a log
+    file per rank in ${run_dir}/logs/, and wandb."""
+
+    console: bool = doc(True, "print step and evaluation lines on rank 0")
+    level: LogLevel = doc(LogLevel.INFO, "log level of rank 0's console and of every rank's log file")
+    peak_tflops: Optional[float] = doc(None, "peak TFLOP/s of one device, for MFU; null: guessed from the device name")
+    wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases (logging.wandb.*)")
 
 
 def _model_schema() -> Any:
@@ -136,20 +257,27 @@ def _data_schema() -> Any:
     return DataConfig
 
 
+ROOT_DOC = """The root of `python -m retnet_train`: conf/config.yaml picks one file of each group
+(model, data, deepspeed) and an optional experiment; every other value comes from these schemas."""
+
+
 def _make_root_schema() -> type:
     """The root schema; model/data types come from their packages (Any until those import)."""
     return make_dataclass("Config", [
-        ("name", str, field(default="run")),
-        ("run_dir", str, field(default="runs/${name}")),  # config.yaml, metrics.jsonl, checkpoints/, wandb/
-        ("model", _model_schema(), field(default=MISSING)),
-        ("data", Optional[_data_schema()], field(default=None)),  # unused with trainer.data_source=synthetic
-        ("optim", OptimConfig, field(default_factory=OptimConfig)),
-        ("deepspeed", DeepSpeedConfig, field(default_factory=DeepSpeedConfig)),
-        ("parallel", ParallelConfig, field(default_factory=ParallelConfig)),
-        ("trainer", TrainerConfig, field(default_factory=TrainerConfig)),
-        ("checkpoint", CheckpointConfig, field(default_factory=CheckpointConfig)),
-        ("logging", LoggingConfig, field(default_factory=LoggingConfig)),
-    ])
+        ("name", str, doc("run", "names the run: run_dir, the wandb run name")),
+        ("run_dir", str, doc("runs/${name}", "holds config.yaml, metrics.jsonl, checkpoints/, logs/, wandb/; "
+                              "a run started again with the same run_dir resumes")),
+        ("model", _model_schema(), doc(MISSING, "the network: model=<preset> of conf/model/ (model.*)")),
+        ("data", Optional[_data_schema()], doc(None, "the shards and their mixture: data=<name> of conf/data/ "
+                                               "(data.*); unused with trainer.data_source=synthetic")),
+        ("optim", OptimConfig, doc(OptimConfig(), "optimizer and LR schedule (optim.*)")),
+        ("deepspeed", DeepSpeedConfig, doc(DeepSpeedConfig(), "ZeRO: deepspeed=zero0 ... zero3, zero3_offload "
+                                           "(deepspeed.*)")),
+        ("parallel", ParallelConfig, doc(ParallelConfig(), "tensor and context parallelism (parallel.*)")),
+        ("trainer", TrainerConfig, doc(TrainerConfig(), "the training loop (trainer.*)")),
+        ("checkpoint", CheckpointConfig, doc(CheckpointConfig(), "saving and resuming (checkpoint.*)")),
+        ("logging", LoggingConfig, doc(LoggingConfig(), "console, metrics.jsonl, wandb (logging.*)")),
+    ], namespace={"__doc__": ROOT_DOC})
 
 
 # ---- composition ---------------------------------------------------------------------------------
@@ -189,10 +317,10 @@ def load_config(overrides: List[str] = (), config_dir: Optional[str] = None,
             cfg = compose(config_name=config_name, overrides=list(overrides))
         except ConfigCompositionException as e:  # surface omegaconf's message, which names the key
             cause = e.__cause__ or e
-            raise ConfigError(f"{e}\n{cause}") from None
+            raise ConfigError(_choice_error(e) or f"{e}\n{cause}") from None
         except Exception as e:  # omegaconf ValidationError / ConfigKeyError from the schema merge
             if type(e).__module__.startswith(("omegaconf", "hydra")):
-                raise ConfigError(str(e)) from None
+                raise ConfigError(_choice_error(e) or str(e)) from None
             raise
     if "hydra" in cfg:
         with OmegaConf.read_write(cfg):
@@ -203,6 +331,55 @@ def load_config(overrides: List[str] = (), config_dir: Optional[str] = None,
     OmegaConf.resolve(cfg)
     validate(cfg)
     return cfg
+
+
+def schema_type(path: str) -> Any:
+    """The schema's type of a dotted key ("trainer.precision", "data.sources.pile.weight"), Optional
+    unwrapped; None for a key no schema types."""
+    import dataclasses
+    import typing
+
+    node: Any = _make_root_schema()
+    for part in path.split("."):
+        node = _unwrap_optional(node)
+        if dataclasses.is_dataclass(node):
+            hints = typing.get_type_hints(node)
+            if part not in hints:
+                return None
+            node = hints[part]
+        elif typing.get_origin(node) in (dict, Dict):
+            node = typing.get_args(node)[1]
+        else:
+            return None
+    return _unwrap_optional(node)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+
+
+def _choice_error(e: Optional[BaseException]) -> Optional[str]:
+    """OmegaConf's refusal of a word that is not one of a Choice key's values, as `key='word': must
+    be one of [...]` (its own message names the key on a later line and the choices by member name).
+    Hydra raises it as the cause of its own error, or (a value in a YAML file) as the context."""
+    import re
+
+    from omegaconf.errors import ValidationError
+
+    where = re.match(r"In '([^']+)':", str(e))  # Hydra names the file that set the value
+    while e is not None and not (isinstance(e, ValidationError) and getattr(e, "full_key", None)):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    key = e.full_key
+    tp = schema_type(key)
+    if not (isinstance(tp, type) and issubclass(tp, enum.Enum)):  # the model's Choice is its own class
+        return None
+    return (f"{key}={getattr(e, 'value', None)!r}: must be one of {[m.value for m in tp]}"
+            + (f" (in conf/{where.group(1)}.yaml)" if where else ""))
 
 
 # ---- typos Hydra lets through --------------------------------------------------------------------
@@ -335,7 +512,8 @@ def _check_context_parallel(cfg: DictConfig, chunk: Optional[int]) -> None:
 
 
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
-    """Checks types cannot express; each failure names its key and value."""
+    """Checks types cannot express; each failure names its key and value. (The Choice keys need
+    none here: OmegaConf refuses any other word when the config is composed.)"""
     if cfg.get("model") is None:
         _fail("model", None, "no model chosen (model=<preset> from conf/model/)")
     for key in ("trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_len", "trainer.log_every",
@@ -349,9 +527,6 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _positive(cfg, "trainer.eval_batches")
     if cfg.trainer.chunk_size is not None:
         _positive(cfg, "trainer.chunk_size")
-    _choice(cfg, "optim.name", ("adamw",))
-    _choice(cfg, "optim.impl", ("auto", "torch", "fused", "deepspeed"))
-    _choice(cfg, "optim.decay", ("linear", "cosine", "constant"))
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         _fail("optim.betas", list(cfg.optim.betas), "must be two numbers in [0, 1)")
     if cfg.optim.min_lr_ratio > 1.0:
@@ -361,14 +536,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _fail("deepspeed.offload_optimizer", True, f"needs deepspeed.stage >= 2 (is {cfg.deepspeed.stage})")
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         _fail("deepspeed.offload_params", True, f"needs deepspeed.stage == 3 (is {cfg.deepspeed.stage})")
-    _choice(cfg, "parallel.backend", ("auto", "nccl", "gloo"))
-    _choice(cfg, "trainer.precision", ("auto", "bf16", "bf16_autocast", "fp32"))
-    _choice(cfg, "trainer.device", ("auto", "cuda", "cpu"))
-    _choice(cfg, "trainer.mode", ("parallel", "chunkwise"))
-    _choice(cfg, "trainer.data_source", ("stream", "synthetic"))
     checkpointing_mode(cfg.trainer.activation_checkpointing)
-    _choice(cfg, "logging.wandb.mode", ("online", "offline", "disabled"))
-    _choice(cfg, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
     model = cfg.model

@@ -66,9 +66,9 @@ def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
 
     conf = tmp_path / "conf"
     shutil.copytree(conf_dir(), conf)
-    (conf / "trainer" / "typo.yaml").write_text("max_steps: 3\nlog_evry: 5\n")
-    msg = _error(["trainer=typo"], config_dir=str(conf))
-    assert "log_evry" in msg
+    (conf / "deepspeed" / "typo.yaml").write_text("stage: 3\nreduce_bucket_sise: 5\n")
+    msg = _error(["deepspeed=typo"], config_dir=str(conf))
+    assert "reduce_bucket_sise" in msg
 
 
 def test_wrong_type_is_named():

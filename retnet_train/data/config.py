@@ -1,35 +1,49 @@
-"""Schema of conf/data/*.yaml (an OmegaConf structured config: plain types only)."""
+"""Schema of conf/data/*.yaml (an OmegaConf structured config: plain types and Choices only)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from retnet_train.schema import Choice, doc
+
+
+class Verify(Choice):
+    quick = "quick"
+    full = "full"
 
 
 @dataclass
 class SourceConfig:
-    path: str = ""         # directory holding the source's manifest.json (relative: to the cwd)
-    weight: float = 1.0    # share of training samples; normalised over all sources
+    """One source of the mixture (data.sources.<name>): shards built by data_prep."""
+
+    path: str = doc("", "directory holding the source's manifest.json and shards (relative: to the working "
+                    "directory)")
+    weight: float = doc(1.0, "share of the training samples, normalised over all sources; > 0")
 
 
 @dataclass
 class DataConfig:
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
-    tokenizer: str = ""    # the sentencepiece .model the shards were encoded with
-    seed: int = 1234       # the mixture and shuffle order; same seed, same batches
-    num_workers: int = 1   # loader worker processes per rank (0 = in the training process)
-    val_batches: int = 4   # validation micro-batches per source per eval
-    prefetch: int = 4      # messages (of >= 64k tokens: several steps) each worker prepares ahead
-    # Checked at start-up, before step 1 (retnet_train.data.verify): quick = every shard exists
-    # with the size, sample count and headers its manifest records; full = also its sha256
-    # (reads every byte once).
-    verify: str = "quick"
-    # Hand the model each window's document starts (the batch's doc_starts): retention restarts its
-    # state and attention is blocked at every boundary, so no document is conditioned on the one
-    # packed before it. On in the pretraining data (pile_c4_stack); off keeps the old behaviour.
-    reset_at_documents: bool = False
-    # Not read by the code: a base directory that the YAML files interpolate into paths
-    # (`path: ${...root}/pile`), so that one override moves a whole mixture.
-    root: str = "."
+    """The shards and their mixture (docs/data.md): a seeded, weighted mixture of sources, split by
+    data-parallel rank and loader worker. Files: conf/data/<name>.yaml."""
+
+    sources: dict[str, SourceConfig] = doc({}, "the sources by name, each a path and a weight "
+                                           "(data.sources.<name>.*); their names label validation metrics")
+    tokenizer: str = doc("", "the sentencepiece .model the shards were encoded with (shards of another "
+                         "tokenizer are refused)")
+    seed: int = doc(1234, "the mixture and shuffle order; same seed, same batches")
+    num_workers: int = doc(1, "loader worker processes per rank (0: in the training process)")
+    val_batches: int = doc(4, "validation micro-batches per source per evaluation on every data-parallel rank, "
+                           "unless trainer.eval_batches is set (it wins); 0: no validation data is read")
+    prefetch: int = doc(4, "messages (of >= 64k tokens: several steps) each worker prepares ahead; >= 1")
+    verify: Verify = doc(Verify.quick, "checked at start-up, before step 1 (retnet_train.data.verify): `quick`: "
+                         "every shard exists with the size, sample count and headers its manifest records; "
+                         "`full`: also its sha256 (reads every byte once)")
+    reset_at_documents: bool = doc(False, "hand the model each window's document starts (the batch's doc_starts): "
+                                   "retention restarts its state and attention is blocked at every boundary, so no "
+                                   "document is conditioned on the one packed before it. On in the pretraining "
+                                   "data (pile_c4_stack); off keeps the old behaviour")
+    root: str = doc(".", "not read by the code: a base directory that the YAML files interpolate into paths "
+                    "(`path: ${...root}/pile`), so that one override (data.root=DIR) moves a whole mixture")
 
 
 def validate(cfg: DataConfig) -> None:
@@ -47,7 +61,7 @@ def validate(cfg: DataConfig) -> None:
     for key in ("num_workers", "val_batches"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"data.{key}: must be >= 0, got {getattr(cfg, key)}")
-    if cfg.verify not in ("quick", "full"):
-        raise ValueError(f"data.verify: must be quick or full, got {cfg.verify!r}")
+    if cfg.verify not in Verify.values():
+        raise ValueError(f"data.verify: must be one of {list(Verify.values())}, got {cfg.verify!r}")
     if cfg.prefetch < 1:
         raise ValueError(f"data.prefetch: must be >= 1, got {cfg.prefetch}")

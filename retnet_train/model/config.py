@@ -7,20 +7,94 @@ dataclass as its schema, so a typo in a YAML key fails at start-up.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-ARCHS = ("retnet", "transformer")
-FFN_TYPES = ("gelu", "glu")
-ACTIVATIONS = ("swish", "gelu")
-NORMS = ("layernorm", "rmsnorm")
-HEAD_NORMS = ("groupnorm", "rmsnorm")
-DECAY_SCHEDULES = ("paper", "linspace", "uniform")
-SCORE_NORMS = ("none", "torchscale")
-MODES = ("parallel", "chunkwise", "recurrent")
-KERNELS = ("auto", "torch", "fla", "triton")  # see kernels/__init__.py
+# ---- documented fields and checked choices ----------------------------------------------------------
+# The same few lines as retnet_train/schema.py (read its docstring): an export's Hugging Face folder
+# bundles this package alone (retnet_train/hf/bundle.py), so the model cannot import them from there.
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10
+    class StrEnum(str, enum.Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Choice(StrEnum):
+    """One of a fixed set of words, named as its value (OmegaConf looks strings up by name); equal
+    to, hashed and formatted as its string, with the string's repr."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with its documentation (docs/config.md is generated from it)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+class Arch(Choice):
+    retnet = "retnet"
+    transformer = "transformer"
+
+
+class FfnType(Choice):
+    gelu = "gelu"
+    glu = "glu"
+
+
+class Activation(Choice):
+    swish = "swish"
+    gelu = "gelu"
+
+
+class Norm(Choice):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class HeadNormKind(Choice):
+    groupnorm = "groupnorm"
+    rmsnorm = "rmsnorm"
+
+
+class DecaySchedule(Choice):
+    paper = "paper"
+    linspace = "linspace"
+    uniform = "uniform"
+
+
+class ScoreNorm(Choice):
+    none = "none"
+    torchscale = "torchscale"
+
+
+class Kernels(Choice):
+    auto = "auto"
+    torch = "torch"
+    fla = "fla"
+    triton = "triton"
+
+
+class Init(Choice):
+    official = "official"
+
+
+KERNELS = Kernels.values()  # see kernels/__init__.py
+MODES = ("parallel", "chunkwise", "recurrent")  # the retention forms a forward pass can take
 
 
 class ModelConfigError(ValueError):
@@ -29,37 +103,67 @@ class ModelConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "retnet"  # "retnet" | "transformer"
-    vocab_size: int = 32000
-    d_model: int = 512
-    n_layers: int = 6
-    n_heads: int = 4  # key head dim = d_model / n_heads (the paper's 256 at every size)
-    value_dim: Optional[int] = None  # total value width; None: 2 * d_model (RetNet), d_model (Transformer)
-    ffn_dim: Optional[int] = None  # None: 2 * d_model (RetNet), 4 * d_model (Transformer)
-    ffn_type: str = "gelu"  # "gelu": two-layer GELU FFN; "glu": gated linear unit
-    glu_activation: str = "swish"  # activation of the GLU branch: "swish" | "gelu"
-    norm: str = "layernorm"  # pre-norm of each block and final norm: "layernorm" | "rmsnorm"
-    norm_eps: float = 1e-6
-    head_norm: str = "groupnorm"  # per-head normalisation of the retention output: "groupnorm" | "rmsnorm"
-    head_norm_eps: float = 1e-6
-    head_norm_affine: bool = True
-    gate_activation: str = "swish"  # of the output gate g
-    decay_schedule: str = "paper"  # "paper": 1 - 2^(-5-h); "linspace": 1 - exp(linspace(ln 1/32, ln 1/512)); "uniform"
-    score_norm: str = "none"  # "torchscale": the official code's decay-mask and score normalisations
-    rope_base: float = 10000.0
-    # with doc_starts, rotary positions count from each document's first token (False: from the window's)
-    rope_reset_at_documents: bool = True
-    bias: bool = False  # biases in every projection
-    tie_embeddings: bool = False
-    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model)
-    dropout: float = 0.0
-    chunk_size: int = 64  # default chunk length of the chunkwise form
-    # which fast paths run (retention, fused head norm + gate, linear cross-entropy), resolved once at
-    # build into model.kernels: "auto" (CPU: torch; NVIDIA: fla, else our Triton kernels, else torch;
-    # ROCm: our Triton kernels, else torch) | "torch" (plain PyTorch everywhere) | "fla" | "triton"
-    kernels: str = "auto"
-    init: str = "official"  # "official": torchscale's initialisation
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. where a preset came from)
+    """The network: RetNet or the Transformer baseline (same embedding, blocks of pre-norm + mixing +
+    FFN, final norm, LM head). Presets: conf/model/<name>.yaml; from Python,
+    `build_model("retnet_tiny", kernels="torch")` takes the same keys as keywords. Choice keys take
+    their words as plain strings too."""
+
+    arch: Arch = doc(Arch.retnet, "`retnet`: multi-scale retention; `transformer`: the causal-attention baseline")
+    vocab_size: int = doc(32000, "embedding and LM-head rows; a run on shards sets it to its tokenizer's "
+                          "vocabulary, padded to a multiple of 128")
+    d_model: int = doc(512, "the model width")
+    n_layers: int = doc(6, "blocks")
+    n_heads: int = doc(4, "heads; the key head dim d_model / n_heads (the paper's 256 at every size) must be "
+                        "even")
+    value_dim: Optional[int] = doc(None, "total value width of the heads; null: 2 x d_model (RetNet), d_model "
+                                   "(Transformer, which needs value_dim = d_model)")
+    ffn_dim: Optional[int] = doc(None, "FFN hidden width; null: 2 x d_model (RetNet), 4 x d_model (Transformer)")
+    ffn_type: FfnType = doc(FfnType.gelu, "`gelu`: two-layer GELU FFN; `glu`: gated linear unit")
+    glu_activation: Activation = doc(Activation.swish, "activation of the GLU's gate branch (ffn_type=glu)")
+    norm: Norm = doc(Norm.layernorm, "the pre-norm of each block and the final norm")
+    norm_eps: float = doc(1e-6, "epsilon of those norms")
+    head_norm: HeadNormKind = doc(HeadNormKind.groupnorm, "per-head normalisation of the retention output: "
+                                  "`groupnorm` (the paper's, one group per head) | `rmsnorm` (the official "
+                                  "code's, no mean)")
+    head_norm_eps: float = doc(1e-6, "epsilon of the head norm")
+    head_norm_affine: bool = doc(True, "a learned per-channel gain of the head norm (and a bias with groupnorm)")
+    gate_activation: Activation = doc(Activation.swish, "activation of the retention output gate g: "
+                                      "act(g) * head_norm(o)")
+    decay_schedule: DecaySchedule = doc(DecaySchedule.paper, "the decay gamma_h of head h: `paper`: 1 - 2^(-5-h); "
+                                        "`linspace`: 1 - gamma spread log-uniformly over [1/512, 1/32] for any "
+                                        "head count; `uniform`: 1 - 2^-5 for every head (the paper's ablation "
+                                        "without multi-scale decay)")
+    score_norm: ScoreNorm = doc(ScoreNorm.none, "`torchscale`: the official code's decay-mask and score "
+                                "normalisations; `none`: the paper's formula")
+    rope_base: float = doc(10000.0, "base of the rotary position angles")
+    rope_reset_at_documents: bool = doc(True, "with doc_starts, rotary positions count from each document's first "
+                                        "token (false: from the window's)")
+    bias: bool = doc(False, "biases in every projection")
+    tie_embeddings: bool = doc(False, "the LM head shares the embedding's weight")
+    embed_scale: bool = doc(False, "multiply token embeddings by sqrt(d_model)")
+    dropout: float = doc(0.0, "dropout probability of the embeddings, of each block's two residual branches and "
+                         "of the FFN hidden units; in [0, 1)")
+    chunk_size: int = doc(64, "default chunk length of the chunkwise form (trainer.chunk_size overrides it in "
+                          "training)")
+    kernels: Kernels = doc(Kernels.auto, "which fast paths run (retention, fused head norm + gate, linear "
+                           "cross-entropy), resolved once at build into model.kernels: `auto` (CPU: torch; "
+                           "NVIDIA: fla, else our Triton kernels, else torch; ROCm: our Triton kernels, else "
+                           "torch) | `torch` (plain PyTorch everywhere) | `fla` | `triton`; an impossible choice "
+                           "is an error, never a silent fallback")
+    init: Init = doc(Init.official, "the initialisation: `official`, torchscale's")
+    extra: dict[str, Any] = doc({}, "free-form notes, not read by the code (e.g. where a preset came from)")
+
+    def __post_init__(self) -> None:
+        # Python callers and JSON (an export's model_config.json) give plain strings: make each the
+        # key's Choice, so a wrong word fails here, naming the key, whoever built the config
+        for name, choice in _choice_fields().items():
+            value = getattr(self, name)
+            if not isinstance(value, choice):
+                try:
+                    value = choice(value)
+                except ValueError:
+                    raise ModelConfigError(f"model.{name}={value!r} is not one of {list(choice.values())}") from None
+                setattr(self, name, value)
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -83,23 +187,17 @@ class ModelConfig:
         return 2 * self.d_model if self.arch == "retnet" else 4 * self.d_model
 
 
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ModelConfigError(f"model.{key}={value!r} is not one of {list(choices)}")
+@functools.lru_cache(maxsize=None)
+def _choice_fields() -> dict[str, type]:
+    """ModelConfig's Choice keys and their Enums."""
+    hints = typing.get_type_hints(ModelConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)
+            if isinstance(hints[f.name], type) and issubclass(hints[f.name], Choice)}
 
 
 def validate(cfg: ModelConfig) -> ModelConfig:
-    """Raise ModelConfigError naming the key for any value that cannot build a model."""
-    _check_choice("arch", cfg.arch, ARCHS)
-    _check_choice("ffn_type", cfg.ffn_type, FFN_TYPES)
-    _check_choice("glu_activation", cfg.glu_activation, ACTIVATIONS)
-    _check_choice("gate_activation", cfg.gate_activation, ACTIVATIONS)
-    _check_choice("norm", cfg.norm, NORMS)
-    _check_choice("head_norm", cfg.head_norm, HEAD_NORMS)
-    _check_choice("decay_schedule", cfg.decay_schedule, DECAY_SCHEDULES)
-    _check_choice("score_norm", cfg.score_norm, SCORE_NORMS)
-    _check_choice("init", cfg.init, ("official",))
-    _check_choice("kernels", cfg.kernels, KERNELS)
+    """Raise ModelConfigError naming the key for any value that cannot build a model. (The Choice
+    keys were checked when the ModelConfig was made.)"""
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or value <= 0:

@@ -135,7 +135,7 @@ class Trainer:
 
     def _model_config(self) -> dict:
         """This run's `model` section as a checkpoint's meta.json records it."""
-        return OmegaConf.to_container(self.cfg.model, resolve=True)
+        return OmegaConf.to_container(self.cfg.model, resolve=True, enum_to_str=True)
 
     def _metrics_writer(self) -> MetricsWriter:
         wandb_run = None
@@ -143,7 +143,7 @@ class Trainer:
             from .wandb_run import start_wandb
 
             wandb_run = start_wandb(self.cfg.logging.wandb, self.cfg.name, self.run_dir,
-                                    OmegaConf.to_container(self.cfg, resolve=True))
+                                    OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True))
         writer = MetricsWriter(self.run_dir, self.ps.is_main, self.cfg.logging.console, self.cfg.trainer.max_steps,
                                wandb_run)
         # records of steps after the point this run starts from were written by a run that stopped

@@ -31,7 +31,7 @@ class WandbRun:
 
 
 def start_wandb(wcfg, run_name: str, run_dir: str | Path, config: dict) -> WandbRun | None:
-    mode = wcfg.mode
+    mode = str(wcfg.mode)  # the plain word for wandb, not our Choice Enum
     if mode == "disabled":
         return None
     if mode == "online" and not _has_api_key():
