@@ -15,7 +15,7 @@ STAMP := $(VENV)/.retnet_train-installed
 # so it goes in without dependencies (the test stubs what the RetNet path does not use).
 TORCHSCALE_SPEC ?= torchscale==0.3.0
 
-.PHONY: install test test-gpu train sample-data clean
+.PHONY: install test test-gpu train sample-data docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ install: $(STAMP)
 TEST_WORKERS ?= auto
 test: install sample-data
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# docs/config.md from the config schemas (tests/test_config_docs.py fails when it is stale).
+docs: install
+	$(PY) -m retnet_train.config_docs
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     opts, overrides = split_argv(sys.argv[1:] if argv is None else argv)
     if opts["help"]:
         print(__doc__)
-        print("Groups: model data optim deepspeed parallel trainer checkpoint logging experiment (see conf/).")
+        print("Groups with files in conf/: model data deepspeed experiment. Every key, its default and its "
+              "meaning: docs/config.md.")
         return 0
     from retnet_train.config import ConfigError, load_config
 
