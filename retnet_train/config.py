@@ -464,16 +464,17 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def batch_layout(cfg: DictConfig, world_size: Optional[int] = None) -> Dict[str, int]:
+def batch_layout(parallel: ParallelConfig, trainer: TrainerConfig,
+                 world_size: Optional[int] = None) -> Dict[str, int]:
     """Data-parallel size and gradient accumulation steps that the batch keys imply."""
     world = world_size or world_size_from_env()
-    tp, cp = cfg.parallel.tp, cfg.parallel.get("cp", 1)
+    tp, cp = parallel.tp, getattr(parallel, "cp", 1)
     if world % tp:
         _fail("parallel.tp", tp, f"does not divide the world size {world}")
     if world % (tp * cp):
         _fail("parallel.cp", cp, f"times parallel.tp={tp} does not divide the world size {world}")
     dp = world // (tp * cp)  # data-parallel replicas: each reads its own samples
-    t = cfg.trainer
+    t = trainer
     per_micro = t.micro_batch_size * t.seq_len * dp
     if t.global_batch_tokens % per_micro:
         _fail("trainer.global_batch_tokens", t.global_batch_tokens,
@@ -549,7 +550,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     if cfg.trainer.mode == "chunkwise" and chunk and cfg.trainer.seq_len % chunk:
         _fail("trainer.seq_len", cfg.trainer.seq_len, f"not divisible by the chunk size {chunk}")
     _check_context_parallel(cfg, chunk)
-    batch_layout(cfg, world_size)
+    batch_layout(cfg.parallel, cfg.trainer, world_size)
     try:  # the model's own checks (heads | d_model, ...)
         from retnet_train.model import resolve_config
     except ImportError:

@@ -40,7 +40,7 @@ def test_paper_recipe(name, lr, stage, monkeypatch):
         (lr, [0.9, 0.98], 0.05, 375, "linear", 2.0)
     assert (t.global_batch_tokens, t.seq_len) == (4 * 2**20, 2048)
     assert cfg.model.n_heads and cfg.deepspeed.stage == stage
-    layout = batch_layout(cfg, world_size=64)
+    layout = batch_layout(cfg.parallel, cfg.trainer, world_size=64)
     assert layout["dp_size"] == 64 // cfg.parallel.tp
     assert layout["grad_accum"] * layout["dp_size"] * t.micro_batch_size == 2048
 
@@ -112,8 +112,8 @@ def test_batch_not_divisible_by_data_parallel_size(monkeypatch):
 def test_gradient_accumulation_follows_from_batch_keys():
     cfg = load_config([*SYN, "trainer.global_batch_tokens=65536", "trainer.seq_len=1024",
                        "trainer.micro_batch_size=4"])
-    assert batch_layout(cfg, world_size=2) == {"dp_size": 2, "tp_size": 1, "cp_size": 1, "grad_accum": 8,
-                                               "global_batch_seqs": 64}
+    assert batch_layout(cfg.parallel, cfg.trainer, world_size=2) == {
+        "dp_size": 2, "tp_size": 1, "cp_size": 1, "grad_accum": 8, "global_batch_seqs": 64}
 
 
 def test_launcher_arguments_are_not_overrides():

@@ -18,8 +18,22 @@ def test_eval_batches_is_the_number_of_validation_batches(eval_batches, want):
     cfg = load_config(["trainer.data_source=stream", "data=sample", f"data.root={SAMPLE}", "trainer.seq_len=64",
                        "trainer.micro_batch_size=2", "trainer.global_batch_tokens=128",
                        f"trainer.eval_batches={'null' if eval_batches is None else eval_batches}"])
-    batches = build_val(cfg, 256, 0, 1)
+    batches = build_val(cfg.trainer, cfg.data, 256, 0, 1)
     assert batches and all(len(v) == want for v in batches.values()), {k: len(v) for k, v in batches.items()}
+
+
+def test_eval_batches_is_the_count_that_verification_and_validation_read():
+    """One rule (train/data.py val_batches): trainer.eval_batches when set, else data.val_batches,
+    else (synthetic data, no data config) 4; verify_data checks the validation split against it too."""
+    from types import SimpleNamespace as NS
+
+    from retnet_train.train.data import val_batches
+
+    data = NS(val_batches=0)
+    assert val_batches(NS(eval_batches=None, data_source="stream"), data) == 0
+    assert val_batches(NS(eval_batches=6, data_source="stream"), data) == 6
+    assert val_batches(NS(eval_batches=None, data_source="synthetic"), None) == 4
+    assert val_batches(NS(eval_batches=2, data_source="synthetic"), None) == 2
 
 
 def test_validation_runs_without_autograd():

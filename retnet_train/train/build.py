@@ -36,44 +36,47 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def model_config(cfg):
+def model_config(model):
+    """The ModelConfig of the config's `model` section (a DictConfig)."""
     from retnet_train.model import resolve_config
 
-    return resolve_config(OmegaConf.to_container(cfg.model, resolve=True))
+    return resolve_config(OmegaConf.to_container(model, resolve=True))
 
 
-def forward_kwargs(cfg, model_cfg) -> dict:
+def forward_kwargs(trainer, model_cfg) -> dict:
     """How the model is called in training and eval: the retention form (RetNet only)."""
-    if model_cfg.arch != "retnet" or cfg.trainer.mode == "parallel":
+    if model_cfg.arch != "retnet" or trainer.mode == "parallel":
         return {}
-    return {"mode": "chunkwise", "chunk_size": cfg.trainer.chunk_size or model_cfg.chunk_size}
+    return {"mode": "chunkwise", "chunk_size": trainer.chunk_size or model_cfg.chunk_size}
 
 
-def build_engine(cfg, layout: dict, device: torch.device) -> Built:
+def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: torch.device) -> Built:
+    """model: the config's `model` section; trainer, optim, ds: the trainer, optim and deepspeed
+    sections; init_from: checkpoint.init_from (an export folder's weights load here)."""
     import deepspeed
 
-    precision = resolve_precision(cfg.trainer.precision, device)
+    precision = resolve_precision(trainer.precision, device)
     if precision == "bf16" and device.type == "cpu":
         log.warning("trainer.precision=bf16 on CPU: DeepSpeed's CPU bf16 path is slow and untested here")
-    mcfg = model_config(cfg)
+    mcfg = model_config(model)
     ps = get_state()
-    own_clipping = cfg.deepspeed.stage == 0 and precision != "bf16" and cfg.optim.impl != "deepspeed"
-    ds_config = build_ds_config(cfg, layout, precision, own_clipping)
-    model = build_model_shard(cfg, mcfg, ds_config, device)
-    model.set_activation_checkpointing(checkpointing_mode(cfg.trainer.activation_checkpointing))
-    offload = bool(cfg.deepspeed.offload_optimizer)
-    optimizer = build_optimizer(model, cfg.optim, device, offload)
+    own_clipping = ds.stage == 0 and precision != "bf16" and optim.impl != "deepspeed"
+    ds_config = build_ds_config(ds, optim, trainer.micro_batch_size, layout, precision, own_clipping)
+    net = build_model_shard(mcfg, ds_config, device, seed=trainer.seed, init_from=init_from,
+                            zero3=ds.stage == 3)
+    net.set_activation_checkpointing(checkpointing_mode(trainer.activation_checkpointing))
+    optimizer = build_optimizer(net, optim, device, bool(ds.offload_optimizer))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer,
-        model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
+        model=net, optimizer=optimizer,
+        model_parameters=param_groups(net, optim.weight_decay) if optimizer is None else None,
         config=ds_config, dist_init_required=False, mpu=mpu())
-    if cfg.trainer.compile:
-        model.compile_blocks()  # regional: one graph for every block, compiled in seconds
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    if trainer.compile:
+        net.compile_blocks()  # regional: one graph for every block, compiled in seconds
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
     log.info("model %s: %.1fM parameters in this rank's tensor-parallel slice, precision %s, ZeRO-%d, kernels %s "
              "(model.kernels=%s), activation checkpointing %s, fused loss %s",
-             mcfg.arch, n_params / 1e6, precision, cfg.deepspeed.stage, model.kernels,
-             mcfg.kernels, model.activation_checkpointing, cfg.trainer.fused_loss)
+             mcfg.arch, n_params / 1e6, precision, ds.stage, net.kernels,
+             mcfg.kernels, net.activation_checkpointing, trainer.fused_loss)
     return Built(engine=engine, model_cfg=mcfg, precision=precision, own_clipping=own_clipping, ds_config=ds_config,
                  vocab_parallel=ps.tp_size > 1)
 
@@ -84,27 +87,29 @@ def is_export_dir(path) -> bool:
     return bool(path) and (Path(str(path)) / EXPORT_CONFIG).is_file()
 
 
-def build_model_shard(cfg, mcfg, ds_config: dict, device: torch.device):
+def build_model_shard(mcfg, ds_config: dict, device: torch.device, *, seed: int, init_from=None,
+                      zero3: bool = False):
     """This rank's shard of the model, never the whole (parallel/sharded_init.py): built on the meta
-    device, each parameter materialised as its tensor-parallel slice, with ZeRO-3 straight into this
-    rank's partition; the values from trainer.seed, or from the export checkpoint.init_from names."""
+    device, each parameter materialised as its tensor-parallel slice, with ZeRO-3 (zero3) straight
+    into this rank's partition; the values from `seed` (trainer.seed), or from the export folder
+    that `init_from` (checkpoint.init_from) names."""
     from retnet_train.model import EXPORT_WEIGHTS
     from retnet_train.parallel.sharded_init import ExportValues, InitValues, build_sharded_model
     from retnet_train.parallel.zero3_init import Zero3Partitioner
 
     ps = get_state()
-    if is_export_dir(cfg.checkpoint.init_from):
-        check_export_config(mcfg, cfg.checkpoint.init_from)
-        values = ExportValues(Path(str(cfg.checkpoint.init_from)) / EXPORT_WEIGHTS)
+    if is_export_dir(init_from):
+        check_export_config(mcfg, init_from)
+        values = ExportValues(Path(str(init_from)) / EXPORT_WEIGHTS)
     else:
-        values = InitValues(cfg.trainer.seed)
-    partition = Zero3Partitioner(ds_config, mpu()) if cfg.deepspeed.stage == 3 else None
+        values = InitValues(seed)
+    partition = Zero3Partitioner(ds_config, mpu()) if zero3 else None
     start = time.perf_counter()
     model = build_sharded_model(mcfg, values, device, ps.tp_rank, ps.tp_size, partition=partition,
-                                dropout_seed=cfg.trainer.seed)
+                                dropout_seed=seed)
     log.info("built this rank's shard of the model in %.1f s (tensor-parallel rank %d of %d%s)%s",
              time.perf_counter() - start, ps.tp_rank, ps.tp_size, ", ZeRO-3 partitions" if partition else "",
-             f", weights from {cfg.checkpoint.init_from}" if isinstance(values, ExportValues) else "")
+             f", weights from {init_from}" if isinstance(values, ExportValues) else "")
     return model
 
 

@@ -31,31 +31,33 @@ def zero_section(ds) -> dict[str, Any]:
     return zero
 
 
-def build_ds_config(cfg, layout: dict, precision: str, own_clipping: bool) -> dict[str, Any]:
-    """own_clipping: the trainer clips (ZeRO-0 with fp32 parameters, where DeepSpeed hands back the
+def build_ds_config(ds, optim, micro_batch_size: int, layout: dict, precision: str,
+                    own_clipping: bool) -> dict[str, Any]:
+    """ds, optim: the config's deepspeed and optim sections; micro_batch_size: trainer.micro_batch_size.
+    own_clipping: the trainer clips (ZeRO-0 with fp32 parameters, where DeepSpeed hands back the
     raw optimizer). precision: fp32 | bf16 (bf16 parameters, fp32 master weights in the optimizer) |
     bf16_autocast (fp32 parameters, bf16 compute)."""
-    t, o = cfg.trainer, cfg.optim
+    o = optim
     out: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": layout["grad_accum"],
         # DeepSpeed counts every rank of its data-parallel group, the cp ranks of a sequence too
         # (it averages their gradients: each holds the mean loss of an equal slice)
-        "train_batch_size": t.micro_batch_size * layout["grad_accum"] * layout["dp_size"] * layout.get("cp_size", 1),
+        "train_batch_size": micro_batch_size * layout["grad_accum"] * layout["dp_size"] * layout.get("cp_size", 1),
         "gradient_clipping": 0.0 if own_clipping else float(o.grad_clip),
-        "zero_optimization": zero_section(cfg.deepspeed),
+        "zero_optimization": zero_section(ds),
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**62,  # the trainer logs
         "wall_clock_breakdown": False,
         "bf16": {"enabled": precision == "bf16"},
     }
-    if precision == "bf16" and cfg.deepspeed.stage >= 1:
+    if precision == "bf16" and ds.stage >= 1:
         out["data_types"] = {"grad_accum_dtype": "fp32"}  # ZeRO-0 + bf16 accumulates in bf16 (DeepSpeed's only mix)
     if precision == "bf16_autocast":  # fp32 parameters, bf16 matmuls under torch.autocast
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if o.impl == "deepspeed":
         out["optimizer"] = {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}}
-    extra = OmegaConf.to_container(cfg.deepspeed.extra, resolve=True) if cfg.deepspeed.extra else {}
+    extra = OmegaConf.to_container(ds.extra, resolve=True) if ds.extra else {}
     return deep_merge(out, extra)

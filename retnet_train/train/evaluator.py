@@ -10,9 +10,10 @@ from .evaluate import evaluate
 
 
 class Evaluator:
-    def __init__(self, cfg, engine, built, forward_kwargs: dict, ps, metrics):
-        t = cfg.trainer
-        self.cfg, self.engine, self.built, self.fwd = cfg, engine, built, forward_kwargs
+    def __init__(self, trainer, data, engine, built, forward_kwargs: dict, ps, metrics):
+        """trainer, data: the config's trainer and data sections."""
+        t = trainer
+        self.trainer, self.data, self.engine, self.built, self.fwd = trainer, data, engine, built, forward_kwargs
         self.ps, self.metrics = ps, metrics
         self.every = Every(t.eval_every, last=t.max_steps)  # the last step: see finish()
         self.at_end = t.eval_at_end
@@ -30,9 +31,10 @@ class Evaluator:
     def run(self, state) -> dict:
         if self.val is None:
             # the ranks of a context-parallel group read the same batches (each keeps its slice)
-            self.val = build_val(self.cfg, self.built.model_cfg.vocab_size, self.ps.data_rank, self.ps.data_size)
+            self.val = build_val(self.trainer, self.data, self.built.model_cfg.vocab_size, self.ps.data_rank,
+                                 self.ps.data_size)
         result = evaluate(self.engine, self.val, self.fwd, self.ps.device, self.built.vocab_parallel,
-                          self.cfg.trainer.fused_loss, self.cfg.data.reset_at_documents, context_parallel())
+                          self.trainer.fused_loss, self.data.reset_at_documents, context_parallel())
         state.last_eval_step = state.step
         record = {"step": state.step, "tokens": state.tokens, **result}
         if "val/loss" in result:

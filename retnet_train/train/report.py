@@ -23,7 +23,7 @@ def unigram_entropy(cfg, n_tokens: int = 500_000) -> float:
     from .data import build_train_stream
 
     vocab = cfg.model.vocab_size
-    stream = build_train_stream(cfg, vocab, 0, 1)
+    stream = build_train_stream(cfg.trainer, cfg.data, vocab, 0, 1)
     counts = torch.zeros(vocab, dtype=torch.float64)
     seen = 0
     for batch in stream:

@@ -58,6 +58,9 @@ def setup_logging(level: str, rank: int, run_dir) -> None:
 
 
 class Trainer:
+    """The one holder of the whole config (the root, from load_config); everything it builds gets only
+    the sections it reads."""
+
     def __init__(self, cfg):
         self.cfg = cfg
         t = cfg.trainer
@@ -71,22 +74,23 @@ class Trainer:
             # Denormal floats (e.g. the softmax gradient of tokens the model has learned to rule out)
             # make x86 arithmetic ~100x slower; measured: a CPU run fell from 4k to 0.5k tokens/s.
             torch.set_flush_denormal(True)
-        self.layout = batch_layout(cfg, self.ps.world_size)
+        self.layout = batch_layout(cfg.parallel, t, self.ps.world_size)
         self.run_dir = Path(cfg.run_dir)
-        verify_data(cfg, self.ps.is_main)
-        vocab = resolve_vocab_size(cfg)
+        verify_data(t, cfg.data, self.ps.is_main)
+        vocab = resolve_vocab_size(t, cfg.data)
         if vocab is not None and vocab != cfg.model.vocab_size:
             log.info("model.vocab_size %d -> %d (the tokenizer's vocabulary)", cfg.model.vocab_size, vocab)
             cfg.model.vocab_size = vocab
         seed_all(t.seed)  # identical initial weights on every rank
-        self.built = build_engine(cfg, self.layout, self.ps.device)
+        self.built = build_engine(cfg.model, t, cfg.optim, cfg.deepspeed, cfg.checkpoint.init_from, self.layout,
+                                  self.ps.device)
         self.engine = self.built.engine
         if self.ps.device.type == "cuda":
             # the model was built in fp32 on the device before ZeRO / tensor parallelism cut it down:
             # report that peak once, and let mem_gib show what training itself holds
             log.info("peak device memory while building: %.1f GiB", peak_memory_gib(self.ps.device))
             torch.cuda.reset_peak_memory_stats(self.ps.device)
-        self.fwd = forward_kwargs(cfg, self.built.model_cfg)
+        self.fwd = forward_kwargs(t, self.built.model_cfg)
         self.lr_at = schedule_from_config(cfg.optim, t.max_steps)
         try:
             self.flops_per_token = flops_per_token(self.built.model_cfg, t.seq_len, self.fwd.get("mode", "parallel"))
@@ -105,7 +109,8 @@ class Trainer:
         rank_seed = t.seed + 1000 * self.ps.dp_rank
         seed_all(rank_seed)
         # the ranks of a context-parallel group read the same samples; each keeps its slice
-        self.stream = build_train_stream(cfg, self.built.model_cfg.vocab_size, self.ps.data_rank, self.ps.data_size)
+        self.stream = build_train_stream(t, cfg.data, self.built.model_cfg.vocab_size, self.ps.data_rank,
+                                         self.ps.data_size)
         self.state = TrainingState(self.stream, rng_seed=rank_seed)
         self._restore()
         if self.ps.is_main:  # only now: a run refused above must not overwrite the config of the run it found
@@ -115,7 +120,7 @@ class Trainer:
         self.step_log = StepLog(self.metrics, Every(t.log_every, last=t.max_steps, at_last=True),
                                 t.global_batch_tokens, t.max_steps, self.flops_per_token, self.peak_flops,
                                 self.ps.device)
-        self.evaluator = Evaluator(cfg, self.engine, self.built, self.fwd, self.ps, self.metrics)
+        self.evaluator = Evaluator(t, cfg.data, self.engine, self.built, self.fwd, self.ps, self.metrics)
 
     # ---- set-up -----------------------------------------------------------------------------------
     def _restore(self) -> None:
