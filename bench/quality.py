@@ -187,7 +187,8 @@ def notes(results: dict[str, dict], args, chart_name: str | None) -> str:
              "every run in its own process, same seed and batches; validation loss at the last step, per source and "
              "over all sources" + (f", on the same {eval_tokens:,} held-out tokens of each source" if eval_tokens else ""),
              data_note(first),
-             "wall time per run (start-up included) " + ", ".join(f"{n} {m['wall_s']:.0f} s" for n, m in metas.items())
+             "wall time per run (start-up included) " + ", ".join(f"{n} {m['wall_s']:.0f} s" if m.get("wall_s") is not None
+                                                   else f"{n} not recorded" for n, m in metas.items())
              if metas else "",
              f"runs on {' and '.join(devices)}" if len(devices) > 1 else "",
              f"table and chart made from the run folders by `python {' '.join(sys.argv)}`" if args.report_only else "",
