@@ -129,12 +129,16 @@ def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str) -> dict
 
 def through_trainer(seq_len: int, tokens: int, args, kernels: str) -> dict:
     from bench.train_throughput import measure
+    from bench.train_throughput import parse as throughput_args
 
     batch = max(1, tokens // seq_len)
-    ns = argparse.Namespace(micro_batch=batch, tokens_per_step=tokens, mode="auto", tp=1, cp=1, grad_accum=1,
-                            warmup=args.warmup, steps=args.steps, precision="auto", zero=2,
-                            act_ckpt=args.act_ckpt, compile=args.compile, chunk_size=args.chunk_size,
-                            overrides=[f"model.kernels={kernels}"])
+    # train_throughput's own parser fills every option measure() reads, so one added there later
+    # gets its default here too (a hand-made Namespace missed `cp` once and every row failed)
+    flags = ["--micro-batch", str(batch), "--tokens-per-step", str(tokens), "--warmup", str(args.warmup),
+             "--steps", str(args.steps), "--zero", "2", *(["--compile"] if args.compile else []),
+             *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}"]
+    ns = throughput_args(flags)
+    ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there
     row = measure(f"retnet_{args.size}", seq_len, ns)
     return {"tokens_per_s": row["tokens_per_s"], "peak_gib": row["peak_mem_gib"], "batch": batch,
             "loss": f"{row['first_loss']:.2f} -> {row['loss']:.2f}", "kernels": kernels}

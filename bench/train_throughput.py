@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def parse() -> argparse.Namespace:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", nargs="+", default=["retnet_1.3b"], help="conf/model presets")
     p.add_argument("--seq-len", nargs="+", type=int, default=[2048])
@@ -48,7 +48,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
     p.add_argument("--result-json", help=argparse.SUPPRESS)  # internal: one configuration, result to this file
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def measure(preset: str, seq_len: int, args) -> dict:
