@@ -117,10 +117,16 @@ def test_gradient_accumulation_follows_from_batch_keys():
 
 
 def test_launcher_arguments_are_not_overrides():
-    opts, ov = split_argv(["--local_rank=1", "a=1", "--config-name", "x", "b=2"])
-    assert ov == ["a=1", "b=2"] and opts["config_name"] == "x"
-    opts, ov = split_argv(["--local_rank", "0", "c=3"])
-    assert ov == ["c=3"]
+    import os
+    from unittest import mock
+
+    # split_argv sets LOCAL_RANK as the launcher would: not for the rest of this pytest process
+    # (lm-eval's simple_evaluate, for one, returns nothing where LOCAL_RANK is not 0)
+    with mock.patch.dict(os.environ):
+        opts, ov = split_argv(["--local_rank=1", "a=1", "--config-name", "x", "b=2"])
+        assert ov == ["a=1", "b=2"] and opts["config_name"] == "x"
+        opts, ov = split_argv(["--local_rank", "0", "c=3"])
+        assert ov == ["c=3"]
 
 
 def test_cli_exits_2_naming_the_key_before_touching_devices():
