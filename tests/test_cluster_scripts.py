@@ -20,7 +20,7 @@ TORCHRUN_SH = LAUNCH / "torchrun.sh"
 DEEPSPEED_SH = LAUNCH / "deepspeed.sh"
 SBATCH = LAUNCH / "slurm" / "train.sbatch"
 SCRIPTS = [TORCHRUN_SH, DEEPSPEED_SH, SBATCH, LAUNCH / "common.sh", *sorted((LAUNCH / "env").glob("*.sh")),
-           *sorted((LAUNCH / "lib").glob("*.sh"))]
+           *sorted((LAUNCH / "lib").glob("*.sh")), ROOT / "bench" / "multi_gpu.sh"]
 
 # Variables the scripts read: clear them so the caller's shell (or a real SLURM job) cannot leak in.
 _SCRUB = (
