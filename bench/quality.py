@@ -21,7 +21,6 @@ and writes bench/quality_loss[_small].png (train loss against tokens).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.results import append, provenance  # noqa: E402  (the project's RESULTS.md format)
 
 # size -> experiment; a run's model preset is <arch>_<size> (retnet_small, transformer_tiny, ...)
 SIZES = {"tiny": "tiny_cpu", "small": "quality_gpu"}
@@ -106,7 +107,7 @@ def train(name: str, args, work: Path) -> Path:
     proc = subprocess.run(cmd, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{name}: the training run failed (exit {proc.returncode}); its log is in {run_dir}/logs")
-    meta = {**this_machine(), "experiment": args.experiment, "size": args.size, "model": f"{arch}_{args.size}",
+    meta = {**provenance(), "experiment": args.experiment, "size": args.size, "model": f"{arch}_{args.size}",
             "overrides": [*extra, *steps, *args.overrides], "wall_s": round(time.monotonic() - start, 1),
             "data": data_facts(run_dir)}
     (run_dir / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -149,31 +150,15 @@ def data_note(meta: dict) -> str:
             "; mixture weights " + "/".join(f"{s['weight']:g}" for s in src.values()))
 
 
-def record(title: str, header: list[str], rows: list[list], meta: dict, notes: str, save: bool) -> str:
-    """bench.results.append's block, with the date, device, torch, commit and command that the runs
-    recorded: with --report-only they ran on another machine than the one writing RESULTS.md."""
-    from bench.results import RESULTS, commit, markdown_table
+def origin(meta: dict) -> dict:
+    """The runs' own date, device, torch, commit and command for RESULTS.md: with --report-only they
+    ran on another machine than the one writing the table."""
+    from bench.results import commit
 
-    run_commit = meta.get("commit", "unknown")
-    if run_commit == "unknown":
-        run_commit = f"{commit()} (of the checkout that made the table: the runs recorded none)"
-    body = markdown_table(header, rows)
-    block = (f"\n## {title}\n\n- date: {meta['date']}\n- device: {meta['device']}\n- torch: {meta['torch']}\n"
-             f"- commit: {run_commit}\n- command: `{meta['command']}`\n- notes: {notes}\n\n{body}\n")
-    print(body)
-    if save:
-        with open(RESULTS, "a") as f:
-            f.write(block)
-    return block
-
-
-def this_machine() -> dict:
-    import torch
-
-    from bench.results import commit, device_name, launcher
-
-    return {"date": datetime.date.today().isoformat(), "device": device_name(), "torch": torch.__version__,
-            "commit": commit(), "command": " ".join(launcher() + sys.argv)}
+    out = {k: meta[k] for k in ("date", "device", "torch", "commit", "command")}
+    if out["commit"] == "unknown":
+        out["commit"] = f"{commit()} (of the checkout that made the table: the runs recorded none)"
+    return out
 
 
 def notes(results: dict[str, dict], args, chart_name: str | None) -> str:
@@ -215,9 +200,9 @@ def main(argv=None) -> dict:
     drawn = chart(Path(args.chart), "training loss, same tokens", "tokens", "train loss",
                   {RUNS[n][2]: r["train"] for n, r in results.items()}, logx=False)
     # run folders made before quality_run.json existed: this machine's provenance
-    meta = next((r["meta"] for r in results.values() if r["meta"]), None) or this_machine()
-    record("Quality: RetNet against a Transformer of the same size (bench/quality.py)", header, rows, meta,
-           notes(results, args, Path(args.chart).name if drawn else None), save=not args.no_save)
+    meta = next((r["meta"] for r in results.values() if r["meta"]), None) or provenance()
+    append("Quality: RetNet against a Transformer of the same size (bench/quality.py)", header, rows,
+           notes(results, args, Path(args.chart).name if drawn else None), save=not args.no_save, origin=origin(meta))
     return results
 
 

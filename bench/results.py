@@ -52,12 +52,21 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def append(title: str, header: list[str], rows: list[list], notes: str = "", save: bool = True) -> str:
-    """Print the table and (unless save=False) append it, with its provenance, to bench/RESULTS.md."""
+def provenance() -> dict[str, str]:
+    """Where and how this process runs: date, device, torch, commit, command."""
+    return {"date": datetime.date.today().isoformat(), "device": device_name(), "torch": torch.__version__,
+            "commit": commit(), "command": " ".join(launcher() + sys.argv)}
+
+
+def append(title: str, header: list[str], rows: list[list], notes: str = "", save: bool = True,
+           origin: dict[str, str] | None = None) -> str:
+    """Print the table and (unless save=False) append it, with its provenance, to bench/RESULTS.md.
+    origin: the provenance of runs made elsewhere (a table built here from another machine's runs);
+    default: this process's."""
+    p = origin or provenance()
     table = markdown_table(header, rows)
-    block = (f"\n## {title}\n\n- date: {datetime.date.today().isoformat()}\n- device: {device_name()}\n"
-             f"- torch: {torch.__version__}\n- commit: {commit()}\n"
-             f"- command: `{' '.join(launcher() + sys.argv)}`\n" + (f"- notes: {notes}\n" if notes else "")
+    block = (f"\n## {title}\n\n- date: {p['date']}\n- device: {p['device']}\n- torch: {p['torch']}\n"
+             f"- commit: {p['commit']}\n- command: `{p['command']}`\n" + (f"- notes: {notes}\n" if notes else "")
              + "\n" + table + "\n")
     print(table)
     if not save:

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from . import init
 from .config import MODES, ModelConfig
 from .kernels import resolve_kernels
-from .layers import make_norm, rotary_sin_cos, rotary_sin_cos_at
+from .layers import document_positions, make_norm, rotary_sin_cos, rotary_sin_cos_at
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,6 @@ class LanguageModel(nn.Module):
 
     def _documents(self, ctx: ForwardContext, ids: Tensor, doc_starts: Tensor) -> None:
         """Fill ctx's document fields; a window without any document start is a plain window."""
-        from .layers import document_positions
         from .retention import packed_cu_seqlens
 
         if doc_starts.shape != ids.shape or doc_starts.dtype != torch.bool:
