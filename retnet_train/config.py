@@ -190,6 +190,10 @@ class TrainerConfig:
         "recomputed (about 1/3 more compute); `selective`: the outputs of matmuls and retention kernels are "
         "kept, norms, rotary, gates and activations recomputed. Configs written before these values: "
         "true = full, false = none", shown_type=CHECKPOINTING_TYPE)
+    checkpoint_layers: Optional[int] = doc(
+        None, "how many blocks, counted from the first, use activation_checkpointing; the others keep "
+        "everything. null: every block. Where memory beside full checkpointing holds a few blocks' "
+        "activations, they are not recomputed (Megatron's recompute_num_layers)")
     compile: bool = doc(False, "torch.compile each block (regional: one graph serves every layer)")
     fused_loss: bool = doc(True, "true: the loss from the final hidden states and the LM head's weight in token "
                            "chunks, never the full [tokens, vocab] fp32 logits (same loss to fp32 rounding); "
@@ -538,6 +542,8 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         _fail("deepspeed.offload_params", True, f"needs deepspeed.stage == 3 (is {cfg.deepspeed.stage})")
     checkpointing_mode(cfg.trainer.activation_checkpointing)
+    if cfg.trainer.checkpoint_layers is not None:
+        _positive(cfg, "trainer.checkpoint_layers", allow_zero=True)
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
     model = cfg.model
@@ -560,5 +566,8 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         from retnet_train.parallel.tensor_parallel import check_divisible
 
         check_divisible(mcfg, cfg.parallel.tp)  # heads, FFN width, vocabulary
+        layers = cfg.trainer.checkpoint_layers
+        if layers is not None and layers > mcfg.n_layers:
+            _fail("trainer.checkpoint_layers", layers, f"more than model.n_layers={mcfg.n_layers}")
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -72,6 +72,8 @@ def test_activation_checkpointing_takes_the_old_booleans():
         ("full", "none", "selective")
     with pytest.raises(ConfigError, match="trainer.activation_checkpointing='some': must be one of"):
         load_config([*SYN, "trainer.activation_checkpointing=some"])
+    with pytest.raises(ConfigError, match="trainer.checkpoint_layers=99: more than model.n_layers="):
+        load_config([*SYN, "trainer.activation_checkpointing=full", "trainer.checkpoint_layers=99"])
 
 
 def test_model_choices_take_plain_strings():

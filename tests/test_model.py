@@ -117,21 +117,24 @@ def test_activation_checkpointing_modes_give_same_losses_and_gradients():
                         ffn_type="glu").double()
     x = ids(T=16)
     results = {}
-    for mode in ("none", "full", "selective"):
-        model.set_activation_checkpointing(mode)
+    for mode in ("none", "full", "selective", "full first 1"):
+        model.set_activation_checkpointing(mode.split()[0], 1 if mode.endswith("1") else None)
         model.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x, mode="chunkwise").flatten(0, 1), x.roll(-1, 1).flatten())
         with _CountOps() as ops:
             loss.backward()
         results[mode] = (loss.item(), [p.grad.clone() for p in model.parameters()], ops.counts)
     base_loss, base_grads, base_ops = results["none"]
-    for mode in ("full", "selective"):
+    for mode in ("full", "selective", "full first 1"):
         loss, grads, _ = results[mode]
         assert loss == base_loss
         for a, b in zip(grads, base_grads):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), mode
     matmuls = lambda counts: counts.get("mm", 0) + counts.get("bmm", 0)  # noqa: E731
     assert matmuls(results["full"][2]) > matmuls(base_ops)  # the blocks' forward again
+    # checkpoint_layers=1 of 2: only the first block's forward again
+    assert matmuls(results["full first 1"][2]) - matmuls(base_ops) == (matmuls(results["full"][2]) - matmuls(base_ops)) / 2
+    assert [model.block_checkpointing(i) for i in (0, 1)] == ["full", "none"]
     assert matmuls(results["selective"][2]) == matmuls(base_ops)  # projections and retention kept
     assert results["selective"][2].get("rsqrt", 0) > base_ops.get("rsqrt", 0)  # head norm recomputed
     # the rotation of q and k (its sin/cos table is made once per forward, outside the blocks)
@@ -141,6 +144,8 @@ def test_activation_checkpointing_modes_give_same_losses_and_gradients():
     assert model.activation_checkpointing == "full"
     with pytest.raises(ValueError, match="'partial' is not one of"):
         model.set_activation_checkpointing("partial")
+    with pytest.raises(ValueError, match="checkpoint layers 3: must be a count of blocks from 0 to 2"):
+        model.set_activation_checkpointing("full", 3)
 
 
 def test_chunk_form_flops_against_a_hand_count():

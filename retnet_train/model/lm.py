@@ -76,6 +76,7 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = "none"
+        self.checkpoint_layers: int | None = None  # how many blocks (the first) checkpoint; None: all
         self._compiled_block = None  # compile_blocks(): run_block through torch.compile
         # resolved once, for the device the model is built on (torch.device(...) context)
         self.kernels = resolve_kernels(cfg.kernels)
@@ -94,14 +95,28 @@ class LanguageModel(nn.Module):
         on its own (parallel/sharded_init.py) gives the same values as this. No-op on the meta device."""
         init.init_parameters(self, torch.initial_seed() if seed is None else seed)
 
-    def set_activation_checkpointing(self, mode: str | bool = "full") -> None:
+    def set_activation_checkpointing(self, mode: str | bool = "full", layers: int | None = None) -> None:
         """What each block keeps for backward: "none" everything; "full" only its input (the whole
         block is recomputed); "selective" the matmul and retention outputs, recomputing the cheap
-        elementwise work (norms, rotary, gate, activations). True/False mean full/none."""
+        elementwise work (norms, rotary, gate, activations). True/False mean full/none.
+
+        `layers`: only the first `layers` blocks checkpoint, the others keep everything (None: every
+        block). Where the memory left beside full checkpointing holds a few blocks' activations, those
+        blocks are not recomputed: at 128k tokens each one spared is 1/n_layers of the recompute."""
         mode = {True: "full", False: "none"}.get(mode, mode) if isinstance(mode, bool) else mode
         if mode not in CHECKPOINTING:
             raise ValueError(f"activation checkpointing {mode!r} is not one of {list(CHECKPOINTING)}")
+        n = len(self.layers)
+        if layers is not None and not (isinstance(layers, int) and 0 <= layers <= n):
+            raise ValueError(f"checkpoint layers {layers!r}: must be a count of blocks from 0 to {n}, or None for all")
         self.activation_checkpointing = mode
+        self.checkpoint_layers = layers
+
+    def block_checkpointing(self, i: int) -> str:
+        """The checkpointing mode of block i in training (set_activation_checkpointing)."""
+        if self.checkpoint_layers is not None and i >= self.checkpoint_layers:
+            return "none"
+        return self.activation_checkpointing
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """Regional compilation: torch.compile one block's call (with its activation checkpointing,
@@ -152,10 +167,11 @@ class LanguageModel(nn.Module):
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.d_model)
         x = self.embed_dropout(x)
-        ckpt = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
+        training = self.training and torch.is_grad_enabled()
         run = self._compiled_block or run_block
         new_layers = []
         for i, block in enumerate(self.layers):
+            ckpt = self.block_checkpointing(i) if training else "none"
             x, new = run(block, x, ctx, state.layers[i] if state is not None else None, ckpt)
             new_layers.append(new)
         x = self.norm(x)

@@ -64,7 +64,7 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
     ds_config = build_ds_config(ds, optim, trainer.micro_batch_size, layout, precision, own_clipping)
     net = build_model_shard(mcfg, ds_config, device, seed=trainer.seed, init_from=init_from,
                             zero3=ds.stage == 3)
-    net.set_activation_checkpointing(checkpointing_mode(trainer.activation_checkpointing))
+    net.set_activation_checkpointing(checkpointing_mode(trainer.activation_checkpointing), trainer.checkpoint_layers)
     optimizer = build_optimizer(net, optim, device, bool(ds.offload_optimizer))
     engine, _, _, _ = deepspeed.initialize(
         model=net, optimizer=optimizer,
@@ -74,9 +74,11 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
         net.compile_blocks()  # regional: one graph for every block, compiled in seconds
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
     log.info("model %s: %.1fM parameters in this rank's tensor-parallel slice, precision %s, ZeRO-%d, kernels %s "
-             "(model.kernels=%s), activation checkpointing %s, fused loss %s",
+             "(model.kernels=%s), activation checkpointing %s%s, fused loss %s",
              mcfg.arch, n_params / 1e6, precision, ds.stage, net.kernels,
-             mcfg.kernels, net.activation_checkpointing, trainer.fused_loss)
+             mcfg.kernels, net.activation_checkpointing,
+             "" if net.checkpoint_layers is None else f" in the first {net.checkpoint_layers} blocks",
+             trainer.fused_loss)
     return Built(engine=engine, model_cfg=mcfg, precision=precision, own_clipping=own_clipping, ds_config=ds_config,
                  vocab_parallel=ps.tp_size > 1)
 
