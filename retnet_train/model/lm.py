@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import init
 from .config import MODES, ModelConfig
@@ -250,8 +250,9 @@ def run_block(block: nn.Module, x: Tensor, ctx: ForwardContext, layer_state, che
     """One block's call, under the activation checkpointing mode ("none" | "full" | "selective")."""
     if checkpointing == "none":
         return block(x, ctx, layer_state)
-    context_fn = _selective_contexts if checkpointing == "selective" else noop_context_fn
-    return checkpoint(block, x, ctx, layer_state, use_reentrant=False, context_fn=context_fn)
+    if checkpointing == "full":  # no context_fn argument: torch.compile cannot trace a chosen noop_context_fn
+        return checkpoint(block, x, ctx, layer_state, use_reentrant=False)
+    return checkpoint(block, x, ctx, layer_state, use_reentrant=False, context_fn=_selective_contexts)
 
 
 # ---- selective activation checkpointing ------------------------------------------------------------
