@@ -5,11 +5,16 @@
     torchrun --nproc_per_node 4 bench/train_throughput.py --preset retnet_6.7b --zero 3
     torchrun --nproc_per_node 4 bench/train_throughput.py --preset retnet_6.7b --tp 2 --zero 1
     python bench/train_throughput.py --preset retnet_tiny --seq-len 256 --micro-batch 4 --steps 4  # CPU
+    python bench/train_throughput.py --experiment retnet_1.3b retnet_1.3b_128k --steps 3 --warmup 2
 
 Each configuration builds the same Trainer that `python -m retnet_train` builds (DeepSpeed
 engine, optimizer, loop), on synthetic tokens (no shards, no data-loading cost), runs
 warmup + measured optimizer steps, and reads the figures from its metrics.jsonl. Defaults: bf16 and
 fused AdamW on CUDA, ZeRO-2. Micro-batch: --micro-batch, else tokens-per-step / seq-len.
+With --experiment, each conf/experiment is measured as it is written (model, sequence length,
+micro-batch, form, checkpointing, compile, ZeRO stage, layout): only the data becomes synthetic,
+the step count and logging are the bench's, and one optimizer step is one micro-batch per rank
+(plus the trailing key=value overrides); the shape and trainer flags are not used.
 Prints a table; rank 0 appends it to bench/RESULTS.md unless --no-save.
 """
 
@@ -31,6 +36,8 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", nargs="+", default=["retnet_1.3b"], help="conf/model presets")
     p.add_argument("--seq-len", nargs="+", type=int, default=[2048])
+    p.add_argument("--experiment", nargs="+", default=None,
+                   help="conf/experiment names, each measured with its own settings (replaces --preset/--seq-len)")
     p.add_argument("--tokens-per-step", type=int, default=8192, help="tokens per rank per micro-batch")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (overrides the above)")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -51,31 +58,52 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure(preset: str, seq_len: int, args) -> dict:
-    import torch
+def experiment_key(name: str) -> str:
+    """The configuration key of a conf/experiment in place of a preset name (seq_len: None)."""
+    return f"experiment={name}"
 
-    from retnet_train.config import load_config
-    from retnet_train.train.trainer import Trainer
 
+def shape_overrides(preset: str, seq_len: int | None, args, world: int) -> list[str]:
+    """What a configuration fixes: the model and shape from the flags, or an experiment's own file
+    with only the batch made one micro-batch per rank per step."""
+    if seq_len is None:  # an experiment: its micro-batch, sequence length and layout
+        from retnet_train.config import load_config
+
+        cfg = load_config([preset, "trainer.data_source=synthetic"])
+        t = cfg.trainer
+        dp = max(1, world // (cfg.parallel.tp * cfg.parallel.cp))
+        return [preset, f"trainer.global_batch_tokens={t.micro_batch_size * t.seq_len * dp * args.grad_accum}"]
     micro = args.micro_batch or max(1, args.tokens_per_step // seq_len)
     mode = "chunkwise" if args.mode == "auto" and preset.startswith("retnet") else args.mode
     mode = "parallel" if mode == "auto" else mode
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = max(1, world // (args.tp * args.cp))  # ranks of a tensor- or context-parallel group share one micro-batch
+    shape = [
+        f"model={preset}", f"trainer.seq_len={seq_len}",
+        f"trainer.micro_batch_size={micro}", f"trainer.global_batch_tokens={micro * seq_len * dp * args.grad_accum}",
+        f"trainer.precision={args.precision}", f"trainer.mode={mode}",
+        f"trainer.activation_checkpointing={args.act_ckpt}", f"trainer.compile={args.compile}",
+        f"deepspeed=zero{args.zero}", f"parallel.tp={args.tp}", f"parallel.cp={args.cp}",
+    ]
+    return shape + ([f"trainer.chunk_size={args.chunk_size}"] if args.chunk_size else [])
+
+
+def measure(preset: str, seq_len: int | None, args) -> dict:
+    import torch
+
+    from retnet_train.config import checkpointing_mode, load_config
+    from retnet_train.train.trainer import Trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = tempfile.mkdtemp(prefix="train_throughput_")
     overrides = [
-        f"model={preset}", "trainer.data_source=synthetic", f"trainer.seq_len={seq_len}",
-        f"trainer.micro_batch_size={micro}", f"trainer.global_batch_tokens={micro * seq_len * dp * args.grad_accum}",
+        *shape_overrides(preset, seq_len, args, world), "trainer.data_source=synthetic",
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.log_every=1", "trainer.eval_every=0",
-        "trainer.eval_at_end=false", f"trainer.precision={args.precision}", f"trainer.mode={mode}",
-        f"trainer.activation_checkpointing={args.act_ckpt}", f"trainer.compile={args.compile}",
-        f"deepspeed=zero{args.zero}", f"parallel.tp={args.tp}", f"parallel.cp={args.cp}", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
+        "trainer.eval_at_end=false", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
         "logging.wandb.mode=disabled", "logging.console=false", f"run_dir={run_dir}", "name=bench",
         "optim.warmup_steps=1", *args.overrides,
     ]
-    if args.chunk_size:
-        overrides.append(f"trainer.chunk_size={args.chunk_size}")
     cfg = load_config(overrides)
+    seq_len, micro = cfg.trainer.seq_len, cfg.trainer.micro_batch_size
     trainer = Trainer(cfg)  # it resets the device's peak memory once the model is built
     trainer.fit()
     # memory per device: the largest training peak of any rank (the trainer resets it after building)
@@ -89,15 +117,20 @@ def measure(preset: str, seq_len: int, args) -> dict:
         return {"preset": preset, "seq_len": seq_len, "is_main": False}
     recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in recs if "event" not in r and "loss" in r]
-    print(f"{preset} T={seq_len} tp={args.tp} zero={args.zero}: loss by step "
+    print(f"{preset} T={seq_len} tp={cfg.parallel.tp} zero={cfg.deepspeed.stage}: loss by step "
           + " ".join(f"{r['step']}:{r['loss']:.3f}" for r in logged), flush=True)
     steps = [r for r in logged if r["step"] > args.warmup]
     seconds = sum(cfg.trainer.global_batch_tokens / r["tokens_per_s"] for r in steps)
     tokens = cfg.trainer.global_batch_tokens * len(steps)
     tps = tokens / seconds
-    row = {"preset": preset, "seq_len": seq_len, "micro": micro, "world": trainer.ps.world_size,
-           "zero": args.zero, "tp": args.tp, "cp": args.cp, "precision": trainer.built.precision, "mode": mode if preset.startswith("retnet") else "attention",
-           "act_ckpt": args.act_ckpt, "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,
+    t = cfg.trainer
+    ckpt = checkpointing_mode(t.activation_checkpointing)
+    layers = "" if ckpt == "none" or t.checkpoint_layers is None else f", {t.checkpoint_layers} blocks"
+    row = {"preset": preset.removeprefix("experiment="), "seq_len": seq_len, "micro": micro,
+           "world": trainer.ps.world_size, "zero": cfg.deepspeed.stage, "tp": cfg.parallel.tp, "cp": cfg.parallel.cp,
+           "precision": trainer.built.precision,
+           "mode": t.mode if trainer.built.model_cfg.arch == "retnet" else "attention",
+           "act_ckpt": ckpt + layers, "compile": bool(t.compile), "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,
            "mfu": tps * trainer.flops_per_token / trainer.peak_flops,
            "peak_mem_gib": peak_mem, "first_loss": logged[0]["loss"], "loss": steps[-1]["loss"],
            "is_main": trainer.ps.is_main}
@@ -108,16 +141,19 @@ def measure(preset: str, seq_len: int, args) -> dict:
     return row
 
 
-def measure_isolated(preset: str, seq_len: int) -> dict:
+def measure_isolated(preset: str, seq_len: int | None) -> dict:
     """One configuration in a fresh process: nothing of the previous one stays on the GPU."""
     import subprocess
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         argv = [a for a in sys.argv[1:]]
         cmd = [sys.executable, __file__, *argv, "--result-json", f.name]
-        # the child measures exactly this preset and length
-        cmd = _replace_list(cmd, "--preset", [preset])
-        cmd = _replace_list(cmd, "--seq-len", [str(seq_len)])
+        # the child measures exactly this configuration
+        if seq_len is None:
+            cmd = _replace_list(cmd, "--experiment", [preset.removeprefix("experiment=")])
+        else:
+            cmd = _replace_list(cmd, "--preset", [preset])
+            cmd = _replace_list(cmd, "--seq-len", [str(seq_len)])
         proc = subprocess.run(cmd)
         text = Path(f.name).read_text()
     if proc.returncode != 0 or not text:
@@ -149,7 +185,10 @@ def measure_safely(preset: str, seq_len: int, args) -> dict:
 
 def main() -> None:
     args = parse()
-    configs = [(p, t) for p in args.preset for t in args.seq_len]
+    if args.experiment:
+        configs = [(experiment_key(e), None) for e in args.experiment]
+    else:
+        configs = [(p, t) for p in args.preset for t in args.seq_len]
     if args.result_json:  # a child of measure_isolated
         Path(args.result_json).write_text(json.dumps(measure_safely(*configs[0], args)))
         return
@@ -161,15 +200,17 @@ def main() -> None:
         return
     from bench.results import append
 
-    header = ["model", "T", "micro-batch", "GPUs", "tp", "cp", "ZeRO", "precision", "form", "act. ckpt",
-              "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)", "loss first -> last"]
+    header = ["model" if not args.experiment else "experiment", "T", "micro-batch", "GPUs", "tp", "cp", "ZeRO",
+              "precision", "form", "act. ckpt", "compile", "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)", "loss first -> last"]
     table = []
     for r in rows:
         if "error" in r:
-            table.append([r["preset"], r["seq_len"]] + [r["error"]] + [""] * (len(header) - 3))
+            table.append([r["preset"].removeprefix("experiment="), r["seq_len"] or "-"] + [r["error"]]
+                         + [""] * (len(header) - 3))
             continue
         table.append([r["preset"], r["seq_len"], r["micro"], r["world"], r.get("tp", 1), r.get("cp", 1), r["zero"], r["precision"], r["mode"],
-                      "yes" if r["act_ckpt"] else "no", f"{r['tokens_per_s'] / 1e3:.1f}k",
+                      "no" if r["act_ckpt"] == "none" else r["act_ckpt"], "blocks" if r["compile"] else "no",
+                      f"{r['tokens_per_s'] / 1e3:.1f}k",
                       f"{r['tokens_per_s_per_device'] / 1e3:.1f}k", f"{100 * r['mfu']:.1f}%",
                       f"{r['peak_mem_gib']:.1f}", f"{r['first_loss']:.2f} -> {r['loss']:.2f}"])
     notes = (f"bench/train_throughput.py: the trainer's own loop on synthetic tokens, {args.warmup} warmup + "

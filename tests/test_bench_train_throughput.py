@@ -1,0 +1,27 @@
+"""bench/train_throughput.py's configurations: an experiment is measured as its file says, a preset
+as the flags say (no training here: the bench's runs are GPU work)."""
+
+from __future__ import annotations
+
+from bench import train_throughput as bench
+from retnet_train.config import load_config
+
+
+def test_an_experiment_keeps_its_own_settings_and_steps_one_micro_batch_per_rank():
+    args = bench.parse(["--experiment", "retnet_1.3b_128k", "--grad-accum", "2"])
+    key = bench.experiment_key("retnet_1.3b_128k")
+    overrides = bench.shape_overrides(key, None, args, world=2)
+    assert overrides == [key, f"trainer.global_batch_tokens={1 * 131072 * 2 * 2}"]
+    cfg = load_config([*overrides, "trainer.data_source=synthetic"])
+    t = cfg.trainer
+    assert (t.seq_len, t.micro_batch_size, t.activation_checkpointing, t.checkpoint_layers, cfg.deepspeed.stage) == \
+        (131072, 1, "full", 23, 2)
+
+
+def test_a_preset_takes_the_shape_and_trainer_flags():
+    args = bench.parse(["--preset", "retnet_tiny", "--seq-len", "256", "--tokens-per-step", "1024", "--tp", "2",
+                        "--act-ckpt", "--zero", "1", "--chunk-size", "32"])
+    overrides = bench.shape_overrides("retnet_tiny", 256, args, world=4)
+    assert {"model=retnet_tiny", "trainer.seq_len=256", "trainer.micro_batch_size=4",
+            f"trainer.global_batch_tokens={4 * 256 * 2}", "trainer.activation_checkpointing=True",
+            "deepspeed=zero1", "parallel.tp=2", "trainer.chunk_size=32"} <= set(overrides)
