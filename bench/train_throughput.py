@@ -130,7 +130,8 @@ def measure(preset: str, seq_len: int | None, args) -> dict:
            "world": trainer.ps.world_size, "zero": cfg.deepspeed.stage, "tp": cfg.parallel.tp, "cp": cfg.parallel.cp,
            "precision": trainer.built.precision,
            "mode": t.mode if trainer.built.model_cfg.arch == "retnet" else "attention",
-           "act_ckpt": ckpt + layers, "compile": bool(t.compile), "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,
+           "act_ckpt": ckpt + layers, "compile": bool(t.compile),
+           "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,
            "mfu": tps * trainer.flops_per_token / trainer.peak_flops,
            "peak_mem_gib": peak_mem, "first_loss": logged[0]["loss"], "loss": steps[-1]["loss"],
            "is_main": trainer.ps.is_main}
@@ -201,7 +202,8 @@ def main() -> None:
     from bench.results import append
 
     header = ["model" if not args.experiment else "experiment", "T", "micro-batch", "GPUs", "tp", "cp", "ZeRO",
-              "precision", "form", "act. ckpt", "compile", "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)", "loss first -> last"]
+              "precision", "form", "act. ckpt", "compile", "tokens/s", "tokens/s/device", "MFU", "peak mem (GiB)",
+              "loss first -> last"]
     table = []
     for r in rows:
         if "error" in r:
