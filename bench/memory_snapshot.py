@@ -37,24 +37,35 @@ def owner(frames: list[dict]) -> str:
     return "(no python frame)"
 
 
-def peak_live(trace: list[dict]) -> tuple[int, dict[int, dict]]:
-    """Replay alloc / free_completed events: (peak live bytes, the live blocks {addr: event} then).
-    An 'oom' event ends the replay: what was live when the allocation failed is the answer."""
+def _replay(trace: list[dict], stop: int) -> tuple[int, int, dict[int, dict]]:
+    """alloc / free_completed events up to index `stop` (exclusive) or an 'oom' event:
+    (index of the event with the most bytes live, those bytes, the blocks {addr: event} live at the end)."""
     live: dict[int, dict] = {}
     total = best = 0
-    at_best: dict[int, dict] = {}
-    for ev in trace:
+    best_at = -1
+    for i, ev in enumerate(trace[:stop]):
         action = ev.get("action")
         if action == "alloc":
             live[ev["addr"]] = ev
             total += ev["size"]
             if total > best:
-                best, at_best = total, dict(live)
+                best, best_at = total, i
         elif action == "free_completed" and ev["addr"] in live:
             total -= live.pop(ev["addr"])["size"]
         elif action == "oom":
-            return total, dict(live)
-    return best, at_best
+            return i, total, live
+    return best_at, best, live
+
+
+def peak_live(trace: list[dict]) -> tuple[int, dict[int, dict]]:
+    """(peak live bytes, the live blocks {addr: event} then). An 'oom' event ends the replay: what
+    was live when the allocation failed is the answer. Two linear passes: the first finds the peak's
+    event, the second stops just after it (copying the live set at every new peak would be
+    quadratic in a trace of millions of events)."""
+    at, peak, live = _replay(trace, len(trace))
+    if at < 0 or trace[at].get("action") == "oom":
+        return peak, live
+    return peak, _replay(trace, at + 1)[2]
 
 
 def by_owner(blocks: dict[int, dict]) -> list[tuple[str, int, int]]:
