@@ -72,14 +72,19 @@ def ours_paths(lg, sweep: bool):
     except Exception as e:
         print(f"skipped our Triton kernels: {type(e).__name__}: {e}")
         return {}
-    # each configuration compiles ~12 kernel variants (~30 s on the GPU machine): few by default
-    configs = {"triton c64": Tuning(chunk=64),
-               "triton c64 bz64": Tuning(chunk=64, block_z=64, num_warps=8)}
+    # each configuration compiles ~10 kernel variants: few by default
+    configs = {"triton": Tuning()}
     if sweep:
-        configs.update({"triton c64 st2": Tuning(chunk=64, num_stages=2),
-                        "triton c64 bz64 w4": Tuning(chunk=64, block_z=64, num_warps=4),
-                        "triton c64 seg16": Tuning(chunk=64, segment_chunks=16),
-                        "triton c128 bz64": Tuning(chunk=128, block_z=64)})
+        configs.update({"triton w8": Tuning(num_warps=8),
+                        "triton c128": Tuning(chunk=128),
+                        "triton seg128": Tuning(segment_chunks=2),
+                        "triton seg512": Tuning(segment_chunks=8),
+                        "triton st3": Tuning(num_stages=3),
+                        "triton bz64": Tuning(block_z=64),
+                        "triton bz256 w8": Tuning(block_z=256, num_warps=8),
+                        "triton bk32": Tuning(block_k=32),
+                        "triton states128": Tuning(state_block=(128, 128)),
+                        "triton states64": Tuning(state_block=(64, 64))})
     return {name: (lambda q, k, v, t=t: RT.chunk_retention(q, k, v, lg, chunk_size=t.chunk, tuning=t)[0])
             for name, t in configs.items()}
 
@@ -100,11 +105,34 @@ def measure(fn, inputs, backward: bool, reps: int = 10) -> float:
         return float("nan")
 
 
+def profile(paths, tokens: int, T: int) -> None:
+    """GPU time per kernel name (us) of one forward + backward, after a warm-up."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    B = max(tokens // T, 1)
+    q, k, v = (torch.randn(B, T, H, d, device="cuda").bfloat16().requires_grad_() for d in (DK, DK, DV))
+    for name, fn in paths.items():
+        for _ in range(2):
+            fn(q, k, v).backward(torch.ones(B, T, H, DV, device="cuda", dtype=torch.bfloat16))
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(q, k, v).backward(torch.ones(B, T, H, DV, device="cuda", dtype=torch.bfloat16))
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        total = sum(e.self_device_time_total for e in events)
+        print(f"profile {name}, {B} x {T}: {total:.0f} us of GPU time")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+            print(f"  {e.self_device_time_total:8.0f} us  x{e.count:<3d} {e.key[:90]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="16384,32768")
     p.add_argument("--lengths", default="2048,8192,32768")
     p.add_argument("--sweep", action="store_true", help="more Triton tile configurations (slower: compiles)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the GPU time per kernel of one forward + backward of each kernel family")
     args = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     dt, dev = torch.bfloat16, "cuda"
@@ -112,6 +140,9 @@ def main() -> None:
     paths = {**fla_paths(lg), **ours_paths(lg, args.sweep)}
     paths["torch chunkwise"] = lambda q, k, v: chunkwise_retention(q, k, v, lg, chunk_size=64)[0]
     rows = []
+    if args.profile:
+        profile({n: f for n, f in paths.items() if n in ("fla chunk_simple_gla", "triton")},
+                int(args.tokens.split(",")[0]), int(args.lengths.split(",")[0]))
     for tokens in (int(x) for x in args.tokens.split(",")):
         for T in (int(x) for x in args.lengths.split(",")):
             B = max(tokens // T, 1)

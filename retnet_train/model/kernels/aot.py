@@ -54,8 +54,8 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
             state = torch.empty(4, 8, DK, DV, dtype=torch.float32, device=meta)
             for s0 in (None, state):
                 for need in (False, True):
-                    _, _, A = L.forward(q, k, v, lg2, s0, need, lay, tuning, run=seen.append)
-                    L.backward(q, k, v, A, lg2, s0, v, state if need else None, s0 is not None and need, lay, tuning,
+                    L.forward(q, k, v, lg2, s0, need, lay, tuning, run=seen.append)
+                    L.backward(q, k, v, lg2, s0, v, state if need else None, s0 is not None and need, lay, tuning,
                                run=seen.append)
         qr, kr = (torch.empty(4, 1, 8, DK, dtype=dtype, device=meta) for _ in range(2))
         vr = torch.empty(4, 1, 8, DV, dtype=dtype, device=meta)

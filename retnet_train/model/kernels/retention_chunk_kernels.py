@@ -2,28 +2,41 @@
 
 Per head, with state S [Dk, Dv] and the convention S_t = gamma S_{t-1} + k_t^T v_t, o_t = q_t S_t:
 
-  The tokens of each sequence are cut into *segments* of S tokens (S a multiple of the chunk C;
-  a segment never straddles a sequence boundary), segments into chunks of C tokens.
-  1. segment_sums:  D_m = sum_t w_t Y_t^T Z_t over segment m, all segments in parallel (a GEMM).
-  2. segment_scan:  the states at segment boundaries, one short sequential pass over segments.
-  3. chunk_outputs: one program per (column block of Z, segment, head) starts from its segment's
-     boundary state, walks the segment's chunks one by one with the state [Dx, BZ] held in
-     registers (fp32), and writes out = decay * X @ state + M @ Z per chunk.
-  intra_scores computes M, the decayed causal in-chunk score matrix, once per chunk.
+The tokens of each sequence are cut into *segments* of S tokens (256 by default; a segment never
+straddles a sequence boundary), and a token at position i of its segment (L tokens long) gets
 
-So no per-chunk state ever goes to memory (fla writes one [Dk, Dv] state per chunk, the dominant
-memory traffic at d_k 256 / d_v 512); only one fp32 state per segment does. The same four kernels
-do the forward and all of the backward, with other operands and the time direction (REVERSE):
+  o_t = gamma^(i+1) q_t S_in  +  sum_{j <= i} gamma^(i-j) (q_t . k_j) v_j        (S_in: the state
+  S_out = gamma^L S_in + sum_j gamma^(L-1-j) k_j^T v_j                            entering the segment)
 
-  forward  o  = chunk_outputs(X=q,  Y=k,  Z=v,  M=A,   state h  [Dk, Dv])
-  backward dq = chunk_outputs(X=do, Y=v,  Z=k,  M=dA,  state h^T  [Dv, Dk])
-           dk = chunk_outputs(X=v,  Y=do, Z=q,  M=dA^T, state dh^T [Dv, Dk], REVERSE)
-           dv = chunk_outputs(X=k,  Y=q,  Z=do, M=A^T,  state dh  [Dk, Dv], REVERSE)
-  with A[i, j] = q_i.k_j gamma^(i-j) and dA[i, j] = do_i.v_j gamma^(i-j) for j <= i in a chunk.
+so a segment is the parallel form inside and the recurrent form between segments. Three kernels:
 
-Token tensors are [T_total, H, D] contiguous (the batch folded into time); segment states are
-[n_segments, H, Dx, Dz] fp32. Decays are gamma^n = exp2(n * log2 gamma), computed in fp32. Dots accumulate in fp32; their
-input_precision "ieee" only matters for fp32 inputs (exact products for tests; ROCm has no tf32).
+  1. segment_states: one program per (state tile, sequence, head) walks the sequence's segments in
+     order with the running state in fp32 registers; per segment it stores the state entering it
+     (in the input dtype: it is a matmul operand) and adds the segment's decayed k^T v (a GEMM of
+     K = S). Only one state per segment reaches memory (fla writes one per 64-token chunk, the
+     dominant traffic at d_k 256 / d_v 512), and there is no separate scan pass over fp32 buffers.
+  2. intra_scores: M = the decayed causal score matrix of each segment, [S, S] per segment and
+     head in tiles of [BM, BM] (the tiles above the diagonal are neither computed nor read).
+  3. segment_outputs: out = decay * X @ state + M @ Z, every [BM, BZ] output tile independent of
+     the others (no sequential chunk walk): two GEMM loops, over the state's rows and over the
+     segment's earlier (or, in reverse, later) tokens.
+
+The same three kernels do the forward and all of the backward, with other operands:
+
+  forward  A  = scores(q, k);   S_in = states(k, v);             o  = outputs(q, S_in, A, v)
+  backward dA = scores(do, v);  G = states(q, do, REVERSE);      dq = outputs(do, S_in^T, dA, k)
+                                                                 dk = outputs(v, G^T, dA^T, q, REVERSE)
+                                                                 dv = outputs(k, G, A^T, do, REVERSE)
+  with G the gradient of the state leaving each segment (a reverse walk that starts from the
+  final state's gradient and ends with the initial state's).
+
+FLOPs per token and head (forward, S = 256, d_k 256, d_v 512): 2 d_k d_v for the states, 2 d_k d_v
+for q S_in, S (d_k + d_v) / 2 for the causal in-segment part; all of it in GEMM tiles.
+
+Token tensors are [T_total, H, D] contiguous (the batch folded into time); M is [T_total, H, S];
+segment states are [n_segments, H, Dk, Dv]. Decays are gamma^n = exp2(n * log2 gamma) in fp32.
+Dots accumulate in fp32; input_precision "ieee" only matters for fp32 inputs (exact products for
+tests; ROCm has no tf32).
 """
 
 from __future__ import annotations
@@ -54,183 +67,175 @@ def _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN):
 
 @triton.jit
 def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
-                        H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
-                        BD: tl.constexpr, ):
-    """M[t, h, j] = X_t . Y_(chunk start + j) * gamma^(i - j) for j <= i (i = t - chunk start), else 0.
+                        H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                        N_BLOCKS: tl.constexpr):
+    """M[t, h, j] = X_t . Y_(bos + j) * gamma^(i - j) for j <= i (i = t - bos), else 0.
 
-    Grid (S // C, segments, H): one chunk each. X, Y [T_total, H, D]; M [T_total, H, C], the
-    input dtype (it is a matmul operand downstream). The contraction runs over D in blocks of BD.
+    Grid (N_BLOCKS^2, segments, H): tile (row block rb, column block cb) of a segment's [S, S]
+    matrix, N_BLOCKS = S // BM; the tiles with cb > rb return at once (never read downstream), the
+    diagonal tiles hold zeros above the diagonal. X, Y [T_total, H, D]; M [T_total, H, S] in the
+    input dtype (a matmul operand downstream). The contraction runs over D in blocks of BD.
     """
-    c, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
-    t0 = bos + c * C
-    if t0 >= eos:
+    tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rb = tile // N_BLOCKS
+    cb = tile % N_BLOCKS
+    if cb > rb:
         return
-    i = tl.arange(0, C)
-    rows = t0 + i
-    in_chunk = i < eos - t0
-    acc = tl.zeros([C, C], dtype=tl.float32)
+    bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
+    if bos + rb * BM >= eos:
+        return
+    i = tl.arange(0, BM)
+    rows = bos + rb * BM + i
+    cols = bos + cb * BM + i
+    row_ok = rows < eos
+    col_ok = cols < eos
+    acc = tl.zeros([BM, BM], dtype=tl.float32)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
-        mask = in_chunk[:, None] & (d < D)[None, :]
-        x = tl.load(X + rows[:, None] * (H * D) + h * D + d[None, :], mask=mask, other=0.0)
-        y = tl.load(Y + rows[:, None] * (H * D) + h * D + d[None, :], mask=mask, other=0.0)
+        x = tl.load(X + rows[:, None] * (H * D) + h * D + d[None, :], mask=row_ok[:, None] & (d < D)[None, :],
+                    other=0.0)
+        y = tl.load(Y + cols[:, None] * (H * D) + h * D + d[None, :], mask=col_ok[:, None] & (d < D)[None, :],
+                    other=0.0)
         acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
-    diff = i[:, None] - i[None, :]
+    diff = (rb * BM + i)[:, None] - (cb * BM + i)[None, :]
     # clamp the exponent: gamma^(i-j) above the diagonal would overflow before the where drops it
     decay = tl.exp2(tl.maximum(diff, 0).to(tl.float32) * tl.load(LOG2_GAMMA + h))
     acc = tl.where(diff >= 0, acc * decay, 0.0)
-    tl.store(M + rows[:, None] * (H * C) + h * C + i[None, :], acc.to(M.dtype.element_ty),
-             mask=in_chunk[:, None])
+    tl.store(M + rows[:, None] * (H * S) + h * S + (cb * BM + i)[None, :], acc.to(M.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 @triton.jit
-def segment_sums_kernel(Y, Z, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
-                        H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
-                        BT: tl.constexpr, BY: tl.constexpr, BZ: tl.constexpr,
-                        REVERSE: tl.constexpr, ):
-    """OUT[m, h] = sum over segment m of w_t Y_t^T Z_t  ([DY, DZ] fp32 per segment and head).
+def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg_first, T, S, VARLEN,
+                          H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
+                          BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr,
+                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+    """STATES[m, h] = the running state r at segment m, r <- gamma^L r + sum_t w_t Y_t^T Z_t.
 
-    w_t = gamma^(eos - 1 - t) (forward: what the segment adds to the state at its end) or
-    gamma^(t - bos + 1) (REVERSE: what it adds to the state gradient at its start).
-    Grid (blocks of [BY, BZ], segments, H); the segment is read in steps of BT tokens.
+    Grid (tiles of [BY, BZ], N sequences, H). Forward (Y = k, Z = v) walks the segments first to
+    last with w_t = gamma^(L-1-i): STATES[m] is the state entering segment m, FINAL the state after
+    the last one. REVERSE (Y = q, Z = do) walks last to first with w_t = gamma^(i+1): STATES[m] is
+    the gradient of the state leaving segment m, FINAL the gradient of the initial state. r starts
+    at INIT [N, H, DY, DZ] (the initial state, or the final state's gradient) or 0; it is fp32 in
+    registers throughout, STATES [n_seg, H, DY, DZ] has the input dtype, FINAL is fp32.
     """
-    pid, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
-    if bos >= eos:
-        return
-    n_zb = tl.cdiv(DZ, BZ)
-    ys = (pid // n_zb) * BY + tl.arange(0, BY)
-    zs = (pid % n_zb) * BZ + tl.arange(0, BZ)
-    lg2 = tl.load(LOG2_GAMMA + h)
-    acc = tl.zeros([BY, BZ], dtype=tl.float32)
-    for it in range(tl.cdiv(eos - bos, BT)):
-        t = bos + it * BT + tl.arange(0, BT)
-        in_seg = t < eos
-        y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None],
-                      mask=(ys < DY)[:, None] & in_seg[None, :], other=0.0)  # [BY, BT]
-        z = tl.load(Z + t[:, None] * (H * DZ) + h * DZ + zs[None, :],
-                    mask=in_seg[:, None] & (zs < DZ)[None, :], other=0.0)  # [BT, BZ]
-        if REVERSE:
-            n = t - bos + 1
-        else:
-            n = eos - 1 - t
-        w = tl.where(in_seg, tl.exp2(tl.maximum(n, 0).to(tl.float32) * lg2), 0.0)
-        acc = tl.dot(y_t, (z * w[:, None]).to(z.dtype), acc, input_precision="ieee")
-    tl.store(OUT + ((seg * H + h) * DY + ys[:, None]) * DZ + zs[None, :], acc,
-             mask=(ys < DY)[:, None] & (zs < DZ)[None, :])
-
-
-@triton.jit
-def segment_scan_kernel(BUF, LOG2_GAMMA, INIT, FINAL, cu_seqlens, seg_first, T, S, VARLEN,
-                        H: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr,
-                        REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
-                        STORE_FINAL: tl.constexpr):
-    """In place over BUF [n_segments, H, E] (E = Dy * Dz, fp32): segment sums -> boundary states.
-
-    Walks the segments of one sequence (forward, or last to first if REVERSE) with a running
-    state r (starting at INIT [N, H, E], or 0):  BUF[m] <- r;  r <- gamma^len(m) r + old BUF[m].
-    Forward this turns D_m into the state entering segment m and leaves the final state in r;
-    in reverse it turns Gamma_m into the state gradient leaving segment m and leaves d(initial
-    state). Grid (cdiv(E, BLOCK), N * H); elementwise, fp32 throughout.
-    """
-    pid, nh = tl.program_id(0), tl.program_id(1)
-    n = nh // H
-    h = nh % H
+    pid, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN != 0:
-        seq_len = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
+        seq_bos = tl.load(cu_seqlens + n).to(tl.int64)
+        seq_eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
         first = tl.load(seg_first + n)
         n_seg = tl.load(seg_first + n + 1) - first
     else:
-        seq_len = T
+        seq_bos = n.to(tl.int64) * T
+        seq_eos = seq_bos + T
         n_seg = tl.cdiv(T, S)
         first = n * n_seg
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = e < E
+    n_zb = tl.cdiv(DZ, BZ)
+    ys = (pid // n_zb) * BY + tl.arange(0, BY)
+    zs = (pid % n_zb) * BZ + tl.arange(0, BZ)
+    y_ok = ys < DY
+    z_ok = zs < DZ
+    tile = ys[:, None] * DZ + zs[None, :]
+    tile_ok = y_ok[:, None] & z_ok[None, :]
+    nh = (n * H + h).to(tl.int64) * (DY * DZ)
     if HAS_INIT:
-        r = tl.load(INIT + nh.to(tl.int64) * E + e, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(INIT + nh + tile, mask=tile_ok, other=0.0).to(tl.float32)
     else:
-        r = tl.zeros([BLOCK], dtype=tl.float32)
+        r = tl.zeros([BY, BZ], dtype=tl.float32)
     lg2 = tl.load(LOG2_GAMMA + h)
-    # the sums are read one segment ahead (their loads do not wait for the previous store), so a
-    # program has a load in flight while it writes; otherwise each segment costs a memory round trip
-    m = tl.where(REVERSE, n_seg - 1, 0)
-    step = tl.where(REVERSE, -1, 1)
-    nxt = BUF + ((first + m).to(tl.int64) * H + h) * E + e
-    d = tl.load(nxt, mask=e < tl.where(n_seg > 0, E, 0), other=0.0)
+    bt = tl.arange(0, BT)
     for it in range(n_seg):
-        p = nxt
-        length = tl.minimum(S, seq_len - m * S)
-        m += step
-        nxt = BUF + ((first + m).to(tl.int64) * H + h) * E + e
-        d_next = tl.load(nxt, mask=e < tl.where(it + 1 < n_seg, E, 0), other=0.0)
-        tl.store(p, r, mask=mask)
-        r = r * tl.exp2(length.to(tl.float32) * lg2) + d
-        d = d_next
+        if REVERSE:
+            m = n_seg - 1 - it
+        else:
+            m = it
+        bos = seq_bos + m * S
+        eos = tl.minimum(bos + S, seq_eos)
+        tl.store(STATES + ((first + m).to(tl.int64) * H + h) * (DY * DZ) + tile, r.to(STATES.dtype.element_ty),
+                 mask=tile_ok)
+        r = r * tl.exp2((eos - bos).to(tl.float32) * lg2)
+        for t0 in range(0, eos - bos, BT):
+            t = bos + t0 + bt
+            ok = t < eos
+            y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None], mask=y_ok[:, None] & ok[None, :],
+                          other=0.0)  # [BY, BT]
+            z = tl.load(Z + t[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=ok[:, None] & z_ok[None, :],
+                        other=0.0)  # [BT, BZ]
+            if REVERSE:
+                e = t - bos + 1
+            else:
+                e = eos - 1 - t
+            w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
+            r = tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
     if STORE_FINAL:
-        tl.store(FINAL + nh.to(tl.int64) * E + e, r, mask=mask)
+        tl.store(FINAL + nh + tile, r, mask=tile_ok)
 
 
 @triton.jit
-def chunk_outputs_kernel(X, Y, Z, M, STATE, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
-                         STATE_SX, STATE_SZ,
-                         H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr, DXP: tl.constexpr,
-                         C: tl.constexpr, BZ: tl.constexpr,
-                         REVERSE: tl.constexpr, ):
-    """OUT = per chunk: decay_x * X @ state + M @ Z, the state carried across the segment's chunks.
+def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
+                           STATE_SX, STATE_SZ,
+                           H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
+                           BM: tl.constexpr, BZ: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr):
+    """OUT[rows, cols] = decay_x * X[rows] @ STATES[seg] + (M or M^T)[rows, segment] @ Z[segment].
 
-    Grid (cdiv(DZ, BZ), segments, H). X, Y [T_total, H, DX]; Z, OUT [T_total, H, DZ];
-    M [T_total, H, C] from intra_scores (read transposed if REVERSE); STATE [segments, H, ., .]
-    fp32, element (x, z) of a segment's [DX, DZ] state at x * STATE_SX + z * STATE_SZ (so the
-    same buffer serves as h or as h^T). The program's state tile [DXP, BZ] stays in registers.
+    Grid (cdiv(DZ, BZ) * S // BM, segments, H): output tile [BM, BZ] of row block rb. X
+    [T_total, H, DX]; Z, OUT [T_total, H, DZ]; M [T_total, H, S] from intra_scores; STATES
+    [segments, H, ., .], element (x, z) of a segment's [DX, DZ] operand at x * STATE_SX + z * STATE_SZ
+    (so one buffer serves as S or as S^T).
 
-    Forward chunks (positions i = 0..L-1): out_i = gamma^(i+1) X_i state + sum_j M[i, j] Z_j,
-    then state <- gamma^L state + sum_j gamma^(L-1-j) Y_j^T Z_j. REVERSE walks the chunks last to
-    first with the decays mirrored: gamma^(L-1-i) on X, gamma^(i+1) on Y, M transposed.
+    Forward (position i in a segment of L): decay_x = gamma^(i+1) and the row block meets the column
+    blocks 0..rb of M. REVERSE: decay_x = gamma^(L-1-i) and it meets blocks rb..last of M read
+    transposed (tile[a, b] = M[token b, position a]): the later tokens' terms.
     """
-    zb, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_zb = tl.cdiv(DZ, BZ)
+    rb = pid // n_zb
+    zb = pid % n_zb
     bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
-    if bos >= eos:
+    if bos + rb * BM >= eos:
         return
-    xs = tl.arange(0, DXP)
+    i = tl.arange(0, BM)
+    pos = rb * BM + i  # positions in the segment
+    rows = bos + pos
+    row_ok = rows < eos
     zs = zb * BZ + tl.arange(0, BZ)
-    x_ok = xs < DX
     z_ok = zs < DZ
-    p_state = STATE + (seg * H + h).to(tl.int64) * (DX * DZ) + xs[:, None] * STATE_SX + zs[None, :] * STATE_SZ
-    state = tl.load(p_state, mask=x_ok[:, None] & z_ok[None, :], other=0.0)  # [DXP, BZ] fp32
-    lg2 = tl.load(LOG2_GAMMA + h)
-    i = tl.arange(0, C)
-    n_chunks = tl.cdiv(eos - bos, C)
-    for it in range(n_chunks):
+    length = eos - bos
+
+    # the state's part: X[rows] @ state, contracted over DX in steps of BK
+    acc = tl.zeros([BM, BZ], dtype=tl.float32)
+    p_state = STATES + (seg * H + h).to(tl.int64) * (DX * DZ) + zs[None, :] * STATE_SZ
+    for k0 in range(0, DX, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < DX
+        x = tl.load(X + rows[:, None] * (H * DX) + h * DX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # [BM, BK]
+        st = tl.load(p_state + ks[:, None] * STATE_SX, mask=k_ok[:, None] & z_ok[None, :], other=0.0)  # [BK, BZ]
+        acc = tl.dot(x, st.to(x.dtype), acc, input_precision="ieee")
+    if REVERSE:
+        e = length - 1 - pos
+    else:
+        e = pos + 1
+    acc = acc * tl.where(row_ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * tl.load(LOG2_GAMMA + h)), 0.0)[:, None]
+
+    # the segment's part: the score tiles against Z, up to (or, in reverse, from) the diagonal
+    if REVERSE:
+        lo = rb
+        hi = tl.cdiv(length, BM)
+    else:
+        lo = 0
+        hi = rb + 1
+    for cb in range(lo, hi):
+        cols = bos + cb * BM + i
+        col_ok = cols < eos
         if REVERSE:
-            c = n_chunks - 1 - it
+            m = tl.load(M + cols[None, :] * (H * S) + h * S + pos[:, None], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0)
         else:
-            c = it
-        t0 = bos + c * C
-        length = tl.minimum(eos - t0, C)
-        rows = t0 + i
-        in_chunk = i < length
-        x = tl.load(X + rows[:, None] * (H * DX) + h * DX + xs[None, :],
-                    mask=in_chunk[:, None] & x_ok[None, :], other=0.0)  # [C, DXP]
-        z = tl.load(Z + rows[:, None] * (H * DZ) + h * DZ + zs[None, :],
-                    mask=in_chunk[:, None] & z_ok[None, :], other=0.0)  # [C, BZ]
-        if REVERSE:  # tile[j, i] = M[t0 + i, h, j]: the scores of the later tokens i with token j
-            m = tl.load(M + rows[None, :] * (H * C) + h * C + i[:, None], mask=in_chunk[None, :], other=0.0)
-            n_x = length - 1 - i
-            n_y = i + 1
-        else:
-            m = tl.load(M + rows[:, None] * (H * C) + h * C + i[None, :], mask=in_chunk[:, None], other=0.0)
-            n_x = i + 1
-            n_y = length - 1 - i
-        dec_x = tl.where(in_chunk, tl.exp2(tl.maximum(n_x, 0).to(tl.float32) * lg2), 0.0)
-        dec_y = tl.where(in_chunk, tl.exp2(tl.maximum(n_y, 0).to(tl.float32) * lg2), 0.0)
-        # the state enters the matmul in the input dtype (bf16 on tensor cores), accumulation is fp32
-        out = tl.dot(x, state.to(x.dtype), input_precision="ieee") * dec_x[:, None]
-        out = tl.dot(m, z, out, input_precision="ieee")
-        tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], out.to(OUT.dtype.element_ty),
-                 mask=in_chunk[:, None] & z_ok[None, :])
-        if it < n_chunks - 1:  # the state after the segment's last chunk is nobody's input
-            y = tl.load(Y + rows[:, None] * (H * DX) + h * DX + xs[None, :],
-                        mask=in_chunk[:, None] & x_ok[None, :], other=0.0)  # [C, DXP]
-            state = state * tl.exp2(length.to(tl.float32) * lg2)
-            state = tl.dot(tl.trans(y), (z * dec_y[:, None]).to(z.dtype), state, input_precision="ieee")
+            m = tl.load(M + rows[:, None] * (H * S) + h * S + (cb * BM + i)[None, :], mask=row_ok[:, None],
+                        other=0.0)
+        z = tl.load(Z + cols[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=col_ok[:, None] & z_ok[None, :],
+                    other=0.0)  # [BM, BZ]
+        acc = tl.dot(m, z, acc, input_precision="ieee")
+    tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & z_ok[None, :])

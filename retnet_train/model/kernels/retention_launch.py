@@ -17,12 +17,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .retention_chunk_kernels import (chunk_outputs_kernel, intra_scores_kernel, segment_scan_kernel,
-                                      segment_sums_kernel)
+from .retention_chunk_kernels import intra_scores_kernel, segment_outputs_kernel, segment_states_kernel
 from .retention_recurrent_kernel import recurrent_kernel
 
-# Largest per-call head dims: the chunk_outputs program keeps a [Dx, BZ] fp32 state tile in
-# registers and [C, Dx] operand tiles in shared memory. Wider heads are split by the caller.
+# Largest per-call head dims (the recurrent kernel keeps a [d_k, BV] state tile in registers, and
+# the tiles below were chosen for these). Wider heads are split by the caller.
 MAX_DK = 256
 MAX_DV = 512
 
@@ -31,23 +30,28 @@ MAX_DV = 512
 class Tuning:
     """Knobs of the chunkwise kernels; None picks a default from the shapes (and the GPU's size)."""
 
-    chunk: int = 64  # C: tokens per chunk, a power of two >= 16
-    segment_chunks: int | None = None  # segment length S in chunks
-    block_z: int | None = None  # BZ of chunk_outputs (the output columns a program owns)
-    num_warps: int | None = None  # of chunk_outputs
-    num_stages: int = 1  # of chunk_outputs (pipelining depth; 1 measured 15-20% faster than 2 on an H200)
-    sums_stages: int = 1  # of segment_sums (1 measured faster than 2 on an H200)
-    # most elements of chunk_outputs' fp32 state tile [Dx, BZ] (it also passes through shared
-    # memory: 4 bytes each): 32768 on NVIDIA (227 KiB of shared memory), 16384 on MI200 (64 KiB)
-    state_tile: int = 32768
+    chunk: int = 64  # BM: rows (and columns) of a score tile and rows of an output tile; a power of two >= 16
+    segment_chunks: int | None = None  # segment length S in chunks (None: 256 tokens, at least one chunk)
+    block_z: int | None = None  # BZ of segment_outputs (the output columns a program owns)
+    block_k: int = 64  # BK of segment_outputs (the state-contraction step)
+    num_warps: int | None = None  # of segment_outputs
+    num_stages: int = 2  # of segment_outputs (software-pipelining depth of its two loops)
+    # segment_states' tile of the state [BY, BZ] (None: the largest of 128 x 128, 64 x 128, 64 x 64
+    # that still gives every SM about two programs) and its pipelining depth
+    state_block: tuple[int, int] | None = None
+    states_stages: int = 2
 
     def __post_init__(self):
-        if self.chunk < 16 or self.chunk & (self.chunk - 1):
-            raise ValueError(f"chunk size {self.chunk} must be a power of two >= 16")
+        for name in ("chunk", "block_k"):
+            n = getattr(self, name)
+            if n < 16 or n & (n - 1):
+                raise ValueError(f"{'chunk size' if name == 'chunk' else name} {n} must be a power of two >= 16")
         if self.block_z is not None and (self.block_z < 16 or self.block_z & (self.block_z - 1)):
             raise ValueError(f"block_z {self.block_z} must be a power of two >= 16")
         if self.segment_chunks is not None and self.segment_chunks < 1:
             raise ValueError(f"segment_chunks {self.segment_chunks} must be >= 1")
+        if self.state_block is not None and any(b < 16 or b & (b - 1) for b in self.state_block):
+            raise ValueError(f"state_block {self.state_block} must be two powers of two >= 16")
 
 
 @dataclass
@@ -101,17 +105,13 @@ class Layout:
                     VARLEN=int(self.varlen))
 
 
-def segment_length(tokens: int, longest: int, H: int, DV: int, tuning: Tuning, device: torch.device) -> int:
-    """S: long enough that few fp32 segment states are written, short enough that the
-    chunk_outputs grid (segments x H x column blocks) gives every SM about 4 programs."""
+def segment_length(longest: int, tuning: Tuning) -> int:
+    """S: 256 tokens by default (few states to write and read; the in-segment work grows with S),
+    never longer than the longest sequence needs."""
     C = tuning.chunk
-    if tuning.segment_chunks is not None:
-        return C * tuning.segment_chunks
-    col_blocks = math.ceil(DV / 128)
-    want_segments = math.ceil(4 * _sm_count(device) / (H * col_blocks))
-    S = C
-    while S < 4096 and S < longest and tokens // (2 * S) >= want_segments:
-        S *= 2
+    S = C * (tuning.segment_chunks or max(1, 256 // C))
+    if tuning.segment_chunks is None:
+        S = min(S, max(C, pow2(longest, C)))
     return S
 
 
@@ -119,11 +119,11 @@ def make_layout(B: int, T: int, H: int, DV: int, cu_seqlens: Tensor | None, tuni
                 device: torch.device) -> Layout:
     C = tuning.chunk
     if cu_seqlens is None:
-        S = segment_length(B * T, T, H, DV, tuning, device)
+        S = segment_length(T, tuning)
         dummy = torch.zeros(1, dtype=torch.int32, device=device)
         return Layout(T, B, S, C, B * math.ceil(T / S), False, dummy, dummy, dummy)
     N = cu_seqlens.numel() - 1
-    S = segment_length(T, T, H, DV, tuning, device)
+    S = segment_length(T, tuning)
     cu = cu_seqlens.to(device=device, dtype=torch.int32)
     # built with device ops only (no host sync): segments per sequence, their prefix sums, and for
     # each grid entry g its sequence (searchsorted; N for entries past the last segment)
@@ -139,57 +139,63 @@ def make_layout(B: int, T: int, H: int, DV: int, cu_seqlens: Tensor | None, tuni
 # ---- one launch per kernel role ------------------------------------------------------------------
 
 def intra_scores(x: Tensor, y: Tensor, lg2: Tensor, lay: Layout) -> tuple[Tensor, Launch]:
-    """M [T_total, H, C]: decayed causal in-chunk scores x_i . y_j."""
+    """M [T_total, H, S]: each segment's decayed causal scores x_i . y_j (lower triangle of tiles)."""
     T_total, H, D = x.shape
-    m = torch.empty(T_total, H, lay.C, dtype=x.dtype, device=x.device)
-    BD = min(64, pow2(D))
-    grid = (math.ceil(lay.S / lay.C), lay.n_seg, H)
-    return m, Launch(intra_scores_kernel, grid, dict(X=x, Y=y, M=m, LOG2_GAMMA=lg2, **lay.index_args()),
-                     dict(H=H, D=D, C=lay.C, BD=BD),
-                     num_warps=4, num_stages=2)
+    m = torch.empty(T_total, H, lay.S, dtype=x.dtype, device=x.device)
+    nb = lay.S // lay.C
+    return m, Launch(intra_scores_kernel, (nb * nb, lay.n_seg, H),
+                     dict(X=x, Y=y, M=m, LOG2_GAMMA=lg2, **lay.index_args()),
+                     dict(H=H, D=D, BM=lay.C, BD=min(64, pow2(D)), N_BLOCKS=nb), num_warps=4, num_stages=2)
 
 
-def segment_sums(y: Tensor, z: Tensor, lg2: Tensor, lay: Layout, reverse: bool, tuning: Tuning) -> tuple[Tensor, Launch]:
-    """[n_seg, H, Dy, Dz] fp32: each segment's decayed sum of y^T z."""
+def state_block(DY: int, DZ: int, N: int, H: int, tuning: Tuning, device: torch.device) -> tuple[int, int]:
+    """segment_states' tile: the largest that still puts about two programs on every SM (each
+    program walks a whole sequence, so a few long sequences need smaller tiles to fill the GPU)."""
+    if tuning.state_block is not None:
+        return tuning.state_block
+    want = 2 * _sm_count(device)
+    options = [(min(128, pow2(DY)), min(128, pow2(DZ))), (min(64, pow2(DY)), min(128, pow2(DZ))),
+               (min(64, pow2(DY)), min(64, pow2(DZ)))]
+    for by, bz in options:
+        if N * H * math.ceil(DY / by) * math.ceil(DZ / bz) >= want:
+            return by, bz
+    return options[-1]
+
+
+def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store_final: bool, lay: Layout,
+                   reverse: bool, tuning: Tuning) -> tuple[Tensor, Tensor | None, Launch]:
+    """STATES [n_seg, H, Dy, Dz] (input dtype) and the final running state [N, H, Dy, Dz] fp32 or None."""
     T_total, H, DY = y.shape
     DZ = z.shape[-1]
-    out = torch.empty(lay.n_seg, H, DY, DZ, dtype=torch.float32, device=y.device)
-    BY, BZ = min(128, pow2(DY)), min(128, pow2(DZ))
-    grid = (math.ceil(DY / BY) * math.ceil(DZ / BZ), lay.n_seg, H)
-    return out, Launch(segment_sums_kernel, grid, dict(Y=y, Z=z, OUT=out, LOG2_GAMMA=lg2, **lay.index_args()),
-                       dict(H=H, DY=DY, DZ=DZ, BT=min(64, lay.C), BY=BY, BZ=BZ, REVERSE=reverse),
-                       num_warps=8 if BY * BZ >= 128 * 128 else 4, num_stages=tuning.sums_stages)
+    states = torch.empty(lay.n_seg, H, DY, DZ, dtype=y.dtype, device=y.device)
+    final = torch.empty(lay.N, H, DY, DZ, dtype=torch.float32, device=y.device) if store_final else None
+    BY, BZ = state_block(DY, DZ, lay.N, H, tuning, y.device)
+    args = dict(Y=y, Z=z, STATES=states, INIT=states if init is None else init,
+                FINAL=states if final is None else final, LOG2_GAMMA=lg2, cu_seqlens=lay.cu_seqlens,
+                seg_first=lay.seg_first, T=lay.T, S=lay.S, VARLEN=int(lay.varlen))
+    grid = (math.ceil(DY / BY) * math.ceil(DZ / BZ), lay.N, H)
+    return states, final, Launch(segment_states_kernel, grid, args,
+                                 dict(H=H, DY=DY, DZ=DZ, BY=BY, BZ=BZ, BT=min(64, lay.C), REVERSE=reverse,
+                                      HAS_INIT=init is not None, STORE_FINAL=store_final),
+                                 num_warps=8 if BY * BZ >= 128 * 128 else 4, num_stages=tuning.states_stages)
 
 
-def segment_scan(buf: Tensor, lg2: Tensor, init: Tensor | None, store_final: bool, lay: Layout,
-                 reverse: bool) -> tuple[Tensor | None, Launch]:
-    """In place: segment sums -> boundary states; returns the final running state [N, H, Dy, Dz]."""
-    _, H, DY, DZ = buf.shape
-    E = DY * DZ
-    final = torch.empty(lay.N, H, DY, DZ, dtype=torch.float32, device=buf.device) if store_final else None
-    BLOCK = 2048
-    args = dict(BUF=buf, LOG2_GAMMA=lg2, INIT=buf if init is None else init, FINAL=buf if final is None else final,
-                cu_seqlens=lay.cu_seqlens, seg_first=lay.seg_first, T=lay.T, S=lay.S, VARLEN=int(lay.varlen))
-    return final, Launch(segment_scan_kernel, (math.ceil(E / BLOCK), lay.N * H), args,
-                         dict(H=H, E=E, BLOCK=BLOCK, REVERSE=reverse,
-                              HAS_INIT=init is not None, STORE_FINAL=store_final), num_warps=8, num_stages=1)
-
-
-def chunk_outputs(x: Tensor, y: Tensor, z: Tensor, m: Tensor, state: Tensor, transposed_state: bool,
-                  lg2: Tensor, lay: Layout, reverse: bool, tuning: Tuning) -> tuple[Tensor, Launch]:
-    """out [T_total, H, Dz] = chunk by chunk, decay * x @ state + m @ z (see the kernel)."""
+def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_state: bool, lg2: Tensor,
+                    lay: Layout, reverse: bool, tuning: Tuning) -> tuple[Tensor, Launch]:
+    """out [T_total, H, Dz] = decay * x @ state + (m or m^T) @ z per segment (see the kernel)."""
     T_total, H, DX = x.shape
     DZ = z.shape[-1]
-    DXP = pow2(DX)
-    BZ = tuning.block_z or max(16, min(128, pow2(DZ), tuning.state_tile // DXP))
-    warps = tuning.num_warps or (8 if DXP * BZ >= 128 * 128 else 4)
+    BZ = tuning.block_z or min(128, pow2(DZ))
+    BK = min(tuning.block_k, pow2(DX))
+    warps = tuning.num_warps or (8 if lay.C * BZ >= 128 * 128 else 4)
     # the state buffer is [n_seg, H, Dk, Dv]; as [Dx, Dz] it is read directly or transposed
     sx, sz = (1, DX) if transposed_state else (DZ, 1)
     out = torch.empty(T_total, H, DZ, dtype=z.dtype, device=z.device)
-    args = dict(X=x, Y=y, Z=z, M=m, STATE=state, OUT=out, LOG2_GAMMA=lg2, **lay.index_args(),
+    args = dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args(),
                 STATE_SX=sx, STATE_SZ=sz)
-    return out, Launch(chunk_outputs_kernel, (math.ceil(DZ / BZ), lay.n_seg, H), args,
-                       dict(H=H, DX=DX, DZ=DZ, DXP=DXP, C=lay.C, BZ=BZ, REVERSE=reverse),
+    grid = (math.ceil(DZ / BZ) * (lay.S // lay.C), lay.n_seg, H)
+    return out, Launch(segment_outputs_kernel, grid, args,
+                       dict(H=H, DX=DX, DZ=DZ, BM=lay.C, BZ=BZ, BK=BK, REVERSE=reverse),
                        num_warps=warps, num_stages=tuning.num_stages)
 
 
@@ -210,56 +216,49 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state_in: Tensor | N
 
 # ---- the passes ----------------------------------------------------------------------------------
 
-def boundary_states(k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None, need_final: bool, lay: Layout,
-                    tuning: Tuning, run: Callable[[Launch], None]) -> tuple[Tensor, Tensor | None]:
-    """States entering each segment [n_seg, H, DK, DV] fp32, and the final state per sequence."""
-    states, launch = segment_sums(k, v, lg2, lay, reverse=False, tuning=tuning)
-    run(launch)
-    final, launch = segment_scan(states, lg2, state0, need_final, lay, reverse=False)
-    run(launch)
-    return states, final
-
-
 def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None, need_final: bool,
             lay: Layout, tuning: Tuning, run: Callable[[Launch], None] = execute):
-    """q, k [T_total, H, DK], v [T_total, H, DV] -> (o, final state or None, A for the backward)."""
+    """q, k [T_total, H, DK], v [T_total, H, DV] -> (o, final state [N, H, DK, DV] fp32 or None)."""
     A, launch = intra_scores(q, k, lg2, lay)
     run(launch)
-    states, final = boundary_states(k, v, lg2, state0, need_final, lay, tuning, run)
-    o, launch = chunk_outputs(q, k, v, A, states, False, lg2, lay, reverse=False, tuning=tuning)
+    states, final, launch = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
     run(launch)
-    return o, final, A
+    o, launch = segment_outputs(q, v, A, states, False, lg2, lay, reverse=False, tuning=tuning)
+    run(launch)
+    return o, final
 
 
-def backward(q: Tensor, k: Tensor, v: Tensor, A: Tensor, lg2: Tensor, state0: Tensor | None, do: Tensor,
+def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None, do: Tensor,
              dfinal: Tensor | None, need_dstate0: bool, lay: Layout, tuning: Tuning,
              run: Callable[[Launch], None] = execute):
     """-> dq, dk, dv (input dtype), d(initial state) [N, H, DK, DV] fp32 or None.
 
-    The segment states are recomputed (one GEMM-like pass over k, v) rather than kept from the
-    forward: kept, they would cost DK*DV*4 bytes per segment and head for every layer, a lot for
-    packed short documents (each is at least one segment).
+    The segment states and the scores are recomputed (a GEMM pass over k, v and one over q, k, about
+    a sixth of the backward's FLOPs) rather than kept from the forward: kept, every layer would hold
+    them until its backward, 2 * (DK * DV / S + S) bytes per token and head in bf16 (2.5 KiB at
+    S = 256, d_k 256, d_v 512), more than q, k and v themselves.
     """
-    states, _ = boundary_states(k, v, lg2, state0, False, lay, tuning, run)
-    # the gradient of the state leaving each segment: a reverse scan of the decayed q^T do sums
-    grads, launch = segment_sums(q, do, lg2, lay, reverse=True, tuning=tuning)
+    states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
     run(launch)
-    dstate0, launch = segment_scan(grads, lg2, dfinal, need_dstate0, lay, reverse=True)
+    # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
+    grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
+    run(launch)
+    A, launch = intra_scores(q, k, lg2, lay)
     run(launch)
     dA, launch = intra_scores(do, v, lg2, lay)
     run(launch)
-    dq, launch = chunk_outputs(do, v, k, dA, states, True, lg2, lay, reverse=False, tuning=tuning)
+    dq, launch = segment_outputs(do, k, dA, states, True, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
-    dk, launch = chunk_outputs(v, do, q, dA, grads, True, lg2, lay, reverse=True, tuning=tuning)
+    dk, launch = segment_outputs(v, q, dA, grads, True, lg2, lay, reverse=True, tuning=tuning)
     run(launch)
-    dv, launch = chunk_outputs(k, q, do, A, grads, False, lg2, lay, reverse=True, tuning=tuning)
+    dv, launch = segment_outputs(k, do, A, grads, False, lg2, lay, reverse=True, tuning=tuning)
     run(launch)
     return dq, dk, dv, dstate0
 
 
 def default_tuning(chunk: int = 64, rocm: bool = False) -> Tuning:
-    # MI200: 64 KiB of shared memory, so half the state tile and no multi-buffered operand loads
-    return Tuning(chunk=chunk, state_tile=16384, num_stages=1) if rocm else Tuning(chunk=chunk)
+    # MI200: 64 KiB of shared memory, so no multi-buffered operand loads
+    return Tuning(chunk=chunk, num_stages=1, states_stages=1) if rocm else Tuning(chunk=chunk)
 
 
 def with_tuning(tuning: Tuning | None, chunk: int) -> Tuning:
