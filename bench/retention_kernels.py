@@ -75,16 +75,19 @@ def ours_paths(lg, sweep: bool):
     # each configuration compiles ~10 kernel variants: few by default
     configs = {"triton": Tuning()}
     if sweep:
-        configs.update({"triton w8": Tuning(num_warps=8),
-                        "triton c128": Tuning(chunk=128),
-                        "triton seg128": Tuning(segment_chunks=2),
-                        "triton seg512": Tuning(segment_chunks=8),
-                        "triton st3": Tuning(num_stages=3),
-                        "triton bz64": Tuning(block_z=64),
+        configs.update({"triton st3": Tuning(num_stages=3),
+                        "triton w8": Tuning(num_warps=8),
                         "triton bz256 w8": Tuning(block_z=256, num_warps=8),
-                        "triton bk32": Tuning(block_k=32),
+                        "triton c128": Tuning(chunk=128),
+                        "triton seg512": Tuning(segment_chunks=8),
+                        "triton sbt32": Tuning(states_bt=32),
+                        "triton sbt128": Tuning(states_bt=128),
+                        "triton sst3": Tuning(states_stages=3),
+                        "triton states64x128": Tuning(state_block=(64, 128)),
                         "triton states128": Tuning(state_block=(128, 128)),
-                        "triton states64": Tuning(state_block=(64, 64))})
+                        "triton states128x256": Tuning(state_block=(128, 256)),
+                        "triton score128": Tuning(score_block=128),
+                        "triton st3 sst3 score128": Tuning(num_stages=3, states_stages=3, score_block=128)})
     return {name: (lambda q, k, v, t=t: RT.chunk_retention(q, k, v, lg, chunk_size=t.chunk, tuning=t)[0])
             for name, t in configs.items()}
 
@@ -95,6 +98,8 @@ def measure(fn, inputs, backward: bool, reps: int = 10) -> float:
             fn(*inputs)
 
     def fwd_bwd():
+        for x in inputs:  # no gradient accumulation kernels in the timing
+            x.grad = None
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
 
@@ -116,6 +121,7 @@ def profile(paths, tokens: int, T: int) -> None:
         for _ in range(2):
             fn(q, k, v).backward(torch.ones(B, T, H, DV, device="cuda", dtype=torch.bfloat16))
         torch.cuda.synchronize()
+        q.grad = k.grad = v.grad = None
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn(q, k, v).backward(torch.ones(B, T, H, DV, device="cuda", dtype=torch.bfloat16))
             torch.cuda.synchronize()

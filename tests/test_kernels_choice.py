@@ -116,7 +116,8 @@ def test_dispatch_follows_the_resolved_choice(monkeypatch):
 
 
 @pytest.mark.parametrize("hip, usable, want", [
-    (None, {"fla", "triton"}, "fla"),  # NVIDIA: fla first (AUTO_ORDER_CUDA, bench/RESULTS.md)
+    (None, {"fla", "triton"}, "triton"),  # NVIDIA: ours first (AUTO_ORDER_CUDA, bench/RESULTS.md)
+    (None, {"fla"}, "fla"),
     (None, {"triton"}, "triton"),
     (None, set(), "torch"),
     ("6.2", {"fla", "triton"}, "triton"),  # ROCm: never fla

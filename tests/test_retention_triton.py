@@ -30,7 +30,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 kernels (exact fp32 products) against a float64 reference
 TOL = 2e-5
-TUNINGS = [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16, segment_chunks=2), Tuning(chunk=32)]
+# the last one: four state steps per segment (states_bt < chunk) and score tiles twice the chunk
+TUNINGS = [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16, segment_chunks=2), Tuning(chunk=32),
+           Tuning(chunk=32, segment_chunks=2, states_bt=16, score_block=64)]
+TUNING_IDS = ["seg1", "seg2", "c32", "bt16-sb64"]
 
 
 def rel(a, b):
@@ -55,7 +58,7 @@ def ours(q, k, v, lg, s0, need_state, tuning, cu_seqlens=None):
     return o, f, leaves
 
 
-@pytest.mark.parametrize("tuning", TUNINGS, ids=["seg1", "seg2", "c32"])
+@pytest.mark.parametrize("tuning", TUNINGS, ids=TUNING_IDS)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_forward_matches_torch(tuning, with_state):
     # T = 50: not a multiple of the chunk; d_v = 48: not a power of two (masked columns)
@@ -69,7 +72,7 @@ def test_forward_matches_torch(tuning, with_state):
     assert o.dtype == torch.float32 and f.dtype == torch.float32
 
 
-@pytest.mark.parametrize("tuning", TUNINGS, ids=["seg1", "seg2", "c32"])
+@pytest.mark.parametrize("tuning", TUNINGS, ids=TUNING_IDS)
 def test_backward_matches_autograd(tuning):
     # the loss reads o and the final state, so d(final state) flows back into every gradient
     lg = head_log_decays(2, schedule="linspace")
@@ -96,7 +99,8 @@ def test_backward_without_state():
         assert rel(a.grad, b.grad) < TOL, name
 
 
-@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16)], ids=["seg1", "auto"])
+@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), TUNINGS[-1]],
+                         ids=["seg1", "auto", TUNING_IDS[-1]])
 def test_varlen_equals_each_sequence_alone(tuning):
     # an empty sequence, one shorter than a chunk, ones that end mid-chunk and mid-segment
     cu = torch.tensor([0, 7, 7, 40, 90], dtype=torch.int32)

@@ -147,7 +147,7 @@ class ModelConfig:
                           "training)")
     kernels: Kernels = doc(Kernels.auto, "which fast paths run (retention, fused head norm + gate, linear "
                            "cross-entropy), resolved once at build into model.kernels: `auto` (CPU: torch; "
-                           "NVIDIA: fla, else our Triton kernels, else torch; ROCm: our Triton kernels, else "
+                           "NVIDIA: our Triton kernels, else fla, else torch; ROCm: our Triton kernels, else "
                            "torch) | `torch` (plain PyTorch everywhere) | `fla` | `triton`; an impossible choice "
                            "is an error, never a silent fallback")
     init: Init = doc(Init.official, "the initialisation: `official`, torchscale's")

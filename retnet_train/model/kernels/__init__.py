@@ -21,9 +21,10 @@ from ..config import ModelConfigError
 log = logging.getLogger(__name__)
 
 # What `auto` picks on an NVIDIA GPU, best first. It follows the measured figures in
-# bench/RESULTS.md: fla's chunk kernels are the fastest retention measured there. Our own kernels
-# (kernels/retention_triton.py) go first once a RESULTS.md row shows them faster than fla's.
-AUTO_ORDER_CUDA = ("fla", "triton", "torch")
+# bench/RESULTS.md: our own chunkwise kernels (kernels/retention_triton.py) are about 2x fla's
+# chunk_simple_gla forward + backward at the presets' heads (H200, 2026-12-04); fla is the fallback
+# where ours do not import.
+AUTO_ORDER_CUDA = ("triton", "fla", "torch")
 # On ROCm fla is never chosen (not shown to work there); our own kernels are compiled for gfx90a.
 AUTO_ORDER_ROCM = ("triton", "torch")
 

@@ -108,7 +108,7 @@ def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, 
 @triton.jit
 def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg_first, T, S, VARLEN,
                           H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
-                          BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr,
+                          BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
                           REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
     """STATES[m, h] = the running state r at segment m, r <- gamma^L r + sum_t w_t Y_t^T Z_t.
 
@@ -118,6 +118,11 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
     the gradient of the state leaving segment m, FINAL the gradient of the initial state. r starts
     at INIT [N, H, DY, DZ] (the initial state, or the final state's gradient) or 0; it is fp32 in
     registers throughout, STATES [n_seg, H, DY, DZ] has the input dtype, FINAL is fp32.
+
+    One flat loop over the sequence's token blocks (SB = S / BT per segment; a segment's first block
+    also stores and decays r) rather than a loop over segments around a loop over their blocks:
+    the software pipeliner then prefetches across segment boundaries, where a nested inner loop of
+    S / BT = 4 steps would drain and refill its pipeline every segment.
     """
     pid, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN != 0:
@@ -144,28 +149,32 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
         r = tl.zeros([BY, BZ], dtype=tl.float32)
     lg2 = tl.load(LOG2_GAMMA + h)
     bt = tl.arange(0, BT)
-    for it in range(n_seg):
+    for it in range(n_seg * SB):
         if REVERSE:
-            m = n_seg - 1 - it
+            m = n_seg - 1 - it // SB
         else:
-            m = it
+            m = it // SB
+        j = it % SB
         bos = seq_bos + m * S
         eos = tl.minimum(bos + S, seq_eos)
-        tl.store(STATES + ((first + m).to(tl.int64) * H + h) * (DY * DZ) + tile, r.to(STATES.dtype.element_ty),
-                 mask=tile_ok)
-        r = r * tl.exp2((eos - bos).to(tl.float32) * lg2)
-        for t0 in range(0, eos - bos, BT):
-            t = bos + t0 + bt
-            ok = t < eos
-            y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None], mask=y_ok[:, None] & ok[None, :],
-                          other=0.0)  # [BY, BT]
-            z = tl.load(Z + t[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=ok[:, None] & z_ok[None, :],
-                        other=0.0)  # [BT, BZ]
-            if REVERSE:
-                e = t - bos + 1
-            else:
-                e = eos - 1 - t
-            w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
+        if j == 0:
+            tl.store(STATES + ((first + m).to(tl.int64) * H + h) * (DY * DZ) + tile,
+                     r.to(STATES.dtype.element_ty), mask=tile_ok)
+            r = r * tl.exp2((eos - bos).to(tl.float32) * lg2)
+        t = bos + j * BT + bt
+        ok = t < eos
+        y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None], mask=y_ok[:, None] & ok[None, :],
+                      other=0.0)  # [BY, BT]
+        z = tl.load(Z + t[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=ok[:, None] & z_ok[None, :],
+                    other=0.0)  # [BT, BZ]
+        if REVERSE:
+            e = t - bos + 1
+        else:
+            e = eos - 1 - t
+        w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
+        if BY < BZ:  # weight the smaller operand
+            r = tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
+        else:
             r = tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
     if STORE_FINAL:
         tl.store(FINAL + nh + tile, r, mask=tile_ok)

@@ -35,19 +35,19 @@ class Tuning:
     block_z: int | None = None  # BZ of segment_outputs (the output columns a program owns)
     block_k: int = 64  # BK of segment_outputs (the state-contraction step)
     num_warps: int | None = None  # of segment_outputs
-    num_stages: int = 2  # of segment_outputs (software-pipelining depth of its two loops)
-    # segment_states' tile of the state [BY, BZ] (None: the largest of 128 x 128, 64 x 128, 64 x 64
-    # that still gives every SM about two programs) and its pipelining depth
+    num_stages: int = 3  # of segment_outputs (software-pipelining depth of its two loops)
+    # segment_states' tile of the state [BY, BZ] (None: 64 x 128, or 64 x 64 where that leaves SMs
+    # without about two programs) and its pipelining depth
     state_block: tuple[int, int] | None = None
     states_stages: int = 2
+    states_bt: int = 64  # tokens per step of segment_states (its GEMMs' contraction); a power of two >= 16
+    score_block: int | None = None  # intra_scores' [BS, BS] tile (None: the chunk); divides the segment
 
     def __post_init__(self):
-        for name in ("chunk", "block_k"):
+        for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
             n = getattr(self, name)
-            if n < 16 or n & (n - 1):
+            if n is not None and (n < 16 or n & (n - 1)):
                 raise ValueError(f"{'chunk size' if name == 'chunk' else name} {n} must be a power of two >= 16")
-        if self.block_z is not None and (self.block_z < 16 or self.block_z & (self.block_z - 1)):
-            raise ValueError(f"block_z {self.block_z} must be a power of two >= 16")
         if self.segment_chunks is not None and self.segment_chunks < 1:
             raise ValueError(f"segment_chunks {self.segment_chunks} must be >= 1")
         if self.state_block is not None and any(b < 16 or b & (b - 1) for b in self.state_block):
@@ -138,24 +138,27 @@ def make_layout(B: int, T: int, H: int, DV: int, cu_seqlens: Tensor | None, tuni
 
 # ---- one launch per kernel role ------------------------------------------------------------------
 
-def intra_scores(x: Tensor, y: Tensor, lg2: Tensor, lay: Layout) -> tuple[Tensor, Launch]:
+def intra_scores(x: Tensor, y: Tensor, lg2: Tensor, lay: Layout, tuning: Tuning) -> tuple[Tensor, Launch]:
     """M [T_total, H, S]: each segment's decayed causal scores x_i . y_j (lower triangle of tiles)."""
     T_total, H, D = x.shape
     m = torch.empty(T_total, H, lay.S, dtype=x.dtype, device=x.device)
-    nb = lay.S // lay.C
+    bs = min(tuning.score_block or lay.C, lay.S)
+    bs = bs if lay.S % bs == 0 else lay.C
+    nb = lay.S // bs
     return m, Launch(intra_scores_kernel, (nb * nb, lay.n_seg, H),
                      dict(X=x, Y=y, M=m, LOG2_GAMMA=lg2, **lay.index_args()),
-                     dict(H=H, D=D, BM=lay.C, BD=min(64, pow2(D)), N_BLOCKS=nb), num_warps=4, num_stages=2)
+                     dict(H=H, D=D, BM=bs, BD=min(64, pow2(D)), N_BLOCKS=nb), num_warps=8 if bs >= 128 else 4,
+                     num_stages=2)
 
 
 def state_block(DY: int, DZ: int, N: int, H: int, tuning: Tuning, device: torch.device) -> tuple[int, int]:
-    """segment_states' tile: the largest that still puts about two programs on every SM (each
-    program walks a whole sequence, so a few long sequences need smaller tiles to fill the GPU)."""
+    """segment_states' tile: 64 x 128 unless that leaves SMs without about two programs (each
+    program walks a whole sequence, so a few long sequences need smaller tiles to fill the GPU).
+    128 x 128 and 128 x 256 measured slower on an H200 (bench/RESULTS.md, 2026-12-04 sweep)."""
     if tuning.state_block is not None:
         return tuning.state_block
     want = 2 * _sm_count(device)
-    options = [(min(128, pow2(DY)), min(128, pow2(DZ))), (min(64, pow2(DY)), min(128, pow2(DZ))),
-               (min(64, pow2(DY)), min(64, pow2(DZ)))]
+    options = [(min(64, pow2(DY)), min(128, pow2(DZ))), (min(64, pow2(DY)), min(64, pow2(DZ)))]
     for by, bz in options:
         if N * H * math.ceil(DY / by) * math.ceil(DZ / bz) >= want:
             return by, bz
@@ -170,12 +173,13 @@ def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store
     states = torch.empty(lay.n_seg, H, DY, DZ, dtype=y.dtype, device=y.device)
     final = torch.empty(lay.N, H, DY, DZ, dtype=torch.float32, device=y.device) if store_final else None
     BY, BZ = state_block(DY, DZ, lay.N, H, tuning, y.device)
+    bt = min(tuning.states_bt, lay.S)
     args = dict(Y=y, Z=z, STATES=states, INIT=states if init is None else init,
                 FINAL=states if final is None else final, LOG2_GAMMA=lg2, cu_seqlens=lay.cu_seqlens,
                 seg_first=lay.seg_first, T=lay.T, S=lay.S, VARLEN=int(lay.varlen))
     grid = (math.ceil(DY / BY) * math.ceil(DZ / BZ), lay.N, H)
     return states, final, Launch(segment_states_kernel, grid, args,
-                                 dict(H=H, DY=DY, DZ=DZ, BY=BY, BZ=BZ, BT=min(64, lay.C), REVERSE=reverse,
+                                 dict(H=H, DY=DY, DZ=DZ, BY=BY, BZ=BZ, BT=bt, SB=lay.S // bt, REVERSE=reverse,
                                       HAS_INIT=init is not None, STORE_FINAL=store_final),
                                  num_warps=8 if BY * BZ >= 128 * 128 else 4, num_stages=tuning.states_stages)
 
@@ -219,7 +223,7 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state_in: Tensor | N
 def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None, need_final: bool,
             lay: Layout, tuning: Tuning, run: Callable[[Launch], None] = execute):
     """q, k [T_total, H, DK], v [T_total, H, DV] -> (o, final state [N, H, DK, DV] fp32 or None)."""
-    A, launch = intra_scores(q, k, lg2, lay)
+    A, launch = intra_scores(q, k, lg2, lay, tuning)
     run(launch)
     states, final, launch = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
     run(launch)
@@ -243,9 +247,9 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
     # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
     grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
     run(launch)
-    A, launch = intra_scores(q, k, lg2, lay)
+    A, launch = intra_scores(q, k, lg2, lay, tuning)
     run(launch)
-    dA, launch = intra_scores(do, v, lg2, lay)
+    dA, launch = intra_scores(do, v, lg2, lay, tuning)
     run(launch)
     dq, launch = segment_outputs(do, k, dA, states, True, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
