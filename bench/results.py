@@ -22,7 +22,8 @@ def device_name() -> str:
 
 
 def commit() -> str:
-    """The checked-out commit; on machines that get the tree without .git, set RETNET_COMMIT."""
+    """The checked-out commit, "+changes" when tracked files differ from it (a tree copied onto a
+    machine with an older .git reads as its old commit otherwise); RETNET_COMMIT overrides."""
     import os
 
     if os.environ.get("RETNET_COMMIT"):
@@ -30,7 +31,11 @@ def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=RESULTS.parent)
-        return out.stdout.strip() or "unknown"
+        head = out.stdout.strip()
+        if not head:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True, cwd=RESULTS.parent)
+        return head + ("+changes" if dirty.returncode == 1 else "")
     except OSError:
         return "unknown"
 

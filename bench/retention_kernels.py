@@ -137,6 +137,8 @@ def main() -> None:
     p.add_argument("--tokens", default="16384,32768")
     p.add_argument("--lengths", default="2048,8192,32768")
     p.add_argument("--sweep", action="store_true", help="more Triton tile configurations (slower: compiles)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated row names to run (e.g. 'fla chunk_simple_gla,triton'); default: all")
     p.add_argument("--profile", action="store_true",
                    help="also print the GPU time per kernel of one forward + backward of each kernel family")
     args = p.parse_args()
@@ -145,6 +147,12 @@ def main() -> None:
     lg = head_log_decays(H)
     paths = {**fla_paths(lg), **ours_paths(lg, args.sweep)}
     paths["torch chunkwise"] = lambda q, k, v: chunkwise_retention(q, k, v, lg, chunk_size=64)[0]
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",")]
+        unknown = [n for n in wanted if n not in paths and n != "causal SDPA 16x128"]
+        if unknown:
+            raise SystemExit(f"--only: unknown row(s) {unknown}; rows here: {sorted(paths)}")
+        paths = {n: f for n, f in paths.items() if n in wanted}
     rows = []
     if args.profile:
         profile({n: f for n, f in paths.items() if n in ("fla chunk_simple_gla", "triton")},
