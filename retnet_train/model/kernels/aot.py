@@ -49,8 +49,8 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
         v = torch.empty(8192, 8, DV, dtype=dtype, device=meta)
         for cu in (None, torch.empty(5, dtype=torch.int32, device=meta)):
             # 4 rows of 2048 tokens, or one packed row of 4 sequences: 4 states either way
-            lay = L.make_layout(4, 2048, 8, DV, None, tuning, meta) if cu is None else \
-                L.make_layout(1, 8192, 8, DV, cu, tuning, meta)
+            lay = L.make_layout(4, 2048, None, tuning, meta) if cu is None else \
+                L.make_layout(1, 8192, cu, tuning, meta)
             state = torch.empty(4, 8, DK, DV, dtype=torch.float32, device=meta)
             for s0 in (None, state):
                 for need in (False, True):

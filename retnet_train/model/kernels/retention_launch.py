@@ -115,8 +115,7 @@ def segment_length(longest: int, tuning: Tuning) -> int:
     return S
 
 
-def make_layout(B: int, T: int, H: int, DV: int, cu_seqlens: Tensor | None, tuning: Tuning,
-                device: torch.device) -> Layout:
+def make_layout(B: int, T: int, cu_seqlens: Tensor | None, tuning: Tuning, device: torch.device) -> Layout:
     C = tuning.chunk
     if cu_seqlens is None:
         S = segment_length(T, tuning)

@@ -58,7 +58,7 @@ def chunk_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: T
     if DK > MAX_DK or DV > MAX_DV:
         return _split_heads(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning)
     lg2 = _log2_gamma(log_gamma, q.device)
-    lay = L.make_layout(B, T, H, DV, cu_seqlens, tuning, q.device)
+    lay = L.make_layout(B, T, cu_seqlens, tuning, q.device)
     k, v = k.to(q.dtype), v.to(q.dtype)
     init = None if state is None else state.float().contiguous()
     o, final = _ChunkRetention.apply(q, k, v, init, lg2, lay, tuning, need_state)
