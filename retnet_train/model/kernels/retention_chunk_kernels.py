@@ -30,8 +30,9 @@ The same three kernels do the forward and all of the backward, with other operan
   with G the gradient of the state leaving each segment (a reverse walk that starts from the
   final state's gradient and ends with the initial state's).
 
-FLOPs per token and head (forward, S = 256, d_k 256, d_v 512): 2 d_k d_v for the states, 2 d_k d_v
-for q S_in, S (d_k + d_v) / 2 for the causal in-segment part; all of it in GEMM tiles.
+FLOPs per token and head (forward, S = 256 in 64 x 64 tiles, d_k 256, d_v 512): 2 d_k d_v for the
+states, 2 d_k d_v for q S_in, 2 * 160 (d_k + d_v) for the in-segment part (a row block meets the
+tiles up to the diagonal: 160 of a segment's 256 columns on average); all of it in GEMM tiles.
 
 Token tensors are [T_total, H, D] contiguous (the batch folded into time); M is [T_total, H, S];
 segment states are [n_segments, H, Dk, Dv]. Decays are gamma^n = exp2(n * log2 gamma) in fp32.
