@@ -38,7 +38,7 @@ def _wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None
         assert proc.poll() is None, "the run ended before it could be interrupted"
         if path.is_file() and any(f'"step": {s},' in path.read_text() for s in range(step, step + 50)):
             return
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise TimeoutError(f"step {step} not reached")
 
 
@@ -64,7 +64,8 @@ def _saved_by_signal(run_dir: Path, sig) -> int:
 # ---- signals -------------------------------------------------------------------------------------
 
 
-SIGNAL_STEPS = 5
+# room after the signal at step 2: tiny steps are tens of ms, so several can pass before it lands
+SIGNAL_STEPS = 12
 SIGNAL_ARGS = [*STREAM, f"data.root={SAMPLE}", f"optim.decay_steps={SIGNAL_STEPS}", "checkpoint.every=0"]
 
 
