@@ -6,15 +6,19 @@ to head r % H and the affine weight of that head is weight[h * D : (h + 1) * D].
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .retention_launch import Launch, execute
+
 
 @triton.jit
-def _forward_kernel(O, G, W, Bias, Y, Mean, Rstd, H, D, eps,
-                    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+def norm_gate_forward_kernel(O, G, W, Bias, Y, Mean, Rstd, H, D, eps,
+                             BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     h = row % H
     cols = tl.arange(0, BLOCK_D)
@@ -38,8 +42,8 @@ def _forward_kernel(O, G, W, Bias, Y, Mean, Rstd, H, D, eps,
 
 
 @triton.jit
-def _backward_kernel(DY, O, G, W, Bias, Mean, Rstd, DO, DG, DW, DB, N_TOKENS, H, D, TOKENS_PER_PROG,
-                     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+def norm_gate_backward_kernel(DY, O, G, W, Bias, Mean, Rstd, DO, DG, DW, DB, N_TOKENS, H, D, TOKENS_PER_PROG,
+                              BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Program (p, h): tokens [p * TOKENS_PER_PROG, ...) of head h. It recomputes the normalised
     values from o, mean and 1/std, writes do and dg, and sums its rows' dweight / dbias into row p of
     DW / DB [programs, H * D] (summed over p afterwards)."""
@@ -93,20 +97,25 @@ def _warps(block_d: int) -> int:
     return min(max(block_d // 256, 1), 8)
 
 
-def forward(o: Tensor, g: Tensor, weight: Tensor | None, bias: Tensor | None, group: bool, eps: float):
+def forward(o: Tensor, g: Tensor, weight: Tensor | None, bias: Tensor | None, group: bool, eps: float,
+            run: Callable[[Launch], None] = execute):
+    """-> y = silu(g) * norm(o), and the per-row mean and 1/std [B * T * H] fp32 for the backward.
+    `run` executes the launch (aot.py passes a recorder instead)."""
     B, T, H, D = o.shape
     rows = B * T * H
     y = torch.empty(o.shape, dtype=torch.promote_types(o.dtype, g.dtype), device=o.device)
     mean = torch.empty(rows, dtype=torch.float32, device=o.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=o.device)
     block = triton.next_power_of_2(D)
-    _forward_kernel[(rows,)](o, g, weight, bias, y, mean, rstd, H, D, eps, BLOCK_D=block, GROUP=group,
-                             HAS_W=weight is not None, HAS_B=bias is not None, num_warps=_warps(block))
+    run(Launch(norm_gate_forward_kernel, (rows,),
+               dict(O=o, G=g, W=weight, Bias=bias, Y=y, Mean=mean, Rstd=rstd, H=H, D=D, eps=eps),
+               dict(BLOCK_D=block, GROUP=group, HAS_W=weight is not None, HAS_B=bias is not None),
+               num_warps=_warps(block), num_stages=None))
     return y, mean, rstd
 
 
 def backward(dy: Tensor, o: Tensor, g: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-             rstd: Tensor, group: bool):
+             rstd: Tensor, group: bool, run: Callable[[Launch], None] = execute):
     B, T, H, D = o.shape
     tokens = B * T
     # enough programs to fill a GPU (~4 per SM x H), few enough that the [programs, H * D] fp32
@@ -118,9 +127,11 @@ def backward(dy: Tensor, o: Tensor, g: Tensor, weight: Tensor | None, bias: Tens
     dw = torch.empty(progs, H * D, dtype=torch.float32, device=o.device) if weight is not None else None
     db = torch.empty(progs, H * D, dtype=torch.float32, device=o.device) if bias is not None else None
     block = triton.next_power_of_2(D)
-    _backward_kernel[(progs, H)](dy, o, g, weight, bias, mean, rstd, do, dg, dw, db, tokens, H, D, per_prog,
-                                 BLOCK_D=block, GROUP=group, HAS_W=weight is not None, HAS_B=bias is not None,
-                                 num_warps=_warps(block))
+    run(Launch(norm_gate_backward_kernel, (progs, H),
+               dict(DY=dy, O=o, G=g, W=weight, Bias=bias, Mean=mean, Rstd=rstd, DO=do, DG=dg, DW=dw, DB=db,
+                    N_TOKENS=tokens, H=H, D=D, TOKENS_PER_PROG=per_prog),
+               dict(BLOCK_D=block, GROUP=group, HAS_W=weight is not None, HAS_B=bias is not None),
+               num_warps=_warps(block), num_stages=None))
     dweight = dw.sum(0).to(weight.dtype) if weight is not None else o.new_empty(0)
     dbias = db.sum(0).to(bias.dtype) if bias is not None else o.new_empty(0)
     return do, dg, dweight, dbias

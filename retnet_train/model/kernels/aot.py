@@ -2,9 +2,10 @@
 
     python -m retnet_train.model.kernels.aot sm_90 gfx90a
 
-Replays the launches of real calls (retention_launch builds them; here on meta tensors) at the
-presets' head shapes (d_k 256 / d_v 512 and 128 / 256, bf16, chunk 64; fixed-length and varlen;
-with and without states) and compiles each distinct (kernel, signature, constexprs, warps, stages)
+Replays the launches of real calls (retention_launch and _norm_gate_triton build them; here on meta
+tensors) at the presets' head shapes (d_k 256 / d_v 512 and 128 / 256, bf16, chunk 64; fixed-length
+and varlen; with and without states; the head norm + gate as groupnorm or rmsnorm, with and without
+its affine weight) and compiles each distinct (kernel, signature, constexprs, warps, stages)
 with triton.compile for each target, in parallel. Prints one line per kernel and target, checks the
 shared memory each needs against the target's limit, and exits 1 if anything failed.
 """
@@ -62,7 +63,23 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
         st = torch.empty(4, 8, DK, DV, dtype=torch.float32, device=meta)
         for s_in, s_out in ((st, st), (None, st), (st, None), (None, None)):
             seen.append(L.recurrent(qr, kr, vr, lg2, s_in, s_out)[1])
+        norm_gate_launches(DV, dtype, meta, seen.append)
     return seen
+
+
+def norm_gate_launches(D: int, dtype, device, run) -> None:
+    """The head norm + gate kernels as HeadNorm uses them: groupnorm (weight and bias, or none) and
+    rmsnorm (weight, or none), forward and backward, 8 heads of width D."""
+    from . import _norm_gate_triton as NG
+
+    o, g, dy = (torch.empty(2, 64, 8, D, dtype=dtype, device=device) for _ in range(3))
+    w = torch.empty(8 * D, dtype=dtype, device=device)
+    stats = torch.empty(2 * 64 * 8, dtype=torch.float32, device=device)
+    for group in (True, False):
+        for affine in (True, False):
+            weight, bias = (w if affine else None), (w if affine and group else None)
+            NG.forward(o, g, weight, bias, group, 1e-6, run=run)
+            NG.backward(dy, o, g, weight, bias, stats, stats, group, run=run)
 
 
 def spec(launch) -> tuple:
@@ -72,16 +89,17 @@ def spec(launch) -> tuple:
     are), so loads vectorise and pipeline as they will there (the shared memory it reports is real).
     """
     fn = launch.kernel
-    sig, aligned = {}, []
+    sig, aligned, constexprs = {}, [], dict(launch.constexprs)
     for i, name in enumerate(fn.arg_names):
-        if name in launch.constexprs:
-            sig[name] = "constexpr"
+        a = launch.args.get(name)
+        if name in launch.constexprs or (name in launch.args and a is None):
+            sig[name] = "constexpr"  # a None pointer (an absent weight) is a constexpr to triton too
+            constexprs.setdefault(name, None)
             continue
-        a = launch.args[name]
-        sig[name] = _PTR[a.dtype] if isinstance(a, torch.Tensor) else "i32"
+        sig[name] = _PTR[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32"
         if isinstance(a, torch.Tensor):
             aligned.append(i)
-    return (fn.fn.__module__, fn.__name__, tuple(sig.items()), tuple(sorted(launch.constexprs.items())),
+    return (fn.fn.__module__, fn.__name__, tuple(sig.items()), tuple(sorted(constexprs.items(), key=lambda kv: kv[0])),
             tuple(aligned), launch.num_warps, launch.num_stages)
 
 
@@ -96,7 +114,8 @@ def compile_one(job):
     try:
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
         src = triton.compiler.ASTSource(fn=fn, signature=dict(sig), constexprs=dict(constexprs), attrs=attrs)
-        out = triton.compile(src, target=tgt, options={"num_warps": warps, "num_stages": stages})
+        options = {"num_warps": warps, **({} if stages is None else {"num_stages": stages})}
+        out = triton.compile(src, target=tgt, options=options)
         shared = int(getattr(out.metadata, "shared", 0))
         err = None if shared <= SMEM_LIMIT[tgt.backend] else \
             f"needs {shared} bytes of shared memory, over the {SMEM_LIMIT[tgt.backend]} of {tgt_name}"
@@ -108,7 +127,7 @@ def compile_one(job):
 def describe(s) -> str:
     _, name, _, constexprs, _, warps, stages = s
     keep = ("H", "D", "DX", "DZ", "DY", "DK", "DV", "BZ", "BY", "BV", "C", "REVERSE", "VARLEN",
-            "HAS_INIT", "STORE_FINAL", "HAS_STATE", "STORE_STATE")
+            "HAS_INIT", "STORE_FINAL", "HAS_STATE", "STORE_STATE", "BLOCK_D", "GROUP", "HAS_W", "HAS_B")
     c = " ".join(f"{k}={v}" for k, v in constexprs if k in keep)
     return f"{name} {c} warps={warps} stages={stages}"
 

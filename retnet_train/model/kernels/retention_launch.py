@@ -61,10 +61,11 @@ class Launch:
     args: dict  # runtime arguments by name: tensors and ints
     constexprs: dict
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int | None = 2  # None: the backend's default
 
     def __call__(self) -> None:
-        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        stages = {} if self.num_stages is None else {"num_stages": self.num_stages}
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, **stages)
 
 
 def execute(launch: Launch) -> None:
