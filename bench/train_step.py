@@ -44,6 +44,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step after the measured ones and print its device time by kernel family")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: RUN:T:TOKENS:KERNELS, result to --result-json
     p.add_argument("--result-json", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -108,7 +110,11 @@ def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str) -> dict
     vocab = model.config.vocab_size
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for i in range(args.warmup + args.steps):
+    n = args.warmup + args.steps
+    profiler = _profiler(args, n + 1, f"{kind}-T{seq_len}")
+    for i in range(n + (1 if profiler else 0)):
+        if profiler:
+            profiler.step_begins(i + 1)
         ids = torch.randint(0, vocab, (batch, seq_len + 1), device=dev)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -118,13 +124,33 @@ def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str) -> dict
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        if profiler:
+            profiler.step_ended(i + 1)
+        if i >= n:  # the profiled step: neither timed nor in the losses
+            break
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
         losses.append(float(loss))
+    if profiler:
+        print(f"== profile, {kind} T={seq_len}\n{profiler.report.read_text()}", flush=True)
     seconds = sorted(times)[len(times) // 2]
     return {"tokens_per_s": batch * seq_len / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "batch": batch, "loss": f"{losses[0]:.2f} -> {losses[-1]:.2f}",
             "kernels": getattr(model, "kernels", "fla" if kind == "fla" else "-")}
+
+
+def _profiler(args, step: int, name: str):
+    """A StepProfiler for step `step` of a plain loop (None without --profile), reporting to a temp folder."""
+    if not args.profile:
+        return None
+    from types import SimpleNamespace
+
+    import torch
+
+    from retnet_train.train.profiling import StepProfiler
+
+    cfg = SimpleNamespace(start=step, steps=1, ranks=[0], trace=False, top=30)
+    return StepProfiler(cfg, tempfile.mkdtemp(prefix=f"train_step_profile_{name}_"), 0, torch.device("cuda"))
 
 
 def through_trainer(seq_len: int, tokens: int, args, kernels: str) -> dict:
@@ -136,6 +162,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str) -> dict:
     # gets its default here too (a hand-made Namespace missed `cp` once and every row failed)
     flags = ["--micro-batch", str(batch), "--tokens-per-step", str(tokens), "--warmup", str(args.warmup),
              "--steps", str(args.steps), "--zero", "2", *(["--compile"] if args.compile else []),
+             *(["--profile"] if args.profile else []),
              *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}"]
     ns = throughput_args(flags)
     ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there

@@ -53,6 +53,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the last measured step on rank 0 (logging.profile) and print where its "
+                        "device time goes by kernel family")
     p.add_argument("--result-json", help=argparse.SUPPRESS)  # internal: one configuration, result to this file
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     return p.parse_args(argv)
@@ -87,6 +90,21 @@ def shape_overrides(preset: str, seq_len: int | None, args, world: int) -> list[
     return shape + ([f"trainer.chunk_size={args.chunk_size}"] if args.chunk_size else [])
 
 
+def run_overrides(preset: str, seq_len: int | None, args, world: int, run_dir: str) -> list[str]:
+    """Every override of one measured run: its shape, synthetic tokens, no evaluation or checkpoints,
+    with --profile one more step (profiled, not timed), then the command line's own key=value pairs."""
+    total = args.warmup + args.steps + (1 if args.profile else 0)
+    return [
+        *shape_overrides(preset, seq_len, args, world), "trainer.data_source=synthetic",
+        f"trainer.max_steps={total}", "trainer.log_every=1", "trainer.eval_every=0",
+        "trainer.eval_at_end=false", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
+        "logging.wandb.mode=disabled", "logging.console=false", f"run_dir={run_dir}", "name=bench",
+        "optim.warmup_steps=1",
+        *([f"logging.profile.start={total}", "logging.profile.trace=false"] if args.profile else []),
+        *args.overrides,
+    ]
+
+
 def measure(preset: str, seq_len: int | None, args) -> dict:
     import torch
 
@@ -95,15 +113,9 @@ def measure(preset: str, seq_len: int | None, args) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = tempfile.mkdtemp(prefix="train_throughput_")
-    overrides = [
-        *shape_overrides(preset, seq_len, args, world), "trainer.data_source=synthetic",
-        f"trainer.max_steps={args.warmup + args.steps}", "trainer.log_every=1", "trainer.eval_every=0",
-        "trainer.eval_at_end=false", "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=false",
-        "logging.wandb.mode=disabled", "logging.console=false", f"run_dir={run_dir}", "name=bench",
-        "optim.warmup_steps=1", *args.overrides,
-    ]
-    cfg = load_config(overrides)
+    cfg = load_config(run_overrides(preset, seq_len, args, world, run_dir))
     seq_len, micro = cfg.trainer.seq_len, cfg.trainer.micro_batch_size
+
     trainer = Trainer(cfg)  # it resets the device's peak memory once the model is built
     trainer.fit()
     # memory per device: the largest training peak of any rank (the trainer resets it after building)
@@ -115,11 +127,14 @@ def measure(preset: str, seq_len: int | None, args) -> dict:
         del trainer
         gc.collect()
         return {"preset": preset, "seq_len": seq_len, "is_main": False}
+    report = Path(run_dir) / "profile" / "kernels_rank0.txt"
+    if report.is_file():
+        print(f"== profile, {preset} T={seq_len}\n{report.read_text()}", flush=True)
     recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in recs if "event" not in r and "loss" in r]
     print(f"{preset} T={seq_len} tp={cfg.parallel.tp} zero={cfg.deepspeed.stage}: loss by step "
           + " ".join(f"{r['step']}:{r['loss']:.3f}" for r in logged), flush=True)
-    steps = [r for r in logged if r["step"] > args.warmup]
+    steps = [r for r in logged if args.warmup < r["step"] <= args.warmup + args.steps]  # not a profiled one
     seconds = sum(cfg.trainer.global_batch_tokens / r["tokens_per_s"] for r in steps)
     tokens = cfg.trainer.global_batch_tokens * len(steps)
     tps = tokens / seconds

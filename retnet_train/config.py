@@ -235,6 +235,19 @@ class WandbConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a few optimizer steps (retnet_train/train/profiling.py): ${run_dir}/profile/
+    gets kernels_rank<R>.txt (device time per step by kernel family, and the top kernels) and a Chrome
+    trace per profiled rank."""
+
+    start: int = doc(0, "the first profiled optimizer step (1-based; after warm-up and compilation); 0: no profiling")
+    steps: int = doc(1, "optimizer steps profiled from `start`")
+    ranks: List[int] = doc([0], "the global ranks that profile")
+    trace: bool = doc(True, "also write trace_rank<R>.json (chrome://tracing, Perfetto); large for big models")
+    top: int = doc(30, "kernels listed by name in kernels_rank<R>.txt")
+
+
+@dataclass
 class LoggingConfig:
     """Console (rank 0; the other ranks warnings only), ${run_dir}/metrics.jsonl (always), a log
     file per rank in ${run_dir}/logs/, and wandb."""
@@ -243,6 +256,7 @@ class LoggingConfig:
     level: LogLevel = doc(LogLevel.INFO, "log level of rank 0's console and of every rank's log file")
     peak_tflops: Optional[float] = doc(None, "peak TFLOP/s of one device, for MFU; null: guessed from the device name")
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases (logging.wandb.*)")
+    profile: ProfileConfig = doc(ProfileConfig(), "torch.profiler over chosen steps (logging.profile.*)")
 
 
 def _model_schema() -> Any:
@@ -526,10 +540,14 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
                 "optim.lr", "optim.eps", "trainer.build_lock_timeout_s"):
         _positive(cfg, key)
     for key in ("trainer.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
-                "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio"):
+                "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "logging.profile.start"):
         _positive(cfg, key, allow_zero=True)
     if cfg.trainer.eval_batches is not None:
         _positive(cfg, "trainer.eval_batches")
+    for key in ("logging.profile.steps", "logging.profile.top"):
+        _positive(cfg, key)
+    if any(r < 0 for r in cfg.logging.profile.ranks):
+        _fail("logging.profile.ranks", list(cfg.logging.profile.ranks), "ranks are >= 0")
     if cfg.trainer.chunk_size is not None:
         _positive(cfg, "trainer.chunk_size")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):

@@ -25,3 +25,13 @@ def test_a_preset_takes_the_shape_and_trainer_flags():
     assert {"model=retnet_tiny", "trainer.seq_len=256", "trainer.micro_batch_size=4",
             f"trainer.global_batch_tokens={4 * 256 * 2}", "trainer.activation_checkpointing=True",
             "deepspeed=zero1", "parallel.tp=2", "trainer.chunk_size=32"} <= set(overrides)
+
+
+def test_profile_adds_one_untimed_profiled_step():
+    args = bench.parse(["--preset", "retnet_tiny", "--steps", "4", "--warmup", "2", "--profile"])
+    overrides = bench.run_overrides("retnet_tiny", 256, args, world=1, run_dir="/tmp/x")
+    cfg = load_config(overrides)
+    assert (cfg.trainer.max_steps, cfg.logging.profile.start, cfg.logging.profile.steps) == (7, 7, 1)
+    assert not cfg.logging.profile.trace
+    plain = load_config(bench.run_overrides("retnet_tiny", 256, bench.parse(["--preset", "retnet_tiny"]), 1, "/tmp/x"))
+    assert plain.logging.profile.start == 0 and plain.trainer.max_steps == 13

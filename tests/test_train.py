@@ -24,7 +24,8 @@ def reference():
 @pytest.fixture(scope="module")
 def zero0_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("zero0")
-    proc = run_train(run_dir, f"trainer.max_steps={STEPS}", "deepspeed=zero0", "trainer.eval_at_end=true")
+    proc = run_train(run_dir, f"trainer.max_steps={STEPS}", "deepspeed=zero0", "trainer.eval_at_end=true",
+                     "logging.profile.start=5", "logging.profile.steps=2")
     return run_dir, proc
 
 
@@ -55,6 +56,10 @@ def test_outputs_of_a_run(zero0_run):
     console = proc.stdout + proc.stderr
     assert f"step {STEPS}/{STEPS} | loss" in console and "tok/s" in console and "eta" in console
     assert "val ppl" in console
+    # logging.profile: the last two steps profiled (they change no loss: the reference test above)
+    report = (run_dir / "profile" / "kernels_rank0.txt").read_text()
+    assert report.startswith("steps 5-6 on rank 0 (cpu)") and "matmul" in report
+    assert (run_dir / "profile" / "trace_rank0.json").stat().st_size > 0
 
 
 @pytest.mark.slow

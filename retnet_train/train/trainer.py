@@ -23,6 +23,7 @@ from .data import build_train_stream, resolve_vocab_size, verify_data
 from .evaluate import lm_loss, lm_loss_from_hidden, model_inputs
 from .evaluator import Evaluator
 from .metrics import MetricsWriter
+from .profiling import StepProfiler
 from .rng import seed_all
 from .schedule import schedule_from_config
 from .signals import StopRequest, signal_name
@@ -121,6 +122,7 @@ class Trainer:
                                 t.global_batch_tokens, t.max_steps, self.flops_per_token, self.peak_flops,
                                 self.ps.device)
         self.evaluator = Evaluator(t, cfg.data, self.engine, self.built, self.fwd, self.ps, self.metrics)
+        self.profiler = StepProfiler(cfg.logging.profile, self.run_dir, self.ps.rank, self.ps.device)
 
     # ---- set-up -----------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -253,9 +255,11 @@ class Trainer:
                  self.ps.tp_size, t.global_batch_tokens, t.micro_batch_size, t.seq_len, self.layout["grad_accum"],
                  self.ps.data_size)
         while state.step < t.max_steps:
+            self.profiler.step_begins(state.step + 1)
             t0 = time.time()
             out = self.train_step()
             seconds = time.time() - t0
+            self.profiler.step_ended(state.step)
             if out["bad"]:
                 self._bad_step(out)
             else:
@@ -297,6 +301,7 @@ class Trainer:
                 f"is in {self.ckpt.root}; lower optim.lr or inspect the batches logged in metrics.jsonl")
 
     def close(self) -> None:
+        self.profiler.finish(self.state.step)  # a run that stops inside the profiled steps
         self.metrics.close()
         barrier()
 

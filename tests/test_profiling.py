@@ -1,0 +1,93 @@
+"""logging.profile: kernel families, the per-step report, the profiler's window and files; bad values."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from retnet_train.config import ConfigError, load_config
+from retnet_train.train.profiling import StepProfiler, kernel_family, kernel_table
+
+SYN = ["model=retnet_tiny", "trainer.data_source=synthetic"]
+
+
+@pytest.mark.parametrize("name,family", [
+    ("segment_outputs_kernel", "retention"),
+    ("chunk_bwd_kernel_dqkwg", "retention"),  # fla's
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off",
+     "matmul"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+    ("aten::addmm", "matmul"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("norm_gate_backward_kernel", "norm + gate"),
+    ("_liger_cross_entropy_kernel", "loss"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor<float, 4>>", "optimizer"),
+    ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_3", "compiled elementwise"),
+    ("Memcpy DtoD (Device -> Device)", "copies"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("some_new_kernel", "other"),
+])
+def test_kernel_families(name, family):
+    assert kernel_family(name) == family
+
+
+def test_report_is_per_step_and_shares_add_up():
+    times = {"nvjet_gemm": (60.0, 6), "segment_states_kernel": (30.0, 3), "triton_poi_fused_add_0": (10.0, 3)}
+    text = kernel_table(times, steps=3, top=2, header="steps 4-6 on rank 0 (test)")
+    assert text.startswith("steps 4-6 on rank 0 (test): 33.33 ms per step in 4 kernels")
+    fam = {line.split()[0]: line.split()[-2:] for line in text.splitlines()[3:6]}
+    assert fam == {"matmul": ["20.00", "60.0%"], "retention": ["10.00", "30.0%"], "compiled": ["3.33", "10.0%"]}
+    listed = [line for line in text.splitlines() if " / " in line and line.split()[0][0].isdigit()]
+    assert len(listed) == 2 and "matmul / nvjet_gemm" in listed[0] and listed[0].split()[:2] == ["20.000", "2.0"]
+
+
+def _cfg(**kw):
+    return SimpleNamespace(**{"start": 2, "steps": 2, "ranks": [0], "trace": True, "top": 10, **kw})
+
+
+def test_profiler_covers_its_steps_and_writes_report_and_trace(tmp_path):
+    prof = StepProfiler(_cfg(), tmp_path, rank=0, device=torch.device("cpu"))
+    a = torch.randn(64, 64)
+    for step in range(1, 6):
+        prof.step_begins(step)
+        for _ in range(step):  # more matmuls in later steps: the window must hold steps 2 and 3 only
+            a = torch.tanh(a @ a)
+        prof.step_ended(step)
+        assert (prof.prof is not None) == (step == 2)
+    report = (tmp_path / "profile" / "kernels_rank0.txt").read_text()
+    assert report.startswith("steps 2-3 on rank 0 (cpu)")
+    mm = next(line for line in report.splitlines() if "matmul / aten::mm" in line)
+    assert float(mm.split()[1]) == 2.5  # 2 + 3 matmuls over 2 steps
+    assert json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())["traceEvents"]
+    assert prof.finish() is None  # once only
+
+
+def test_profiler_is_off_by_default_and_on_unlisted_ranks(tmp_path):
+    for prof in (StepProfiler(_cfg(start=0), tmp_path, 0, torch.device("cpu")),
+                 StepProfiler(_cfg(ranks=[1]), tmp_path, 0, torch.device("cpu"))):
+        for step in range(1, 5):
+            prof.step_begins(step)
+            prof.step_ended(step)
+    assert not (tmp_path / "profile").exists()
+
+
+def test_a_run_that_ends_inside_the_window_still_writes(tmp_path):
+    prof = StepProfiler(_cfg(start=1, steps=10, trace=False), tmp_path, 0, torch.device("cpu"))
+    prof.step_begins(1)
+    torch.randn(8, 8) @ torch.randn(8, 8)
+    prof.step_ended(1)
+    assert prof.finish(1).read_text().startswith("steps 1-1 on rank 0 (cpu)")
+    assert not (tmp_path / "profile" / "trace_rank0.json").exists()
+
+
+@pytest.mark.parametrize("override,key", [("logging.profile.steps=0", "logging.profile.steps"),
+                                          ("logging.profile.start=-1", "logging.profile.start"),
+                                          ("logging.profile.top=0", "logging.profile.top"),
+                                          ("logging.profile.ranks=[0,-2]", "logging.profile.ranks")])
+def test_bad_profile_values_are_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([*SYN, override])
