@@ -5,8 +5,8 @@ kernels grouped by name, per step.
 
 For each batch: the step time with CUDA graphs (as bench/decode.py measures it), then the same
 step replayed under the profiler: the sum of kernel times per step (the GPU's busy time; the rest
-of the step time is gaps between kernels), the number of kernels per step, and the kernels that
-take the most time. Prints only: a profile is for reading, its figures go to RESULTS.md through
+of the step time is gaps between kernels), the number of kernels per step, the time by kernel
+family and the kernels that take the most time (retnet_train/train/profiling.py's report). Prints only: a profile is for reading, its figures go to RESULTS.md through
 bench/decode.py.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import decode_lib as L  # noqa: E402
 from retnet_train.inference import Generator  # noqa: E402
+from retnet_train.train.profiling import event_times, kernel_table  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -60,17 +60,10 @@ def profile_batch(model, batch: int, args) -> None:
         for _ in range(args.steps):
             gen.graphs.replay(batch, True)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for e in kernels:
-        by_name[e.name][0] += e.device_time / args.steps / 1e3  # us -> ms per step
-        by_name[e.name][1] += 1
-    busy = sum(v[0] for v in by_name.values())
-    print(f"\n== {args.preset} batch {batch}: {ms:.3f} ms/step with graphs; kernels busy {busy:.3f} ms/step "
-          f"({len(kernels) / args.steps:.0f} kernels/step); gaps {ms - busy:.3f} ms")
-    print(f"{'ms/step':>8} {'calls/step':>10}  kernel")
-    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:args.top]:
-        print(f"{t:8.3f} {n / args.steps:10.1f}  {name[:140]}")
+    times = event_times(prof, torch.device("cuda"))
+    busy = sum(t for t, _ in times.values()) / args.steps
+    print(f"\n== {args.preset} batch {batch}: {ms:.3f} ms/step with graphs; gaps between kernels {ms - busy:.3f} ms")
+    print(kernel_table(times, args.steps, args.top, "kernels"))
     gen.close()
     L.free_memory(next(model.parameters()).device)
 

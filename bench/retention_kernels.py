@@ -111,9 +111,11 @@ def measure(fn, inputs, backward: bool, reps: int = 10) -> float:
 
 
 def profile(paths, tokens: int, T: int) -> None:
-    """GPU time per kernel name (us) of one forward + backward, after a warm-up."""
+    """GPU time of one forward + backward by kernel family and by kernel (ms), after a warm-up."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+
+    from retnet_train.train.profiling import event_times, kernel_table
 
     B = max(tokens // T, 1)
     q, k, v = (torch.randn(B, T, H, d, device="cuda").bfloat16().requires_grad_() for d in (DK, DK, DV))
@@ -125,11 +127,7 @@ def profile(paths, tokens: int, T: int) -> None:
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn(q, k, v).backward(torch.ones(B, T, H, DV, device="cuda", dtype=torch.bfloat16))
             torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        total = sum(e.self_device_time_total for e in events)
-        print(f"profile {name}, {B} x {T}: {total:.0f} us of GPU time")
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
-            print(f"  {e.self_device_time_total:8.0f} us  x{e.count:<3d} {e.key[:90]}")
+        print(kernel_table(event_times(prof, torch.device("cuda")), 1, 12, f"profile {name}, {B} x {T}"))
 
 
 def main() -> None:
