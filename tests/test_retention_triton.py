@@ -88,6 +88,28 @@ def test_backward_matches_autograd(tuning):
         assert rel(a.grad, b.grad) < TOL, name
 
 
+def test_kept_states_give_the_recomputing_backward_s_gradients_exactly(monkeypatch):
+    # Tuning.keep_states hands the forward's segment states to the backward instead of recomputing
+    # them: one states pass less, the same numbers, so every gradient is bit-identical
+    passes = []
+    real = RT.L.segment_states
+    monkeypatch.setattr(RT.L, "segment_states", lambda *a, **kw: passes.append(kw["reverse"]) or real(*a, **kw))
+    lg = head_log_decays(2, schedule="linspace")
+    q, k, v, s0 = inputs(1, 100, 2, 32, 16, seed=3, n_states=2)
+    cu = torch.tensor([0, 37, 100], dtype=torch.int32)  # two documents: a state each
+    w = torch.randn(1, 100, 2, 16, dtype=torch.float64)
+    grads = []
+    for keep in (False, True):
+        tuning = Tuning(chunk=16, segment_chunks=1, keep_states=keep)
+        o, f, leaves = ours(q.reshape(1, 100, 2, 32), k, v, lg, s0, True, tuning, cu_seqlens=cu)
+        ((o * w.to(o)).sum() + f.sum()).backward()
+        grads.append([x.grad for x in leaves])
+    # forward walk, then the backward's recomputed forward walk and reverse walk; kept: no recompute
+    assert passes == [False, False, True] + [False, True]
+    for name, a, b in zip(("dq", "dk", "dv", "dstate"), *grads):
+        assert torch.equal(a, b), name
+
+
 def test_backward_without_state():
     lg = head_log_decays(2)
     q, k, v, _ = inputs(1, 40, 2, 16, 32, seed=2)

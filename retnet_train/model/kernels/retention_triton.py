@@ -110,19 +110,20 @@ class _ChunkRetention(torch.autograd.Function):
     def forward(ctx, q, k, v, init, lg2, lay, tuning, need_state):
         # the batch folds into time: [B, T, H, D] -> [B * T, H, D] (a view of contiguous inputs)
         flat = [x.contiguous().view(-1, *x.shape[2:]) for x in (q, k, v)]
-        o, final = L.forward(*flat, lg2, init, need_state, lay, tuning)
-        ctx.save_for_backward(*flat, lg2, init)
+        o, final, states = L.forward(*flat, lg2, init, need_state, lay, tuning)
+        ctx.save_for_backward(*flat, lg2, init, states if tuning.keep_states else None)
         ctx.lay, ctx.tuning, ctx.shapes = lay, tuning, (q.shape, k.shape, v.shape)
         ctx.set_materialize_grads(False)
         return o.view(v.shape), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, lg2, init = ctx.saved_tensors
+        q, k, v, lg2, init, states = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous().view(v.shape)
         dfinal = None if dfinal is None else dfinal.float().contiguous()
         need_dinit = init is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dinit = L.backward(q, k, v, lg2, init, do, dfinal, need_dinit, ctx.lay, ctx.tuning)
+        dq, dk, dv, dinit = L.backward(q, k, v, lg2, init, do, dfinal, need_dinit, ctx.lay, ctx.tuning,
+                                       states=states)
         dq, dk, dv = (g.view(shape) for g, shape in zip((dq, dk, dv), ctx.shapes))
         return dq, dk, dv, dinit, None, None, None, None
 
