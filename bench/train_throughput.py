@@ -54,8 +54,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
     p.add_argument("--profile", action="store_true",
-                   help="also profile the last measured step on rank 0 (logging.profile) and print where its "
-                        "device time goes by kernel family")
+                   help="also run one more, untimed step under the profiler on rank 0 (logging.profile) and print "
+                        "where its device time goes by kernel family")
     p.add_argument("--result-json", help=argparse.SUPPRESS)  # internal: one configuration, result to this file
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     return p.parse_args(argv)
@@ -127,9 +127,8 @@ def measure(preset: str, seq_len: int | None, args) -> dict:
         del trainer
         gc.collect()
         return {"preset": preset, "seq_len": seq_len, "is_main": False}
-    report = Path(run_dir) / "profile" / "kernels_rank0.txt"
-    if report.is_file():
-        print(f"== profile, {preset} T={seq_len}\n{report.read_text()}", flush=True)
+    if trainer.profiler.report.is_file():
+        print(f"== profile, {preset} T={seq_len}\n{trainer.profiler.report.read_text()}", flush=True)
     recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in recs if "event" not in r and "loss" in r]
     print(f"{preset} T={seq_len} tp={cfg.parallel.tp} zero={cfg.deepspeed.stage}: loss by step "

@@ -537,15 +537,14 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _fail("model", None, "no model chosen (model=<preset> from conf/model/)")
     for key in ("trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_len", "trainer.log_every",
                 "trainer.global_batch_tokens", "trainer.max_bad_steps", "parallel.tp", "parallel.cp",
-                "optim.lr", "optim.eps", "trainer.build_lock_timeout_s"):
+                "optim.lr", "optim.eps", "trainer.build_lock_timeout_s", "logging.profile.steps",
+                "logging.profile.top"):
         _positive(cfg, key)
     for key in ("trainer.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "logging.profile.start"):
         _positive(cfg, key, allow_zero=True)
     if cfg.trainer.eval_batches is not None:
         _positive(cfg, "trainer.eval_batches")
-    for key in ("logging.profile.steps", "logging.profile.top"):
-        _positive(cfg, key)
     if any(r < 0 for r in cfg.logging.profile.ranks):
         _fail("logging.profile.ranks", list(cfg.logging.profile.ranks), "ranks are >= 0")
     if cfg.trainer.chunk_size is not None:

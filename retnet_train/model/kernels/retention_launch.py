@@ -242,10 +242,11 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
              run: Callable[[Launch], None] = execute, states: Tensor | None = None):
     """-> dq, dk, dv (input dtype), d(initial state) [N, H, DK, DV] fp32 or None.
 
-    By default (states=None; Tuning.keep_states off) the segment states and the scores are recomputed (a GEMM pass over k, v and one over q, k, about
-    a fifth of the backward's FLOPs) rather than kept from the forward: kept, every layer would hold
-    them until its backward, 2 * (DK * DV / S + S) bytes per token and head in bf16 (1.5 KiB at
-    S = 256, d_k 256, d_v 512), three quarters of what q, k and v themselves take.
+    By default (states=None; Tuning.keep_states off) the segment states and the scores are
+    recomputed (a GEMM pass over k, v and one over q, k, about a fifth of the backward's FLOPs)
+    rather than kept from the forward: kept, every layer would hold them until its backward,
+    2 * (DK * DV / S + S) bytes per token and head in bf16 (1.5 KiB at S = 256, d_k 256, d_v 512),
+    three quarters of what q, k and v themselves take. `states` passes the forward's states in.
     """
     if states is None:
         states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
