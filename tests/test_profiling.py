@@ -91,3 +91,19 @@ def test_a_run_that_ends_inside_the_window_still_writes(tmp_path):
 def test_bad_profile_values_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config([*SYN, override])
+
+
+@pytest.mark.gpu
+def test_profiler_on_a_gpu_counts_device_kernels(tmp_path):
+    dev = torch.device("cuda")
+    prof = StepProfiler(_cfg(start=1, steps=1, trace=False), tmp_path, 0, dev)
+    a = torch.randn(1024, 1024, device=dev, dtype=torch.bfloat16)
+    prof.step_begins(1)
+    for _ in range(4):
+        a = a @ a
+    prof.step_ended(1)
+    report = prof.report.read_text()
+    assert f"on rank 0 ({torch.cuda.get_device_name(dev)})" in report and " kernels" in report.splitlines()[0]
+    fam = {line.split()[0]: float(line.split()[1]) for line in report.splitlines()[3:] if line and line[0].isalpha()
+           and len(line.split()) == 3}
+    assert fam.get("matmul", 0) > 0
