@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import init
 from .config import ModelConfig
+from .kernels import decode_step as fused_decode
 from .kernels.norm_gate import gated_head_norm
 import torch.nn.functional as F
 
@@ -58,17 +59,23 @@ class MultiScaleRetention(nn.Module):
         """log(gamma) of this module's heads [n_heads], float64, from their global indices."""
         return head_log_decays(self.n_heads_total, self.cfg.decay_schedule, self.head_start, self.n_heads)
 
-    def _log_decay_on(self, device: torch.device) -> Tensor:
-        """log_decay on `device`, cached (not a buffer: a bf16 cast of the module must not round it)."""
-        key = (device, self.n_heads, self.head_start)
+    def _log_decay_on(self, device: torch.device, log2_fp32: bool = False) -> Tensor:
+        """log_decay on `device` (or the decoding kernel's log2 of it in fp32), cached (not a buffer: a
+        bf16 cast of the module must not round it)."""
+        key = (device, self.n_heads, self.head_start, log2_fp32)
         if torch.compiler.is_compiling():  # read the cache, never write it: a dict update breaks the graph
             cached = self.__dict__.get("_decay_cache", {}).get(key)
-            return cached if cached is not None else self.log_decay.to(device)
+            return cached if cached is not None else self._make_log_decay(device, log2_fp32)
         cache = self.__dict__.setdefault("_decay_cache", {})
         if key not in cache:
-            cache.clear()
-            cache[key] = self.log_decay.to(device)
+            if any(k[1:3] != key[1:3] for k in cache):  # the heads changed (tensor parallelism): drop all
+                cache.clear()
+            cache[key] = self._make_log_decay(device, log2_fp32)
         return cache[key]
+
+    def _make_log_decay(self, device: torch.device, log2_fp32: bool) -> Tensor:
+        log_decay = self.log_decay.to(device)
+        return fused_decode.log2_decays(log_decay, device) if log2_fp32 else log_decay
 
     def init_rules(self) -> dict[str, init.Rule]:
         """The official initialisation: small xavier gain on q/k/v/g, unit gain on the output, zero biases
@@ -85,7 +92,14 @@ class MultiScaleRetention(nn.Module):
         """x [B, T, d] -> ([B, T, d], state [B, H, d_k, d_v(+1)] or None)"""
         B, T, _ = x.shape
         H = self.n_heads
-        if self._fused is not None and (torch.compiler.is_compiling() or fused_is_current(self._fused, self.q_proj)):
+        fused = self._fused is not None and (torch.compiler.is_compiling() or fused_is_current(self._fused, self.q_proj))
+        if fused and self._decodes_in_one_kernel(x, ctx):
+            # the inference engine's step: rotary, state update, output, head norm and gate in one kernel
+            sin, cos = ctx.rotary
+            y = fused_decode.decode_step(F.linear(x, *self._fused), sin, cos, self._log_decay_on(x.device, True),
+                                         state, self.head_norm, self.key_dim ** -0.5)
+            return self.out_proj(y), state
+        if fused:
             hk, hv = H * self.key_dim, H * self.value_dim
             q, k, v, g = F.linear(x, *self._fused).split([hk, hk, hv, hv], dim=-1)
         else:
@@ -119,6 +133,13 @@ class MultiScaleRetention(nn.Module):
 
         y = gated_head_norm(o, g, self.head_norm, self.cfg.gate_activation, ctx.kernels)  # swish(g) * GroupNorm_h(o)
         return self.out_proj(y), new_state
+
+    def _decodes_in_one_kernel(self, x: Tensor, ctx: ForwardContext) -> bool:
+        """One token into a state updated in place (the engine's step), the paper's gate and norm,
+        and kernels that run here (kernels/decode_step.py)."""
+        return (ctx.mode == "recurrent" and ctx.state_in_place and x.shape[1] == 1 and ctx.positions is None
+                and self.cfg.score_norm != "torchscale" and self.cfg.gate_activation == "swish"
+                and fused_decode.runs_on(x, ctx.kernels))
 
     def allocate_state(self, batch: int, device: torch.device) -> Tensor:
         """A zeroed fp32 state [B, H, d_k, d_v] (d_v + 1 with the torchscale score sum)."""

@@ -17,6 +17,25 @@ from .retention_launch import Launch, execute
 
 
 @triton.jit
+def _swish_gated_norm(x, gv, W, Bias, w_at, mask, D, eps,
+                     GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """One head's row: x, gv [BLOCK_D] fp32 (o and g; lanes outside `mask` are ignored), the head's
+    affine weight and bias at W + w_at, Bias + w_at -> (silu(g) * norm(x) [BLOCK_D] fp32, mean, 1/std).
+    The forward kernel below and the decoding step (retention_decode_kernel.py) share it."""
+    mean = 0.0
+    if GROUP:
+        mean = tl.sum(tl.where(mask, x, 0.0), axis=0) / D
+    x = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    n = x * rstd
+    if HAS_W:
+        n = n * tl.load(W + w_at, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        n = n + tl.load(Bias + w_at, mask=mask, other=0.0).to(tl.float32)
+    return gv * tl.sigmoid(gv) * n, mean, rstd
+
+
+@triton.jit
 def norm_gate_forward_kernel(O, G, W, Bias, Y, Mean, Rstd, H, D, eps,
                              BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -24,18 +43,8 @@ def norm_gate_forward_kernel(O, G, W, Bias, Y, Mean, Rstd, H, D, eps,
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(O + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = 0.0
-    if GROUP:
-        mean = tl.sum(x, axis=0) / D
-        x = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    n = x * rstd
-    if HAS_W:
-        n = n * tl.load(W + h * D + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_B:
-        n = n + tl.load(Bias + h * D + cols, mask=mask, other=0.0).to(tl.float32)
     gv = tl.load(G + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    y = gv * tl.sigmoid(gv) * n
+    y, mean, rstd = _swish_gated_norm(x, gv, W, Bias, h * D + cols, mask, D, eps, GROUP, HAS_W, HAS_B)
     tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)

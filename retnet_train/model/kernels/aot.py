@@ -64,7 +64,25 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
         for s_in, s_out in ((st, st), (None, st), (st, None), (None, None)):
             seen.append(L.recurrent(qr, kr, vr, lg2, s_in, s_out)[1])
         norm_gate_launches(DV, dtype, meta, seen.append)
+        decode_step_launches(DK, DV, dtype, meta, seen.append)
     return seen
+
+
+def decode_step_launches(DK: int, DV: int, dtype, device, run) -> None:
+    """The one-kernel decoding step (decode_step.py) of 8 heads: groupnorm with its affine weight and
+    bias (the presets), rmsnorm without; per-sequence positions (the engine) and one for all."""
+    from .decode_step import launch_decode_step
+
+    B, H = 4, 8
+    proj = torch.empty(B, 2 * H * (DK + DV), dtype=dtype, device=device)
+    state = torch.empty(B, H, DK, DV, dtype=torch.float32, device=device)
+    lg2 = torch.empty(H, dtype=torch.float32, device=device)
+    w = torch.empty(H * DV, dtype=dtype, device=device)
+    counters = torch.empty(B * H, dtype=torch.int32, device=device)
+    for rows, group, affine in ((B, True, True), (1, False, False)):
+        sin = torch.empty(rows, DK, dtype=torch.float32, device=device)
+        run(launch_decode_step(proj, sin, sin, lg2, state, w if affine else None, w if affine and group else None,
+                               group, 1e-6, DK ** -0.5, arrivals=counters)[1])
 
 
 def norm_gate_launches(D: int, dtype, device, run) -> None:

@@ -1,0 +1,98 @@
+"""The decoding step of multi-scale retention in one kernel (retention_decode_kernel.py): the fused
+q/k/v/g projection's output and the layer's fp32 state in, the gated head norm's output out, the
+state updated in place. The inference engine's step takes it wherever our Triton kernels run
+(model.kernels fla or triton on a GPU; triton under the interpreter in tests) and the model is
+the paper's (swish gate, no torchscale score normalisation); elsewhere the unfused layers run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import triton_interpreted
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# per device, the kernel's arrival counters (one int32 per (sequence, head)); each launch leaves
+# them at zero. Launches that use one device's counters must not run concurrently (two streams)
+_ARRIVALS: dict[torch.device, Tensor] = {}
+_MIN_COUNTERS = 1 << 16  # 256 KiB: batch x heads up to 65536 without growing
+
+
+def runs_on(x: Tensor, kernels: str) -> bool:
+    """True where the fused step can run on x (the projection's input): a GPU with our or fla's
+    kernels chosen, or a CPU tensor under Triton's interpreter with kernels=triton (tests)."""
+    if kernels == "torch" or x.dtype not in _DTYPES:
+        return False
+    return x.is_cuda or (kernels == "triton" and x.device.type == "cpu" and triton_interpreted())
+
+
+def log2_decays(log_gamma: Tensor, device: torch.device) -> Tensor:
+    """The kernel's decays: log2(gamma) [H] fp32 from the float64 log(gamma) (cache it: a decoding
+    step that converts it per layer spends two kernels on it)."""
+    return (log_gamma.to(device=device, dtype=torch.float64) / math.log(2.0)).to(torch.float32)
+
+
+def decode_step(proj: Tensor, sin: Tensor, cos: Tensor, lg2: Tensor, state: Tensor, norm,
+                key_scale: float) -> Tensor:
+    """proj [B, 1, 2 H d_k + 2 H d_v] (q, k, v, g of H heads); sin, cos fp32 rotary tables of the
+    token's position, [B, 1, 1, d_k] or one position for all [1, 1, d_k]; lg2 [H] (log2_decays); state
+    [B, H, d_k, d_v] fp32, contiguous, updated in place; norm: the HeadNorm -> y [B, 1, H d_v]."""
+    B, H, DK, DV = state.shape
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"the decoding step updates the state in place: it must be contiguous float32, "
+                         f"got {state.dtype} (contiguous={state.is_contiguous()})")
+    if proj.shape != (B, 1, 2 * H * (DK + DV)):
+        raise ValueError(f"projection output {tuple(proj.shape)} does not match a state of {H} heads "
+                         f"[{B}, {H}, {DK}, {DV}]: expected [{B}, 1, {2 * H * (DK + DV)}]")
+    sin, cos = (t.reshape(-1, DK).float().contiguous() for t in (sin, cos))
+    y = torch.ops.retnet.retention_decode_step(proj.reshape(B, -1).contiguous(), sin, cos, lg2, state,
+                                              norm.weight, norm.bias, norm.kind == "groupnorm", norm.eps,
+                                              key_scale)
+    return y.view(B, 1, H * DV)
+
+
+@torch.library.custom_op("retnet::retention_decode_step", mutates_args=("state",))
+def _decode_step_op(proj: Tensor, sin: Tensor, cos: Tensor, lg2: Tensor, state: Tensor, weight: Tensor | None,
+                    bias: Tensor | None, group: bool, eps: float, key_scale: float) -> Tensor:
+    y, launch = launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group, eps, key_scale)
+    launch()
+    return y
+
+
+@_decode_step_op.register_fake
+def _(proj, sin, cos, lg2, state, weight, bias, group, eps, key_scale):
+    B, H, _, DV = state.shape
+    return proj.new_empty(B, H * DV)
+
+
+def launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group: bool, eps: float, key_scale: float,
+                       arrivals: Tensor | None = None):
+    """(y [B, H d_v], its retention_launch.Launch). aot.py passes meta tensors and its own counters."""
+    from .retention_decode_kernel import decode_step_kernel  # imports triton: only where the kernel runs
+    from .retention_launch import Launch, pow2
+
+    B, H, DK, DV = state.shape
+    DKP = pow2(DK)
+    BV = max(16, min(pow2(DV), 8192 // DKP))  # the recurrent kernel's state tile: [DKP, BV] fp32 in registers
+    y = proj.new_empty(B, H * DV)
+    obuf = proj.new_empty(B * H, DV)
+    args = dict(X=proj, SIN=sin, COS=cos, STATE=state, LOG2_GAMMA=lg2, W=weight, Bias=bias, OBUF=obuf,
+                ARRIVALS=arrivals if arrivals is not None else _arrivals(proj.device, B * H), Y=y,
+                x_row=proj.stride(0), sin_row=DK if sin.shape[0] > 1 else 0, key_scale=key_scale, eps=eps)
+    constexprs = dict(H=H, DK=DK, DV=DV, DKP=DKP, DVP=pow2(DV), BV=BV, GROUP=group,
+                      HAS_W=weight is not None, HAS_B=bias is not None)
+    return y, Launch(decode_step_kernel, (math.ceil(DV / BV), B * H), args, constexprs, num_warps=4, num_stages=1)
+
+
+def _arrivals(device: torch.device, n: int) -> Tensor:
+    buf = _ARRIVALS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the decoding step's counters must exist before a CUDA graph captures it: "
+                               "run the step once outside the capture (the engine's warm-up does)")
+        buf = _ARRIVALS[device] = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+    return buf
+

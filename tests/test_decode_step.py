@@ -1,0 +1,107 @@
+"""The one-kernel decoding step of retention (kernels/decode_step.py) equals the unfused layers:
+rotary, in-place state update, output, head norm and gate, for ragged positions, several value
+blocks per head, bf16 and fp32; it leaves its counters at zero; bad input is named.
+
+Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+first imported)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from retnet_train.model import build_model  # noqa: E402
+from retnet_train.model.kernels import decode_step as D  # noqa: E402
+from retnet_train.model.lm import State  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pair(dtype, **kw):
+    """The same weights twice: our kernels (fused step) and torch (unfused layers), q/k/v/g fused."""
+    models = []
+    for kernels in ("triton", "torch"):
+        torch.manual_seed(0)
+        with torch.device(DEV):
+            m = build_model("retnet_tiny", vocab_size=128, kernels=kernels, **kw).eval().to(dtype)
+        m.fuse_projections()
+        models.append(m)
+    return models
+
+
+def _states(model, batch, seed):
+    """A state in place for `batch` sequences at different positions, with random contents."""
+    state = model.allocate_state(batch, 64)
+    g = torch.Generator().manual_seed(seed)
+    for layer in state.layers:
+        layer.copy_(torch.randn(layer.shape, generator=g) * 0.1)
+    state.offset.copy_(torch.tensor([0, 5, 17, 40][:batch]))
+    return state
+
+
+def _copy(state):
+    return State(layers=[s.clone() for s in state.layers], offset=state.offset.clone(), in_place=True)
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# (d_model, heads, value width): one value block per head, then d_k 64 / d_v 384: three blocks
+# (a state tile is [64, 128]) and a head width that is not a power of two
+SHAPES = [(64, 2, None), (128, 2, 768)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d_model,heads,value_dim", SHAPES, ids=["one-block", "three-blocks"])
+def test_fused_step_equals_the_unfused_layers(dtype, tol, d_model, heads, value_dim):
+    ours, ref = _pair(dtype, d_model=d_model, n_heads=heads, n_layers=2, value_dim=value_dim)
+    calls = []
+    real = D.decode_step
+    D.decode_step = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        s_ours = _states(ours, 3, seed=1)
+        s_ref = _copy(s_ours)
+        ids = torch.tensor([[3], [77], [127]], device=DEV)
+        with torch.no_grad():
+            for _ in range(3):
+                logits, _ = ours.step(ids, s_ours)
+                want, _ = ref.step(ids, s_ref)
+                assert _rel(logits, want) < tol
+                ids = want[:, -1].argmax(-1, keepdim=True)
+    finally:
+        D.decode_step = real
+    assert len(calls) == 3 * 2  # the fused kernel ran: every step, every layer
+    for mine, theirs in zip(s_ours.layers, s_ref.layers):
+        assert _rel(mine, theirs) < tol
+    assert int(D._ARRIVALS[torch.device(DEV) if DEV == "cpu" else logits.device].abs().sum()) == 0
+
+
+def test_engine_with_several_value_blocks_decodes_the_torch_tokens():
+    from retnet_train.inference import Generator
+
+    outs = []
+    for model in _pair(torch.float32, d_model=128, n_heads=2, n_layers=2, value_dim=768):
+        gen = Generator(model, max_batch=2, max_len=32, cuda_graphs=False)
+        outs.append(gen.generate([[1, 2, 3, 4, 5], [7, 8]], max_new_tokens=6))
+    assert outs[0] == outs[1]
+
+
+def test_bad_state_and_projection_are_named():
+    model, _ = _pair(torch.float32, n_layers=1)
+    block = model.layers[0].retention
+    state = model.allocate_state(2, 8).layers[0]
+    proj = torch.zeros(2, 1, 2 * 2 * (32 + 64) if block.n_heads == 2 else 1, device=DEV)
+    sin = cos = torch.zeros(1, 1, block.key_dim, device=DEV)
+    lg2 = torch.zeros(block.n_heads, device=DEV)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        D.decode_step(proj, sin, cos, lg2, state.double(), block.head_norm, 1.0)
+    with pytest.raises(ValueError, match=r"does not match a state"):
+        D.decode_step(proj[..., :-2], sin, cos, lg2, state, block.head_norm, 1.0)
