@@ -66,11 +66,14 @@ class Generator:
         self.eos = torch.full((), -1, dtype=torch.long, device=self.device)
         self.settings = SamplingSettings(max_batch, self.device)
         # the model's part of the step, compiled where asked (sampling stays eager: inductor gains
-        # little on a sort over the vocabulary and has failed to compile it)
-        self.logits_fn = self._logits
+        # little on a sort over the vocabulary and has failed to compile it);
+        # greedy decoding compiles the whole step (model, argmax, bookkeeping: a handful of tiny
+        # kernels fewer per token)
+        self.logits_fn, self.greedy_step_fn = self._logits, self._greedy_step
         if compile:
             self._logits(1)  # once eagerly: fills the model's per-device caches, which compiled code only reads
             self.logits_fn = torch.compile(self._logits, dynamic=False, **compile_settings(compile))
+            self.greedy_step_fn = torch.compile(self._greedy_step, dynamic=False, **compile_settings(compile))
         self.graphs = StepGraphs(self._step) if use_graphs else None
 
     def close(self) -> None:
@@ -92,8 +95,16 @@ class Generator:
 
     def _step(self, n: int, greedy: bool) -> None:
         """One token for the first n sequences: logits, the next ids, advance; all in place."""
+        if greedy:
+            self.greedy_step_fn(n)
+            return
         logits = self.logits_fn(n)
-        nxt = logits.argmax(-1) if greedy else self.settings.select(slice(0, n)).sample(logits, self.step_index)
+        self._advance(self.settings.select(slice(0, n)).sample(logits, self.step_index), n)
+
+    def _greedy_step(self, n: int) -> None:
+        self._advance(self._logits(n).argmax(-1), n)
+
+    def _advance(self, nxt: Tensor, n: int) -> None:
         self._take(nxt, n)
         self.state.offset[:n] += 1
 
