@@ -149,3 +149,20 @@ def test_fused_projections_give_the_same_logits_and_follow_loaded_weights(arch):
         model.load_state_dict(other.state_dict())  # copies into the views: the fused weight follows
         assert set(model.state_dict()) == keys
         torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_retnet_prefills_a_long_prompt_in_pieces_with_the_same_tokens():
+    """prefill_tokens=16 cuts a 37-token prompt into pieces of 16, 16 and 5 tokens, the state carried
+    between them (bounded prefill memory); the tokens equal a prefill in one piece (float64)."""
+    model = _model("retnet_tiny").double()
+    prompts = [torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(3)).tolist()]
+    whole = Generator(model, max_batch=1, max_len=64, chunk_size=16).generate(prompts, max_new_tokens=9)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[1]))
+    try:
+        pieces = Generator(model, max_batch=1, max_len=64, chunk_size=16, prefill_tokens=16).generate(
+            prompts, max_new_tokens=9)
+    finally:
+        hook.remove()
+    assert forwards == [16, 16, 5]  # the prefill's forwards (decoding steps call model.step)
+    assert pieces == whole

@@ -37,7 +37,9 @@ class Generator:
     sequence; it sizes the Transformer's KV cache (RetNet's state does not grow, so for RetNet it
     is only checked). cuda_graphs: None (default) uses graphs where the model is on a CUDA device.
     prefill_tokens: prompts are prefilled in groups of equal length of at most this many tokens
-    (bounds the prefill's activation memory). compile: the decoding step goes through
+    (bounds the prefill's activation memory); RetNet also cuts a longer prompt into pieces of at
+    most this many tokens, its state carried from piece to piece, so its peak memory does not
+    grow with the prompt (the Transformer's prefill fills its cache from position 0 in one piece). compile: the decoding step goes through
     torch.compile first (fusing its elementwise work, with coordinate-descent tuning: see
     compile_settings; a CUDA graph then captures the compiled step);
     a string is torch.compile's mode, e.g. "max-autotune-no-cudagraphs" (inductor then also times
@@ -224,14 +226,24 @@ class Generator:
 
     def _prefill_rows(self, prompts, r0: int, r1: int, length: int) -> None:
         ids = torch.tensor([list(prompts[r]) for r in range(r0, r1)], dtype=torch.long, device=self.device)
-        rows = State(layers=[layer[r0:r1] for layer in self.state.layers], offset=0, in_place=True)
         mode = "chunkwise" if self.arch == "retnet" else "parallel"
-        hidden, _ = self.model(ids, mode=mode, chunk_size=self.chunk_size, state=rows, return_state=True,
-                               return_hidden=True)
+        piece = self._prefill_piece(r1 - r0) if self.arch == "retnet" else length
+        for start in range(0, length, piece):  # each piece continues from the state the last one left
+            rows = State(layers=[layer[r0:r1] for layer in self.state.layers], offset=start, in_place=True)
+            hidden, _ = self.model(ids[:, start:start + piece], mode=mode, chunk_size=self.chunk_size, state=rows,
+                                   return_state=True, return_hidden=True)
         logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits: [n, V]
         self.state.offset[r0:r1] = length
         first = torch.zeros((), dtype=torch.long, device=self.device)  # step 0: the first new token
         self.tokens[r0:r1] = self.settings.select(slice(r0, r1)).sample(logits, first)
+
+
+    def _prefill_piece(self, rows: int) -> int:
+        """Tokens per row in one RetNet prefill forward: prefill_tokens over the rows, in whole chunks
+        where that is at least one chunk (the chunkwise form's cost per token is then the same)."""
+        piece = max(1, self.prefill_tokens // rows)
+        chunk = self.chunk_size or self.model.config.chunk_size
+        return piece // chunk * chunk if piece >= chunk else piece
 
 
 def compile_settings(compile: bool | str) -> dict:
