@@ -29,7 +29,7 @@ def _pair(dtype, **kw):
     for kernels in ("triton", "torch"):
         torch.manual_seed(0)
         with torch.device(DEV):
-            m = build_model("retnet_tiny", vocab_size=128, kernels=kernels, **kw).eval().to(dtype)
+            m = build_model("retnet_tiny", kernels=kernels, **{"vocab_size": 128, **kw}).eval().to(dtype)
         m.fuse_projections()
         models.append(m)
     return models
@@ -105,3 +105,26 @@ def test_bad_state_and_projection_are_named():
         D.decode_step(proj, sin, cos, lg2, state.double(), block.head_norm, 1.0)
     with pytest.raises(ValueError, match=r"does not match a state"):
         D.decode_step(proj[..., :-2], sin, cos, lg2, state, block.head_norm, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_real_heads_bf16_many_steps():
+    """retnet_1.3b's heads (8 x d_k 256 x d_v 512: sixteen programs per head meet at the counter),
+    batch 16 at ragged positions, 20 steps: the fused step stays with the unfused layers (a lost
+    or early arrival would show as a wrong row)."""
+    ours, ref = _pair(torch.bfloat16, d_model=2048, n_heads=8, n_layers=2, value_dim=4096, vocab_size=1024)
+    s_ours = ours.allocate_state(16, 64)
+    for layer in s_ours.layers:
+        layer.normal_(0, 0.1)
+    s_ours.offset.copy_(torch.arange(16) * 7)
+    s_ref = _copy(s_ours)
+    ids = torch.randint(0, 1024, (16, 1), device=DEV)
+    with torch.no_grad():
+        for _ in range(20):
+            logits, _ = ours.step(ids, s_ours)
+            want, _ = ref.step(ids, s_ref)
+            assert _rel(logits, want) < 2e-2
+            ids = want[:, -1].argmax(-1, keepdim=True)
+    for mine, theirs in zip(s_ours.layers, s_ref.layers):
+        assert _rel(mine, theirs) < 2e-2
