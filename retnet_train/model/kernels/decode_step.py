@@ -69,14 +69,16 @@ def _(proj, sin, cos, lg2, state, weight, bias, group, eps, key_scale):
 
 
 def launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group: bool, eps: float, key_scale: float,
-                       arrivals: Tensor | None = None):
-    """(y [B, H d_v], its retention_launch.Launch). aot.py passes meta tensors and its own counters."""
+                       arrivals: Tensor | None = None, block_v: int | None = None, num_warps: int = 4):
+    """(y [B, H d_v], its retention_launch.Launch). aot.py passes meta tensors and its own counters;
+    bench/decode_kernel.py sweeps block_v (value columns per program) and num_warps."""
     from .retention_decode_kernel import decode_step_kernel  # imports triton: only where the kernel runs
     from .retention_launch import Launch, pow2
 
     B, H, DK, DV = state.shape
     DKP = pow2(DK)
-    BV = max(16, min(pow2(DV), 8192 // DKP))  # the recurrent kernel's state tile: [DKP, BV] fp32 in registers
+    # default: the recurrent kernel's state tile, [DKP, BV] fp32 = 32 KiB in registers
+    BV = block_v or max(16, min(pow2(DV), 8192 // DKP))
     y = proj.new_empty(B, H * DV)
     obuf = proj.new_empty(B * H, DV)
     args = dict(X=proj, SIN=sin, COS=cos, STATE=state, LOG2_GAMMA=lg2, W=weight, Bias=bias, OBUF=obuf,
@@ -84,7 +86,8 @@ def launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group: bool, ep
                 x_row=proj.stride(0), sin_row=DK if sin.shape[0] > 1 else 0, key_scale=key_scale, eps=eps)
     constexprs = dict(H=H, DK=DK, DV=DV, DKP=DKP, DVP=pow2(DV), BV=BV, GROUP=group,
                       HAS_W=weight is not None, HAS_B=bias is not None)
-    return y, Launch(decode_step_kernel, (math.ceil(DV / BV), B * H), args, constexprs, num_warps=4, num_stages=1)
+    return y, Launch(decode_step_kernel, (math.ceil(DV / BV), B * H), args, constexprs, num_warps=num_warps,
+                     num_stages=1)
 
 
 def _arrivals(device: torch.device, n: int) -> Tensor:
