@@ -135,21 +135,28 @@ def measure_model(name: str, args, sections: list[str], bw: tuple[float, str]) -
             start = res["batch"] if res != L.OOM else start
     if "latency" in sections:
         c = args.at_context
-        out["latency"] = {b: show("latency", b, L.run_setting(model, b, c, decode_prompt(args, c), w, s,
-                                                              compile=args.compile)) for b in args.batches}
+        out["latency"] = {b: show("latency", b, with_floor(L.run_setting(model, b, c, decode_prompt(args, c), w, s,
+                                                                         compile=args.compile), model, bw))
+                          for b in args.batches}
     if "step" in sections:
         ctx = args.step_prompt + 1 + w + s
         out["step"] = {}
         for b in (args.step_batch, 1):
             res = L.run_setting(model, b, ctx, args.step_prompt, w, s, compile=args.compile)
-            if res != L.OOM:
-                res["floor_bytes"] = L.weight_bytes_per_step(model) + res["state_bytes"] * (
-                    2 if model.config.arch == "retnet" else 1)
-                res["floor_ms"] = res["floor_bytes"] / (bw[0] * 1e9) * 1e3
-            out["step"][b] = show("step", b, res)
+            out["step"][b] = show("step", b, with_floor(res, model, bw))
     del model
     L.free_memory(device)
     return out
+
+
+def with_floor(res, model, bw: tuple[float, str]):
+    """res with the step's memory-bandwidth floor: weights read once, RetNet's fp32 state read and
+    written, the Transformer's KV cache read (floor_bytes, floor_ms)."""
+    if res != L.OOM:
+        res["floor_bytes"] = L.weight_bytes_per_step(model) + res["state_bytes"] * (
+            2 if model.config.arch == "retnet" else 1)
+        res["floor_ms"] = res["floor_bytes"] / (bw[0] * 1e9) * 1e3
+    return res
 
 
 # ---- tables ---------------------------------------------------------------------------------------
@@ -190,9 +197,9 @@ def batch_cell(x) -> str:
 
 
 def latency_table(a, b, ra, rb, args):
-    rows = [[bs, fmt(get(ra["latency"][bs], "ms"), ".2f"), fmt(get(rb["latency"][bs], "ms"), ".2f")]
+    rows = [[bs, *(fmt(get(r["latency"][bs], key), ".2f") for r in (ra, rb) for key in ("ms", "floor_ms"))]
             for bs in args.batches]
-    return ["batch", f"{a} ms/step", f"{b} ms/step"], rows
+    return ["batch", f"{a} ms/step", f"{a} floor ms", f"{b} ms/step", f"{b} floor ms"], rows
 
 
 def step_table(a, b, ra, rb, args):
@@ -221,13 +228,15 @@ def summary_table(a, b, ra, rb, args):
         rows.append([f"peak memory GiB at batch {args.memory_batch}, context {c}", fmt(ma, ".2f"), fmt(mb, ".2f"),
                      f"{a}: {less(ma, mb)}"])
     if "latency" in ra:
-        spreads = []
-        for r in (ra, rb):
-            ms = [x["ms"] for x in r["latency"].values() if x != L.OOM]
-            ran = [bs for bs, x in r["latency"].items() if x != L.OOM]
-            spreads.append(f"within {(max(ms) / min(ms) - 1) * 100:.0f}% (batch {min(ran)}-{max(ran)})" if ms else "-")
-        rows.append([f"ms/step spread over batches {args.batches[0]}-{args.batches[-1]} at {c} (max/min - 1)",
-                     *spreads, ""])
+        for key, what in (("ms", "ms/step"), ("floor_ms", "memory-bandwidth floor")):
+            spreads = []
+            for r in (ra, rb):
+                ms = [x[key] for x in r["latency"].values() if x != L.OOM]
+                ran = [bs for bs, x in r["latency"].items() if x != L.OOM]
+                spreads.append(f"within {(max(ms) / min(ms) - 1) * 100:.0f}% (batch {min(ran)}-{max(ran)})"
+                               if ms else "-")
+            rows.append([f"{what} spread over batches {args.batches[0]}-{args.batches[-1]} at {c} (max/min - 1)",
+                         *spreads, ""])
     return ["figure", a, b, "ratio"], rows
 
 
@@ -247,7 +256,8 @@ def notes_for(section: str, args, bw) -> str:
     return {"memory": f"peak max_memory_allocated over one generate call of {args.new_tokens} new tokens, "
                       f"prompt = context - {args.new_tokens}, weights included; {args.dtype} weights, random init",
             "throughput": f"{common}; {prompt}; batch: the largest power of two <= {args.max_batch} that fits",
-            "latency": f"{common}; context {args.at_context}; {prompt}",
+            "latency": f"{common}; context {args.at_context}; {prompt}; floor as in the step section "
+                       f"({bw[0]:.0f} GB/s)",
             "step": f"{common}; floor = (weights read per step (an untied embedding table: one row per sequence) "
                     f"+ RetNet fp32 state read and written / Transformer KV cache read) / {bw[0]:.0f} GB/s "
                     f"({bw[1]})",

@@ -23,13 +23,15 @@ def test_decode_bench_runs_every_section_on_cpu(tmp_path):
     assert [r[0] for r in rows] == [48, 96] and all(r[1] == "2" and float(r[2]) > 0 for r in rows)
     assert header[-1] == "retnet_tiny / transformer_tiny" and all(r[-1].endswith("x") for r in rows)
     header, rows = tables["latency"]
-    assert [r[0] for r in rows] == [1, 2] and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    assert header[2] == "retnet_tiny floor ms" and [r[0] for r in rows] == [1, 2]
+    assert all(float(x) > 0 for r in rows for x in r[1:])
     header, rows = tables["step"]
     assert [(r[0], r[1]) for r in rows] == [("retnet_tiny", 2), ("retnet_tiny", 1),
                                             ("transformer_tiny", 2), ("transformer_tiny", 1)]
     assert all(float(r[6]) > 0 for r in rows)  # the bandwidth floor
     header, rows = tables["summary"]
-    assert len(rows) == 3 and re.search(r"= \d+\.\d+x$", rows[0][3]) and "within" in rows[-1][1]
+    assert len(rows) == 4 and re.search(r"= \d+\.\d+x$", rows[0][3]) and "within" in rows[2][1]
+    assert rows[3][0].startswith("memory-bandwidth floor spread") and "within" in rows[3][1]
     if importlib.util.find_spec("matplotlib"):  # optional: without it the bench says so and goes on
         assert sorted(p.name for p in tmp_path.iterdir()) == [
             f"decode_{s}_retnet_tiny_vs_transformer_tiny.png" for s in ("latency", "throughput")]
