@@ -151,10 +151,12 @@ def test_fused_projections_give_the_same_logits_and_follow_loaded_weights(arch):
         torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
 
 
-def test_retnet_prefills_a_long_prompt_in_pieces_with_the_same_tokens():
-    """prefill_tokens=16 cuts a 37-token prompt into pieces of 16, 16 and 5 tokens, the state carried
-    between them (bounded prefill memory); the tokens equal a prefill in one piece (float64)."""
-    model = _model("retnet_tiny").double()
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+def test_a_long_prompt_is_prefilled_in_pieces_with_the_same_tokens(arch):
+    """prefill_tokens=16 cuts a 37-token prompt into pieces of 16, 16 and 5 tokens, each continuing
+    from the state (RetNet) or cache (Transformer) the last one left; the tokens equal a prefill in
+    one piece (float64)."""
+    model = _model(f"{arch}_tiny").double()
     prompts = [torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(3)).tolist()]
     whole = Generator(model, max_batch=1, max_len=64, chunk_size=16).generate(prompts, max_new_tokens=9)
     forwards = []

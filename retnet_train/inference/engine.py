@@ -37,9 +37,10 @@ class Generator:
     sequence; it sizes the Transformer's KV cache (RetNet's state does not grow, so for RetNet it
     is only checked). cuda_graphs: None (default) uses graphs where the model is on a CUDA device.
     prefill_tokens: prompts are prefilled in groups of equal length of at most this many tokens
-    (bounds the prefill's activation memory); RetNet also cuts a longer prompt into pieces of at
-    most this many tokens, its state carried from piece to piece, so its peak memory does not
-    grow with the prompt (the Transformer's prefill fills its cache from position 0 in one piece). compile: the decoding step goes through
+    (bounds the prefill's activation memory); a longer prompt is cut into pieces of at most this
+    many tokens, each continuing from the state the last one left (RetNet's recurrent state; the
+    Transformer's cache, which the piece's queries attend to), so the prefill's activations do not
+    grow with the prompt. compile: the decoding step goes through
     torch.compile first (fusing its elementwise work, with coordinate-descent tuning: see
     compile_settings; a CUDA graph then captures the compiled step);
     a string is torch.compile's mode, e.g. "max-autotune-no-cudagraphs" (inductor then also times
@@ -212,9 +213,9 @@ class Generator:
                 t.zero_()
 
     def _prefill(self, prompts) -> None:
-        """Prompts sorted by length, one row each: each run of equal lengths goes through one
-        forward (chunkwise for RetNet), at most prefill_tokens at a time, with its rows' state
-        written in place; its first new token is sampled at step 0."""
+        """Prompts sorted by length, one row each: each run of equal lengths goes through the model
+        together (chunkwise for RetNet), at most prefill_tokens at a time (a longer prompt in pieces),
+        with its rows' state written in place; its first new token is sampled at step 0."""
         start = 0
         while start < len(prompts):
             length = len(prompts[start])
@@ -227,7 +228,7 @@ class Generator:
     def _prefill_rows(self, prompts, r0: int, r1: int, length: int) -> None:
         ids = torch.tensor([list(prompts[r]) for r in range(r0, r1)], dtype=torch.long, device=self.device)
         mode = "chunkwise" if self.arch == "retnet" else "parallel"
-        piece = self._prefill_piece(r1 - r0) if self.arch == "retnet" else length
+        piece = self._prefill_piece(r1 - r0)
         for start in range(0, length, piece):  # each piece continues from the state the last one left
             rows = State(layers=[layer[r0:r1] for layer in self.state.layers], offset=start, in_place=True)
             hidden, _ = self.model(ids[:, start:start + piece], mode=mode, chunk_size=self.chunk_size, state=rows,
@@ -239,8 +240,8 @@ class Generator:
 
 
     def _prefill_piece(self, rows: int) -> int:
-        """Tokens per row in one RetNet prefill forward: prefill_tokens over the rows, in whole chunks
-        where that is at least one chunk (the chunkwise form's cost per token is then the same)."""
+        """Tokens per row in one prefill forward: prefill_tokens over the rows, in whole chunks where
+        that is at least one chunk (RetNet's chunkwise form costs the same per token)."""
         piece = max(1, self.prefill_tokens // rows)
         chunk = self.chunk_size or self.model.config.chunk_size
         return piece // chunk * chunk if piece >= chunk else piece

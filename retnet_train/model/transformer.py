@@ -31,12 +31,27 @@ class StaticKVCache:
         """The cache of some sequences (a view for a slice of rows, which a step updates in place)."""
         return StaticKVCache(self.k[rows], self.v[rows])
 
-    def fill(self, rows: Tensor | slice, k: Tensor, v: Tensor) -> None:
-        """A prefill's keys and values [n, T, H, D] into rows (slots 0 .. T-1)."""
-        if k.shape[1] > self.k.shape[1]:
-            raise ValueError(f"{k.shape[1]} tokens do not fit a KV cache of max_len={self.k.shape[1]}")
-        self.k[rows, : k.shape[1]] = k.to(self.k.dtype)
-        self.v[rows, : v.shape[1]] = v.to(self.v.dtype)
+    def fill(self, rows: Tensor | slice, k: Tensor, v: Tensor, start: int = 0) -> None:
+        """A prefill's keys and values [n, T, H, D] into rows (slots start .. start + T - 1)."""
+        end = start + k.shape[1]
+        if end > self.k.shape[1]:
+            raise ValueError(f"{end} tokens do not fit a KV cache of max_len={self.k.shape[1]}")
+        self.k[rows, start:end] = k.to(self.k.dtype)
+        self.v[rows, start:end] = v.to(self.v.dtype)
+
+    def attend_prefill(self, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+        """A prefill piece: q, k, v [B, T, H, D] of positions start .. start + T - 1, written into the
+        cache, each query attending to every key up to its own -> [B, T, H, D]."""
+        T = q.shape[1]
+        self.fill(slice(None), k, v, start)
+        if start == 0:  # the prompt's first piece: plain causal attention over its own keys
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
+        else:  # query t (position start + t) sees the cached keys 0 .. start + t
+            allowed = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[:, : start + T].transpose(1, 2),
+                                                 self.v[:, : start + T].transpose(1, 2), attn_mask=allowed)
+        return out.transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         """q, k, v [B, 1, H, D] of the tokens at positions pos [B] -> attention output [B, 1, H, D]."""
@@ -96,11 +111,9 @@ class CausalSelfAttention(nn.Module):
         v = v.reshape(B, T, H, D)
         if isinstance(cache, StaticKVCache):  # the inference engine: a prefill or a decoding step
             if T > 1:
-                if not isinstance(ctx.offset, int) or ctx.offset != 0:
-                    raise ValueError("a static KV cache is prefilled from position 0 only")
-                cache.fill(slice(None), k, v)
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     is_causal=True).transpose(1, 2)
+                if not isinstance(ctx.offset, int):
+                    raise ValueError("a static KV cache is prefilled at one position for all its rows (an int offset)")
+                out = cache.attend_prefill(q, k, v, ctx.offset)
             else:
                 pos = ctx.offset if isinstance(ctx.offset, Tensor) else torch.full((B,), ctx.offset, device=x.device)
                 out = cache.attend(q, k, v, pos)
