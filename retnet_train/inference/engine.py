@@ -238,7 +238,6 @@ class Generator:
         first = torch.zeros((), dtype=torch.long, device=self.device)  # step 0: the first new token
         self.tokens[r0:r1] = self.settings.select(slice(r0, r1)).sample(logits, first)
 
-
     def _prefill_piece(self, rows: int) -> int:
         """Tokens per row in one prefill forward: prefill_tokens over the rows, in whole chunks where
         that is at least one chunk (RetNet's chunkwise form costs the same per token)."""

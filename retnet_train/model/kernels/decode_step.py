@@ -30,8 +30,8 @@ def runs_on(x: Tensor, kernels: str) -> bool:
 
 
 def log2_decays(log_gamma: Tensor, device: torch.device) -> Tensor:
-    """The kernel's decays: log2(gamma) [H] fp32 from the float64 log(gamma) (cache it: a decoding
-    step that converts it per layer spends two kernels on it)."""
+    """Our kernels' decays: log2(gamma) [H] fp32 from the float64 log(gamma); they take gamma^n as
+    exp2(n * log2 gamma). (Cache it for decoding: converting it per layer costs two kernels.)"""
     return (log_gamma.to(device=device, dtype=torch.float64) / math.log(2.0)).to(torch.float32)
 
 
@@ -73,12 +73,11 @@ def launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group: bool, ep
     """(y [B, H d_v], its retention_launch.Launch). aot.py passes meta tensors and its own counters;
     bench/decode_kernel.py sweeps block_v (value columns per program) and num_warps."""
     from .retention_decode_kernel import decode_step_kernel  # imports triton: only where the kernel runs
-    from .retention_launch import Launch, pow2
+    from .retention_launch import Launch, pow2, recurrent_block_v
 
     B, H, DK, DV = state.shape
     DKP = pow2(DK)
-    # default: the recurrent kernel's state tile, [DKP, BV] fp32 = 32 KiB in registers
-    BV = block_v or max(16, min(pow2(DV), 8192 // DKP))
+    BV = block_v or recurrent_block_v(DK, DV)
     y = proj.new_empty(B, H * DV)
     obuf = proj.new_empty(B * H, DV)
     args = dict(X=proj, SIN=sin, COS=cos, STATE=state, LOG2_GAMMA=lg2, W=weight, Bias=bias, OBUF=obuf,

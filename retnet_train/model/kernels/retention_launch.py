@@ -207,13 +207,19 @@ def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_
                        num_warps=warps, num_stages=tuning.num_stages)
 
 
+def recurrent_block_v(DK: int, DV: int) -> int:
+    """Value columns per program of the token-by-token kernels (recurrent, and the decoding step):
+    the state tile [pow2(DK), BV] fp32 is 32 KiB of registers."""
+    return max(16, min(pow2(DV), 8192 // pow2(DK)))
+
+
 def recurrent(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state_in: Tensor | None,
               state_out: Tensor | None) -> tuple[Tensor, Launch]:
     """o [B, T, H, DV] token by token; state_out (may be state_in: in place) gets the final state."""
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     DKP = pow2(DK)
-    BV = max(16, min(pow2(DV), 8192 // DKP))
+    BV = recurrent_block_v(DK, DV)
     o = torch.empty_like(v)
     args = dict(Q=q, K=k, V=v, O=o, STATE_IN=state_in if state_in is not None else lg2,
                 STATE_OUT=state_out if state_out is not None else lg2, LOG2_GAMMA=lg2, T=T)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import retention_launch as L
+from .decode_step import log2_decays
 from .retention_launch import MAX_DK, MAX_DV, Tuning
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -57,7 +58,7 @@ def chunk_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: T
     tuning = L.with_tuning(tuning, chunk_size)
     if DK > MAX_DK or DV > MAX_DV:
         return _split_heads(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning)
-    lg2 = _log2_gamma(log_gamma, q.device)
+    lg2 = log2_decays(log_gamma, q.device)
     lay = L.make_layout(B, T, cu_seqlens, tuning, q.device)
     k, v = k.to(q.dtype), v.to(q.dtype)
     init = None if state is None else state.float().contiguous()
@@ -73,7 +74,7 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: Tensor 
     init = None if state is None else state.float().contiguous()
     final = torch.empty(B, H, DK, v.shape[-1], dtype=torch.float32, device=q.device) if need_state else None
     o, launch = L.recurrent(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(),
-                            _log2_gamma(log_gamma, q.device), init, final)
+                            log2_decays(log_gamma, q.device), init, final)
     launch()
     return o, final
 
@@ -87,7 +88,7 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: Te
     q4, k4, v4 = (x.unsqueeze(1) for x in (q, k, v))
     _check(q4, k4, v4, log_gamma, state, None)
     o = _recurrent_step_op(q4.contiguous(), k4.to(q.dtype).contiguous(), v4.to(q.dtype).contiguous(),
-                           _log2_gamma(log_gamma, q.device), state)
+                           log2_decays(log_gamma, q.device), state)
     return o.squeeze(1)
 
 
@@ -151,11 +152,6 @@ def _cuts(n: int, limit: int) -> list[tuple[int, int]]:
     pieces = math.ceil(n / limit)
     step = math.ceil(n / pieces)
     return [(i, min(i + step, n)) for i in range(0, n, step)]
-
-
-def _log2_gamma(log_gamma: Tensor, device: torch.device) -> Tensor:
-    # log2(gamma) in fp32 from the float64 log: the kernels take gamma^n = exp2(n * log2 gamma)
-    return (log_gamma.to(device=device, dtype=torch.float64) / math.log(2.0)).to(torch.float32).contiguous()
 
 
 def _check(q, k, v, log_gamma, state, cu_seqlens):
