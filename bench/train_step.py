@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RUNS = ("trainer", "plain", "fla", "transformer")
+PRECISIONS = ("auto", "bf16", "bf16_autocast", "fp32")  # trainer.precision (bench/train_throughput.py --precision)
 
 
 def parse() -> argparse.Namespace:
@@ -38,6 +39,9 @@ def parse() -> argparse.Namespace:
                    help="one value for every length, or one per length")
     p.add_argument("--size", default="1.3b", help="preset size: retnet_<size>, transformer_<size>")
     p.add_argument("--kernels", nargs="+", default=["auto"], help="our RetNet's model.kernels values to compare")
+    p.add_argument("--trainer-setup", nargs="+", default=["zero2:auto"],
+                   help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION (zero0:bf16_autocast: "
+                        "fp32 weights, bf16 autocast and torch's fused AdamW, as the plain loop)")
     p.add_argument("--compile", action="store_true", help="torch.compile our models")
     p.add_argument("--act-ckpt", default="none", help="our models' activation checkpointing mode")
     p.add_argument("--chunk-size", type=int, default=None)
@@ -46,7 +50,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step after the measured ones and print its device time by kernel family")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: RUN:T:TOKENS:KERNELS, result to --result-json
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: RUN:T:TOKENS:KERNELS:SETUP, result to --result-json
     p.add_argument("--result-json", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -153,15 +157,25 @@ def _profiler(args, step: int, name: str):
     return StepProfiler(cfg, tempfile.mkdtemp(prefix=f"train_step_profile_{name}_"), 0, torch.device("cuda"))
 
 
-def through_trainer(seq_len: int, tokens: int, args, kernels: str) -> dict:
+def parse_setup(setup: str) -> tuple[int, str]:
+    """"zero2:auto" -> (2, "auto"): a --trainer-setup value, checked before any run starts."""
+    zero, _, precision = setup.partition(":")
+    if not zero.startswith("zero") or not zero[4:].isdigit() or precision not in PRECISIONS:
+        raise SystemExit(f"--trainer-setup {setup!r}: expected zero<stage>:<precision>, precision one of {PRECISIONS}")
+    return int(zero[4:]), precision
+
+
+def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str) -> dict:
     from bench.train_throughput import measure
     from bench.train_throughput import parse as throughput_args
 
     batch = max(1, tokens // seq_len)
+    zero, precision = parse_setup(setup)
     # train_throughput's own parser fills every option measure() reads, so one added there later
     # gets its default here too (a hand-made Namespace missed `cp` once and every row failed)
     flags = ["--micro-batch", str(batch), "--tokens-per-step", str(tokens), "--warmup", str(args.warmup),
-             "--steps", str(args.steps), "--zero", "2", *(["--compile"] if args.compile else []),
+             "--steps", str(args.steps), "--zero", str(zero), "--precision", precision,
+             *(["--compile"] if args.compile else []),
              *(["--profile"] if args.profile else []),
              *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}"]
     ns = throughput_args(flags)
@@ -174,10 +188,10 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str) -> dict:
 def measure_one(spec: str, args) -> dict:
     import torch
 
-    kind, seq_len, tokens, kernels = spec.split(":")
+    kind, seq_len, tokens, kernels, setup = spec.split(":", 4)
     seq_len, tokens = int(seq_len), int(tokens)
     try:
-        out = (through_trainer(seq_len, tokens, args, kernels) if kind == "trainer"
+        out = (through_trainer(seq_len, tokens, args, kernels, setup) if kind == "trainer"
                else plain_loop(kind, seq_len, tokens, args, kernels))
     except torch.OutOfMemoryError:
         out = {"error": "out of memory"}
@@ -199,8 +213,9 @@ def run_isolated(spec: str) -> dict:
     return json.loads(text)
 
 
-def label(run: str, args, kernels: str) -> str:
-    return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels})",
+def label(run: str, args, kernels: str, setup: str = "-") -> str:
+    setup = "" if setup in ("-", "zero2:auto") else f", {setup}"  # the default keeps its old label
+    return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup})",
             "plain": f"our RetNet-{args.size}, plain loop (kernels={kernels})",
             "fla": f"fla RetNet-{args.size} (flash-linear-attention)",
             "transformer": f"our Transformer-{args.size} (SDPA)"}[run]
@@ -213,39 +228,43 @@ def main() -> None:
         return
     tokens = dict(zip(args.seq_len, args.tokens_per_step * len(args.seq_len) if len(args.tokens_per_step) == 1
                       else args.tokens_per_step))
+    for setup in args.trainer_setup:
+        parse_setup(setup)
     specs = []
     for run in args.runs:
         for kernels in (args.kernels if run in ("trainer", "plain") else ["-"]):
-            for t in args.seq_len:
-                specs.append((run, kernels, t, f"{run}:{t}:{tokens[t]}:{kernels}"))
-    results = {(run, k, t): run_isolated(spec) for run, k, t, spec in specs}
+            for setup in (args.trainer_setup if run == "trainer" else ["-"]):
+                for t in args.seq_len:
+                    specs.append((run, kernels, setup, t, f"{run}:{t}:{tokens[t]}:{kernels}:{setup}"))
+    results = {(run, k, setup, t): run_isolated(spec) for run, k, setup, t, spec in specs}
 
     def ref(run, t):
-        r = results.get((run, "-", t))
+        r = results.get((run, "-", "-", t))
         return r if r and "error" not in r else None
 
     header = ["model", "T", "batch", "tokens/s", "peak GiB", "x fla tokens/s", "x Transformer memory", "loss"]
     rows = []
-    for (run, k, t), r in results.items():
+    for (run, k, setup, t), r in results.items():
         if "error" in r:
-            rows.append([label(run, args, k), t, "", r["error"], "", "", "", ""])
+            rows.append([label(run, args, k, setup), t, "", r["error"], "", "", "", ""])
             continue
         fla, tf = ref("fla", t), ref("transformer", t)
-        rows.append([label(run, args, k), t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
+        rows.append([label(run, args, k, setup), t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
                      f"{r['tokens_per_s'] / fla['tokens_per_s']:.2f}" if fla else "",
                      f"{r['peak_gib'] / tf['peak_gib']:.2f}" if tf else "", r["loss"]])
     from bench.results import append
 
     notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median), "
              f"tokens per step {args.tokens_per_step}; compile={args.compile}, activation checkpointing "
-             f"{args.act_ckpt}; plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: ZeRO-2 bf16")
+             f"{args.act_ckpt}; plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: "
+             f"{', '.join(args.trainer_setup)} (ZeRO stage: trainer.precision; auto: bf16 weights, fp32 master)")
     if len(args.seq_len) > 1 and not args.no_save:  # the curve: how each model's rate bends with length
         from bench.charts import beside_results, chart
 
         path = beside_results("train_step")
         series: dict[str, list] = {}
-        for (run, k, t), r in results.items():
-            series.setdefault(label(run, args, k), []).append((t, r["tokens_per_s"] if "error" not in r else None))
+        for (run, k, setup, t), r in results.items():
+            series.setdefault(label(run, args, k, setup), []).append((t, r["tokens_per_s"] if "error" not in r else None))
         if chart(path, "training step: tokens/s by sequence length", "sequence length T", "tokens/s", series):
             notes += f"; chart: [{path.name}]({path.name})"
     append("Training step side by side (bench/train_step.py)", header, rows, notes=notes, save=not args.no_save)
