@@ -1,0 +1,43 @@
+"""bench/train_step.py's trainer setups: each --trainer-setup reaches the trainer as its ZeRO stage
+and precision, and a malformed one stops the bench before any run (no training here)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from bench import train_step as bench
+
+
+@pytest.mark.parametrize("setup, expected", [("zero2:auto", (2, "auto")), ("zero0:bf16_autocast", (0, "bf16_autocast")),
+                                             ("zero3:bf16", (3, "bf16"))])
+def test_a_setup_names_stage_and_precision(setup, expected):
+    assert bench.parse_setup(setup) == expected
+
+
+@pytest.mark.parametrize("setup", ["zero2", "zero:auto", "stage2:auto", "zero2:bf32", "zero0:"])
+def test_a_malformed_setup_is_named(setup):
+    with pytest.raises(SystemExit, match=f"--trainer-setup '{setup}'"):
+        bench.parse_setup(setup)
+
+
+def test_the_trainer_row_runs_with_the_setup(monkeypatch):
+    import bench.train_throughput as throughput
+
+    seen = {}
+
+    def fake_measure(preset, seq_len, ns):
+        seen.update(preset=preset, seq_len=seq_len, zero=ns.zero, precision=ns.precision,
+                    micro=ns.micro_batch, overrides=ns.overrides)
+        return {"tokens_per_s": 1.0, "peak_mem_gib": 2.0, "first_loss": 3.0, "loss": 2.5}
+
+    monkeypatch.setattr(throughput, "measure", fake_measure)
+    args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=False, profile=False, chunk_size=None,
+                                 act_ckpt="none")
+    row = bench.through_trainer(2048, 16384, args, "triton", "zero0:bf16_autocast")
+    assert seen == dict(preset="retnet_1.3b", seq_len=2048, zero=0, precision="bf16_autocast", micro=8,
+                        overrides=["model.kernels=triton"])
+    assert row["batch"] == 8 and row["loss"] == "3.00 -> 2.50"
+    assert bench.label("trainer", args, "triton", "zero0:bf16_autocast").endswith("(kernels=triton, zero0:bf16_autocast)")
+    assert bench.label("trainer", args, "triton", "zero2:auto").endswith("(kernels=triton)")
