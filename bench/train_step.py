@@ -7,8 +7,9 @@ RetNet-1.3B, and our Transformer, at the same tokens per step (issue 10's compar
 
 The plain loop is the same for every model: fp32 weights, bf16 autocast, fused AdamW, the loss of
 each model's own training path (ours: `trainer.fused_loss`'s chunked loss where the model offers it;
-fla: its fused cross-entropy). "trainer" is `python -m retnet_train`'s own loop (DeepSpeed ZeRO-2,
-bf16, synthetic tokens), as bench/train_throughput.py runs it. Every configuration runs in a fresh
+fla: its fused cross-entropy). "trainer" is `python -m retnet_train`'s own loop (by default DeepSpeed
+ZeRO-2, bf16 weights with fp32 master weights; `--trainer-setup zero0:bf16_autocast` also runs it with
+the plain loop's precision and optimizer; synthetic tokens), as bench/train_throughput.py runs it. Every configuration runs in a fresh
 process; tokens/s is the median over the measured steps; peak memory is torch's peak allocation
 after the model is built (weights, optimizer state and activations). Prints the table, appends it to
 bench/RESULTS.md and, with several lengths, writes bench/train_step.png.
