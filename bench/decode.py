@@ -13,7 +13,8 @@ Sections (--sections, comma-separated):
               the context at --memory-batch, prompt = context - --new-tokens; "weights" row: the
               model alone. The Generator (max_len = context) is made anew and freed per setting.
   throughput  new tokens/s of the decoding steps alone (prefill left out) against the context, each
-              model at its largest batch: powers of two down from --max-batch until one fits.
+              model at its largest batch: powers of two down from --max-batch until one fits, then
+              bisection towards the smallest that did not fit (--batch-refine).
   latency     ms per decoding step against the batch at --at-context.
   step        the --step-pair at batch --step-batch with a --step-prompt-token prompt (ms per step,
               new tokens/s) and at batch 1 (ms per token), against the memory-bandwidth floor:
@@ -67,6 +68,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=16, help="memory section: tokens generated per setting")
     p.add_argument("--max-batch", type=int, default=None, help="throughput search cap (default 256; CPU 4)")
+    p.add_argument("--batch-refine", type=int, default=8,
+                   help="throughput: after halving, bisect between the batch that fit and the one that did not, "
+                        "to within 1/N of the fit (0: powers of two only)")
     p.add_argument("--at-context", type=int, default=8192, help="latency section and the summary's ratios")
     p.add_argument("--batches", type=ints, default=ints("1,2,4,8,16,32,64"), help="latency section")
     p.add_argument("--step-batch", type=int, default=16)
@@ -128,7 +132,8 @@ def measure_model(name: str, args, sections: list[str], bw: tuple[float, str]) -
     if "throughput" in sections:
         out["throughput"], start = {}, args.max_batch
         for c in args.contexts:  # a longer context never fits a larger batch: start from the last fit
-            res, failed = L.largest_batch(model, start, c, decode_prompt(args, c), w, s, args.compile)
+            res, failed = L.largest_batch(model, start, c, decode_prompt(args, c), w, s, args.compile,
+                                          refine=args.batch_refine)
             if res != L.OOM:
                 res["oom_batches"] = failed
             out["throughput"][c] = show("throughput", c, res)
@@ -255,7 +260,9 @@ def notes_for(section: str, args, bw) -> str:
         f"prompt {args.prompt_len} tokens into a state of max_len = context (the step's cost does not depend on it)")
     return {"memory": f"peak max_memory_allocated over one generate call of {args.new_tokens} new tokens, "
                       f"prompt = context - {args.new_tokens}, weights included; {args.dtype} weights, random init",
-            "throughput": f"{common}; {prompt}; batch: the largest power of two <= {args.max_batch} that fits",
+            "throughput": f"{common}; {prompt}; batch: the largest that fits, " + (
+                f"halving from {args.max_batch}, then bisecting to within 1/{args.batch_refine} of it" if args.batch_refine
+                else f"the largest power of two <= {args.max_batch}"),
             "latency": f"{common}; context {args.at_context}; {prompt}; floor as in the step section "
                        f"({bw[0]:.0f} GB/s)",
             "step": f"{common}; floor = (weights read per step (an untied embedding table: one row per sequence) "

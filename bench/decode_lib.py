@@ -124,17 +124,30 @@ def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, s
 
 
 def largest_batch(model, start: int, context: int, prompt_len: int, warmup: int, steps: int,
-                  compile: bool | str = False) -> tuple[dict | str, list[int]]:
-    """The first of start, start/2, ..., 1 that runs without running out of memory: (its result or
-    OOM, the batches that did not fit)."""
+                  compile: bool | str = False, refine: int = 0) -> tuple[dict | str, list[int]]:
+    """The largest batch that runs without running out of memory: start, start/2, ..., 1 until one
+    fits, then (refine > 0) bisection between it and the smallest failed batch until they are within
+    max(1, fit // refine) of each other (8 and 16 -> 12, 14, 15). Returns (its result or OOM, the
+    batches that did not fit)."""
     failed, b = [], start
     while b >= 1:
         res = run_setting(model, b, context, prompt_len, warmup, steps, compile=compile)
         if res != OOM:
-            return res, failed
+            break
         failed.append(b)
         b //= 2
-    return OOM, failed
+    else:
+        return OOM, failed
+    lo, hi = b, (failed[-1] if failed else None)
+    while refine > 0 and hi is not None and hi - lo > max(1, lo // refine):
+        mid = (lo + hi) // 2
+        trial = run_setting(model, mid, context, prompt_len, warmup, steps, compile=compile)
+        if trial == OOM:
+            failed.append(mid)
+            hi = mid
+        else:
+            res, lo = trial, mid
+    return res, failed
 
 
 def bandwidth_gbs(flag: Optional[float], device: torch.device) -> tuple[float, str]:

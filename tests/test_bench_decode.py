@@ -47,3 +47,29 @@ def test_largest_batch_halves_until_one_fits(monkeypatch):
     assert decode_lib.largest_batch(None, 8, 1024, 16, 1, 2) == ({"batch": 2}, [8, 4])
     monkeypatch.setattr(decode_lib, "run_setting", lambda *a, **k: decode_lib.OOM)
     assert decode_lib.largest_batch(None, 4, 1024, 16, 1, 2) == (decode_lib.OOM, [4, 2, 1])
+
+
+def test_largest_batch_bisects_towards_the_first_that_did_not_fit(monkeypatch):
+    from bench import decode_lib
+
+    tried = []
+
+    def fits_up_to(limit):
+        def fake(model, batch, *args, **kw):
+            tried.append(batch)
+            return decode_lib.OOM if batch > limit else {"batch": batch}
+        return fake
+
+    monkeypatch.setattr(decode_lib, "run_setting", fits_up_to(14))
+    assert decode_lib.largest_batch(None, 64, 1024, 16, 1, 2, refine=8) == ({"batch": 14}, [64, 32, 16, 15])
+    assert tried == [64, 32, 16, 8, 12, 14, 15]
+    # to within 1/8 of the fit: 128 fits, 256 not -> 192, 224, 240 (16 apart: done)
+    tried.clear()
+    monkeypatch.setattr(decode_lib, "run_setting", fits_up_to(250))
+    assert decode_lib.largest_batch(None, 256, 1024, 16, 1, 2, refine=8) == ({"batch": 240}, [256])
+    assert tried == [256, 128, 192, 224, 240]
+    # nothing failed (the cap fits) or refine off: no bisection
+    tried.clear()
+    assert decode_lib.largest_batch(None, 16, 1024, 16, 1, 2, refine=8) == ({"batch": 16}, [])
+    assert decode_lib.largest_batch(None, 256, 1024, 16, 1, 2) == ({"batch": 128}, [256])
+    assert tried == [16, 256, 128]
