@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -43,6 +44,16 @@ def lm_loss_from_hidden(hidden: torch.Tensor, head: torch.nn.Module, labels: tor
     return linear_cross_entropy(hidden, head.weight, labels, reduction, impl=fused_loss_impl(hidden, kernels))
 
 
+def loss_autocast(precision: str, device: torch.device):
+    """The autocast that DeepSpeed applies inside the engine's forward (trainer.precision=bf16_autocast),
+    for the loss computed outside it: trainer.fused_loss multiplies the final hidden states [B, T, d]
+    by the fp32 LM head itself, and without this those matmuls ran in fp32 (retnet_1.3b at 8 x 2048
+    on an H100: 136 of 432 ms per step). Other precisions: no change."""
+    if precision != "bf16_autocast":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def fused_loss_impl(hidden: torch.Tensor, kernels: str) -> str:
     """liger-kernel's Triton kernel on a GPU when the model's kernels are not plain torch and liger
     imports; else the chunked torch version."""
@@ -82,8 +93,9 @@ def model_inputs(batch: dict, forward_kwargs: dict, device: torch.device, reset_
 @torch.no_grad()
 def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: torch.device,
              vocab_parallel: bool = False, fused_loss: bool = False,
-             reset_at_documents: bool = False, context_parallel=None) -> dict[str, float]:
-    """Every rank runs the same number of batches per source (ZeRO-3 forwards are collective)."""
+             reset_at_documents: bool = False, context_parallel=None, precision: str = "fp32") -> dict[str, float]:
+    """Every rank runs the same number of batches per source (ZeRO-3 forwards are collective).
+    precision: the trainer's (its autocast also covers the fused loss, see loss_autocast)."""
     was_training = engine.training
     engine.eval()
     out: dict[str, float] = {}
@@ -100,7 +112,8 @@ def evaluate(engine, val: dict[str, list[dict]], forward_kwargs: dict, device: t
             if fused_loss:
                 module = engine.module
                 hidden = engine(ids, return_hidden=True, **fwd)
-                loss = lm_loss_from_hidden(hidden, module.lm_head, labels, "sum", vocab_parallel, module.kernels)
+                with loss_autocast(precision, device):
+                    loss = lm_loss_from_hidden(hidden, module.lm_head, labels, "sum", vocab_parallel, module.kernels)
             else:
                 loss = lm_loss(engine(ids, **fwd), labels, "sum", vocab_parallel)
             loss_sum += loss.double()

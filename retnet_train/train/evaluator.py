@@ -34,7 +34,8 @@ class Evaluator:
             self.val = build_val(self.trainer, self.data, self.built.model_cfg.vocab_size, self.ps.data_rank,
                                  self.ps.data_size)
         result = evaluate(self.engine, self.val, self.fwd, self.ps.device, self.built.vocab_parallel,
-                          self.trainer.fused_loss, self.data.reset_at_documents, context_parallel())
+                          self.trainer.fused_loss, self.data.reset_at_documents, context_parallel(),
+                          self.built.precision)
         state.last_eval_step = state.step
         record = {"step": state.step, "tokens": state.tokens, **result}
         if "val/loss" in result:

@@ -20,7 +20,7 @@ from .build import build_engine, forward_kwargs, is_export_dir
 from .cadence import Every
 from .checkpoint import CheckpointManager, checkpoints_named_by
 from .data import build_train_stream, resolve_vocab_size, verify_data
-from .evaluate import lm_loss, lm_loss_from_hidden, model_inputs
+from .evaluate import lm_loss, lm_loss_from_hidden, loss_autocast, model_inputs
 from .evaluator import Evaluator
 from .metrics import MetricsWriter
 from .profiling import StepProfiler
@@ -202,8 +202,9 @@ class Trainer:
         if not self.cfg.trainer.fused_loss:
             return lm_loss(engine(ids, **fwd), labels, vocab_parallel=vp)
         hidden = engine(ids, return_hidden=True, **fwd)
-        return lm_loss_from_hidden(hidden, engine.module.lm_head, labels, vocab_parallel=vp,
-                                   kernels=engine.module.kernels)
+        with loss_autocast(self.built.precision, hidden.device):
+            return lm_loss_from_hidden(hidden, engine.module.lm_head, labels, vocab_parallel=vp,
+                                       kernels=engine.module.kernels)
 
     def _source_names(self, src) -> set:
         if src is None:

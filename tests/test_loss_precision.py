@@ -1,0 +1,58 @@
+"""The fused loss runs in the trainer's precision: with trainer.precision=bf16_autocast its head
+matmul is bf16 like the model's (DeepSpeed's autocast covers only the engine's forward), with fp32 it
+stays fp32."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retnet_train.model import build_model
+from retnet_train.train.evaluate import loss_autocast
+from retnet_train.train.trainer import Trainer
+
+
+class _AutocastEngine:
+    """What DeepSpeed's engine does with torch_autocast on: the forward alone under autocast."""
+
+    def __init__(self, module, precision):
+        self.module, self.precision = module, precision
+
+    def __call__(self, ids, **kw):
+        with loss_autocast(self.precision, ids.device):
+            return self.module(ids, **kw)
+
+
+def _trainer(precision, model):
+    cfg = types.SimpleNamespace(trainer=types.SimpleNamespace(fused_loss=True))
+    built = types.SimpleNamespace(precision=precision, vocab_parallel=False)
+    return types.SimpleNamespace(engine=_AutocastEngine(model, precision), built=built, cfg=cfg)
+
+
+@pytest.mark.parametrize("precision, compute", [("bf16_autocast", torch.bfloat16), ("fp32", torch.float32)])
+def test_fused_loss_matmul_in_the_precision_of_the_forward(precision, compute):
+    torch.manual_seed(0)
+    model = build_model("retnet_tiny", kernels="torch")
+    ids, labels = torch.randint(0, 256, (2, 24)), torch.randint(0, 256, (2, 24))
+    loss = Trainer._loss(_trainer(precision, model), ids, labels, {})
+    with loss_autocast(precision, ids.device):
+        hidden = model(ids, return_hidden=True)
+    logits = (hidden.to(compute) @ model.lm_head.weight.to(compute).t()).float()
+    want = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    other = torch.float32 if compute == torch.bfloat16 else torch.bfloat16
+    wrong = F.cross_entropy((hidden.to(other) @ model.lm_head.weight.to(other).t()).float().flatten(0, 1),
+                            labels.flatten())
+    assert abs(loss.item() - wrong.item()) > 1e-5  # the two precisions are told apart here
+
+
+def test_loss_autocast_only_for_bf16_autocast():
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    with loss_autocast("bf16_autocast", x.device):
+        assert (x @ w).dtype == torch.bfloat16
+    for precision in ("fp32", "bf16"):
+        with loss_autocast(precision, x.device):
+            assert (x @ w).dtype == torch.float32
