@@ -118,6 +118,9 @@ def test_nan_step_is_skipped(tmp_path, stage):
     assert len(bad) == 1 and bad[0]["step"] == 3 and bad[0]["batch"]["index"] == 4  # 2 micro-batches x 2 steps
     assert not math.isfinite(bad[0]["loss"])
     assert [r["skipped_steps"] for r in records(tmp_path) if r.get("step") == STEPS and "loss" in r][-1] == 1
+    # one data-parallel rank: ZeRO-2 shards nothing, and the log says what is faster
+    assert ("deepspeed=zero2 on one data-parallel rank shards nothing" in (tmp_path / "logs" / "rank00000.log").read_text()) \
+        == (stage == 2)
 
 
 def test_many_bad_steps_stop_the_run(tmp_path):

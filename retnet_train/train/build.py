@@ -79,6 +79,10 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
              mcfg.kernels, net.activation_checkpointing,
              "" if net.checkpoint_layers is None else f" in the first {net.checkpoint_layers} blocks",
              trainer.fused_loss)
+    if ds.stage == 2 and layout["dp_size"] * layout.get("cp_size", 1) == 1:
+        log.warning("deepspeed=zero2 on one data-parallel rank shards nothing, and its per-gradient copies and "
+                    "checks cost time: retnet_1.3b on one H100 trained at 48.7k tokens/s at ZeRO-2 and 53.5k at "
+                    "ZeRO-1 (bench/RESULTS.md, 2026-12-06); deepspeed=zero1 keeps the same precision and is faster here")
     return Built(engine=engine, model_cfg=mcfg, precision=precision, own_clipping=own_clipping, ds_config=ds_config,
                  vocab_parallel=ps.tp_size > 1)
 
