@@ -20,7 +20,7 @@ TORCHRUN_SH = LAUNCH / "torchrun.sh"
 DEEPSPEED_SH = LAUNCH / "deepspeed.sh"
 SBATCH = LAUNCH / "slurm" / "train.sbatch"
 SCRIPTS = [TORCHRUN_SH, DEEPSPEED_SH, SBATCH, LAUNCH / "common.sh", *sorted((LAUNCH / "env").glob("*.sh")),
-           *sorted((LAUNCH / "lib").glob("*.sh")), ROOT / "bench" / "multi_gpu.sh"]
+           *sorted((LAUNCH / "lib").glob("*.sh")), ROOT / "bench" / "multi_gpu.sh", ROOT / "bench" / "one_gpu.sh"]
 
 # Variables the scripts read: clear them so the caller's shell (or a real SLURM job) cannot leak in.
 _SCRUB = (
@@ -385,3 +385,30 @@ def test_signal_is_sent_again_to_workers_not_yet_listening(stubs, tmp_path):
     _, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert "SIGUSR1" in (log / "worker0").read_text()
+
+
+# --------------------------------------------------------------------------- bench/one_gpu.sh
+
+
+def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
+    """Each phase runs its commands in order (a stub `python` echoes them), logs each with its exit
+    status, and an unknown phase stops with the list of phases."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\necho "ran python $*"\n')
+    stub.chmod(0o755)
+    env = {"PATH": f"{stub.parent}:{os.environ['PATH']}", "LOG_DIR": str(tmp_path / "logs"),
+           "TRAIN_SETUPS": "zero1:auto zero0:bf16_autocast"}
+    r = run(ROOT / "bench" / "one_gpu.sh", "decode", "train", **env)
+    assert r.returncode == 0, r.stderr
+    decode = (tmp_path / "logs" / "decode.log").read_text()
+    ran = [line for line in decode.splitlines() if line.startswith("ran python")]
+    assert ran == ["ran python -m pytest -q -m gpu tests/test_decode_step.py tests/test_inference.py",
+                   "ran python bench/decode.py --sections step --compile",
+                   "ran python bench/decode_kernel.py --batches 1 16 64 --sweep",
+                   "ran python bench/decode_profile.py --batches 1 16 --compile"]
+    assert decode.count("exit 0") == 4
+    train = (tmp_path / "logs" / "train.log").read_text()
+    assert "--trainer-setup zero1:auto zero0:bf16_autocast --seq-len 2048" in train
+    r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
+    assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The one-GPU measurements behind issues 10 (training) and 11 (decoding), phase by phase; every
+# bench run appends its table to bench/RESULTS.md and all output goes to LOG_DIR/PHASE.log.
+# Each phase fits one ten-minute slot of a shared GPU machine.
+#
+#   bash bench/one_gpu.sh decode decode-6.7b      # any phases, in the order given
+#
+#   decode       the gpu-marked tests of the decoding kernels and engine (a broken kernel shows up
+#                before any timing), the retnet_1.3b / transformer_1.3b step against the
+#                memory-bandwidth floor, one layer's decoding kernel against the unfused kernels
+#                (with its tile sweep), and where the compiled step's time goes at batch 1 and 16
+#   decode-6.7b  retnet_6.7b against transformer_6.7b: memory, throughput at the largest batch that
+#                fits, latency against the batch (the paper's inference figure)
+#   train        retnet_1.3b through the trainer (ZeRO-2 and ZeRO-1; TRAIN_SETUPS), in the plain
+#                loop and fla's RetNet-1.3B, compiled, 8 x 2048 tokens, each step profiled
+#   train-long   the same at 2 x 8192 tokens beside our Transformer (the memory comparison)
+#   kernels      retention forward + backward, ours against every fla path, 16k tokens
+#
+# Env: LOG_DIR (default bench/logs), RUN_TIMEOUT (seconds per bench run, default 300),
+# TRAIN_SETUPS (default "zero2:auto zero1:auto").
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit
+LOG_DIR="${LOG_DIR:-bench/logs}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-300}"
+read -r -a TRAIN_SETUPS <<< "${TRAIN_SETUPS:-zero2:auto zero1:auto}"
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+
+run() {  # run LOG COMMAND...: one command, its output appended to LOG, its exit status logged
+    local log=$1
+    shift
+    echo "=== $(date +%T) $*" | tee -a "$log"
+    timeout "$RUN_TIMEOUT" "$@" 2>&1 | tee -a "$log"
+    echo "=== $(date +%T) exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+phase_decode() {
+    local log="$LOG_DIR/decode.log"
+    run "$log" python -m pytest -q -m gpu tests/test_decode_step.py tests/test_inference.py
+    run "$log" python bench/decode.py --sections step --compile
+    run "$log" python bench/decode_kernel.py --batches 1 16 64 --sweep
+    run "$log" python bench/decode_profile.py --batches 1 16 --compile
+}
+
+phase_decode_67b() {
+    run "$LOG_DIR/decode-6.7b.log" python bench/decode.py --pair retnet_6.7b,transformer_6.7b \
+        --sections memory,throughput,latency --contexts 1024,4096,8192,16384,32768
+}
+
+phase_train() {  # phase_train T: the trainer setups, the plain loop and fla at T (16384 tokens per step)
+    run "$LOG_DIR/train.log" python bench/train_step.py --runs trainer plain fla --kernels triton --compile \
+        --trainer-setup "${TRAIN_SETUPS[@]}" --seq-len "$1" --steps 4 --warmup 2 --profile
+}
+
+phase_train_long() {
+    phase_train 8192
+    run "$LOG_DIR/train.log" python bench/train_step.py --runs transformer --seq-len 8192 --steps 4 --warmup 2
+}
+
+phase_kernels() {
+    run "$LOG_DIR/kernels.log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --profile
+}
+
+for phase in "$@"; do
+    case "$phase" in
+        decode) phase_decode ;;
+        decode-6.7b) phase_decode_67b ;;
+        train) phase_train 2048 ;;
+        train-long) phase_train_long ;;
+        kernels) phase_kernels ;;
+        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, kernels)" >&2; exit 2 ;;
+    esac
+done
