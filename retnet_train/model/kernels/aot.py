@@ -64,31 +64,11 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
         for s_in, s_out in ((st, st), (None, st), (st, None), (None, None)):
             seen.append(L.recurrent(qr, kr, vr, lg2, s_in, s_out)[1])
         norm_gate_launches(DV, dtype, meta, seen.append)
-        decode_step_launches(DK, DV, dtype, meta, seen.append, pdl=not rocm)
-    decode_linear_launches(dtype, meta, seen.append, pdl=not rocm)
+        decode_step_launches(DK, DV, dtype, meta, seen.append)
     return seen
 
 
-def decode_linear_launches(dtype, device, run, pdl: bool) -> None:
-    """The decoding step's few-row linears (decode_linear.py) as decode_layer.py launches them at
-    retnet_1.3b's widths, one row and 16: norm + q/k/v/g, out_proj + residual, norm + fc1 + GELU,
-    fc2 + residual; with Hopper's dependent launch and L2 prefetch where `pdl` (not on ROCm)."""
-    from .decode_linear import launch_few_row_linear
-
-    d, hv, ffn = 2048, 4096, 4096
-    w_in, w_out = (torch.empty(n, k, dtype=dtype, device=device) for n, k in ((12288, d), (d, hv)))
-    nw = torch.empty(d, dtype=dtype, device=device)
-    for rows in (1, 16):
-        x, y = torch.empty(rows, d, dtype=dtype, device=device), torch.empty(rows, hv, dtype=dtype, device=device)
-        for use_pdl in ((False, True) if pdl else (False,)):
-            pre = 1024 if use_pdl else 0
-            run(launch_few_row_linear(x, w_in, None, norm=("layernorm", nw, nw, 1e-5), pdl=use_pdl, prefetch_k=pre)[1])
-            run(launch_few_row_linear(x, w_in[:ffn], None, norm=("rmsnorm", nw, None, 1e-6), gelu=True, pdl=use_pdl,
-                                      prefetch_k=pre)[1])
-            run(launch_few_row_linear(y, w_out, None, residual=x, pdl=use_pdl, prefetch_k=pre)[1])
-
-
-def decode_step_launches(DK: int, DV: int, dtype, device, run, pdl: bool = False) -> None:
+def decode_step_launches(DK: int, DV: int, dtype, device, run) -> None:
     """The one-kernel decoding step (decode_step.py) of 8 heads: groupnorm with its affine weight and
     bias (the presets), rmsnorm without; per-sequence positions (the engine) and one for all."""
     from .decode_step import launch_decode_step
@@ -101,9 +81,8 @@ def decode_step_launches(DK: int, DV: int, dtype, device, run, pdl: bool = False
     counters = torch.empty(B * H, dtype=torch.int32, device=device)
     for rows, group, affine in ((B, True, True), (1, False, False)):
         sin = torch.empty(rows, DK, dtype=torch.float32, device=device)
-        for use_pdl in ((False, True) if pdl else (False,)):
-            run(launch_decode_step(proj, sin, sin, lg2, state, w if affine else None, w if affine and group else None,
-                                   group, 1e-6, DK ** -0.5, arrivals=counters, pdl=use_pdl)[1])
+        run(launch_decode_step(proj, sin, sin, lg2, state, w if affine else None, w if affine and group else None,
+                               group, 1e-6, DK ** -0.5, arrivals=counters)[1])
 
 
 def norm_gate_launches(D: int, dtype, device, run) -> None:
@@ -139,14 +118,14 @@ def spec(launch) -> tuple:
         if isinstance(a, torch.Tensor):
             aligned.append(i)
     return (fn.fn.__module__, fn.__name__, tuple(sig.items()), tuple(sorted(constexprs.items(), key=lambda kv: kv[0])),
-            tuple(aligned), launch.num_warps, launch.num_stages, launch.launch_pdl)
+            tuple(aligned), launch.num_warps, launch.num_stages)
 
 
 def compile_one(job):
     import triton
 
     s, tgt_name = job
-    module, name, sig, constexprs, aligned, warps, stages, pdl = s
+    module, name, sig, constexprs, aligned, warps, stages = s
     fn = getattr(importlib.import_module(module), name)
     tgt = target(tgt_name)
     start = time.time()
@@ -154,8 +133,6 @@ def compile_one(job):
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
         src = triton.compiler.ASTSource(fn=fn, signature=dict(sig), constexprs=dict(constexprs), attrs=attrs)
         options = {"num_warps": warps, **({} if stages is None else {"num_stages": stages})}
-        if pdl:
-            options["launch_pdl"] = True
         out = triton.compile(src, target=tgt, options=options)
         shared = int(getattr(out.metadata, "shared", 0))
         err = None if shared <= SMEM_LIMIT[tgt.backend] else \
@@ -166,12 +143,11 @@ def compile_one(job):
 
 
 def describe(s) -> str:
-    _, name, _, constexprs, _, warps, stages, pdl = s
+    _, name, _, constexprs, _, warps, stages = s
     keep = ("H", "D", "DX", "DZ", "DY", "DK", "DV", "BZ", "BY", "BV", "C", "REVERSE", "VARLEN",
-            "HAS_INIT", "STORE_FINAL", "HAS_STATE", "STORE_STATE", "BLOCK_D", "GROUP", "HAS_W", "HAS_B",
-            "MP", "NORM", "ACT", "RESIDUAL", "PDL", "PREFETCH_K")
+            "HAS_INIT", "STORE_FINAL", "HAS_STATE", "STORE_STATE", "BLOCK_D", "GROUP", "HAS_W", "HAS_B")
     c = " ".join(f"{k}={v}" for k, v in constexprs if k in keep)
-    return f"{name} {c} warps={warps} stages={stages}" + (" pdl" if pdl else "")
+    return f"{name} {c} warps={warps} stages={stages}"
 
 
 def main(argv=None) -> int:

@@ -36,11 +36,10 @@ def log2_decays(log_gamma: Tensor, device: torch.device) -> Tensor:
 
 
 def decode_step(proj: Tensor, sin: Tensor, cos: Tensor, lg2: Tensor, state: Tensor, norm,
-                key_scale: float, pdl: bool = False) -> Tensor:
+                key_scale: float) -> Tensor:
     """proj [B, 1, 2 H d_k + 2 H d_v] (q, k, v, g of H heads); sin, cos fp32 rotary tables of the
     token's position, [B, 1, 1, d_k] or one position for all [1, 1, d_k]; lg2 [H] (log2_decays); state
-    [B, H, d_k, d_v] fp32, contiguous, updated in place; norm: the HeadNorm -> y [B, 1, H d_v].
-    pdl: launched as a programmatic dependent kernel (decode_layer.py's chain; Hopper)."""
+    [B, H, d_k, d_v] fp32, contiguous, updated in place; norm: the HeadNorm -> y [B, 1, H d_v]."""
     B, H, DK, DV = state.shape
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"the decoding step updates the state in place: it must be contiguous float32, "
@@ -51,27 +50,26 @@ def decode_step(proj: Tensor, sin: Tensor, cos: Tensor, lg2: Tensor, state: Tens
     sin, cos = (t.reshape(-1, DK).float().contiguous() for t in (sin, cos))
     y = torch.ops.retnet.retention_decode_step(proj.reshape(B, -1).contiguous(), sin, cos, lg2, state,
                                               norm.weight, norm.bias, norm.kind == "groupnorm", norm.eps,
-                                              key_scale, pdl)
+                                              key_scale)
     return y.view(B, 1, H * DV)
 
 
 @torch.library.custom_op("retnet::retention_decode_step", mutates_args=("state",))
 def _decode_step_op(proj: Tensor, sin: Tensor, cos: Tensor, lg2: Tensor, state: Tensor, weight: Tensor | None,
-                    bias: Tensor | None, group: bool, eps: float, key_scale: float, pdl: bool = False) -> Tensor:
-    y, launch = launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group, eps, key_scale, pdl=pdl)
+                    bias: Tensor | None, group: bool, eps: float, key_scale: float) -> Tensor:
+    y, launch = launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group, eps, key_scale)
     launch()
     return y
 
 
 @_decode_step_op.register_fake
-def _(proj, sin, cos, lg2, state, weight, bias, group, eps, key_scale, pdl=False):
+def _(proj, sin, cos, lg2, state, weight, bias, group, eps, key_scale):
     B, H, _, DV = state.shape
     return proj.new_empty(B, H * DV)
 
 
 def launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group: bool, eps: float, key_scale: float,
-                       arrivals: Tensor | None = None, block_v: int | None = None, num_warps: int = 4,
-                       pdl: bool = False, early_trigger: bool = False):
+                       arrivals: Tensor | None = None, block_v: int | None = None, num_warps: int = 4):
     """(y [B, H d_v], its retention_launch.Launch). aot.py passes meta tensors and its own counters;
     bench/decode_kernel.py sweeps block_v (value columns per program) and num_warps."""
     from .retention_decode_kernel import decode_step_kernel  # imports triton: only where the kernel runs
@@ -86,10 +84,9 @@ def launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group: bool, ep
                 ARRIVALS=arrivals if arrivals is not None else _arrivals(proj.device, B * H), Y=y,
                 x_row=proj.stride(0), sin_row=DK if sin.shape[0] > 1 else 0, key_scale=key_scale, eps=eps)
     constexprs = dict(H=H, DK=DK, DV=DV, DKP=DKP, DVP=pow2(DV), BV=BV, GROUP=group,
-                      HAS_W=weight is not None, HAS_B=bias is not None,
-                      PDL=pdl, EARLY_TRIGGER=pdl and early_trigger)  # pdl: decode_linear.pdl_supported
+                      HAS_W=weight is not None, HAS_B=bias is not None)
     return y, Launch(decode_step_kernel, (math.ceil(DV / BV), B * H), args, constexprs, num_warps=num_warps,
-                     num_stages=1, launch_pdl=pdl)
+                     num_stages=1)
 
 
 def _arrivals(device: torch.device, n: int) -> Tensor:

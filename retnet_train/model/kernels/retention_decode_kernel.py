@@ -33,8 +33,7 @@ def decode_step_kernel(X, SIN, COS, STATE, LOG2_GAMMA, W, Bias, OBUF, ARRIVALS, 
                        x_row, sin_row, key_scale, eps,
                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr,
                        DVP: tl.constexpr, BV: tl.constexpr,
-                       GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                       PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr):
+                       GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Grid (cdiv(DV, BV), B * H). X [B, x_row]: each row is q, k [H * DK] then v, g [H * DV] of one
     sequence (the fused projection's output); SIN, COS [B or 1, DK] fp32 at the sequence's position
     (row stride sin_row, 0 for one position); STATE [B, H, DK, DV] fp32, updated in place; Y
@@ -46,12 +45,6 @@ def decode_step_kernel(X, SIN, COS, STATE, LOG2_GAMMA, W, Bias, OBUF, ARRIVALS, 
     counts itself in ARRIVALS[b * H + h]; the program that arrives last (the others' writes are
     visible to it: release / acquire on the counter) normalises and gates the row, and sets the
     counter back to zero for the next step.
-
-    PDL: launched as a programmatic dependent kernel (Hopper): the state tile, which no kernel of
-    this step wrote before (only this layer's step writes it), is read before waiting for the
-    projection before it, so the state's stream starts while that matmul drains. EARLY_TRIGGER lets
-    the next kernel start (and prefetch its weight) as soon as this one is past its wait, instead of
-    when its programs finish.
     """
     vb, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H
@@ -60,23 +53,19 @@ def decode_step_kernel(X, SIN, COS, STATE, LOG2_GAMMA, W, Bias, OBUF, ARRIVALS, 
     ks = tl.arange(0, DKP)
     k_ok = ks < DK
     row = b.to(tl.int64) * x_row
-    vs = vb * BV + tl.arange(0, BV)
-    v_ok = vs < DV
-    tile = bh.to(tl.int64) * (DK * DV) + ks[:, None] * DV + vs[None, :]
-    in_tile = k_ok[:, None] & v_ok[None, :]
-    state = tl.load(STATE + tile, mask=in_tile, other=0.0)
     sin = tl.load(SIN + b * sin_row + ks, mask=k_ok, other=0.0)
     cos = tl.load(COS + b * sin_row + ks, mask=k_ok, other=0.0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the projection X is written from here on
-        if EARLY_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
     sign = tl.where(ks % 2 == 0, -1.0, 1.0)  # (x0, x1) -> (-x1, x0): the partner's sign
     q = _rotate(X, row + h * DK, ks, k_ok, sin, cos, sign)
     # the keys' 1/sqrt(d_k) rides on their rotation, as in MultiScaleRetention.forward
     k = _rotate(X, row + (H + h) * DK, ks, k_ok, sin * key_scale, cos * key_scale, sign)
 
+    vs = vb * BV + tl.arange(0, BV)
+    v_ok = vs < DV
     v = tl.load(X + row + 2 * H * DK + h * DV + vs, mask=v_ok, other=0.0).to(tl.float32)
+    tile = bh.to(tl.int64) * (DK * DV) + ks[:, None] * DV + vs[None, :]
+    in_tile = k_ok[:, None] & v_ok[None, :]
+    state = tl.load(STATE + tile, mask=in_tile, other=0.0)
     state = state * tl.exp2(tl.load(LOG2_GAMMA + h)) + k[:, None] * v[None, :]
     tl.store(STATE + tile, state, mask=in_tile)
     o = tl.sum(state * q[:, None], axis=0)

@@ -66,13 +66,10 @@ class Launch:
     constexprs: dict
     num_warps: int = 4
     num_stages: int | None = 2  # None: the backend's default
-    launch_pdl: bool = False  # a programmatic dependent launch (Hopper; the kernel waits with gdc_wait)
 
     def __call__(self) -> None:
-        options = {} if self.num_stages is None else {"num_stages": self.num_stages}
-        if self.launch_pdl:
-            options["launch_pdl"] = True
-        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, **options)
+        stages = {} if self.num_stages is None else {"num_stages": self.num_stages}
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, **stages)
 
 
 def execute(launch: Launch) -> None:
