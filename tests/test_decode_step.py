@@ -98,12 +98,14 @@ def test_bad_state_and_projection_are_named():
     model, _ = _pair(torch.float32, n_layers=1)
     block = model.layers[0].retention
     state = model.allocate_state(2, 8).layers[0]
-    proj = torch.zeros(2, 1, 2 * 2 * (32 + 64) if block.n_heads == 2 else 1, device=DEV)
-    sin = cos = torch.zeros(1, 1, block.key_dim, device=DEV)
+    width = 2 * block.n_heads * (block.key_dim + block.value_dim)  # q, k, v, g of every head
+    proj = torch.randn(2, 1, width, device=DEV)
+    sin, cos = torch.zeros(1, 1, block.key_dim, device=DEV), torch.ones(1, 1, block.key_dim, device=DEV)
     lg2 = torch.zeros(block.n_heads, device=DEV)
+    assert D.decode_step(proj, sin, cos, lg2, state, block.head_norm, 1.0).shape == (2, 1, block.n_heads * block.value_dim)
     with pytest.raises(ValueError, match="contiguous float32"):
         D.decode_step(proj, sin, cos, lg2, state.double(), block.head_norm, 1.0)
-    with pytest.raises(ValueError, match=r"does not match a state"):
+    with pytest.raises(ValueError, match=rf"does not match a state .* expected \[2, 1, {width}\]"):
         D.decode_step(proj[..., :-2], sin, cos, lg2, state, block.head_norm, 1.0)
 
 

@@ -90,4 +90,15 @@ def test_generate_cli_from_a_run_dir(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = [int(x) for x in proc.stdout.split()]
-    assert len(ids) == 5 and all(0 <= i < 256 for i in ids)
+    # what the last checkpoint's weights (read here from DeepSpeed's own file) sample from the same
+    # seed with the command's default sampling settings (temperature 0.8, top-k 50, top-p 0.95)
+    from retnet_train.model import build_model
+
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    weights = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    model = build_model("retnet_tiny", d_model=64, n_layers=2, n_heads=2, vocab_size=256)
+    model.load_state_dict(weights)
+    defaults = parse_args(["checkpoint=x"])
+    want = generate(model, torch.tensor([[1, 2, 3]]), 5, defaults.temperature, defaults.top_k, defaults.top_p,
+                    seed=1)
+    assert ids == want[0].tolist()

@@ -36,4 +36,5 @@ def test_summary_command_prints_the_figures():
 def test_summary_command_rejects_unknown_arguments():
     res = subprocess.run([sys.executable, "-m", "retnet_train.model.summary", "model=retnet_tiny", "colour=red"],
                          capture_output=True, text=True)
-    assert res.returncode != 0 and "colour" in res.stderr
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "bad: ['colour']" in res.stderr and "usage:" in res.stderr
