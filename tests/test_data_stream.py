@@ -12,6 +12,7 @@ import pytest
 import torch
 from data_fixtures import WINDOW, built  # noqa: F401 (built: fixture)
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from retnet_train.data import DataConfig, SourceConfig, TokenStream, build_val_batches
 from retnet_train.data.manifest import load_manifest
@@ -233,7 +234,7 @@ def test_yaml_configs_match_the_schema():
     prod = OmegaConf.to_object(prod)
     assert prod.tokenizer == "/lustre/x/tokenizer.model"
     assert prod.sources["stack"].path == "/lustre/x/shards/stack"
-    with pytest.raises(Exception, match="wieght"):
+    with pytest.raises(ConfigKeyError, match="Key 'wieght' not in 'SourceConfig'"):  # a misspelt key is refused
         OmegaConf.merge(schema, {"sources": {"pile": {"wieght": 1.0}}})
 
 

@@ -186,12 +186,30 @@ def test_each_parameter_has_the_official_distribution():
     assert rules["layers.0.retention.q_proj.weight"] == xavier_uniform(hk, d, 2 ** -2.5)
     assert rules["layers.0.retention.out_proj.weight"] == xavier_uniform(d, hv)
     assert rules["layers.0.ffn.fc2.weight"] == linear_default(f)
+    # the bounds written out, not through init.py's formulas: xavier gain * sqrt(6 / (fan_in + fan_out))
+    # (q: gain 2^-2.5, 256 -> 256; out_proj: gain 1, 512 -> 256) and nn.Linear's 1 / sqrt(fan_in = 512)
+    for name, bound in (("layers.0.retention.q_proj.weight", 0.0191366386155),
+                        ("layers.0.retention.out_proj.weight", 0.0883883476483),
+                        ("layers.0.ffn.fc2.weight", 0.0441941738242)):
+        assert rules[name].scale == pytest.approx(bound, rel=1e-9), name
+        p = model.get_parameter(name)  # 65k-131k draws of U(-b, b) come within 0.1% of b
+        assert 0.999 * bound < p.abs().max().item() <= bound, (name, p.abs().max().item())
     for name, p in model.named_parameters():
         rule = rules[name]
-        want = rule.scale if rule.kind == "normal" else rule.scale / math.sqrt(3) if rule.kind == "uniform" else 0.0
+        if rule.kind == "constant":
+            assert torch.all(p == rule.scale), name
+            continue
+        want = rule.scale if rule.kind == "normal" else rule.scale / math.sqrt(3)
         if rule.kind == "uniform":
             assert p.abs().max() <= rule.scale
         assert abs(p.std().item() - want) <= 0.03 * want + 1e-12, (name, p.std().item(), want)
+    # norms start as the identity (weights 1, biases 0); retention's projection biases are 0 (official)
+    biased = build_model("retnet_tiny", vocab_size=256, d_model=64, n_layers=1, n_heads=2, bias=True)
+    consts = {n: p for n, p in biased.named_parameters() if "norm" in n or "retention." in n and n.endswith(".bias")}
+    assert {"layers.0.retention_norm.bias", "layers.0.retention.head_norm.bias", "layers.0.retention.q_proj.bias",
+            "norm.weight"} <= set(consts)
+    for name, p in consts.items():
+        assert torch.all(p == (1.0 if name.endswith(".weight") else 0.0)), name
     torch.manual_seed(0)
     a = build_model("retnet_tiny", vocab_size=512, d_model=64, n_layers=1, n_heads=2)
     torch.manual_seed(0)

@@ -44,7 +44,10 @@ def test_outputs_of_a_run(zero0_run):
     for r in recs:
         assert REQUIRED <= set(r), set(r)
         assert r["tokens"] == r["step"] * 512 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
-    assert recs[0]["lr"] == pytest.approx(1.5e-3) and recs[1]["lr"] == pytest.approx(3e-3)  # warmup
+    # TINY: lr 3e-3, 2 warmup steps, then the default linear decay to 0 at max_steps=6: steps 1-2
+    # warm up (lr * step / 2), steps 3-6 decay (lr * (1 - (step - 3) / 4))
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    assert [r["lr"] for r in recs] == pytest.approx([1.5e-3, 3e-3, 3e-3, 2.25e-3, 1.5e-3, 7.5e-4], rel=1e-12)
     ev = evals(run_dir)
     assert ev and ev[-1]["step"] == STEPS and ev[-1]["val/ppl"] == pytest.approx(math.exp(ev[-1]["val/loss"]))
     assert "val/synthetic/loss" in ev[-1]

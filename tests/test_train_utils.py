@@ -86,24 +86,37 @@ def reference_losses(steps: int, skip: frozenset = frozenset(), seed: int = 1234
                      grad_norms: dict | None = None) -> dict[int, float]:
     """What the trainer must compute for TINY, in plain PyTorch: same init, data, AdamW groups,
     schedule and clipping; steps in `skip` are evaluated but not applied (the NaN guard). Each
-    applied step's gradient norm before clipping goes into `grad_norms`, if given."""
+    applied step's gradient norm before clipping goes into `grad_norms`, if given.
+
+    The LR schedule and the weight-decay groups are written out here, not taken from
+    train/schedule.py and train/optimizer.py, so a bug there cannot hide in both sides."""
     import torch
 
     from retnet_train.model import build_model
     from retnet_train.train.evaluate import lm_loss
-    from retnet_train.train.optimizer import param_groups
     from retnet_train.train.rng import seed_all
-    from retnet_train.train.schedule import lr_at
     from retnet_train.train.synthetic import SyntheticStream
 
     seed_all(seed)
     model = build_model("retnet_tiny", d_model=64, n_layers=2, n_heads=2, vocab_size=256)
-    opt = torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, eps=1e-8)
+    # config.py's optim.weight_decay: the matrices (Linear and Embedding weights) are decayed;
+    # norms, biases and gains are not
+    matrices = {f"{m}.weight" for m, mod in model.named_modules()
+                if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))}
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n in matrices], "weight_decay": wd},
+              {"params": [p for n, p in named if n not in matrices], "weight_decay": 0.0}]
+    assert groups[0]["params"] and groups[1]["params"]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+    def lr_at(step):  # 0-based; linear warmup to lr, then linear decay to 0 at `steps` (optim.decay_steps)
+        return lr * (step + 1) / warmup if step < warmup else lr * (1 - (step - warmup) / (steps - warmup))
+
     stream = SyntheticStream(256, 64, 4, seed=seed)
     out = {}
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr, warmup, steps, "linear", 0.0)
+            g["lr"] = lr_at(step)
         total = 0.0
         for _ in range(2):
             b = next(stream)

@@ -3,6 +3,9 @@ stream's cursor across data-parallel sizes: in-process, no trainer started."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -44,13 +47,22 @@ def test_older_trainer_state_files_load_and_unknown_versions_are_refused():
 
 
 def test_without_a_saved_rng_each_rank_reseeds_from_its_seed_and_the_step():
-    sd = {k: v for k, v in TrainingState(SyntheticStream(256, 16, 2), 0, step=4).state_dict().items() if k != "rng"}
-    draws = []
-    for seed in (11, 11, 12):
-        state = TrainingState(SyntheticStream(256, 16, 2), rng_seed=seed)
-        state.load_state_dict(sd)
-        draws.append(torch.rand(3))
-    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    def draws_after_load(seed, step, before=999):
+        sd = TrainingState(SyntheticStream(256, 16, 2), 0, step=step).state_dict()
+        del sd["rng"]
+        random.seed(before)  # the RNGs' state before the load must not matter
+        np.random.seed(before)
+        torch.manual_seed(before)
+        TrainingState(SyntheticStream(256, 16, 2), rng_seed=seed).load_state_dict(sd)
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    base = draws_after_load(11, 4)
+    # same seed and step: same draws in every generator, from another state before
+    assert draws_after_load(11, 4, before=123) == base
+    # another seed or another step: other draws in every generator (a reseed from the seed alone,
+    # or one generator left alone, fails here)
+    for other in (draws_after_load(12, 4), draws_after_load(11, 5)):
+        assert all(a != b for a, b in zip(base, other)), (base, other)
 
 
 def test_every():
