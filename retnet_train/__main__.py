@@ -86,6 +86,7 @@ def report_error(e: Exception, run_dir: str, debug: bool) -> int:
     append the traceback to the rank's log file, and return the exit status."""
     import traceback
 
+    from retnet_train.config import ConfigError
     from retnet_train.data import DataError
     from retnet_train.train import TooManyBadSteps
     from retnet_train.train.checkpoint import CheckpointError
@@ -100,7 +101,7 @@ def report_error(e: Exception, run_dir: str, debug: bool) -> int:
             f.write(tb)
     except OSError:
         where = None
-    ours = isinstance(e, (DataError, CheckpointError, TooManyBadSteps, FileNotFoundError))
+    ours = isinstance(e, (ConfigError, DataError, CheckpointError, TooManyBadSteps, FileNotFoundError))
     if rank == 0 or not getattr(e, "every_rank", False):
         prefix = f"[rank{rank}] " if rank else ""
         message = str(e) if ours else f"{type(e).__name__}: {e}"

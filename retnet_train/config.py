@@ -12,6 +12,7 @@ All of this runs before any device is touched.
 from __future__ import annotations
 
 import enum
+import math
 import os
 from dataclasses import dataclass, make_dataclass
 from pathlib import Path
@@ -474,8 +475,9 @@ def _choice(cfg: DictConfig, key: str, choices: tuple) -> None:
 
 def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        _fail(key, value, "must be >= 0" if allow_zero else "must be > 0")
+    # nan fails no comparison, so it is refused by name (it would train to a nan loss)
+    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        _fail(key, value, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
 
 
 def world_size_from_env() -> int:
@@ -538,8 +540,14 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     for key in ("trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_len", "trainer.log_every",
                 "trainer.global_batch_tokens", "trainer.max_bad_steps", "parallel.tp", "parallel.cp",
                 "optim.lr", "optim.eps", "trainer.build_lock_timeout_s", "logging.profile.steps",
-                "logging.profile.top"):
+                "logging.profile.top", "parallel.timeout_minutes"):
         _positive(cfg, key)
+    if cfg.logging.get("peak_tflops") is not None:
+        _positive(cfg, "logging.peak_tflops")
+    decay_steps = cfg.optim.get("decay_steps")
+    if decay_steps is not None and decay_steps <= cfg.optim.warmup_steps:
+        _fail("optim.decay_steps", decay_steps, f"must be > optim.warmup_steps={cfg.optim.warmup_steps} (or null: "
+                                                f"trainer.max_steps); at or below it the decay would never start")
     for key in ("trainer.eval_every", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "logging.profile.start"):
         _positive(cfg, key, allow_zero=True)

@@ -88,6 +88,17 @@ def test_wrong_type_is_named():
     (["deepspeed=zero1", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
     (["model.n_heads=3"], "model.d_model=256 is not divisible by model.n_heads=3"),
     (["trainer.mode=chunkwise", "trainer.chunk_size=100"], "trainer.seq_len=2048"),
+    # non-finite and out-of-range numbers: each would train to a nan loss or hang, not fail
+    (["optim.weight_decay=nan"], "optim.weight_decay=nan: must be a finite number >= 0"),
+    (["optim.lr=inf"], "optim.lr=inf: must be a finite number > 0"),
+    (["optim.grad_clip=nan"], "optim.grad_clip=nan"),
+    (["optim.min_lr_ratio=nan"], "optim.min_lr_ratio=nan"),
+    (["parallel.timeout_minutes=0"], "parallel.timeout_minutes=0: must be a finite number > 0"),
+    (["logging.peak_tflops=-1"], "logging.peak_tflops=-1"),
+    (["optim.decay_steps=-5"], "optim.decay_steps=-5: must be > optim.warmup_steps"),
+    (["model.norm_eps=-1"], "model.norm_eps=-1"),
+    (["model.head_norm_eps=nan"], "model.head_norm_eps=nan"),
+    (["model.rope_base=0"], "model.rope_base=0"),
 ])
 def test_impossible_values_are_named(overrides, key):
     assert key in _error(overrides)
@@ -143,3 +154,16 @@ def test_cli_prints_the_composed_config():
                            "trainer.data_source=synthetic"], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "name: tiny_cpu" in proc.stdout
+
+
+def test_cuda_device_on_a_machine_without_cuda_is_named(tmp_path):
+    """Checked where the device is chosen (a config for a GPU cluster still composes on a CPU host)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    proc = subprocess.run([sys.executable, "-m", "retnet_train", "experiment=tiny_cpu", "trainer.device=cuda",
+                           "trainer.max_steps=1", f"run_dir={tmp_path}"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: trainer.device=cuda: CUDA is not available" in proc.stderr, proc.stderr[-2000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -206,6 +207,12 @@ def validate(cfg: ModelConfig) -> ModelConfig:
         value = getattr(cfg, key)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ModelConfigError(f"model.{key}={value!r} must be a positive integer or null")
+    # nan fails every comparison, so it is refused by name; an eps of 0 is allowed (float64 tests)
+    for key, bound in (("norm_eps", ">= 0"), ("head_norm_eps", ">= 0"), ("rope_base", "> 0")):
+        value = getattr(cfg, key)
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        if not finite or value < 0 or (value == 0 and bound == "> 0"):
+            raise ModelConfigError(f"model.{key}={value!r} must be a finite number {bound}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ModelConfigError(f"model.dropout={cfg.dropout!r} must be in [0, 1)")
     if cfg.d_model % cfg.n_heads:

@@ -91,6 +91,10 @@ def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int =
         return _state
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():  # else torch fails deep in set_device
+        from retnet_train.config import ConfigError
+
+        raise ConfigError("trainer.device=cuda: CUDA is not available on this machine (trainer.device=auto or cpu)")
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _no_shared_memory_comm_build()
