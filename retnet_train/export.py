@@ -126,10 +126,19 @@ def _output_file(dest: Path) -> Iterator[Path]:
         part.unlink(missing_ok=True)
 
 
+class ExportError(ValueError):
+    """An export that would not be what the user asked for (its message says why)."""
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, hf: bool = False) -> Path:
     from retnet_train.progress import phase
     from retnet_train.train.checkpoint import resolve_checkpoint
 
+    out = Path(out_dir)
+    if (out / "checkpoints").is_dir() or (out / "meta.json").is_file():
+        # an export inside a run_dir would be what generate and lm_eval load from it, ahead of the
+        # run's newer checkpoints
+        raise ExportError(f"out_dir {out} is a training run or checkpoint folder: export into a folder of its own")
     ckpt = resolve_checkpoint(checkpoint)
     meta = json.loads((ckpt / "meta.json").read_text())
     tokenizer = meta.get("tokenizer")
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # a missing or damaged checkpoint: one line naming it, not a traceback
         out = export(args.checkpoint, args.out_dir, hf=args.hf)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from safetensors.torch import load_file

@@ -97,6 +97,9 @@ def load_for_inference(path: str | Path, device: torch.device):
     p = Path(path)
     # built on the device it runs on: model.kernels=auto resolves for that device (fla/Triton on a GPU)
     if (p / EXPORT_CONFIG).is_file():
+        if (p / "checkpoints").is_dir():  # say which of the two is decoded
+            print(f"warning: {p} holds an export and a checkpoints/ folder; decoding the export "
+                  f"(pass {p / 'checkpoints'} for the newest checkpoint)", file=sys.stderr)
         with torch.device(device):
             model = build_model(p)
         tok = p / "tokenizer.model"
@@ -159,6 +162,13 @@ def parse_args(argv: list[str]) -> GenerateConfig:
     if out.prompt_file is not None and out.prompt_ids is not None:
         raise ValueError(f"prompt_file={out.prompt_file!r} and prompt_ids={out.prompt_ids} both given: "
                          "pass one of them")
+    # checked before the model loads (minutes for a large one), not where each is first used
+    if out.chunk_size is not None and out.chunk_size < 1:
+        raise ValueError(f"chunk_size={out.chunk_size} must be >= 1 (or null: the model's)")
+    if out.tokenizer is not None and not Path(out.tokenizer).is_file():
+        raise ValueError(f"tokenizer={out.tokenizer!r}: no such file")
+    if out.device not in ("auto", "cpu", "cuda") and not out.device.startswith("cuda:"):
+        raise ValueError(f"device={out.device!r} must be auto, cpu, cuda or cuda:N")
     return out
 
 

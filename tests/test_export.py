@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -99,6 +100,28 @@ def test_export_of_a_missing_checkpoint_names_it(tmp_path):
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "nope" in proc.stderr and "not a checkpoint" in proc.stderr, proc.stderr
+
+
+def test_export_into_a_run_dir_is_refused_and_generate_says_which_it_decodes(tmp_path):
+    """An export written into a run_dir would be what generate loads from it, ahead of the run's newer
+    checkpoints: refused; a folder that has both anyway gets a warning naming the one decoded."""
+    run = tmp_path / "run"
+    run_train(run, "trainer.max_steps=1", "deepspeed=zero0", "trainer.eval_at_end=false")
+    proc = subprocess.run([sys.executable, "-m", "retnet_train.export", str(run), str(run)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"out_dir {run} is a training run or checkpoint folder" in proc.stderr
+    assert not (run / "model.safetensors").exists()
+
+    from retnet_train.export import export
+
+    export(run, tmp_path / "out")
+    for name in ("model.safetensors", "model_config.json"):
+        shutil.copy(tmp_path / "out" / name, run / name)  # as an export into it would have left them
+    proc = subprocess.run([sys.executable, "-m", "retnet_train.generate", f"checkpoint={run}", "prompt_ids=[1,2]",
+                           "max_new_tokens=2"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{run} holds an export and a checkpoints/ folder; decoding the export" in proc.stderr
 
 
 @pytest.mark.slow

@@ -102,3 +102,22 @@ def test_generate_cli_from_a_run_dir(tmp_path):
     want = generate(model, torch.tensor([[1, 2, 3]]), 5, defaults.temperature, defaults.top_k, defaults.top_p,
                     seed=1)
     assert ids == want[0].tolist()
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("chunk_size=-4", "chunk_size=-4 must be >= 1"),
+    ("chunk_size=0", "chunk_size=0 must be >= 1"),
+    ("tokenizer=/nonexistent/t.model", "tokenizer='/nonexistent/t.model': no such file"),
+    ("device=gpu", "device='gpu' must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_values_are_named_before_the_model_loads(arg, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(["checkpoint=x", arg])
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_sampling_refuses_a_temperature_that_is_not_a_finite_number_at_least_zero(temperature):
+    from retnet_train.inference.sampling import SamplingSettings
+
+    with pytest.raises(ValueError, match=f"temperature={temperature} must be a finite number >= 0"):
+        SamplingSettings(1, torch.device("cpu")).set(temperature, 0, 1.0, 0)

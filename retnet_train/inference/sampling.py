@@ -74,8 +74,8 @@ class SamplingSettings:
 
     def set(self, temperature: float, top_k: int, top_p: float, seed: int, streams=None) -> None:
         """One setting for every sequence; sequence i draws from stream streams[i] (default i)."""
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
+        if not temperature >= 0 or temperature == float("inf"):  # nan fails the comparison: refused too
+            raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0: greedy)")
         if top_k < 0:
             raise ValueError(f"top_k={top_k} must be >= 0 (0: off)")
         if not 0.0 < top_p <= 1.0:
