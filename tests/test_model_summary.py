@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from retnet_train.model import build_model, load_preset
@@ -38,3 +39,12 @@ def test_summary_command_rejects_unknown_arguments():
                          capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert "bad: ['colour']" in res.stderr and "usage:" in res.stderr
+
+
+@pytest.mark.parametrize("arg", ["context=-5", "context=abc", "seq_len=0"])
+def test_summary_command_names_a_bad_size(arg):
+    res = subprocess.run([sys.executable, "-m", "retnet_train.model.summary", "model=retnet_tiny", arg],
+                         capture_output=True, text=True)
+    key, value = arg.split("=")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"error: {key}={value!r} must be a whole number >= 1" in res.stderr

@@ -56,9 +56,15 @@ def main(argv: list[str]) -> None:
     if bad:
         sys.exit("usage: python -m retnet_train.model.summary model=NAME [context=N] [seq_len=N] [mode=M] "
                  f"[kernels=K]; bad: {bad}")
+    sizes = {}
+    for key, default in (("context", 8192), ("seq_len", 2048)):
+        value = args.get(key, str(default))
+        if not value.isdigit() or int(value) < 1:
+            sys.exit(f"error: {key}={value!r} must be a whole number >= 1")
+        sizes[key] = int(value)
     try:
-        print(summarise(args.get("model", "retnet_1.3b"), int(args.get("context", 8192)),
-                        int(args.get("seq_len", 2048)), args.get("mode", "chunkwise"), args.get("kernels")))
+        print(summarise(args.get("model", "retnet_1.3b"), sizes["context"], sizes["seq_len"],
+                        args.get("mode", "chunkwise"), args.get("kernels")))
     except ModelConfigError as e:
         sys.exit(f"error: {e}")
 
