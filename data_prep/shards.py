@@ -206,6 +206,11 @@ def build_shards(out: str, tokenizer: str, window: int, sources: dict[str, list[
         raise DataError(f"--seq-len must be at least 2, got {window}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < window:
+        raise DataError(f"--shard-tokens must be at least --seq-len ({window}: one window a shard), "
+                        f"got {shard_tokens}")
+    if workers < 0:
+        raise DataError(f"--workers must be >= 0 (0: encode in this process), got {workers}")
     _, tok = load_tokenizer(tokenizer)
     out_dir = Path(out)
     shard_windows = max(1, shard_tokens // window)

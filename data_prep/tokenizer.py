@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from data_prep.readers import Doc, FileReader
+from data_prep.readers import DataError, Doc, FileReader
 from retnet_train.data.tokenizer import VOCAB_MULTIPLE, load_tokenizer
 from retnet_train.progress import Bar
 
@@ -72,6 +72,8 @@ def train_tokenizer(out: str, vocab_size: int, sources: dict[str, list[str]], *,
                     sample_docs_n: int = 100_000, text_field: str | None = None,
                     threads: int | None = None) -> None:
     import sentencepiece as spm
+    if vocab_size < 1:  # before sampling: sentencepiece would only refuse it after reading the sample
+        raise DataError(f"--vocab-size must be at least 1, got {vocab_size}")
     if vocab_size % VOCAB_MULTIPLE:
         log.warning("vocab size %d is padded to a multiple of %d for the model's embedding",
                     vocab_size, VOCAB_MULTIPLE)
@@ -80,24 +82,27 @@ def train_tokenizer(out: str, vocab_size: int, sources: dict[str, list[str]], *,
     t0 = time.monotonic()
     log.info("sampling about %d documents for a sentencepiece BPE of %d pieces", sample_docs_n, vocab_size)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_sample_with_progress(sources, sample_docs_n, text_field, vocab_size),
-        model_writer=model,  # not model_prefix: a path would be stored in the model, and hashed
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,                # any byte is representable: no <unk> in practice
-        split_digits=True,                 # numbers as digits: better arithmetic
-        normalization_rule_name="identity",  # text goes in and comes out unchanged
-        remove_extra_whitespaces=False,    # code keeps its indentation
-        allow_whitespace_only_pieces=True,  # so runs of spaces become single pieces
-        split_by_whitespace=True,
-        character_coverage=0.9995,
-        max_sentence_length=MAX_PIECE_BYTES,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        num_threads=threads or os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sample_with_progress(sources, sample_docs_n, text_field, vocab_size),
+            model_writer=model,  # not model_prefix: a path would be stored in the model, and hashed
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,                # any byte is representable: no <unk> in practice
+            split_digits=True,                 # numbers as digits: better arithmetic
+            normalization_rule_name="identity",  # text goes in and comes out unchanged
+            remove_extra_whitespaces=False,    # code keeps its indentation
+            allow_whitespace_only_pieces=True,  # so runs of spaces become single pieces
+            split_by_whitespace=True,
+            character_coverage=0.9995,
+            max_sentence_length=MAX_PIECE_BYTES,
+            input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            num_threads=threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # sentencepiece's own refusal of the settings or the sample: one line
+        raise DataError(f"sentencepiece: {e}") from None
     tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out_path)  # atomic: a half-written model is never seen

@@ -480,6 +480,18 @@ def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
         _fail(key, value, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
 
 
+def _validate_data(data: DictConfig) -> None:
+    """The data config's own checks (seed, weights, ...: no file is read), before anything is built."""
+    try:
+        from retnet_train.data.config import validate as validate_data
+    except ImportError:
+        return
+    try:
+        validate_data(data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -571,6 +583,8 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _positive(cfg, "trainer.checkpoint_layers", allow_zero=True)
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
+    if cfg.trainer.data_source == "stream":
+        _validate_data(cfg.data)
     model = cfg.model
     heads, tp = model.get("n_heads"), cfg.parallel.tp
     if heads is not None and heads % tp:

@@ -222,6 +222,29 @@ def test_bad_configuration_names_the_key(built, tmp_path):
     s.load_state_dict({**s.state_dict(), "sources": [tuple(p) for p in s.state_dict()["sources"]]})
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["data.seed=-1"], "data.seed=-1: must be an integer >= 0"),
+    (["data.sources.c4.weight=0.0001", "data.sources.pile.weight=2"],
+     "data.sources.c4.weight=0.0001: 4.55e-05 of the total weight 2.2001, below 1/4096: it rounds to no "
+     "sample at all; raise it (or remove the source)"),
+    (["data.sources.stack.weight=0"], "data.sources.stack.weight=0.0: must be a number > 0"),
+])
+def test_config_validation_names_the_data_key(overrides, message):
+    """Caught when the config is loaded (before the model is built), naming key and value; the
+    TokenStream's own check (data.config.validate) is the same."""
+    from retnet_train.config import ConfigError, load_config
+    with pytest.raises(ConfigError) as e:
+        load_config(["trainer.data_source=stream", "data=sample", *overrides])
+    assert str(e.value) == message
+
+
+def test_mixture_share_below_a_block_names_the_source(built):
+    with pytest.raises(ValueError, match=r"^data\.sources\.c4\.weight=0\.0001: .* below 1/4096"):
+        stream(built, weights=(2, 0.0001, 0.2))
+    with pytest.raises(ValueError, match=r"^data\.seed=-1: must be an integer >= 0"):
+        stream(built, seed=-1)
+
+
 def test_yaml_configs_match_the_schema():
     schema = OmegaConf.structured(DataConfig)
     sample = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(REPO / "conf/data/sample.yaml")))

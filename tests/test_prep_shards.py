@@ -274,3 +274,40 @@ def test_source_without_any_document_fails(tmp_path, built):
         with pytest.raises(DataError, match=rf"manifest\.json: key 'complete' is false: source {s}: "
                                             "no document in its 1 input file"):
             load_manifest(out / s)
+
+
+def test_tokenizer_vocab_size_checked_before_sampling(tmp_path, built, capsys, monkeypatch):
+    import data_prep.tokenizer as tokenizer
+    monkeypatch.setattr(tokenizer, "sample_docs", lambda *a, **k: pytest.fail("sampled before the check"))
+    out = tmp_path / "sub" / "tok.model"
+    for bad in ("0", "-3"):
+        rc = main(["tokenizer", "--out", str(out), "--vocab-size", bad, *built.corpus.specs()])
+        assert rc == 2
+        assert capsys.readouterr().err.strip() == f"error: --vocab-size must be at least 1, got {bad}"
+    assert not out.parent.exists()
+
+
+def test_sentencepiece_error_is_one_line_exit_2(tmp_path, built, capsys):
+    # a vocabulary too small for the byte-fallback pieces: sentencepiece's own RuntimeError
+    rc = main(["tokenizer", "--out", str(tmp_path / "tok.model"), "--vocab-size", "5",
+               "--sample-docs", "10", *built.corpus.specs()])
+    assert rc == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the sampling bar
+    assert last.startswith("error: ") and "Increase vocab_size" in last and "Traceback" not in err
+    assert not (tmp_path / "tok.model").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--shard-tokens", "-5", f"--shard-tokens must be at least --seq-len ({WINDOW}: one window a shard), got -5"),
+    ("--shard-tokens", str(WINDOW - 1), f"--shard-tokens must be at least --seq-len ({WINDOW}: one window a "
+                                        f"shard), got {WINDOW - 1}"),
+    ("--workers", "-1", "--workers must be >= 0 (0: encode in this process), got -1"),
+])
+def test_bad_shards_flags_fail_before_any_output(tmp_path, built, capsys, flag, value, message):
+    out = tmp_path / "out"
+    rc = main(["shards", "--tokenizer", built.tokenizer, "--seq-len", str(WINDOW), "--out", str(out),
+               flag, value, *built.corpus.specs()])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not out.exists()  # not even build.json

@@ -47,21 +47,36 @@ class DataConfig:
 
 
 def validate(cfg: DataConfig) -> None:
-    """Fail at start-up, naming the key, on a value that would break or skew the stream."""
+    """Fail at start-up, naming the key, on a value that would break or skew the stream.
+    Cheap (no file is read): the trainer's config validation runs it before building anything."""
+    from retnet_train.data.mixture import BLOCK, rounded_counts
+
     if not cfg.sources:
         raise ValueError("data.sources: no source configured")
     for name, src in cfg.sources.items():
         w = src.weight
-        if not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-            raise ValueError(f"data.sources.{name}.weight: must be a number > 0, got {w!r}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"data.sources.{name}.weight={w!r}: must be a number > 0")
         if not src.path:
             raise ValueError(f"data.sources.{name}.path: empty")
+    # The mixture gives every source its share of each block of BLOCK samples, rounded: a share
+    # that rounds to none would drop the source (the mixture refuses it; here it is named).
+    weights = {n: float(s.weight) for n, s in cfg.sources.items()}
+    total = sum(weights.values())
+    for n, count in zip(weights, rounded_counts(list(weights.values()), BLOCK)):
+        if count == 0:
+            raise ValueError(f"data.sources.{n}.weight={cfg.sources[n].weight!r}: {weights[n] / total:.3g} of "
+                             f"the total weight {total:g}, below 1/{BLOCK}: it rounds to no sample at all; "
+                             "raise it (or remove the source)")
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"data.seed={seed!r}: must be an integer >= 0")
     if not cfg.tokenizer:
         raise ValueError("data.tokenizer: empty")
     for key in ("num_workers", "val_batches"):
         if getattr(cfg, key) < 0:
-            raise ValueError(f"data.{key}: must be >= 0, got {getattr(cfg, key)}")
+            raise ValueError(f"data.{key}={getattr(cfg, key)!r}: must be >= 0")
     if cfg.verify not in Verify.values():
-        raise ValueError(f"data.verify: must be one of {list(Verify.values())}, got {cfg.verify!r}")
+        raise ValueError(f"data.verify={cfg.verify!r}: must be one of {list(Verify.values())}")
     if cfg.prefetch < 1:
-        raise ValueError(f"data.prefetch: must be >= 1, got {cfg.prefetch}")
+        raise ValueError(f"data.prefetch={cfg.prefetch!r}: must be >= 1")

@@ -13,11 +13,17 @@ import numpy as np
 BLOCK = 4096
 
 
-def block_counts(weights: list[float], block: int = BLOCK) -> np.ndarray:
+def rounded_counts(weights: list[float], block: int = BLOCK) -> np.ndarray:
+    """Samples of each source per block: its share of `block`, largest remainder (may be 0)."""
     w = np.asarray(weights, np.float64)
     exact = w / w.sum() * block
     counts = np.floor(exact).astype(np.int64)
     counts[np.argsort(-(exact - counts), kind="stable")[: block - counts.sum()]] += 1
+    return counts
+
+
+def block_counts(weights: list[float], block: int = BLOCK) -> np.ndarray:
+    counts = rounded_counts(weights, block)
     if (counts == 0).any():
         raise ValueError(f"a weight below 1/{block} of the total rounds to no sample at all: "
                          f"weights {list(weights)}")
