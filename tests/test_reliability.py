@@ -182,6 +182,19 @@ def test_each_kind_of_damage_is_named(run_copy, damage, says):
     assert f"step_00000006/{MODEL_FILE}: {says}" in str(e.value)
 
 
+def test_a_broken_meta_json_without_files_json_is_named_not_a_json_traceback(run_copy):
+    """An older checkpoint (no files.json: its files are not verified) with a damaged meta.json is
+    skipped like a damaged one, its meta.json named, instead of a bare JSONDecodeError later."""
+    from retnet_train.train.checkpoint import CheckpointError, resolve_checkpoint
+
+    tmp_path, ckpts = run_copy, run_copy / "checkpoints"
+    (ckpts / "step_00000006" / "files.json").unlink()
+    (ckpts / "step_00000006" / "meta.json").write_text('{"step": 6,')
+    assert resolve_checkpoint(tmp_path) == ckpts / "step_00000003"
+    with pytest.raises(CheckpointError, match=r"step_00000006/meta.json: unreadable \(JSONDecodeError"):
+        resolve_checkpoint(ckpts / "step_00000006")
+
+
 def test_no_intact_checkpoint_stops_with_one_line_and_never_restarts_from_zero(run_copy):
     tmp_path, ckpts = run_copy, run_copy / "checkpoints"
     before = (tmp_path / "metrics.jsonl").read_text()

@@ -119,7 +119,9 @@ def pick_intact(paths: list[Path], *, rank: int = 0, world: int = 1, gather=inte
         problems = integrity.find_problems(path, rank, world, gather, checksums)
         if problems is None:
             log.warning("%s has no files.json (written by an older retnet_train): its files are not verified", path)
-            return path
+            problems = _unreadable_meta(path)  # the one file every reader parses first
+            if not problems:
+                return path
         if not problems:
             if found:
                 log.error("RESUMING FROM AN OLDER CHECKPOINT, %s: the newer ones are damaged (see above)", path)
@@ -128,6 +130,18 @@ def pick_intact(paths: list[Path], *, rank: int = 0, world: int = 1, gather=inte
         log.error("checkpoint %s is DAMAGED and is skipped (kept on disk for inspection):\n  %s",
                   path, "\n  ".join(problems))
     raise CheckpointError("no intact checkpoint: " + " | ".join(found))
+
+
+def _unreadable_meta(path: Path) -> list[str]:
+    """[a line naming meta.json and what is wrong with it], or [] where it parses as a JSON object."""
+    meta = path / "meta.json"
+    try:
+        if isinstance(json.loads(meta.read_text()), dict):
+            return []
+        why = "not a JSON object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"unreadable ({type(e).__name__}: {e})"
+    return [f"{meta}: {why}"]
 
 
 def checkpoint_root(path: Path) -> Optional[Path]:
