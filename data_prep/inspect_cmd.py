@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_prep.readers import DataError
 from retnet_train.data.manifest import load_manifest
 from retnet_train.data.shard_reader import ShardReader
 from retnet_train.data.tokenizer import load_tokenizer
@@ -35,7 +36,12 @@ def inspect_dir(directory: str, window_index: int = 0, tokenizer: str | None = N
         elif m.shards:
             sp, _ = load_tokenizer(tok_path)
             reader = ShardReader(m.shards[0].path, m.window + 1, m.dtype)
-            ids = reader.read(min(window_index, len(reader) - 1))[:-1].tolist()
+            count = len(reader)
+            if not 0 <= window_index < count:  # it used to decode the last window under this window's name
+                reader.close()
+                raise DataError(f"--window {window_index}: {m.shards[0].path} has {count} windows "
+                                f"(0 to {count - 1})")
+            ids = reader.read(window_index)[:-1].tolist()
             reader.close()
             lines.append(f"window {window_index} of {m.shards[0].path.name}, decoded:")
             lines.append(json.dumps(sp.decode(ids))[:2000])

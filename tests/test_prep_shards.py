@@ -194,6 +194,13 @@ def test_inspect_prints_summary_and_text(built, capsys):
     assert "Document 0." in out  # the first pile window, decoded
 
 
+@pytest.mark.parametrize("window", ["-1", "999999"])
+def test_inspect_names_a_window_past_the_shard(built, capsys, window):
+    assert main(["inspect", str(built.shards), "--window", window]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --window {window}: " in err and "windows (0 to" in err and "Traceback" not in err
+
+
 def test_sample_writes_the_three_layouts(tmp_path):
     assert main(["sample", str(tmp_path)]) == 0
     specs = expand_sources([f"pile={tmp_path}/pile/*.jsonl.zst", f"c4={tmp_path}/c4/c4-*.json.gz",
