@@ -8,6 +8,8 @@ capture, and a sequence draws the same numbers whatever batch it is decoded in.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -74,7 +76,7 @@ class SamplingSettings:
 
     def set(self, temperature: float, top_k: int, top_p: float, seed: int, streams=None) -> None:
         """One setting for every sequence; sequence i draws from stream streams[i] (default i)."""
-        if not temperature >= 0 or temperature == float("inf"):  # nan fails the comparison: refused too
+        if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0: greedy)")
         if top_k < 0:
             raise ValueError(f"top_k={top_k} must be >= 0 (0: off)")

@@ -208,11 +208,10 @@ def validate(cfg: ModelConfig) -> ModelConfig:
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ModelConfigError(f"model.{key}={value!r} must be a positive integer or null")
     # nan fails every comparison, so it is refused by name; an eps of 0 is allowed (float64 tests)
-    for key, bound in (("norm_eps", ">= 0"), ("head_norm_eps", ">= 0"), ("rope_base", "> 0")):
+    for key, allow_zero in (("norm_eps", True), ("head_norm_eps", True), ("rope_base", False)):
         value = getattr(cfg, key)
-        finite = isinstance(value, (int, float)) and math.isfinite(value)
-        if not finite or value < 0 or (value == 0 and bound == "> 0"):
-            raise ModelConfigError(f"model.{key}={value!r} must be a finite number {bound}")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or allow_zero and value == 0)):
+            raise ModelConfigError(f"model.{key}={value!r} must be a finite number " + (">= 0" if allow_zero else "> 0"))
     if not 0.0 <= cfg.dropout < 1.0:
         raise ModelConfigError(f"model.dropout={cfg.dropout!r} must be in [0, 1)")
     if cfg.d_model % cfg.n_heads:
