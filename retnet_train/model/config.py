@@ -211,7 +211,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     for key, allow_zero in (("norm_eps", True), ("head_norm_eps", True), ("rope_base", False)):
         value = getattr(cfg, key)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or allow_zero and value == 0)):
-            raise ModelConfigError(f"model.{key}={value!r} must be a finite number " + (">= 0" if allow_zero else "> 0"))
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ModelConfigError(f"model.{key}={value!r} must be a finite number {bound}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ModelConfigError(f"model.dropout={cfg.dropout!r} must be in [0, 1)")
     if cfg.d_model % cfg.n_heads:
