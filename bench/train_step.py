@@ -40,6 +40,8 @@ def parse() -> argparse.Namespace:
                    help="one value for every length, or one per length")
     p.add_argument("--size", default="1.3b", help="preset size: retnet_<size>, transformer_<size>")
     p.add_argument("--kernels", nargs="+", default=["auto"], help="our RetNet's model.kernels values to compare")
+    p.add_argument("--retention-keep", nargs="+", default=["none"],
+                   help="our RetNet's model.retention_keep values to compare (none | states | scores | both)")
     p.add_argument("--trainer-setup", nargs="+", default=["zero2:auto"],
                    help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION (zero0:bf16_autocast: "
                         "fp32 weights, bf16 autocast and torch's fused AdamW, as the plain loop)")
@@ -51,7 +53,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step after the measured ones and print its device time by kernel family")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: RUN:T:TOKENS:KERNELS:SETUP, result to --result-json
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: RUN:T:TOKENS:KERNELS:SETUP:KEEP, result to --result-json
     p.add_argument("--result-json", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -59,10 +61,10 @@ def parse() -> argparse.Namespace:
 # ---- the models -----------------------------------------------------------------------------------
 
 
-def ours(arch: str, args, kernels: str):
+def ours(arch: str, args, kernels: str, keep: str = "none"):
     from retnet_train.model import build_model
 
-    overrides = {"kernels": kernels} if arch == "retnet" else {}
+    overrides = {"kernels": kernels, "retention_keep": keep} if arch == "retnet" else {}
     model = build_model(f"{arch}_{args.size}", **overrides)
     if args.act_ckpt != "none":
         model.set_activation_checkpointing(args.act_ckpt)
@@ -95,14 +97,14 @@ def loss_fn(kind: str, model):
                                                    kernels=kernels)
 
 
-def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str) -> dict:
+def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str, keep: str) -> dict:
     import torch
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
     with dev:
         model = fla_retnet(args) if kind == "fla" else ours("retnet" if kind == "plain" else "transformer", args,
-                                                            kernels)
+                                                            kernels, keep)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if args.compile and kind != "fla":
@@ -166,7 +168,7 @@ def parse_setup(setup: str) -> tuple[int, str]:
     return int(zero[4:]), precision
 
 
-def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str) -> dict:
+def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, keep: str) -> dict:
     from bench.train_throughput import measure
     from bench.train_throughput import parse as throughput_args
 
@@ -178,7 +180,8 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str) -
              "--steps", str(args.steps), "--zero", str(zero), "--precision", precision,
              *(["--compile"] if args.compile else []),
              *(["--profile"] if args.profile else []),
-             *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}"]
+             *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}",
+             f"model.retention_keep={keep}"]
     ns = throughput_args(flags)
     ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there
     row = measure(f"retnet_{args.size}", seq_len, ns)
@@ -189,11 +192,11 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str) -
 def measure_one(spec: str, args) -> dict:
     import torch
 
-    kind, seq_len, tokens, kernels, setup = spec.split(":", 4)
+    kind, seq_len, tokens, kernels, setup, keep = spec.split(":", 5)
     seq_len, tokens = int(seq_len), int(tokens)
     try:
-        out = (through_trainer(seq_len, tokens, args, kernels, setup) if kind == "trainer"
-               else plain_loop(kind, seq_len, tokens, args, kernels))
+        out = (through_trainer(seq_len, tokens, args, kernels, setup, keep) if kind == "trainer"
+               else plain_loop(kind, seq_len, tokens, args, kernels, keep))
     except torch.OutOfMemoryError:
         out = {"error": "out of memory"}
     return {"run": kind, "seq_len": seq_len, **out}
@@ -214,10 +217,11 @@ def run_isolated(spec: str) -> dict:
     return json.loads(text)
 
 
-def label(run: str, args, kernels: str, setup: str = "-") -> str:
+def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none") -> str:
     setup = "" if setup in ("-", "zero2:auto") else f", {setup}"  # the default keeps its old label
-    return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup})",
-            "plain": f"our RetNet-{args.size}, plain loop (kernels={kernels})",
+    kept = "" if keep in ("-", "none") else f", retention_keep={keep}"
+    return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup}{kept})",
+            "plain": f"our RetNet-{args.size}, plain loop (kernels={kernels}{kept})",
             "fla": f"fla RetNet-{args.size} (flash-linear-attention)",
             "transformer": f"our Transformer-{args.size} (SDPA)"}[run]
 
@@ -233,24 +237,26 @@ def main() -> None:
         parse_setup(setup)
     specs = []
     for run in args.runs:
-        for kernels in (args.kernels if run in ("trainer", "plain") else ["-"]):
-            for setup in (args.trainer_setup if run == "trainer" else ["-"]):
-                for t in args.seq_len:
-                    specs.append((run, kernels, setup, t, f"{run}:{t}:{tokens[t]}:{kernels}:{setup}"))
-    results = {(run, k, setup, t): run_isolated(spec) for run, k, setup, t, spec in specs}
+        ours_run = run in ("trainer", "plain")
+        for kernels in (args.kernels if ours_run else ["-"]):
+            for keep in (args.retention_keep if ours_run else ["-"]):
+                for setup in (args.trainer_setup if run == "trainer" else ["-"]):
+                    for t in args.seq_len:
+                        specs.append(((run, kernels, setup, keep, t), f"{run}:{t}:{tokens[t]}:{kernels}:{setup}:{keep}"))
+    results = {key: run_isolated(spec) for key, spec in specs}
 
     def ref(run, t):
-        r = results.get((run, "-", "-", t))
+        r = results.get((run, "-", "-", "-", t))
         return r if r and "error" not in r else None
 
     header = ["model", "T", "batch", "tokens/s", "peak GiB", "x fla tokens/s", "x Transformer memory", "loss"]
     rows = []
-    for (run, k, setup, t), r in results.items():
+    for (run, k, setup, keep, t), r in results.items():
         if "error" in r:
-            rows.append([label(run, args, k, setup), t, "", r["error"], "", "", "", ""])
+            rows.append([label(run, args, k, setup, keep), t, "", r["error"], "", "", "", ""])
             continue
         fla, tf = ref("fla", t), ref("transformer", t)
-        rows.append([label(run, args, k, setup), t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
+        rows.append([label(run, args, k, setup, keep), t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
                      f"{r['tokens_per_s'] / fla['tokens_per_s']:.2f}" if fla else "",
                      f"{r['peak_gib'] / tf['peak_gib']:.2f}" if tf else "", r["loss"]])
     from bench.results import append
@@ -264,8 +270,8 @@ def main() -> None:
 
         path = beside_results("train_step")
         series: dict[str, list] = {}
-        for (run, k, setup, t), r in results.items():
-            series.setdefault(label(run, args, k, setup), []).append((t, r["tokens_per_s"] if "error" not in r else None))
+        for (run, k, setup, keep, t), r in results.items():
+            series.setdefault(label(run, args, k, setup, keep), []).append((t, r["tokens_per_s"] if "error" not in r else None))
         if chart(path, "training step: tokens/s by sequence length", "sequence length T", "tokens/s", series):
             notes += f"; chart: [{path.name}]({path.name})"
     append("Training step side by side (bench/train_step.py)", header, rows, notes=notes, save=not args.no_save)

@@ -35,9 +35,10 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
     monkeypatch.setattr(throughput, "measure", fake_measure)
     args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=False, profile=False, chunk_size=None,
                                  act_ckpt="none")
-    row = bench.through_trainer(2048, 16384, args, "triton", "zero0:bf16_autocast")
+    row = bench.through_trainer(2048, 16384, args, "triton", "zero0:bf16_autocast", "states")
     assert seen == dict(preset="retnet_1.3b", seq_len=2048, zero=0, precision="bf16_autocast", micro=8,
-                        overrides=["model.kernels=triton"])
+                        overrides=["model.kernels=triton", "model.retention_keep=states"])
     assert row["batch"] == 8 and row["loss"] == "3.00 -> 2.50"
     assert bench.label("trainer", args, "triton", "zero0:bf16_autocast").endswith("(kernels=triton, zero0:bf16_autocast)")
     assert bench.label("trainer", args, "triton", "zero2:auto").endswith("(kernels=triton)")
+    assert bench.label("plain", args, "triton", "-", "both").endswith("(kernels=triton, retention_keep=both)")

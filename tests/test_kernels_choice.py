@@ -66,6 +66,12 @@ out.sum().backward()
 err = ((out - ref(ids, mode="parallel")).abs().max() / out.abs().max()).item()
 print(model.kernels, err)
 assert model.kernels == "triton" and err < 1e-5, err
+# model.retention_keep=both: the forward's states and scores reach the backward, same gradients
+kept = build_model("retnet_tiny", kernels="triton", retention_keep="both", **kw)
+kept.load_state_dict(model.state_dict())
+kept(ids, mode="chunkwise").sum().backward()
+for (name, a), b in zip(model.named_parameters(), kept.parameters()):
+    assert torch.equal(a.grad, b.grad), name
 """
 
 
@@ -87,10 +93,11 @@ def test_triton_choice_trains_under_the_interpreter():
 def test_dispatch_follows_the_resolved_choice(monkeypatch):
     """With kernels=triton (a stand-in module, interpreter on), chunkwise and recurrent calls go to it;
     the parallel form stays in torch; a kernels=torch model never calls it."""
-    calls = []
+    calls, keeps = [], []
 
-    def fake_retention(q, k, v, log_gamma, mode, state=None, need_state=False, cu_seqlens=None):
+    def fake_retention(q, k, v, log_gamma, mode, state=None, need_state=False, cu_seqlens=None, keep="none"):
         calls.append(mode)
+        keeps.append(keep)
         return chunkwise_retention(q, k, v, log_gamma, state, need_state, chunk_size=8)
 
     fake = types.ModuleType("retention_triton")
@@ -113,6 +120,10 @@ def test_dispatch_follows_the_resolved_choice(monkeypatch):
     plain = build_model("retnet_tiny", kernels="torch", gate_activation="gelu", **TINY)
     plain(ids, mode="chunkwise")
     assert calls == ["chunkwise"] * 2
+    # model.retention_keep reaches the kernels' call
+    assert keeps == ["none"] * 2
+    build_model("retnet_tiny", kernels="triton", gate_activation="gelu", retention_keep="both", **TINY)(ids, mode="chunkwise")
+    assert keeps == ["none"] * 2 + ["both"] * 2
 
 
 @pytest.mark.parametrize("hip, usable, want", [

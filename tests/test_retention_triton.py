@@ -88,24 +88,32 @@ def test_backward_matches_autograd(tuning):
         assert rel(a.grad, b.grad) < TOL, name
 
 
-def test_kept_states_give_the_recomputing_backward_s_gradients_exactly(monkeypatch):
-    # Tuning.keep_states hands the forward's segment states to the backward instead of recomputing
-    # them: one states pass less, the same numbers, so every gradient is bit-identical
+@pytest.mark.parametrize("keep", ["states", "scores"])
+def test_kept_forward_results_give_the_recomputing_backward_s_gradients_exactly(monkeypatch, keep):
+    # Tuning.keep_states / keep_scores hand the forward's segment states / in-segment scores to the
+    # backward instead of recomputing them: one pass less, the same numbers, so every gradient is
+    # bit-identical
     passes = []
-    real = RT.L.segment_states
-    monkeypatch.setattr(RT.L, "segment_states", lambda *a, **kw: passes.append(kw["reverse"]) or real(*a, **kw))
+    for name in ("segment_states", "intra_scores"):
+        real = getattr(RT.L, name)
+        monkeypatch.setattr(RT.L, name, lambda *a, real=real, name=name, **kw: passes.append(name) or real(*a, **kw))
     lg = head_log_decays(2, schedule="linspace")
     q, k, v, s0 = inputs(1, 100, 2, 32, 16, seed=3, n_states=2)
     cu = torch.tensor([0, 37, 100], dtype=torch.int32)  # two documents: a state each
     w = torch.randn(1, 100, 2, 16, dtype=torch.float64)
-    grads = []
-    for keep in (False, True):
-        tuning = Tuning(chunk=16, segment_chunks=1, keep_states=keep)
+    grads, counts = [], []
+    for kept in (False, True):
+        passes.clear()
+        tuning = Tuning(chunk=16, segment_chunks=1, **{f"keep_{keep}": kept})
         o, f, leaves = ours(q.reshape(1, 100, 2, 32), k, v, lg, s0, True, tuning, cu_seqlens=cu)
         ((o * w.to(o)).sum() + f.sum()).backward()
         grads.append([x.grad for x in leaves])
-    # forward walk, then the backward's recomputed forward walk and reverse walk; kept: no recompute
-    assert passes == [False, False, True] + [False, True]
+        counts.append({n: passes.count(n) for n in ("segment_states", "intra_scores")})
+    # recomputing: forward states + scores, backward states (recomputed) + reverse walk, scores
+    # (recomputed) + their gradient's scores
+    assert counts[0] == {"segment_states": 3, "intra_scores": 3}
+    kept_pass = {"states": "segment_states", "scores": "intra_scores"}[keep]
+    assert counts[1] == {**counts[0], kept_pass: 2}
     for name, a, b in zip(("dq", "dk", "dv", "dstate"), *grads):
         assert torch.equal(a, b), name
 

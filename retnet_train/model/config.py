@@ -90,6 +90,13 @@ class Kernels(Choice):
     triton = "triton"
 
 
+class RetentionKeep(Choice):
+    none = "none"
+    states = "states"
+    scores = "scores"
+    both = "both"
+
+
 class Init(Choice):
     official = "official"
 
@@ -151,6 +158,12 @@ class ModelConfig:
                            "NVIDIA: our Triton kernels, else fla, else torch; ROCm: our Triton kernels, else "
                            "torch) | `torch` (plain PyTorch everywhere) | `fla` | `triton`; an impossible choice "
                            "is an error, never a silent fallback")
+    retention_keep: RetentionKeep = doc(RetentionKeep.none, "what our Triton retention kernels (model.kernels "
+                                        "resolved to `triton`) keep from the forward for the backward instead of "
+                                        "recomputing it: `none` | `states` (the state entering each 256-token "
+                                        "segment: 2 d_k d_v / 256 bytes per token and head, one GEMM pass less) | "
+                                        "`scores` (the in-segment scores: 512 bytes per token and head, one pass "
+                                        "less) | `both`; memory for speed, as activation checkpointing the other way")
     init: Init = doc(Init.official, "the initialisation: `official`, torchscale's")
     extra: dict[str, Any] = doc({}, "free-form notes, not read by the code (e.g. where a preset came from)")
 

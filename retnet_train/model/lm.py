@@ -51,6 +51,7 @@ class ForwardContext:
     offset: int | Tensor  # absolute position of the first token: an int, or [B] per sequence
     need_state: bool
     kernels: str = "torch"  # the model's resolved kernel choice: torch | fla | triton
+    retention_keep: str = "none"  # model.retention_keep: what the triton kernels keep for the backward
     state_in_place: bool = False  # layer states are buffers the step updates in place (State.in_place)
     doc_starts: Tensor | None = None  # [B, T] bool, true at each document's first token
     positions: Tensor | None = None  # [B, T] each token's position in its document (with doc_starts)
@@ -81,6 +82,9 @@ class LanguageModel(nn.Module):
         # resolved once, for the device the model is built on (torch.device(...) context)
         self.kernels = resolve_kernels(cfg.kernels)
         log.info("model.kernels=%s -> %s", cfg.kernels, self.kernels)
+        if cfg.retention_keep != "none" and self.kernels != "triton":
+            log.warning("model.retention_keep=%s does nothing with model.kernels -> %s: only our Triton "
+                        "retention kernels keep forward results for the backward", cfg.retention_keep, self.kernels)
         self.reset_parameters()
 
     def init_rules(self) -> dict[str, init.Rule]:
@@ -152,6 +156,7 @@ class LanguageModel(nn.Module):
             offset=state.offset if state is not None else 0,
             need_state=return_state,
             kernels=self.kernels,
+            retention_keep=str(self.config.retention_keep),
             state_in_place=state is not None and state.in_place,
         )
         if context_parallel is not None:

@@ -226,7 +226,7 @@ def recurrent_step_in_place(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, 
 def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
               state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64,
               kernels: str = "torch", in_place: bool = False, doc_starts: Tensor | None = None,
-              cu_seqlens: Tensor | None = None):
+              cu_seqlens: Tensor | None = None, keep: str = "none"):
     """Dispatch to one form. `kernels` is the model's resolved choice (model.kernels): with "fla" or
     "triton", chunkwise and recurrent run those kernels (they do the chunking themselves, so
     `chunk_size` only shapes the torch form); the parallel form and dtypes a kernel does not take
@@ -234,7 +234,8 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
     in place (the inference engine), one recurrent token or a chunkwise / parallel prefill; returns
     (o, that same state). doc_starts [B, T] bool: the state restarts at each document's first
     token (the kernels take them as variable-length sequences, `cu_seqlens` = packed_cu_seqlens(
-    doc_starts), the incoming state entering each row's first one)."""
+    doc_starts), the incoming state entering each row's first one). keep: model.retention_keep, what
+    the triton kernels keep from the forward for the backward (the other forms ignore it)."""
     if in_place and doc_starts is not None:
         raise ValueError("doc_starts with a state updated in place (the inference engine) is not supported")
     if in_place and mode == "recurrent":
@@ -247,7 +248,7 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
         if _fast_module(kernels).usable(q):
             cu_seqlens = packed_cu_seqlens(doc_starts) if cu_seqlens is None else cu_seqlens
             return _documents_as_sequences(q, k, v, log_gamma, cu_seqlens, _fast_module(kernels), doc_starts,
-                                           state, need_state)
+                                           state, need_state, keep)
         kernels = "torch"
     if kernels != "torch" and mode != "parallel":
         fast = _fast_module(kernels)
@@ -255,7 +256,7 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
             raise RuntimeError(f"model.kernels={kernels!r} was resolved when the model was built, but this call "
                                f"has {q.device.type} tensors; build the model where it runs (kernels=auto or torch)")
         if fast.usable(q):
-            return fast.retention(q, k, v, log_gamma, mode, state, need_state)
+            return fast.retention(q, k, v, log_gamma, mode, state, need_state, keep=keep)
     if mode == "parallel":
         return parallel_retention(q, k, v, log_gamma, state, need_state, doc_starts)
     if mode == "chunkwise":
@@ -277,7 +278,8 @@ def packed_cu_seqlens(doc_starts: Tensor) -> Tensor:
 
 
 def _documents_as_sequences(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, cu_seqlens: Tensor, fast,
-                            doc_starts: Tensor, state: Tensor | None = None, need_state: bool = False):
+                            doc_starts: Tensor, state: Tensor | None = None, need_state: bool = False,
+                            keep: str = "none"):
     """Every document as its own sequence of one packed row, through a kernel module's
     variable-length path: [B, T, H, D] -> (o [B, T, H, d_v], final state [B, H, d_k, d_v] or None).
     The incoming state [B, H, d_k, d_v] enters the first sequence of each row unless a document
@@ -292,7 +294,7 @@ def _documents_as_sequences(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, 
         first = last - per_row + 1
         continues = (~doc_starts[:, 0]).to(state.dtype)[:, None, None, None]
         init = state.new_zeros(n_seq, *state.shape[1:]).index_add(0, first, state * continues)
-    o, finals = fast.retention(*flat, log_gamma, "chunkwise", init, need_state, cu_seqlens=cu_seqlens)
+    o, finals = fast.retention(*flat, log_gamma, "chunkwise", init, need_state, cu_seqlens=cu_seqlens, keep=keep)
     return o.reshape(B, T, *o.shape[2:]), (finals[last] if need_state else None)
 
 

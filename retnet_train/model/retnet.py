@@ -121,7 +121,7 @@ class MultiScaleRetention(nn.Module):
         cp = ctx.context_parallel
         o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state or cp is not None, ctx.chunk_size,
                                  ctx.kernels, in_place=ctx.state_in_place, doc_starts=ctx.doc_starts,
-                                 cu_seqlens=ctx.cu_seqlens)
+                                 cu_seqlens=ctx.cu_seqlens, keep=ctx.retention_keep)
         if cp is not None:
             # this slice ran from a zero state; new_state is what it leaves, its summary. The earlier
             # slices' summaries make its incoming state, whose part of the outputs is added here

@@ -42,9 +42,11 @@ def usable(x: Tensor) -> bool:
 
 
 def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
-              state: Tensor | None = None, need_state: bool = False, cu_seqlens: Tensor | None = None):
+              state: Tensor | None = None, need_state: bool = False, cu_seqlens: Tensor | None = None,
+              keep: str = "none"):
     """Same contract as the torch forms: q, k [B, T, H, K], v [B, T, H, V], state [B, H, K, V] (fp32).
-    Keys arrive pre-scaled by 1/sqrt(d_k), so the kernels must not scale again (scale=1)."""
+    Keys arrive pre-scaled by 1/sqrt(d_k), so the kernels must not scale again (scale=1). keep
+    (model.retention_keep) is the triton kernels' choice: fla's backward recomputes what it needs."""
     chunk, fused_recurrent, internals = _fla()
     g_gamma = log_gamma.to(device=q.device, dtype=torch.float32)
     init = None if state is None else state.float()

@@ -46,6 +46,9 @@ class Tuning:
     # segment_states pass less per backward for 2 * DK * DV / S bytes per token and head (1 KiB at
     # S = 256, d_k 256, d_v 512) held from each layer's forward to its backward
     keep_states: bool = False
+    # likewise the forward's in-segment scores: one intra_scores pass less for 2 * S bytes per token
+    # and head (512 B at S = 256)
+    keep_scores: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
@@ -233,26 +236,28 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state_in: Tensor | N
 def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None, need_final: bool,
             lay: Layout, tuning: Tuning, run: Callable[[Launch], None] = execute):
     """q, k [T_total, H, DK], v [T_total, H, DV] -> (o, final state [N, H, DK, DV] fp32 or None, the
-    segment states [n_seg, H, DK, DV] (input dtype) for a backward that keeps them)."""
+    segment states [n_seg, H, DK, DV] and the scores [T_total, H, S] (input dtype) for a backward
+    that keeps them)."""
     A, launch = intra_scores(q, k, lg2, lay, tuning)
     run(launch)
     states, final, launch = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
     run(launch)
     o, launch = segment_outputs(q, v, A, states, False, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
-    return o, final, states
+    return o, final, states, A
 
 
 def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None, do: Tensor,
              dfinal: Tensor | None, need_dstate0: bool, lay: Layout, tuning: Tuning,
-             run: Callable[[Launch], None] = execute, states: Tensor | None = None):
+             run: Callable[[Launch], None] = execute, states: Tensor | None = None, scores: Tensor | None = None):
     """-> dq, dk, dv (input dtype), d(initial state) [N, H, DK, DV] fp32 or None.
 
-    By default (states=None; Tuning.keep_states off) the segment states and the scores are
-    recomputed (a GEMM pass over k, v and one over q, k, about a fifth of the backward's FLOPs)
-    rather than kept from the forward: kept, every layer would hold them until its backward,
-    2 * (DK * DV / S + S) bytes per token and head in bf16 (1.5 KiB at S = 256, d_k 256, d_v 512),
-    three quarters of what q, k and v themselves take. `states` passes the forward's states in.
+    By default (states=None, scores=None; Tuning.keep_states and keep_scores off) the segment
+    states and the scores are recomputed (a GEMM pass over k, v and one over q, k, about a fifth of
+    the backward's FLOPs) rather than kept from the forward: kept, every layer would hold them until
+    its backward, 2 * (DK * DV / S + S) bytes per token and head in bf16 (1.5 KiB at S = 256, d_k
+    256, d_v 512), three quarters of what q, k and v themselves take. `states` and `scores` pass the
+    forward's in.
     """
     if states is None:
         states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
@@ -260,8 +265,10 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
     # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
     grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
     run(launch)
-    A, launch = intra_scores(q, k, lg2, lay, tuning)
-    run(launch)
+    A = scores
+    if A is None:
+        A, launch = intra_scores(q, k, lg2, lay, tuning)
+        run(launch)
     dA, launch = intra_scores(do, v, lg2, lay, tuning)
     run(launch)
     dq, launch = segment_outputs(do, k, dA, states, True, lg2, lay, reverse=False, tuning=tuning)

@@ -13,6 +13,7 @@ gradient (the decays are fixed). The kernels and their design: retention_chunk_k
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -24,6 +25,7 @@ from .decode_step import log2_decays
 from .retention_launch import MAX_DK, MAX_DV, Tuning
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KEEP = ("none", "states", "scores", "both")  # model.retention_keep
 
 
 def usable(x: Tensor) -> bool:
@@ -37,15 +39,27 @@ def usable(x: Tensor) -> bool:
 
 
 def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str, state: Tensor | None = None,
-              need_state: bool = False, cu_seqlens: Tensor | None = None):
+              need_state: bool = False, cu_seqlens: Tensor | None = None, keep: str = "none"):
     """fla_retention.retention's contract. "recurrent" without gradients and without cu_seqlens
-    runs the token-by-token kernel; otherwise both modes run the chunkwise kernels (same result)."""
+    runs the token-by-token kernel; otherwise both modes run the chunkwise kernels (same result).
+    keep (model.retention_keep: none | states | scores | both): what the forward keeps for the
+    backward instead of it recomputing them."""
     if mode not in ("chunkwise", "recurrent"):
         raise ValueError(f"unknown retention mode {mode!r}; the Triton kernels do chunkwise or recurrent")
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, state))
     if mode == "recurrent" and not grads and cu_seqlens is None:
         return recurrent(q, k, v, log_gamma, state, need_state)
-    return chunk_retention(q, k, v, log_gamma, state, need_state, cu_seqlens)
+    return chunk_retention(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning=keep_tuning(keep))
+
+
+def keep_tuning(keep: str) -> Tuning | None:
+    """The default tuning with model.retention_keep's choice (None: nothing kept, the defaults)."""
+    if keep not in KEEP:
+        raise ValueError(f"model.retention_keep={keep!r} is not one of {list(KEEP)}")
+    if keep == "none":
+        return None
+    return dataclasses.replace(L.default_tuning(rocm=torch.version.hip is not None),
+                               keep_states=keep in ("states", "both"), keep_scores=keep in ("scores", "both"))
 
 
 def chunk_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: Tensor | None = None,
@@ -111,20 +125,21 @@ class _ChunkRetention(torch.autograd.Function):
     def forward(ctx, q, k, v, init, lg2, lay, tuning, need_state):
         # the batch folds into time: [B, T, H, D] -> [B * T, H, D] (a view of contiguous inputs)
         flat = [x.contiguous().view(-1, *x.shape[2:]) for x in (q, k, v)]
-        o, final, states = L.forward(*flat, lg2, init, need_state, lay, tuning)
-        ctx.save_for_backward(*flat, lg2, init, states if tuning.keep_states else None)
+        o, final, states, scores = L.forward(*flat, lg2, init, need_state, lay, tuning)
+        ctx.save_for_backward(*flat, lg2, init, states if tuning.keep_states else None,
+                              scores if tuning.keep_scores else None)
         ctx.lay, ctx.tuning, ctx.shapes = lay, tuning, (q.shape, k.shape, v.shape)
         ctx.set_materialize_grads(False)
         return o.view(v.shape), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, lg2, init, states = ctx.saved_tensors
+        q, k, v, lg2, init, states, scores = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous().view(v.shape)
         dfinal = None if dfinal is None else dfinal.float().contiguous()
         need_dinit = init is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dinit = L.backward(q, k, v, lg2, init, do, dfinal, need_dinit, ctx.lay, ctx.tuning,
-                                       states=states)
+                                       states=states, scores=scores)
         dq, dk, dv = (g.view(shape) for g, shape in zip((dq, dk, dv), ctx.shapes))
         return dq, dk, dv, dinit, None, None, None, None
 
