@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -167,3 +168,48 @@ def test_cuda_device_on_a_machine_without_cuda_is_named(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "error: trainer.device=cuda: CUDA is not available" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("nccl, cuda, missing", [(False, False, "no NCCL in its torch build and no CUDA GPU"),
+                                                 (True, False, "no CUDA GPU"),
+                                                 (False, True, "no NCCL in its torch build")])
+def test_nccl_backend_without_nccl_or_cuda_names_the_key(monkeypatch, nccl, cuda, missing):
+    import torch
+
+    from retnet_train.parallel.groups import check_backend
+
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    expected = f"parallel.backend=nccl needs NCCL and a CUDA GPU; this machine has {missing} " \
+               "(use parallel.backend=gloo or auto)"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+        check_backend("nccl")
+
+
+def test_backend_check_passes_nccl_with_both_and_other_backends_always(monkeypatch):
+    import torch
+
+    from retnet_train.config import Backend
+    from retnet_train.parallel.groups import check_backend
+
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_backend(Backend.nccl)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for backend in ("gloo", "auto", Backend.gloo, Backend.auto):  # auto picks nccl only on CUDA
+        check_backend(backend)
+
+
+def test_nccl_backend_on_a_machine_without_nccl_is_named(tmp_path):
+    """Checked before the process group starts (torch's own error does not name the key)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_nccl_available() and torch.cuda.is_available():
+        pytest.skip("needs a machine without NCCL or CUDA")
+    proc = subprocess.run([sys.executable, "-m", "retnet_train", "experiment=tiny_cpu", "parallel.backend=nccl",
+                           "trainer.max_steps=1", f"run_dir={tmp_path}"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: parallel.backend=nccl needs NCCL and a CUDA GPU" in proc.stderr, proc.stderr[-2000:]

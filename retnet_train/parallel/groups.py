@@ -83,6 +83,20 @@ def _no_shared_memory_comm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def check_backend(backend: str) -> None:
+    """parallel.backend=nccl where torch has no NCCL or there is no GPU: torch's own error (raised
+    deep in init_process_group) does not say which setting asked for NCCL, so name it here."""
+    if backend != "nccl":
+        return
+    missing = [what for what, there in (("NCCL in its torch build", dist.is_nccl_available()),
+                                        ("CUDA GPU", torch.cuda.is_available())) if not there]
+    if missing:
+        from retnet_train.config import ConfigError
+
+        raise ConfigError(f"parallel.backend=nccl needs NCCL and a CUDA GPU; this machine has no "
+                          f"{' and no '.join(missing)} (use parallel.backend=gloo or auto)")
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int = 1,
                      timeout_minutes: int = 30, cp_size: int = 1) -> ParallelState:
     """Start the default process group (idempotent) and build the data-parallel group."""
@@ -95,6 +109,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int =
         from retnet_train.config import ConfigError
 
         raise ConfigError("trainer.device=cuda: CUDA is not available on this machine (trainer.device=auto or cpu)")
+    check_backend(backend)
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _no_shared_memory_comm_build()
