@@ -1,6 +1,6 @@
 """TokenStream throughput in tokens/s per loader worker, and its memory.
 
-    python bench/stream_throughput.py [--config conf/data/sample.yaml] [--append bench/RESULTS.md]
+    python bench/stream_throughput.py [--config conf/data/sample.yaml] [--no-append]
 
 Reads the sample shards (`make sample-data`).  num_workers=0 is the rate of one worker's
 work done in the measuring process; with workers, the rate seen by the trainer (includes the
@@ -16,11 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from retnet_train.data import DataConfig, TokenStream
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from bench.results import append  # noqa: E402  (the project's RESULTS.md format)
 
 
@@ -47,16 +50,30 @@ def run(cfg: DataConfig, seq_len: int, b: int, seconds: float) -> tuple[float, f
     return rate, grew, workers
 
 
+def load_data_config(p: argparse.ArgumentParser, path: str) -> DataConfig:
+    """--config is a file's path, not a name as the trainer's data=sample: name a bad one in one
+    line (argparse's error, exit 2) with the data configs there are, instead of a traceback."""
+    there = ", ".join(str(f.relative_to(REPO)) for f in sorted((REPO / "conf" / "data").glob("*.yaml")))
+    if not Path(path).is_file():
+        p.error(f"--config {path}: not a file; give a data config's path, such as one of {there}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path)))
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        p.error(f"--config {path}: not a data config ({reason}); give a data config's path, such as one of {there}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="conf/data/sample.yaml")
+    p.add_argument("--config", default="conf/data/sample.yaml",
+                   help="the data config's YAML file (a path: conf/data/sample.yaml, not sample)")
     p.add_argument("--seq-lens", default="256,512,2048")
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--no-append", action="store_true", help="print only, do not touch RESULTS.md")
     a = p.parse_args()
-    base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(a.config)))
+    base = load_data_config(p, a.config)
     rows = []
     for seq in map(int, a.seq_lens.split(",")):
         for w in map(int, a.workers.split(",")):
