@@ -76,6 +76,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--step-batch", type=int, default=16)
     p.add_argument("--step-prompt", type=int, default=2048)
     p.add_argument("--steps", type=int, default=32, help="timed decoding steps per setting")
+    p.add_argument("--state-window", type=int, default=1,
+                   help="RetNet: Generator(state_window=N), the state written back once every N tokens")
     p.add_argument("--warmup-steps", type=int, default=4, help="untimed decoding steps before them")
     p.add_argument("--prompt-len", type=int, default=128, help="throughput and latency prompts (see --full-prompts)")
     p.add_argument("--full-prompts", action="store_true", help="throughput and latency: prompt = context - new")
@@ -128,12 +130,13 @@ def measure_model(name: str, args, sections: list[str], bw: tuple[float, str]) -
 
     if "memory" in sections:
         out["memory"] = {c: show("memory", c, L.run_setting(model, args.memory_batch, c, c - args.new_tokens, 0, 0,
-                                                            args.new_tokens, args.compile)) for c in args.contexts}
+                                                            args.new_tokens, args.compile,
+                                                            state_window=args.state_window)) for c in args.contexts}
     if "throughput" in sections:
         out["throughput"], start = {}, args.max_batch
         for c in args.contexts:  # a longer context never fits a larger batch: start from the last fit
             res, failed = L.largest_batch(model, start, c, decode_prompt(args, c), w, s, args.compile,
-                                          refine=args.batch_refine)
+                                          refine=args.batch_refine, state_window=args.state_window)
             if res != L.OOM:
                 res["oom_batches"] = failed
             out["throughput"][c] = show("throughput", c, res)
@@ -141,13 +144,15 @@ def measure_model(name: str, args, sections: list[str], bw: tuple[float, str]) -
     if "latency" in sections:
         c = args.at_context
         out["latency"] = {b: show("latency", b, with_floor(L.run_setting(model, b, c, decode_prompt(args, c), w, s,
-                                                                         compile=args.compile), model, bw))
+                                                                         compile=args.compile,
+                                                                         state_window=args.state_window), model, bw))
                           for b in args.batches}
     if "step" in sections:
         ctx = args.step_prompt + 1 + w + s
         out["step"] = {}
         for b in (args.step_batch, 1):
-            res = L.run_setting(model, b, ctx, args.step_prompt, w, s, compile=args.compile)
+            res = L.run_setting(model, b, ctx, args.step_prompt, w, s, compile=args.compile,
+                                state_window=args.state_window)
             out["step"][b] = show("step", b, with_floor(res, model, bw))
     del model
     L.free_memory(device)
@@ -255,7 +260,9 @@ CHARTS = {  # section -> (x label, y label, key, log y)
 
 def notes_for(section: str, args, bw) -> str:
     common = (f"{args.dtype} weights (random init), greedy; {args.warmup_steps} untimed + {args.steps} timed "
-              f"decoding steps per setting, prefill not timed; a new Generator per setting; compile={args.compile}")
+              f"decoding steps per setting, prefill not timed; a new Generator per setting; compile={args.compile}"
+              + (f"; RetNet state_window={args.state_window} (state written back once every "
+                 f"{args.state_window} tokens)" if args.state_window != 1 else ""))
     prompt = "prompt = context - new tokens" if args.full_prompts else (
         f"prompt {args.prompt_len} tokens into a state of max_len = context (the step's cost does not depend on it)")
     return {"memory": f"peak max_memory_allocated over one generate call of {args.new_tokens} new tokens, "

@@ -2,12 +2,14 @@
 the unfused kernels it replaces (rotary of q and k and the copies of v and g, compiled;
 our recurrent kernel; the norm + gate kernel), same inputs, each as a CUDA graph of many layers' launches.
 
-    python bench/decode_kernel.py [--batches 1 16 64] [--sweep]
+    python bench/decode_kernel.py [--batches 1 16 64] [--sweep] [--windows 4 8 16]
 
 Shapes of retnet_1.3b (8 heads, d_k 256, d_v 512), bf16, fp32 state. Each timed graph launches the
 step over --layers state buffers in turn (at least 256 MB of them, so no state is in L2 when it is
 read: the time is the DRAM's, as in a real step). GB/s counts the bytes the step must move: the state
-read and written, q/k/v/g read, y written. --sweep also times other tiles of the fused kernel.
+read and written, q/k/v/g read, y written. --sweep also times other tiles of the fused kernel;
+--windows the state written back once every W tokens (model/retention_state.py: the graph then
+runs W tokens, so its mean per token and layer holds one write-back).
 """
 
 from __future__ import annotations
@@ -33,20 +35,26 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--sweep", action="store_true", help="also time block_v 16..128 x warps 2..8 of the fused kernel")
+    p.add_argument("--windows", type=int, nargs="*", default=[],
+                   help="also time the state written back once every W tokens (the engine's state_window)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
 
 
-def graph_ms(step, layers: int, reps: int) -> float:
-    """Median ms of one step(i) over a CUDA graph of step(0..layers-1)."""
-    for i in range(layers):  # warm-up: compiles, allocates
-        step(i)
+def graph_ms(step, layers: int, reps: int, tokens: int = 1) -> float:
+    """Median ms of one step(i, t) over a CUDA graph of tokens t = 0..tokens-1, each through layers
+    i = 0..layers-1."""
+    def all_steps():
+        for t in range(tokens):
+            for i in range(layers):
+                step(i, t)
+
+    all_steps()  # warm-up: compiles, allocates
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(layers):
-            step(i)
+        all_steps()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -54,7 +62,7 @@ def graph_ms(step, layers: int, reps: int) -> float:
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / layers)
+        times.append(start.elapsed_time(end) / (layers * tokens))
     return sorted(times)[len(times) // 2]
 
 
@@ -72,14 +80,24 @@ def setting(batch: int):
     return projs, states, (angle.sin(), angle.cos()), norm, lg, layers
 
 
-def fused_step(projs, states, rotary, norm, lg, **tiles):
+def fused_step(projs, states, rotary, norm, lg, window: int = 1, **tiles):
+    """The one-kernel step; window > 1: each state written back once every `window` tokens (token t
+    of the graph at position t, every sequence's window starting at 0)."""
     lg2 = D.log2_decays(lg, lg.device)
     sin, cos = (t.reshape(-1, DK).contiguous() for t in rotary)
+    B = projs[0].shape[0]
+    windows = None
+    if window > 1:
+        start = torch.zeros(B, dtype=torch.long, device="cuda")
+        positions = [torch.full((B,), t, dtype=torch.long, device="cuda") for t in range(window)]
+        windows = [(torch.zeros(B, H, window, DK, dtype=torch.bfloat16, device="cuda"),
+                    torch.zeros(B, H, window, DV, dtype=torch.bfloat16, device="cuda")) for _ in states]
 
-    def step(i):
+    def step(i, t=0):
         proj = projs[i].view(projs[i].shape[0], -1)
+        win = None if windows is None else (*windows[i], positions[t], start)
         y, launch = D.launch_decode_step(proj, sin, cos, lg2, states[i], norm.weight, norm.bias, True, norm.eps,
-                                         DK ** -0.5, **tiles)
+                                         DK ** -0.5, window=win, **tiles)
         launch()
         return y
     return step
@@ -99,7 +117,7 @@ def unfused_step(projs, states, rotary, norm, lg):
         return gated_head_norm(o[:, None], g, norm, "swish", "triton")
 
     compiled = torch.compile(layer, dynamic=False)
-    return lambda i: compiled(projs[i], states[i])
+    return lambda i, t=0: compiled(projs[i], states[i])
 
 
 def main(argv=None) -> None:
@@ -108,15 +126,17 @@ def main(argv=None) -> None:
     for batch in args.batches:
         projs, states, rotary, norm, lg, layers = setting(batch)
         moved = batch * (H * DK * DV * 8 + 2 * H * (DK + DV) * 2 + H * DV * 2)
-        variants = [("unfused kernels", unfused_step(projs, states, rotary, norm, lg)),
-                    ("fused (default)", fused_step(projs, states, rotary, norm, lg))]
+        variants = [("unfused kernels", unfused_step(projs, states, rotary, norm, lg), 1),
+                    ("fused (default)", fused_step(projs, states, rotary, norm, lg), 1)]
+        variants += [(f"fused, state written once every {w} tokens", fused_step(projs, states, rotary, norm, lg, w), w)
+                     for w in args.windows]
         if args.sweep:
-            variants += [(f"fused BV={bv} warps={w}", fused_step(projs, states, rotary, norm, lg, block_v=bv, num_warps=w))
-                         for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
+            variants += [(f"fused BV={bv} warps={w}", fused_step(projs, states, rotary, norm, lg, block_v=bv, num_warps=w),
+                          1) for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
         base = None
-        for name, step in variants:
+        for name, step, tokens in variants:
             with torch.no_grad():
-                ms = graph_ms(step, layers, args.reps)
+                ms = graph_ms(step, layers, args.reps, tokens)
             base = base or ms
             rows.append([batch, name, f"{ms * 1e3:.1f}", f"{moved / ms / 1e6:.0f}", f"{base / ms:.2f}"])
             print(rows[-1], flush=True)
@@ -125,7 +145,8 @@ def main(argv=None) -> None:
     append("Decoding retention step, one layer: fused kernel against the unfused kernels (bench/decode_kernel.py)",
            ["batch", "variant", "us per layer", "GB/s (bytes needed)", "x unfused"], rows,
            notes=f"retnet_1.3b heads ({H} x d_k {DK} x d_v {DV}), bf16, fp32 state; median of {args.reps} replays "
-                 f"of a CUDA graph over >= 256 MB of states; bytes needed = state read + written, q/k/v/g read, y written",
+                 f"of a CUDA graph over >= 256 MB of states; bytes needed = state read + written, q/k/v/g read, y written "
+                 f"(the plain step's, also for the windowed rows: their GB/s is the same work's rate)",
            save=not args.no_save)
 
 

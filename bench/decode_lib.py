@@ -15,6 +15,7 @@ from torch import Tensor
 from bench.charts import chart  # noqa: F401  (re-exported: callers use decode_lib.chart)
 from retnet_train.inference import Generator
 from retnet_train.model import build_model
+from retnet_train.model.retention_state import WindowedState
 
 GIB = 2 ** 30
 OOM = "OOM"
@@ -58,8 +59,13 @@ def state_bytes(gen: Generator) -> int:
     """Bytes of the engine's decoding state: RetNet's fp32 state, or the Transformer's KV cache."""
     total = 0
     for layer in gen.state.layers:
-        for t in (layer,) if isinstance(layer, Tensor) else (layer.k, layer.v):
-            total += t.numel() * t.element_size()
+        if isinstance(layer, Tensor):
+            parts = (layer,)
+        elif isinstance(layer, WindowedState):
+            parts = (layer.base, layer.keys, layer.values)
+        else:
+            parts = (layer.k, layer.v)
+        total += sum(t.numel() * t.element_size() for t in parts)
     return total
 
 
@@ -76,12 +82,13 @@ def weight_bytes_per_step(model) -> int:
 
 
 def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, steps: int,
-                new_tokens: int = 0, compile: bool | str = False, seed: int = 0) -> dict | str:
+                new_tokens: int = 0, compile: bool | str = False, seed: int = 0, state_window: int = 1) -> dict | str:
     """One generate call of `batch` random prompts of `prompt_len` tokens, max(new_tokens, 1 + warmup
     + steps) new tokens, in a fresh Generator (max_batch=batch, max_len=context). peak_gib covers
     the whole call (weights, state, prefill, graphs); ms times `steps` decoding steps after `warmup`
     untimed ones, through the engine's on_token hook, so the prefill is not in it (the CUDA graph
-    is captured before the prefill, in the same call). Returns OOM where the device ran out of memory."""
+    is captured before the prefill, in the same call). state_window: RetNet's Generator(state_window=).
+    Returns OOM where the device ran out of memory."""
     device = next(model.parameters()).device
     new_tokens = max(new_tokens, 1 + warmup + steps)  # token 0 comes from the prefill
     if prompt_len + new_tokens > context:
@@ -99,6 +106,8 @@ def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, s
             marks.append(time.perf_counter())
 
     kw = {"compile": compile} if compile else {}
+    if state_window != 1 and model.config.arch == "retnet":
+        kw["state_window"] = state_window
     if compile and "compile" not in inspect.signature(Generator).parameters:
         raise SystemExit("--compile: this Generator has no compile option")
     if device.type == "cuda":
@@ -124,14 +133,14 @@ def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, s
 
 
 def largest_batch(model, start: int, context: int, prompt_len: int, warmup: int, steps: int,
-                  compile: bool | str = False, refine: int = 0) -> tuple[dict | str, list[int]]:
+                  compile: bool | str = False, refine: int = 0, state_window: int = 1) -> tuple[dict | str, list[int]]:
     """The largest batch that runs without running out of memory: start, start/2, ..., 1 until one
     fits, then (refine > 0) bisection between it and the smallest failed batch until they are within
     max(1, fit // refine) of each other (8 and 16 -> 12, 14, 15). Returns (its result or OOM, the
     batches that did not fit)."""
     failed, b = [], start
     while b >= 1:
-        res = run_setting(model, b, context, prompt_len, warmup, steps, compile=compile)
+        res = run_setting(model, b, context, prompt_len, warmup, steps, compile=compile, state_window=state_window)
         if res != OOM:
             break
         failed.append(b)
@@ -141,7 +150,8 @@ def largest_batch(model, start: int, context: int, prompt_len: int, warmup: int,
     lo, hi = b, (failed[-1] if failed else None)
     while refine > 0 and hi is not None and hi - lo > max(1, lo // refine):
         mid = (lo + hi) // 2
-        trial = run_setting(model, mid, context, prompt_len, warmup, steps, compile=compile)
+        trial = run_setting(model, mid, context, prompt_len, warmup, steps, compile=compile,
+                            state_window=state_window)
         if trial == OOM:
             failed.append(mid)
             hi = mid

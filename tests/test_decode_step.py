@@ -84,6 +84,43 @@ def test_fused_step_equals_the_unfused_layers(dtype, tol, d_model, heads, value_
     assert int(D._ARRIVALS[torch.device(DEV) if DEV == "cpu" else logits.device].abs().sum()) == 0
 
 
+def _windowed(model, plain, window):
+    """plain's states as WindowedStates with empty windows (start = each sequence's position)."""
+    state = model.allocate_state(plain.offset.shape[0], 64, state_window=window)
+    for ws, base in zip(state.layers, plain.layers):
+        ws.base.copy_(base)
+    state.offset.copy_(plain.offset)
+    state.layers[0].restart_at(plain.offset)  # start is shared by every layer
+    return state
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("window", [2, 3])
+def test_state_written_once_per_window_equals_the_state_written_every_token(kernels, window):
+    """A WindowedState (retention_state.py) through the fused kernel (triton) and through the torch
+    step: the logits of every step and, after steps that end a window and steps inside one, the
+    whole state (base + window) equal the plain state's, written every token."""
+    ours, ref = _pair(torch.float32, d_model=128, n_heads=2, n_layers=2, value_dim=768)
+    model = ours if kernels == "triton" else ref
+    s_ref = _states(ref, 3, seed=4)
+    s_win = _windowed(model, s_ref, window)
+    log_gamma = ref.layers[0].retention.log_decay
+    ids = torch.tensor([[3], [77], [127]], device=DEV)
+    with torch.no_grad():
+        for step in range(2 * window + 1):
+            logits, _ = model.step(ids, s_win)
+            want, _ = ref.step(ids, s_ref)
+            assert _rel(logits, want) < 1e-5, step
+            s_win.offset += 1
+            s_ref.offset += 1
+            ids = want[:, -1].argmax(-1, keepdim=True)
+            written_back = (step + 1) % window == 0
+            for ws, plain in zip(s_win.layers, s_ref.layers):
+                assert _rel(ws.materialize(s_win.offset, log_gamma), plain) < 1e-5, step
+                # the base itself is the state exactly when a window has just ended
+                assert (_rel(ws.base, plain) < 1e-5) == written_back, step
+
+
 def test_engine_with_several_value_blocks_decodes_the_torch_tokens():
     from retnet_train.inference import Generator
 
@@ -107,6 +144,11 @@ def test_bad_state_and_projection_are_named():
         D.decode_step(proj, sin, cos, lg2, state.double(), block.head_norm, 1.0)
     with pytest.raises(ValueError, match=rf"does not match a state .* expected \[2, 1, {width}\]"):
         D.decode_step(proj[..., :-2], sin, cos, lg2, state, block.head_norm, 1.0)
+    windowed = model.allocate_state(2, 8, state_window=4).layers[0]
+    with pytest.raises(ValueError, match="windowed decoding state needs each sequence's position"):
+        D.decode_step(proj, sin, cos, lg2, windowed, block.head_norm, 1.0)
+    with pytest.raises(ValueError, match="state window=0 must be >= 1"):
+        model.allocate_state(2, 8, state_window=0)
 
 
 @pytest.mark.gpu
@@ -130,3 +172,28 @@ def test_gpu_real_heads_bf16_many_steps():
             ids = want[:, -1].argmax(-1, keepdim=True)
     for mine, theirs in zip(s_ours.layers, s_ref.layers):
         assert _rel(mine, theirs) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_real_heads_state_written_once_per_window():
+    """The same heads and batch with the state written back once every 8 tokens (the engine's
+    state_window): 20 steps (two write-backs and a part window) stay with the plain state."""
+    ours, ref = _pair(torch.bfloat16, d_model=2048, n_heads=8, n_layers=2, value_dim=4096, vocab_size=1024)
+    s_ref = ref.allocate_state(16, 64)
+    for layer in s_ref.layers:
+        layer.normal_(0, 0.1)
+    s_ref.offset.copy_(torch.arange(16) * 7)
+    s_win = _windowed(ours, s_ref, 8)
+    log_gamma = ref.layers[0].retention.log_decay
+    ids = torch.randint(0, 1024, (16, 1), device=DEV)
+    with torch.no_grad():
+        for _ in range(20):
+            logits, _ = ours.step(ids, s_win)
+            want, _ = ref.step(ids, s_ref)
+            assert _rel(logits, want) < 2e-2
+            s_win.offset += 1
+            s_ref.offset += 1
+            ids = want[:, -1].argmax(-1, keepdim=True)
+    for ws, theirs in zip(s_win.layers, s_ref.layers):
+        assert _rel(ws.materialize(s_win.offset, log_gamma), theirs) < 2e-2

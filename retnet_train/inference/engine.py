@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from retnet_train.model.lm import State
+from retnet_train.model.transformer import StaticKVCache
 
 from .graphs import StepGraphs
 from .sampling import SamplingSettings
@@ -45,12 +46,18 @@ class Generator:
     compile_settings; a CUDA graph then captures the compiled step);
     a string is torch.compile's mode, e.g. "max-autotune-no-cudagraphs" (inductor then also times
     its own GEMM kernels for the step's skinny matmuls; the engine captures its own graphs).
+    state_window (RetNet): each layer's state is written back once every state_window tokens, the
+    tokens in between kept as keys and values (model/retention_state.py): a step reads the state
+    and writes it only at the window's end. 1 writes it every token.
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int = 4096, cuda_graphs: Optional[bool] = None,
-                 prefill_tokens: int = 8192, chunk_size: Optional[int] = None, compile: bool | str = False):
+                 prefill_tokens: int = 8192, chunk_size: Optional[int] = None, compile: bool | str = False,
+                 state_window: int = 1):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
+        if state_window < 1:
+            raise ValueError(f"state_window={state_window} must be >= 1 (1: the state is written every token)")
         self.model = model.eval()
         model.fuse_projections()  # one matmul for q, k, v (and g): small decoding matmuls waste bandwidth
         self.arch = model.config.arch
@@ -62,7 +69,9 @@ class Generator:
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
-        self.state = model.allocate_state(max_batch, max_len)
+        self.state_window = state_window if self.arch == "retnet" else 1
+        window = {"state_window": state_window} if self.arch == "retnet" else {}
+        self.state = model.allocate_state(max_batch, max_len, **window)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # the last token of each
         self.done = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)
@@ -209,8 +218,8 @@ class Generator:
         self.state.offset[n:b] = 0
         for layer in self.state.layers:
             rows = layer[n:b]
-            for t in ((rows,) if isinstance(rows, Tensor) else (rows.k, rows.v)):
-                t.zero_()
+            for t in ((rows.k, rows.v) if isinstance(rows, StaticKVCache) else (rows,)):
+                t.zero_()  # a Tensor, a WindowedState (its window restarts too), or a cache's k and v
 
     def _prefill(self, prompts) -> None:
         """Prompts sorted by length, one row each: each run of equal lengths goes through the model

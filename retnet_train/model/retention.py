@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .kernels import triton_interpreted
+from .retention_state import WindowedState
 
 
 def head_log_decays(n_heads: int, schedule: str = "paper", head_start: int = 0,
@@ -223,10 +224,27 @@ def recurrent_step_in_place(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, 
     return torch.einsum("bhk,bhkv->bhv", q[:, 0].float(), state).to(q.dtype)[:, None]
 
 
+def windowed_step(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: WindowedState,
+                  position: Tensor) -> Tensor:
+    """recurrent_step_in_place for a state written back once per window (retention_state.py), in
+    torch: q, k [B, 1, H, d_k], v [B, 1, H, d_v] of the tokens at position [B] -> o [B, 1, H, d_v].
+    The window's last token writes the whole state back as the base; any other joins the window."""
+    B = q.shape[0]
+    c = state.counts(position)
+    gamma = torch.exp(log_gamma.to(device=q.device, dtype=torch.float32))[None, :, None, None]
+    S = state.materialize(position, log_gamma) * gamma + k[:, 0, :, :, None].float() * v[:, 0, :, None, :].float()
+    last = (c == state.window - 1)[:, None, None, None]
+    state.base.copy_(torch.where(last, S, state.base))
+    rows = torch.arange(B, device=q.device)
+    state.keys[rows, :, c] = k[:, 0].to(state.keys.dtype)  # [B, H, d_k] into slot c of each row
+    state.values[rows, :, c] = v[:, 0].to(state.values.dtype)
+    return torch.einsum("bhk,bhkv->bhv", q[:, 0].float(), S).to(q.dtype)[:, None]
+
+
 def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
-              state: Tensor | None = None, need_state: bool = False, chunk_size: int = 64,
+              state: Tensor | WindowedState | None = None, need_state: bool = False, chunk_size: int = 64,
               kernels: str = "torch", in_place: bool = False, doc_starts: Tensor | None = None,
-              cu_seqlens: Tensor | None = None, keep: str = "none"):
+              cu_seqlens: Tensor | None = None, keep: str = "none", position: int | Tensor = 0):
     """Dispatch to one form. `kernels` is the model's resolved choice (model.kernels): with "fla" or
     "triton", chunkwise and recurrent run those kernels (they do the chunking themselves, so
     `chunk_size` only shapes the torch form); the parallel form and dtypes a kernel does not take
@@ -235,9 +253,18 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
     (o, that same state). doc_starts [B, T] bool: the state restarts at each document's first
     token (the kernels take them as variable-length sequences, `cu_seqlens` = packed_cu_seqlens(
     doc_starts), the incoming state entering each row's first one). keep: model.retention_keep, what
-    the triton kernels keep from the forward for the backward (the other forms ignore it)."""
+    the triton kernels keep from the forward for the backward (the other forms ignore it).
+    An in-place state may be a WindowedState (written back once per window); position, the first
+    token's position (int, or [B]), then says where each sequence is in its window. A prefill into
+    one must start from a base with an empty window (the engine's prefill after a reset)."""
     if in_place and doc_starts is not None:
         raise ValueError("doc_starts with a state updated in place (the inference engine) is not supported")
+    if in_place and isinstance(state, WindowedState):
+        if mode == "recurrent":
+            return windowed_step(q, k, v, log_gamma, state, position), state
+        o, _ = retention(q, k, v, log_gamma, mode, state.base, need_state, chunk_size, kernels, in_place=True)
+        state.restart_at(position + q.shape[1])
+        return o, state
     if in_place and mode == "recurrent":
         return recurrent_step_in_place(q, k, v, log_gamma, state, kernels), state
     if in_place:  # a prefill: the buffer is the incoming state and receives the final one

@@ -17,8 +17,9 @@ from .kernels.norm_gate import gated_head_norm
 import torch.nn.functional as F
 
 from .layers import FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm
-from .lm import ForwardContext, LanguageModel
+from .lm import ForwardContext, LanguageModel, State
 from .retention import carried_states, head_log_decays, past_contribution, retention
+from .retention_state import WindowedState
 
 
 class MultiScaleRetention(nn.Module):
@@ -97,7 +98,7 @@ class MultiScaleRetention(nn.Module):
             # the inference engine's step: rotary, state update, output, head norm and gate in one kernel
             sin, cos = ctx.rotary
             y = fused_decode.decode_step(F.linear(x, *self._fused), sin, cos, self._log_decay_on(x.device, True),
-                                         state, self.head_norm, self.key_dim ** -0.5)
+                                         state, self.head_norm, self.key_dim ** -0.5, position=ctx.offset)
             return self.out_proj(y), state
         if fused:
             hk, hv = H * self.key_dim, H * self.value_dim
@@ -121,7 +122,7 @@ class MultiScaleRetention(nn.Module):
         cp = ctx.context_parallel
         o, new_state = retention(q, k, v, log_decay, ctx.mode, state, ctx.need_state or cp is not None, ctx.chunk_size,
                                  ctx.kernels, in_place=ctx.state_in_place, doc_starts=ctx.doc_starts,
-                                 cu_seqlens=ctx.cu_seqlens, keep=ctx.retention_keep)
+                                 cu_seqlens=ctx.cu_seqlens, keep=ctx.retention_keep, position=ctx.offset)
         if cp is not None:
             # this slice ran from a zero state; new_state is what it leaves, its summary. The earlier
             # slices' summaries make its incoming state, whose part of the outputs is added here
@@ -188,3 +189,16 @@ class RetNetBlock(nn.Module):
 class RetNet(LanguageModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, [RetNetBlock(cfg) for _ in range(cfg.n_layers)])
+
+    def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                       device: torch.device | None = None, state_window: int = 1) -> State:
+        """LanguageModel.allocate_state; state_window > 1: each layer's state is a WindowedState,
+        written back once every state_window tokens (retention_state.py), its keys and values in
+        `dtype` (default: the model's)."""
+        state = super().allocate_state(batch, max_len, dtype, device)
+        if state_window == 1:
+            return state
+        p = next(self.parameters())
+        start = torch.zeros(batch, dtype=torch.long, device=device or p.device)  # shared by every layer
+        state.layers = [WindowedState.around(base, state_window, dtype or p.dtype, start) for base in state.layers]
+        return state

@@ -24,7 +24,8 @@ import torch
 HEAD_SHAPES = ((256, 512), (128, 256))  # (d_k, d_v) of the presets
 # shared memory a program may use: H100 227 KiB; MI200 64 KiB of LDS
 SMEM_LIMIT = {"cuda": 232448, "hip": 65536}
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+        torch.int64: "*i64"}
 
 
 def target(name: str):
@@ -70,7 +71,8 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
 
 def decode_step_launches(DK: int, DV: int, dtype, device, run) -> None:
     """The one-kernel decoding step (decode_step.py) of 8 heads: groupnorm with its affine weight and
-    bias (the presets), rmsnorm without; per-sequence positions (the engine) and one for all."""
+    bias (the presets), rmsnorm without; per-sequence positions (the engine) and one for all; the
+    state written every token and once every 8."""
     from .decode_step import launch_decode_step
 
     B, H = 4, 8
@@ -83,6 +85,12 @@ def decode_step_launches(DK: int, DV: int, dtype, device, run) -> None:
         sin = torch.empty(rows, DK, dtype=torch.float32, device=device)
         run(launch_decode_step(proj, sin, sin, lg2, state, w if affine else None, w if affine and group else None,
                                group, 1e-6, DK ** -0.5, arrivals=counters)[1])
+    # the engine's state written back every 8 tokens (retention_state.WindowedState)
+    window = (torch.empty(B, H, 8, DK, dtype=dtype, device=device), torch.empty(B, H, 8, DV, dtype=dtype, device=device),
+              torch.empty(B, dtype=torch.long, device=device), torch.empty(B, dtype=torch.long, device=device))
+    sin = torch.empty(B, DK, dtype=torch.float32, device=device)
+    run(launch_decode_step(proj, sin, sin, lg2, state, w, w, True, 1e-6, DK ** -0.5, arrivals=counters,
+                           window=window)[1])
 
 
 def norm_gate_launches(D: int, dtype, device, run) -> None:

@@ -29,10 +29,37 @@ def _rotate(X, at, ks, k_ok, sin, cos, sign):
 
 
 @triton.jit
-def decode_step_kernel(X, SIN, COS, STATE, LOG2_GAMMA, W, Bias, OBUF, ARRIVALS, Y,
+def _windowed_step(STATE, KWIN, VWIN, POS, START, base, tile, in_tile, q, k, v, lg2, b, bh, vb, ks, k_ok, vs, v_ok,
+                   DK: tl.constexpr, DV: tl.constexpr, WINDOW: tl.constexpr):
+    """o [BV] of this program's columns from the base [DKP, BV] and the c tokens of the window
+    (retention_state.py's formulas); the window's last token writes the state back, any other
+    appends its key and value to the window."""
+    c = (tl.load(POS + b) - tl.load(START + b)) % WINDOW
+    o = tl.sum(base * q[:, None], axis=0) * tl.exp2((c + 1).to(tl.float32) * lg2) + tl.sum(q * k) * v
+    win = bh.to(tl.int64) * WINDOW
+    for j in range(0, c):
+        kj = tl.load(KWIN + (win + j) * DK + ks, mask=k_ok, other=0.0).to(tl.float32)
+        vj = tl.load(VWIN + (win + j) * DV + vs, mask=v_ok, other=0.0).to(tl.float32)
+        o += (tl.exp2((c - j).to(tl.float32) * lg2) * tl.sum(q * kj)) * vj
+    if c == WINDOW - 1:
+        state = base * tl.exp2(WINDOW * lg2) + k[:, None] * v[None, :]
+        for j in range(0, c):
+            kj = tl.load(KWIN + (win + j) * DK + ks, mask=k_ok, other=0.0).to(tl.float32)
+            vj = tl.load(VWIN + (win + j) * DV + vs, mask=v_ok, other=0.0).to(tl.float32)
+            state += (tl.exp2((c - j).to(tl.float32) * lg2) * kj)[:, None] * vj[None, :]
+        tl.store(STATE + tile, state, mask=in_tile)
+    else:
+        if vb == 0:  # k is the same in every program of the head: the first writes it
+            tl.store(KWIN + (win + c) * DK + ks, k.to(KWIN.dtype.element_ty), mask=k_ok)
+        tl.store(VWIN + (win + c) * DV + vs, v.to(VWIN.dtype.element_ty), mask=v_ok)
+    return o
+
+
+@triton.jit
+def decode_step_kernel(X, SIN, COS, STATE, KWIN, VWIN, POS, START, LOG2_GAMMA, W, Bias, OBUF, ARRIVALS, Y,
                        x_row, sin_row, key_scale, eps,
                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr,
-                       DVP: tl.constexpr, BV: tl.constexpr,
+                       DVP: tl.constexpr, BV: tl.constexpr, WINDOW: tl.constexpr,
                        GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Grid (cdiv(DV, BV), B * H). X [B, x_row]: each row is q, k [H * DK] then v, g [H * DV] of one
     sequence (the fused projection's output); SIN, COS [B or 1, DK] fp32 at the sequence's position
@@ -66,9 +93,14 @@ def decode_step_kernel(X, SIN, COS, STATE, LOG2_GAMMA, W, Bias, OBUF, ARRIVALS, 
     tile = bh.to(tl.int64) * (DK * DV) + ks[:, None] * DV + vs[None, :]
     in_tile = k_ok[:, None] & v_ok[None, :]
     state = tl.load(STATE + tile, mask=in_tile, other=0.0)
-    state = state * tl.exp2(tl.load(LOG2_GAMMA + h)) + k[:, None] * v[None, :]
-    tl.store(STATE + tile, state, mask=in_tile)
-    o = tl.sum(state * q[:, None], axis=0)
+    lg2 = tl.load(LOG2_GAMMA + h)
+    if WINDOW == 1:
+        state = state * tl.exp2(lg2) + k[:, None] * v[None, :]
+        tl.store(STATE + tile, state, mask=in_tile)
+        o = tl.sum(state * q[:, None], axis=0)
+    else:
+        o = _windowed_step(STATE, KWIN, VWIN, POS, START, state, tile, in_tile, q, k, v, lg2, b, bh, vb, ks, k_ok,
+                           vs, v_ok, DK, DV, WINDOW)
     tl.store(OBUF + bh.to(tl.int64) * DV + vs, o.to(OBUF.dtype.element_ty), mask=v_ok)
 
     tl.debug_barrier()  # every thread's slice of o is written before the counter says so
