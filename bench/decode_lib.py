@@ -82,12 +82,14 @@ def weight_bytes_per_step(model) -> int:
 
 
 def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, steps: int,
-                new_tokens: int = 0, compile: bool | str = False, seed: int = 0, state_window: int = 1) -> dict | str:
+                new_tokens: int = 0, compile: bool | str = False, seed: int = 0,
+                state_window: int | None = None) -> dict | str:
     """One generate call of `batch` random prompts of `prompt_len` tokens, max(new_tokens, 1 + warmup
     + steps) new tokens, in a fresh Generator (max_batch=batch, max_len=context). peak_gib covers
     the whole call (weights, state, prefill, graphs); ms times `steps` decoding steps after `warmup`
     untimed ones, through the engine's on_token hook, so the prefill is not in it (the CUDA graph
-    is captured before the prefill, in the same call). state_window: RetNet's Generator(state_window=).
+    is captured before the prefill, in the same call). state_window: RetNet's Generator(state_window=)
+    (None: the engine's default).
     Returns OOM where the device ran out of memory."""
     device = next(model.parameters()).device
     new_tokens = max(new_tokens, 1 + warmup + steps)  # token 0 comes from the prefill
@@ -106,7 +108,7 @@ def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, s
             marks.append(time.perf_counter())
 
     kw = {"compile": compile} if compile else {}
-    if state_window != 1 and model.config.arch == "retnet":
+    if state_window is not None and model.config.arch == "retnet":
         kw["state_window"] = state_window
     if compile and "compile" not in inspect.signature(Generator).parameters:
         raise SystemExit("--compile: this Generator has no compile option")
@@ -133,7 +135,8 @@ def run_setting(model, batch: int, context: int, prompt_len: int, warmup: int, s
 
 
 def largest_batch(model, start: int, context: int, prompt_len: int, warmup: int, steps: int,
-                  compile: bool | str = False, refine: int = 0, state_window: int = 1) -> tuple[dict | str, list[int]]:
+                  compile: bool | str = False, refine: int = 0,
+                  state_window: int | None = None) -> tuple[dict | str, list[int]]:
     """The largest batch that runs without running out of memory: start, start/2, ..., 1 until one
     fits, then (refine > 0) bisection between it and the smallest failed batch until they are within
     max(1, fit // refine) of each other (8 and 16 -> 12, 14, 15). Returns (its result or OOM, the

@@ -62,6 +62,9 @@ def test_state_written_once_per_window_decodes_the_same_tokens():
         assert windowed.generate(prompts[:1], max_new_tokens=13) == plain.generate(prompts[:1], max_new_tokens=13)
     with pytest.raises(ValueError, match="state_window=0 must be >= 1"):
         Generator(model, state_window=0)
+    # the default: 1 here (the torch step on a CPU gains nothing from a window); a Transformer has none
+    assert Generator(model).state_window == 1 and windowed.state_window == 5
+    assert Generator(_model("transformer_tiny"), state_window=4).state_window == 1
 
 
 def test_sampling_is_reproducible_and_seeded(engine):
@@ -149,9 +152,10 @@ def test_graphs_equal_eager_token_for_token(arch):
     eager = Generator(model, max_batch=4, max_len=512, cuda_graphs=False).generate(prompts, max_new_tokens=48)
     compiled = Generator(model, max_batch=4, max_len=512, compile=True).generate(prompts, max_new_tokens=48)
     assert graphs == eager == compiled
-    if arch.startswith("retnet"):  # the state written back once every 8 tokens, captured and compiled
-        windowed = Generator(model, max_batch=4, max_len=512, compile=True, state_window=8)
-        assert windowed.generate(prompts, max_new_tokens=48) == graphs
+    if arch.startswith("retnet"):  # the engines above write the state once every 8 tokens (the GPU default)
+        assert Generator(model, max_batch=4, max_len=512).state_window == 8
+        every_token = Generator(model, max_batch=4, max_len=512, compile=True, state_window=1)
+        assert every_token.generate(prompts, max_new_tokens=48) == graphs
     for p, out in zip(prompts, graphs):
         assert out == generate(model, torch.tensor([p], device="cuda"), 48)[0].tolist()
 

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # how often the host looks at the stop flags (one synchronisation every this many tokens)
 STOP_CHECK_EVERY = 16
+# RetNet's state written back once every this many tokens where the one-kernel step runs
+# (bench/RESULTS.md, 2026-12-06: retnet_1.3b's step 2.92 -> 2.66 ms at batch 16 on an H100)
+STATE_WINDOW = 8
 
 
 class Generator:
@@ -48,15 +51,16 @@ class Generator:
     its own GEMM kernels for the step's skinny matmuls; the engine captures its own graphs).
     state_window (RetNet): each layer's state is written back once every state_window tokens, the
     tokens in between kept as keys and values (model/retention_state.py): a step reads the state
-    and writes it only at the window's end. 1 writes it every token.
+    and writes it only at the window's end. 1 writes it every token; None (default): STATE_WINDOW
+    where the one-kernel decoding step runs (a GPU), else 1.
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int = 4096, cuda_graphs: Optional[bool] = None,
                  prefill_tokens: int = 8192, chunk_size: Optional[int] = None, compile: bool | str = False,
-                 state_window: int = 1):
+                 state_window: Optional[int] = None):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_len={max_len} >= 2")
-        if state_window < 1:
+        if state_window is not None and state_window < 1:
             raise ValueError(f"state_window={state_window} must be >= 1 (1: the state is written every token)")
         self.model = model.eval()
         model.fuse_projections()  # one matmul for q, k, v (and g): small decoding matmuls waste bandwidth
@@ -69,8 +73,8 @@ class Generator:
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
-        self.state_window = state_window if self.arch == "retnet" else 1
-        window = {"state_window": state_window} if self.arch == "retnet" else {}
+        self.state_window = self._state_window(state_window)
+        window = {"state_window": self.state_window} if self.arch == "retnet" else {}
         self.state = model.allocate_state(max_batch, max_len, **window)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # the last token of each
         self.done = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
@@ -87,6 +91,15 @@ class Generator:
             self.logits_fn = torch.compile(self._logits, dynamic=False, **compile_settings(compile))
             self.greedy_step_fn = torch.compile(self._greedy_step, dynamic=False, **compile_settings(compile))
         self.graphs = StepGraphs(self._step) if use_graphs else None
+
+    def _state_window(self, asked: Optional[int]) -> int:
+        """RetNet's state_window: as asked, or (None) STATE_WINDOW where the one-kernel decoding
+        step runs (a GPU with our or fla's kernels), else 1 (the torch step gains nothing from it)."""
+        if self.arch != "retnet":
+            return 1
+        if asked is not None:
+            return asked
+        return STATE_WINDOW if self.device.type == "cuda" and self.model.kernels in ("fla", "triton") else 1
 
     def close(self) -> None:
         """Free the state, the buffers and the graphs now (the graphs refer back to this object, so
