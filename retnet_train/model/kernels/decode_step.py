@@ -106,8 +106,7 @@ def launch_decode_step(proj, sin, cos, lg2, state, weight, bias, group: bool, ep
                 ARRIVALS=arrivals if arrivals is not None else _arrivals(proj.device, B * H), Y=y,
                 x_row=proj.stride(0), sin_row=DK if sin.shape[0] > 1 else 0, key_scale=key_scale, eps=eps)
     constexprs = dict(H=H, DK=DK, DV=DV, DKP=DKP, DVP=pow2(DV), BV=BV,
-                      WINDOW=keys.shape[2] if window is not None else 1,
-                      WP=pow2(keys.shape[2], 1) if window is not None else 1, GROUP=group,
+                      WINDOW=keys.shape[2] if window is not None else 1, GROUP=group,
                       HAS_W=weight is not None, HAS_B=bias is not None)
     return y, Launch(decode_step_kernel, (math.ceil(DV / BV), B * H), args, constexprs, num_warps=num_warps,
                      num_stages=1)

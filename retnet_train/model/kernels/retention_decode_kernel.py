@@ -30,34 +30,25 @@ def _rotate(X, at, ks, k_ok, sin, cos, sign):
 
 @triton.jit
 def _windowed_step(STATE, KWIN, VWIN, POS, START, base, tile, in_tile, q, k, v, lg2, b, bh, vb, ks, k_ok, vs, v_ok,
-                   DK: tl.constexpr, DV: tl.constexpr, WINDOW: tl.constexpr, WP: tl.constexpr):
+                   DK: tl.constexpr, DV: tl.constexpr, WINDOW: tl.constexpr):
     """o [BV] of this program's columns from the base [DKP, BV] and the c tokens of the window
     (retention_state.py's formulas); the window's last token writes the state back, any other
-    appends its key and value to the window. The window is read as two tiles, [WP, DKP] keys and
-    [WP, BV] values (WP: WINDOW rounded up to a power of two; a few KiB, one load each: a loop over
-    its tokens would wait on each)."""
+    appends its key and value to the window. (Reading the window as two tiles in one load each, and
+    the write-back from them, measured slower on an H100: 60.5 against 46.2 us per layer at batch 16
+    with 8-token windows, bench/RESULTS.md 2026-12-06.)"""
     c = (tl.load(POS + b) - tl.load(START + b)) % WINDOW
+    o = tl.sum(base * q[:, None], axis=0) * tl.exp2((c + 1).to(tl.float32) * lg2) + tl.sum(q * k) * v
     win = bh.to(tl.int64) * WINDOW
-    js = tl.arange(0, WP)
-    held = js < c
-    kw = tl.load(KWIN + (win + js)[:, None] * DK + ks[None, :], mask=held[:, None] & k_ok[None, :],
-                 other=0.0).to(tl.float32)  # [WP, DKP]
-    vw = tl.load(VWIN + (win + js)[:, None] * DV + vs[None, :], mask=held[:, None] & v_ok[None, :],
-                 other=0.0).to(tl.float32)  # [WP, BV]
-    # token j of the window weighs gamma^(c-j) (j < c; the others are masked to zero)
-    decay = tl.where(held, tl.exp2((c - js).to(tl.float32) * lg2), 0.0)
-    scores = tl.sum(kw * q[None, :], axis=1) * decay  # [WP]
-    o = (tl.sum(base * q[:, None], axis=0) * tl.exp2((c + 1).to(tl.float32) * lg2) + tl.sum(q * k) * v
-         + tl.sum(scores[:, None] * vw, axis=0))
+    for j in range(0, c):
+        kj = tl.load(KWIN + (win + j) * DK + ks, mask=k_ok, other=0.0).to(tl.float32)
+        vj = tl.load(VWIN + (win + j) * DV + vs, mask=v_ok, other=0.0).to(tl.float32)
+        o += (tl.exp2((c - j).to(tl.float32) * lg2) * tl.sum(q * kj)) * vj
     if c == WINDOW - 1:
-        # the state written back: gamma^WINDOW base + the window's decayed k^T v + k^T v, as
-        # WINDOW - 1 rank-one updates (the rows come from the tiles above: no more loads)
         state = base * tl.exp2(WINDOW * lg2) + k[:, None] * v[None, :]
-        for j in tl.static_range(WINDOW - 1):
-            pick = js == j
-            kj = tl.sum(tl.where(pick[:, None], kw, 0.0), axis=0) * tl.sum(tl.where(pick, decay, 0.0))
-            vj = tl.sum(tl.where(pick[:, None], vw, 0.0), axis=0)
-            state += kj[:, None] * vj[None, :]
+        for j in range(0, c):
+            kj = tl.load(KWIN + (win + j) * DK + ks, mask=k_ok, other=0.0).to(tl.float32)
+            vj = tl.load(VWIN + (win + j) * DV + vs, mask=v_ok, other=0.0).to(tl.float32)
+            state += (tl.exp2((c - j).to(tl.float32) * lg2) * kj)[:, None] * vj[None, :]
         tl.store(STATE + tile, state, mask=in_tile)
     else:
         if vb == 0:  # k is the same in every program of the head: the first writes it
@@ -70,7 +61,7 @@ def _windowed_step(STATE, KWIN, VWIN, POS, START, base, tile, in_tile, q, k, v, 
 def decode_step_kernel(X, SIN, COS, STATE, KWIN, VWIN, POS, START, LOG2_GAMMA, W, Bias, OBUF, ARRIVALS, Y,
                        x_row, sin_row, key_scale, eps,
                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr,
-                       DVP: tl.constexpr, BV: tl.constexpr, WINDOW: tl.constexpr, WP: tl.constexpr,
+                       DVP: tl.constexpr, BV: tl.constexpr, WINDOW: tl.constexpr,
                        GROUP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Grid (cdiv(DV, BV), B * H). X [B, x_row]: each row is q, k [H * DK] then v, g [H * DV] of one
     sequence (the fused projection's output); SIN, COS [B or 1, DK] fp32 at the sequence's position
@@ -111,7 +102,7 @@ def decode_step_kernel(X, SIN, COS, STATE, KWIN, VWIN, POS, START, LOG2_GAMMA, W
         o = tl.sum(state * q[:, None], axis=0)
     else:
         o = _windowed_step(STATE, KWIN, VWIN, POS, START, state, tile, in_tile, q, k, v, lg2, b, bh, vb, ks, k_ok,
-                           vs, v_ok, DK, DV, WINDOW, WP)
+                           vs, v_ok, DK, DV, WINDOW)
     tl.store(OBUF + bh.to(tl.int64) * DV + vs, o.to(OBUF.dtype.element_ty), mask=v_ok)
 
     tl.debug_barrier()  # every thread's slice of o is written before the counter says so
