@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # how often the host looks at the stop flags (one synchronisation every this many tokens)
 STOP_CHECK_EVERY = 16
 # RetNet's state written back once every this many tokens where the one-kernel step runs
-# (bench/RESULTS.md, 2026-12-06: retnet_1.3b's step 2.92 -> 2.66 ms at batch 16 on an H100)
-STATE_WINDOW = 8
+# (bench/RESULTS.md, 2026-12-06: retnet_1.3b's step 2.93 -> 2.51 ms at batch 16 on an H100; 8: 2.66)
+STATE_WINDOW = 4
 
 
 class Generator:
