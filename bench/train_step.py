@@ -189,11 +189,17 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
             "loss": f"{row['first_loss']:.2f} -> {row['loss']:.2f}", "kernels": kernels}
 
 
+def parse_spec(spec: str) -> tuple[str, int, int, str, str, str]:
+    """"RUN:T:TOKENS:KERNELS:SETUP:KEEP" -> its fields; SETUP holds a colon itself (zero2:auto) or is "-"."""
+    kind, seq_len, tokens, kernels, rest = spec.split(":", 4)
+    setup, _, keep = rest.rpartition(":")
+    return kind, int(seq_len), int(tokens), kernels, setup, keep
+
+
 def measure_one(spec: str, args) -> dict:
     import torch
 
-    kind, seq_len, tokens, kernels, setup, keep = spec.split(":", 5)
-    seq_len, tokens = int(seq_len), int(tokens)
+    kind, seq_len, tokens, kernels, setup, keep = parse_spec(spec)
     try:
         out = (through_trainer(seq_len, tokens, args, kernels, setup, keep) if kind == "trainer"
                else plain_loop(kind, seq_len, tokens, args, kernels, keep))

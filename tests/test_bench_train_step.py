@@ -42,3 +42,13 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
     assert bench.label("trainer", args, "triton", "zero0:bf16_autocast").endswith("(kernels=triton, zero0:bf16_autocast)")
     assert bench.label("trainer", args, "triton", "zero2:auto").endswith("(kernels=triton)")
     assert bench.label("plain", args, "triton", "-", "both").endswith("(kernels=triton, retention_keep=both)")
+
+
+@pytest.mark.parametrize("spec, fields", [
+    ("trainer:2048:16384:triton:zero0:bf16_autocast:both", ("trainer", 2048, 16384, "triton", "zero0:bf16_autocast", "both")),
+    ("plain:8192:16384:auto:-:none", ("plain", 8192, 16384, "auto", "-", "none")),
+    ("fla:2048:16384:-:-:-", ("fla", 2048, 16384, "-", "-", "-")),
+])
+def test_a_run_spec_keeps_the_setup_whole(spec, fields):
+    # the setup holds a colon of its own: a plain split took "zero0" for it and every trainer row failed
+    assert bench.parse_spec(spec) == fields
