@@ -7,22 +7,25 @@
 #
 #   decode       the gpu-marked tests of the decoding kernels and engine (a broken kernel shows up
 #                before any timing), the retnet_1.3b / transformer_1.3b step against the
-#                memory-bandwidth floor, one layer's decoding kernel against the unfused kernels
-#                (with its tile sweep), and where the compiled step's time goes at batch 1 and 16
+#                memory-bandwidth floor (the engine's default state window, then the state written
+#                every token), one layer's decoding kernel against the unfused kernels (with its
+#                tile sweep and state windows), and where the compiled step's time goes at batch 1 and 16
 #   decode-6.7b  retnet_6.7b against transformer_6.7b: memory, throughput at the largest batch that
 #                fits, latency against the batch (the paper's inference figure)
 #   train        retnet_1.3b through the trainer (ZeRO-2 and ZeRO-1; TRAIN_SETUPS), in the plain
-#                loop and fla's RetNet-1.3B, compiled, 8 x 2048 tokens, each step profiled
+#                loop and fla's RetNet-1.3B, compiled, 8 x 2048 tokens, each step profiled; our
+#                RetNet with each model.retention_keep of RETENTION_KEEP
 #   train-long   the same at 2 x 8192 tokens beside our Transformer (the memory comparison)
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
 #
 # Env: LOG_DIR (default bench/logs), RUN_TIMEOUT (seconds per bench run, default 300),
-# TRAIN_SETUPS (default "zero2:auto zero1:auto").
+# TRAIN_SETUPS (default "zero2:auto zero1:auto"), RETENTION_KEEP (default "none both").
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 LOG_DIR="${LOG_DIR:-bench/logs}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-300}"
 read -r -a TRAIN_SETUPS <<< "${TRAIN_SETUPS:-zero2:auto zero1:auto}"
+read -r -a RETENTION_KEEP <<< "${RETENTION_KEEP:-none both}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
 
@@ -38,7 +41,8 @@ phase_decode() {
     local log="$LOG_DIR/decode.log"
     run "$log" python -m pytest -q -m gpu tests/test_decode_step.py tests/test_inference.py
     run "$log" python bench/decode.py --sections step --compile
-    run "$log" python bench/decode_kernel.py --batches 1 16 64 --sweep
+    run "$log" python bench/decode.py --sections step --compile --state-window 1 --step-pair retnet_1.3b,retnet_tiny
+    run "$log" python bench/decode_kernel.py --batches 1 16 64 --sweep --windows 2 4 8
     run "$log" python bench/decode_profile.py --batches 1 16 --compile
 }
 
@@ -49,7 +53,8 @@ phase_decode_67b() {
 
 phase_train() {  # phase_train T: the trainer setups, the plain loop and fla at T (16384 tokens per step)
     run "$LOG_DIR/train.log" python bench/train_step.py --runs trainer plain fla --kernels triton --compile \
-        --trainer-setup "${TRAIN_SETUPS[@]}" --seq-len "$1" --steps 4 --warmup 2 --profile
+        --trainer-setup "${TRAIN_SETUPS[@]}" --retention-keep "${RETENTION_KEEP[@]}" --seq-len "$1" --steps 4 \
+        --warmup 2 --profile
 }
 
 phase_train_long() {

@@ -405,10 +405,12 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     ran = [line for line in decode.splitlines() if line.startswith("ran python")]
     assert ran == ["ran python -m pytest -q -m gpu tests/test_decode_step.py tests/test_inference.py",
                    "ran python bench/decode.py --sections step --compile",
-                   "ran python bench/decode_kernel.py --batches 1 16 64 --sweep",
+                   "ran python bench/decode.py --sections step --compile --state-window 1 --step-pair "
+                   "retnet_1.3b,retnet_tiny",
+                   "ran python bench/decode_kernel.py --batches 1 16 64 --sweep --windows 2 4 8",
                    "ran python bench/decode_profile.py --batches 1 16 --compile"]
-    assert decode.count("exit 0") == 4
+    assert decode.count("exit 0") == 5
     train = (tmp_path / "logs" / "train.log").read_text()
-    assert "--trainer-setup zero1:auto zero0:bf16_autocast --seq-len 2048" in train
+    assert "--trainer-setup zero1:auto zero0:bf16_autocast --retention-keep none both --seq-len 2048" in train
     r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
     assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr
