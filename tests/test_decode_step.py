@@ -177,14 +177,16 @@ def test_gpu_real_heads_bf16_many_steps():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_real_heads_state_written_once_per_window():
-    """The same heads and batch with the state written back once every 8 tokens (the engine's
-    state_window): 20 steps (two write-backs and a part window) stay with the plain state."""
+    """The same heads and batch with the state written back once per window of the engine's
+    default length (STATE_WINDOW): 20 steps (write-backs and a part window) stay with the plain state."""
+    from retnet_train.inference.engine import STATE_WINDOW
+
     ours, ref = _pair(torch.bfloat16, d_model=2048, n_heads=8, n_layers=2, value_dim=4096, vocab_size=1024)
     s_ref = ref.allocate_state(16, 64)
     for layer in s_ref.layers:
         layer.normal_(0, 0.1)
     s_ref.offset.copy_(torch.arange(16) * 7)
-    s_win = _windowed(ours, s_ref, 8)
+    s_win = _windowed(ours, s_ref, STATE_WINDOW)
     log_gamma = ref.layers[0].retention.log_decay
     ids = torch.randint(0, 1024, (16, 1), device=DEV)
     with torch.no_grad():
