@@ -11,7 +11,8 @@
 #                every token), one layer's decoding kernel against the unfused kernels (with its
 #                tile sweep and state windows), and where the compiled step's time goes at batch 1 and 16
 #   decode-6.7b  retnet_6.7b against transformer_6.7b: memory, throughput at the largest batch that
-#                fits, latency against the batch (the paper's inference figure)
+#                fits, latency against the batch (the paper's inference figure); memory at equal
+#                batch 15 too (the Transformer's largest at 8k on 80 GB)
 #   train        retnet_1.3b through the trainer (ZeRO-2 and ZeRO-1; TRAIN_SETUPS), in the plain
 #                loop and fla's RetNet-1.3B, compiled, 8 x 2048 tokens, each step profiled; our
 #                RetNet with each model.retention_keep of RETENTION_KEEP
@@ -49,6 +50,9 @@ phase_decode() {
 phase_decode_67b() {
     run "$LOG_DIR/decode-6.7b.log" python bench/decode.py --pair retnet_6.7b,transformer_6.7b \
         --sections memory,throughput,latency --contexts 1024,4096,8192,16384,32768
+    # memory at equal batch also at the Transformer's largest batch at 8k on an 80 GB card (15)
+    run "$LOG_DIR/decode-6.7b.log" python bench/decode.py --pair retnet_6.7b,transformer_6.7b \
+        --sections memory --memory-batch 15 --contexts 8192
 }
 
 phase_train() {  # phase_train T: the trainer setups, the plain loop and fla at T (16384 tokens per step)

@@ -7,7 +7,8 @@ folder, or a run_dir. Keys: prompt, prompt_file, prompt_ids (token ids instead o
 max_new_tokens, temperature (0: greedy), top_k (0: off), top_p (1.0: off), seed, num_samples,
 batch_size, stream (print a single output's text as it is generated), tokenizer (a sentencepiece
 .model; default: the one exported with the model or recorded in the checkpoint), device,
-chunk_size, stop_at_eos. The decoding speed (new tokens/s) goes to stderr at the end.
+chunk_size, stop_at_eos, state_window (RetNet: the state written back once every N tokens; null:
+the engine's default, 4 on a GPU). The decoding speed (new tokens/s) goes to stderr at the end.
 
 prompt=TEXT is taken literally: everything after the first `=`, trailing spaces, colons, quotes,
 `true` and `123` included (prompt="def " keeps its space). prompt_file=PATH is a UTF-8 text file
@@ -53,6 +54,7 @@ class GenerateConfig:
     device: str = "auto"
     chunk_size: Optional[int] = None
     stop_at_eos: bool = True
+    state_window: Optional[int] = None
 
 
 @torch.no_grad()
@@ -165,6 +167,8 @@ def parse_args(argv: list[str]) -> GenerateConfig:
     # checked before the model loads (minutes for a large one), not where each is first used
     if out.chunk_size is not None and out.chunk_size < 1:
         raise ValueError(f"chunk_size={out.chunk_size} must be >= 1 (or null: the model's)")
+    if out.state_window is not None and out.state_window < 1:
+        raise ValueError(f"state_window={out.state_window} must be >= 1 (or null: the engine's default)")
     if out.tokenizer is not None and not Path(out.tokenizer).is_file():
         raise ValueError(f"tokenizer={out.tokenizer!r}: no such file")
     if out.device not in ("auto", "cpu", "cuda") and not out.device.startswith("cuda:"):
@@ -211,7 +215,7 @@ def _generate_all(model, jobs: list[tuple[list[int], int]], cfg: GenerateConfig,
 
     longest = max(len(ids) for ids, _ in jobs)
     gen = Generator(model, max_batch=min(cfg.batch_size, len(jobs)), max_len=longest + max(cfg.max_new_tokens, 1),
-                    chunk_size=cfg.chunk_size)
+                    chunk_size=cfg.chunk_size, state_window=cfg.state_window)
     rows = []
     # A streamed output is its own progress; otherwise a bar over the decoding steps of all calls
     # (it ends short of its total where every row stops at eos).

@@ -121,5 +121,9 @@ def test_batch_size_does_not_change_the_samples(checkpoint, tokenizer, tmp_path)
     one = _outputs(checkpoint, tokenizer, f"prompt_file={path}", "num_samples=2", "batch_size=1")
     four = _outputs(checkpoint, tokenizer, f"prompt_file={path}", "num_samples=2", "batch_size=4")
     assert one == four and len(one) == 6
+    # the state written back once every 3 tokens decodes the same samples
+    assert _outputs(checkpoint, tokenizer, f"prompt_file={path}", "num_samples=2", "state_window=3") == one
+    bad = _generate(f"checkpoint={checkpoint}", "prompt=x", "state_window=0")
+    assert bad.returncode == 2 and "state_window=0 must be >= 1" in bad.stderr, bad.stderr
     proc = _generate(f"checkpoint={checkpoint}", f"tokenizer={tokenizer}", "prompt=def ", "max_new_tokens=4")
     assert proc.returncode == 0 and "tokens/s" in proc.stderr and "tokens/s" not in proc.stdout, proc.stderr
