@@ -157,17 +157,22 @@ def test_cli_prints_the_composed_config():
     assert proc.returncode == 0 and "name: tiny_cpu" in proc.stdout
 
 
+def _config_error_run(tmp_path, override: str, message: str) -> None:
+    """A tiny_cpu training run with `override` stops at start-up: exit 2, `message`, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "retnet_train", "experiment=tiny_cpu", override,
+                           "trainer.max_steps=1", f"run_dir={tmp_path}"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_cuda_device_on_a_machine_without_cuda_is_named(tmp_path):
     """Checked where the device is chosen (a config for a GPU cluster still composes on a CPU host)."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    proc = subprocess.run([sys.executable, "-m", "retnet_train", "experiment=tiny_cpu", "trainer.device=cuda",
-                           "trainer.max_steps=1", f"run_dir={tmp_path}"], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "error: trainer.device=cuda: CUDA is not available" in proc.stderr, proc.stderr[-2000:]
+    _config_error_run(tmp_path, "trainer.device=cuda", "error: trainer.device=cuda: CUDA is not available")
 
 
 @pytest.mark.parametrize("nccl, cuda, missing", [(False, False, "no NCCL in its torch build and no CUDA GPU"),
@@ -208,8 +213,4 @@ def test_nccl_backend_on_a_machine_without_nccl_is_named(tmp_path):
 
     if dist.is_nccl_available() and torch.cuda.is_available():
         pytest.skip("needs a machine without NCCL or CUDA")
-    proc = subprocess.run([sys.executable, "-m", "retnet_train", "experiment=tiny_cpu", "parallel.backend=nccl",
-                           "trainer.max_steps=1", f"run_dir={tmp_path}"], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "error: parallel.backend=nccl needs NCCL and a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+    _config_error_run(tmp_path, "parallel.backend=nccl", "error: parallel.backend=nccl needs NCCL and a CUDA GPU")

@@ -151,19 +151,25 @@ def test_bad_state_and_projection_are_named():
         model.allocate_state(2, 8, state_window=0)
 
 
+def _real_heads_batch():
+    """retnet_1.3b's heads in two layers, bf16 (ours, ref), a random plain state for 16 sequences at
+    ragged positions, and their first ids."""
+    ours, ref = _pair(torch.bfloat16, d_model=2048, n_heads=8, n_layers=2, value_dim=4096, vocab_size=1024)
+    state = ref.allocate_state(16, 64)
+    for layer in state.layers:
+        layer.normal_(0, 0.1)
+    state.offset.copy_(torch.arange(16) * 7)
+    return ours, ref, state, torch.randint(0, 1024, (16, 1), device=DEV)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_real_heads_bf16_many_steps():
     """retnet_1.3b's heads (8 x d_k 256 x d_v 512: sixteen programs per head meet at the counter),
     batch 16 at ragged positions, 20 steps: the fused step stays with the unfused layers (a lost
     or early arrival would show as a wrong row)."""
-    ours, ref = _pair(torch.bfloat16, d_model=2048, n_heads=8, n_layers=2, value_dim=4096, vocab_size=1024)
-    s_ours = ours.allocate_state(16, 64)
-    for layer in s_ours.layers:
-        layer.normal_(0, 0.1)
-    s_ours.offset.copy_(torch.arange(16) * 7)
+    ours, ref, s_ours, ids = _real_heads_batch()
     s_ref = _copy(s_ours)
-    ids = torch.randint(0, 1024, (16, 1), device=DEV)
     with torch.no_grad():
         for _ in range(20):
             logits, _ = ours.step(ids, s_ours)
@@ -181,14 +187,9 @@ def test_gpu_real_heads_state_written_once_per_window():
     default length (STATE_WINDOW): 20 steps (write-backs and a part window) stay with the plain state."""
     from retnet_train.inference.engine import STATE_WINDOW
 
-    ours, ref = _pair(torch.bfloat16, d_model=2048, n_heads=8, n_layers=2, value_dim=4096, vocab_size=1024)
-    s_ref = ref.allocate_state(16, 64)
-    for layer in s_ref.layers:
-        layer.normal_(0, 0.1)
-    s_ref.offset.copy_(torch.arange(16) * 7)
+    ours, ref, s_ref, ids = _real_heads_batch()
     s_win = _windowed(ours, s_ref, STATE_WINDOW)
     log_gamma = ref.layers[0].retention.log_decay
-    ids = torch.randint(0, 1024, (16, 1), device=DEV)
     with torch.no_grad():
         for _ in range(20):
             logits, _ = ours.step(ids, s_win)
