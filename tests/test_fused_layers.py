@@ -69,6 +69,47 @@ def test_norm_gate_kernel_matches_head_norm_and_silu(interpreter, kind, affine):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_norm_gate_with_projection_recomputes_y_equal_gradients_and_saves_less(interpreter, autocast):
+    """gated_norm_projection (training: the gated output y is recomputed in backward for the output
+    projection's weight gradient) gives the norm-gate + nn.Linear gradients and keeps exactly y less;
+    under bf16 autocast (fp32 weights) the gradients keep their weights' dtypes."""
+    if not interpreter:
+        return  # ran (and passed) in a fresh process
+    from retnet_train.model.kernels.norm_gate import gated_head_norm, gated_norm_projection
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 5, 3, 24
+    norm = HeadNorm(H, D, "groupnorm", 1e-6, True)
+    proj = torch.nn.Linear(H * D, 16, bias=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    o = (torch.randn(B, T, H, D) * 3 + 1).requires_grad_()
+    g = torch.randn(B, T, H * D).requires_grad_()
+    params = [o, g, *norm.parameters(), *proj.parameters()]
+
+    def ours():
+        return gated_norm_projection(o, g, norm, proj)
+
+    def plain():
+        return proj(gated_head_norm(o, g, norm, "swish", kernels="triton"))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, ref = ours(), plain()
+        assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert torch.equal(out, ref)
+        saved, saved_plain = _saved_bytes(ours, params), _saved_bytes(plain, params)
+    dy = torch.randn_like(out)
+    grads, ref_grads = torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy)
+    for name, a, b in zip(["o", "g", "norm weight", "norm bias", "proj weight", "proj bias"], grads, ref_grads):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"d{name}: {m}")
+    # y, and under autocast the projection weight's bf16 copy too (the backward casts it again)
+    y_bytes = B * T * H * D * (2 if autocast else 4)
+    assert saved_plain - saved == y_bytes + (proj.weight.numel() * 2 if autocast else 0), (saved, saved_plain)
+
+
 def test_norm_gate_torch_choice_is_plain_pytorch():
     """kernels=torch never reaches Triton: the same expression as the model always had."""
     from retnet_train.model.kernels.norm_gate import gated_head_norm
@@ -219,12 +260,15 @@ def _plain_ffn(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
     return ffn.fc2(h)
 
 
-def _saved_bytes(fn) -> int:
+def _saved_bytes(fn, parameters=()) -> int:
+    """Bytes of the tensors autograd keeps for fn's backward; `parameters` (kept anyway) not counted."""
     total = 0
+    kept_anyway = {p.data_ptr() for p in parameters}
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        if t.data_ptr() not in kept_anyway:
+            total += t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -72,6 +72,21 @@ kept.load_state_dict(model.state_dict())
 kept(ids, mode="chunkwise").sum().backward()
 for (name, a), b in zip(model.named_parameters(), kept.parameters()):
     assert torch.equal(a.grad, b.grad), name
+# the head norm + output projection recompute the gated output in backward (norm_gate.py): the
+# gradients of keeping it instead
+import retnet_train.model.retnet as R
+calls = []
+R.gated_norm_projection = lambda *a, f=R.gated_norm_projection: calls.append(1) or f(*a)
+model.zero_grad()
+model(ids, mode="chunkwise").sum().backward()
+assert len(calls) == 1, calls  # one layer
+R.MultiScaleRetention._projects_with_recompute = lambda self, o, ctx: False
+keeping = build_model("retnet_tiny", kernels="triton", **kw)
+keeping.load_state_dict(model.state_dict())
+keeping(ids, mode="chunkwise").sum().backward()
+assert len(calls) == 1
+for (name, a), b in zip(model.named_parameters(), keeping.parameters()):
+    assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-7), name
 """
 
 
@@ -199,3 +214,55 @@ def test_no_graph_break_in_the_model_forward():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(torch.randint(0, 97, (2, 16)), mode="chunkwise", return_hidden=True)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+_COMPILED_NORM_GATE = """
+import sys, types, torch
+from retnet_train.model import build_model
+from retnet_train.model import kernels as K
+from retnet_train.model.retention import chunkwise_retention
+# retention in torch (Triton's interpreter cannot be traced by torch.compile); the head norm + gate
+# and the output projection after it are ours: a custom op inside an autograd.Function
+fake = types.ModuleType("retention_triton")
+fake.retention = lambda q, k, v, lg, mode, state=None, need_state=False, cu_seqlens=None, keep="none": (
+    chunkwise_retention(q, k, v, lg, state, need_state, chunk_size=8))
+fake.usable = lambda x: x.dtype != torch.float64
+sys.modules["retnet_train.model.kernels.retention_triton"] = fake
+K.retention_triton = fake
+import retnet_train.model.retnet as R
+calls = []
+R.gated_norm_projection = lambda *a, f=R.gated_norm_projection: calls.append(1) or f(*a)
+grads = {}
+for compiled in (False, True):
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        m = build_model("retnet_tiny", kernels="triton", vocab_size=97, d_model=32, n_layers=2, n_heads=2).train()
+        m.set_activation_checkpointing(mode)
+        if compiled:
+            m.compile_blocks()
+        ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+        m(ids, mode="chunkwise", chunk_size=8).float().pow(2).mean().backward()
+        grads[compiled, mode] = {n: p.grad for n, p in m.named_parameters()}
+assert calls, "the fused projection did not run"
+base = grads[False, "none"]
+for key, g in grads.items():
+    err = max(((g[n] - b).abs().max() / b.abs().max()).item() for n, b in base.items())
+    assert err < 1e-5, (key, err)
+print("ok")
+"""
+
+
+def test_compiled_blocks_with_the_norm_gate_kernel_train_like_eager():
+    """The head norm + gate kernel and the output projection that recomputes its input in backward
+    (kernels/norm_gate.py), in compiled blocks without and with selective checkpointing: the
+    gradients of eager (a fresh process with Triton's interpreter)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_NORM_GATE], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import init
 from .config import ModelConfig
 from .kernels import decode_step as fused_decode
-from .kernels.norm_gate import gated_head_norm
+from .kernels.norm_gate import gated_head_norm, gated_norm_projection, runs_fused
 import torch.nn.functional as F
 
 from .layers import FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm
@@ -132,8 +132,17 @@ class MultiScaleRetention(nn.Module):
         if self.cfg.score_norm == "torchscale":  # its decay sums restart with each document too
             o = self._torchscale_normalise(o, log_decay, ctx.positions if ctx.positions is not None else ctx.offset)
 
+        if self._projects_with_recompute(o, ctx):  # the same numbers, without keeping y for the backward
+            return gated_norm_projection(o, g, self.head_norm, self.out_proj), new_state
         y = gated_head_norm(o, g, self.head_norm, self.cfg.gate_activation, ctx.kernels)  # swish(g) * GroupNorm_h(o)
         return self.out_proj(y), new_state
+
+    def _projects_with_recompute(self, o: Tensor, ctx: ForwardContext) -> bool:
+        """Training through the norm-gate kernel into a plain output projection (not tensor-parallel,
+        not ZeRO-3 partitioned: its weight is here): the backward recomputes the gated output."""
+        out = self.out_proj
+        return (torch.is_grad_enabled() and runs_fused(o, self.cfg.gate_activation, ctx.kernels)
+                and type(out) is nn.Linear and not hasattr(out.weight, "ds_id"))
 
     def _decodes_in_one_kernel(self, x: Tensor, ctx: ForwardContext) -> bool:
         """One token into a state updated in place (the engine's step), the paper's gate and norm,

@@ -23,11 +23,16 @@ from torch import Tensor
 from . import triton_interpreted
 
 
+def runs_fused(o: Tensor, activation: str, kernels: str) -> bool:
+    """True where the norm-gate kernel takes o: our or fla's kernels chosen, the swish gate, a GPU
+    (or a CPU under Triton's interpreter: tests), not float64."""
+    return (kernels != "torch" and activation == "swish" and o.dtype != torch.float64
+            and (o.is_cuda or triton_interpreted()))
+
+
 def gated_head_norm(o: Tensor, g: Tensor, norm, activation: str, kernels: str) -> Tensor:
     """act(g) * norm(o); `norm` is a HeadNorm (its weight, bias, kind and eps are used)."""
-    fused = (kernels != "torch" and activation == "swish" and o.dtype != torch.float64
-             and (o.is_cuda or triton_interpreted()))
-    if not fused:
+    if not runs_fused(o, activation, kernels):
         act = F.silu if activation == "swish" else F.gelu
         return act(g) * norm(o)
     B, T, H, D = o.shape
@@ -85,3 +90,46 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the head norm and gate with the output projection after it ------------------------------------
+
+def gated_norm_projection(o: Tensor, g: Tensor, norm, out_proj) -> Tensor:
+    """out_proj(silu(g) * norm(o)) for training, keeping o, g and the norm's statistics but not
+    the gated output y [B, T, H * d_v], which the projection's weight gradient needs: the backward
+    recomputes it (one more pass of the norm-gate kernel, as _ActivationLinear recomputes the FFN's
+    hidden units). Autograd would keep y, 2 bytes per value channel and token in bf16: 3.2 GB at
+    retnet_1.3b, 16k tokens, 24 layers. o [B, T, H, d_v], g [B, T, H * d_v]; out_proj a plain
+    nn.Linear (the caller checks: not tensor-parallel, not ZeRO-3 partitioned)."""
+    B, T, H, D = o.shape
+    return _GatedNormProjection.apply(o.contiguous(), g.reshape(B, T, H, D).contiguous(), norm.weight, norm.bias,
+                                      norm.kind == "groupnorm", norm.eps, out_proj.weight, out_proj.bias)
+
+
+class _GatedNormProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, g, weight, bias, group, eps, proj_weight, proj_bias):
+        B, T, H, D = o.shape
+        y, mean, rstd = torch.ops.retnet.swish_gated_head_norm(o, g, weight, bias, group, eps)
+        out = F.linear(y.reshape(B, T, H * D), proj_weight, proj_bias)  # under autocast: its dtype
+        ctx.save_for_backward(o, g, weight, bias, mean, rstd, proj_weight)
+        ctx.group, ctx.eps, ctx.compute_dtype = group, eps, out.dtype
+        ctx.has = (weight is not None, bias is not None, proj_bias is not None)
+        ctx.bias_dtype = proj_bias.dtype if proj_bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        o, g, weight, bias, mean, rstd, proj_weight = ctx.saved_tensors
+        B, T, H, D = o.shape
+        dt = ctx.compute_dtype  # the dtype the projection ran in (autocast casts its weight)
+        y, _, _ = torch.ops.retnet.swish_gated_head_norm(o, g, weight, bias, ctx.group, ctx.eps)
+        dout = dout.to(dt).reshape(B * T, -1)
+        y = y.to(dt).reshape(B * T, H * D)
+        dproj_weight = (dout.t() @ y).to(proj_weight.dtype)
+        dproj_bias = dout.sum(0).to(ctx.bias_dtype) if ctx.has[2] else None
+        dy = (dout @ proj_weight.to(dt)).reshape(B, T, H, D).to(y.dtype)
+        do, dg, dw, db = torch.ops.retnet.swish_gated_head_norm_backward(dy.contiguous(), o, g, weight, bias, mean,
+                                                                         rstd, ctx.group)
+        return (do, dg, dw if ctx.has[0] else None, db if ctx.has[1] else None, None, None, dproj_weight,
+                dproj_bias)
