@@ -329,3 +329,51 @@ def test_chunked_linear_cross_entropy_without_grad_computes_no_gradient(monkeypa
     assert len(calls) == 5  # 30 tokens in chunks of 7: one logits matmul each
     ref = F.cross_entropy(real_matmul(hidden, weight.t()), labels, ignore_index=-100, reduction="sum")
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, extra", [("retnet_tiny", {}), ("transformer_tiny", {}),
+                                         ("retnet_tiny", {"ffn_type": "glu"})])
+def test_projections_of_one_input_keep_one_bf16_copy_under_autocast(arch, extra):
+    """Eager autocast casts each linear's input anew and autograd keeps every cast: q, k, v (and g),
+    and the GLU's fc1 and gate, must keep one shared bf16 copy of their input (layers.py
+    cast_once_for_autocast), with the same outputs."""
+    from retnet_train.model import build_model
+    from retnet_train.model.layers import cast_once_for_autocast
+
+    torch.manual_seed(0)
+    model = build_model(arch, kernels="torch", vocab_size=97, d_model=32, n_layers=1, n_heads=2, **extra).train()
+    B, T = 2, 24
+    ids = torch.randint(0, 97, (B, T))
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def kept_copies_of_block_inputs(fn) -> int:
+        """Distinct bf16 tensors of B x T x d_model values kept for backward (the norms' outputs
+        cast; also q and k, the same in both runs); a linear keeps its input as a 2-D view."""
+        seen = set()
+
+        def pack(t):
+            if t.dtype == torch.bfloat16 and t.numel() == B * T * 32 and t.data_ptr() not in params:
+                seen.add(t.data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        return len(seen), out
+
+    import retnet_train.model.layers as layers_module
+    import retnet_train.model.retnet as retnet_module
+    import retnet_train.model.transformer as transformer_module
+
+    ours, out = kept_copies_of_block_inputs(lambda: model(ids, mode="chunkwise"))
+    modules = (layers_module, retnet_module, transformer_module)
+    try:  # the same model casting per linear, as autocast alone does
+        for m in modules:
+            m.cast_once_for_autocast = lambda x: x
+        per_linear, ref = kept_copies_of_block_inputs(lambda: model(ids, mode="chunkwise"))
+    finally:
+        for m in modules:
+            m.cast_once_for_autocast = cast_once_for_autocast
+    assert torch.equal(out, ref)
+    # one copy per norm output (the mixing's, the FFN's; the final norm's feeds the head in fp32 here)
+    shared_inputs = 2 if extra.get("ffn_type") == "glu" else 1  # the FFN's input is shared only by the GLU
+    assert per_linear - ours == (3 if arch == "retnet_tiny" else 2) + (shared_inputs - 1), (ours, per_linear)

@@ -77,6 +77,17 @@ def _act_backward(name: str, grad: Tensor, h: Tensor) -> Tensor:
     return torch.ops.aten.gelu_backward(grad, h)
 
 
+def cast_once_for_autocast(x: Tensor) -> Tensor:
+    """x in the autocast dtype where autocast is on (else x): several linears that read x then
+    share one low-precision copy. Autocast casts each op's input anew and eager autograd keeps each
+    cast for its linear's weight gradient: q, k, v and g would keep four bf16 copies of the same
+    norm output (3 x 2 bytes x d_model per token and layer more). Compiled code merges the casts."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class _ActivationLinear(torch.autograd.Function):
     """fc2(act(h)) or, for the GLU, fc2(act(h) * gate): the activation in fp32, back to h's dtype.
 
@@ -136,6 +147,8 @@ class FeedForward(nn.Module):
                 for name, m in linears.items() if m is not None for p in ("weight", "bias")}
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate is not None:
+            x = cast_once_for_autocast(x)  # fc1 and the gate share it
         h = self.fc1(x)
         gate = self.gate(x) if self.gate is not None else None
         # the activation runs in fp32 (as the official GLU does), then back to the compute dtype;

@@ -16,7 +16,8 @@ from .kernels import decode_step as fused_decode
 from .kernels.norm_gate import gated_head_norm, gated_norm_projection, runs_fused
 import torch.nn.functional as F
 
-from .layers import FeedForward, HeadNorm, apply_rotary, fuse_linears, fused_is_current, make_norm
+from .layers import (FeedForward, HeadNorm, apply_rotary, cast_once_for_autocast, fuse_linears, fused_is_current,
+                     make_norm)
 from .lm import ForwardContext, LanguageModel, State
 from .retention import carried_states, head_log_decays, past_contribution, retention
 from .retention_state import WindowedState
@@ -104,6 +105,7 @@ class MultiScaleRetention(nn.Module):
             hk, hv = H * self.key_dim, H * self.value_dim
             q, k, v, g = F.linear(x, *self._fused).split([hk, hk, hv, hv], dim=-1)
         else:
+            x = cast_once_for_autocast(x)  # the four projections share it
             q, k, v, g = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
         q = q.view(B, T, H, self.key_dim)
         k = k.view(B, T, H, self.key_dim)

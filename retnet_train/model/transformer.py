@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import init
 from .config import ModelConfig
-from .layers import FeedForward, apply_rotary, fuse_linears, fused_is_current, make_norm
+from .layers import FeedForward, apply_rotary, cast_once_for_autocast, fuse_linears, fused_is_current, make_norm
 from .lm import ForwardContext, LanguageModel
 
 
@@ -105,6 +105,7 @@ class CausalSelfAttention(nn.Module):
         if self._fused is not None and (torch.compiler.is_compiling() or fused_is_current(self._fused, self.q_proj)):
             q, k, v = F.linear(x, *self._fused).split(H * D, dim=-1)
         else:
+            x = cast_once_for_autocast(x)  # the three projections share it
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = apply_rotary(q.view(B, T, H, D), sin, cos)
         k = apply_rotary(k.view(B, T, H, D), sin, cos)
