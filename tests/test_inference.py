@@ -65,6 +65,16 @@ def test_state_written_once_per_window_decodes_the_same_tokens():
     # the default: 1 here (the torch step on a CPU gains nothing from a window); a Transformer has none
     assert Generator(model).state_window == 1 and windowed.state_window == 5
     assert Generator(_model("transformer_tiny"), state_window=4).state_window == 1
+    # where the engine's default is the window: the one-kernel step, which a GPU runs with our or
+    # fla's kernels for the paper's gate and norm (the torch step rebuilds the state every token)
+    cuda = torch.device("cuda")
+    for kernels, options, want in (("triton", {}, True), ("fla", {}, True), ("torch", {}, False),
+                                   ("triton", {"score_norm": "torchscale"}, False),
+                                   ("triton", {"gate_activation": "gelu"}, False)):
+        m = _model("retnet_tiny", **options)
+        m.kernels = kernels  # as resolved on a GPU
+        assert m.decodes_in_one_kernel(cuda) == want, (kernels, options)
+        assert not m.decodes_in_one_kernel(torch.device("cpu"))
 
 
 def test_sampling_is_reproducible_and_seeded(engine):

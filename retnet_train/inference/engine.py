@@ -94,12 +94,13 @@ class Generator:
 
     def _state_window(self, asked: Optional[int]) -> int:
         """RetNet's state_window: as asked, or (None) STATE_WINDOW where the one-kernel decoding
-        step runs (a GPU with our or fla's kernels), else 1 (the torch step gains nothing from it)."""
+        step runs (a GPU with our or fla's kernels, the paper's gate and norm), else 1 (the torch
+        step, which rebuilds the whole state from the window, gains nothing from it)."""
         if self.arch != "retnet":
             return 1
         if asked is not None:
             return asked
-        return STATE_WINDOW if self.device.type == "cuda" and self.model.kernels in ("fla", "triton") else 1
+        return STATE_WINDOW if self.model.decodes_in_one_kernel(self.device) else 1
 
     def close(self) -> None:
         """Free the state, the buffers and the graphs now (the graphs refer back to this object, so

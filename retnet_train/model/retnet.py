@@ -150,8 +150,12 @@ class MultiScaleRetention(nn.Module):
         """One token into a state updated in place (the engine's step), the paper's gate and norm,
         and kernels that run here (kernels/decode_step.py)."""
         return (ctx.mode == "recurrent" and ctx.state_in_place and x.shape[1] == 1 and ctx.positions is None
-                and self.cfg.score_norm != "torchscale" and self.cfg.gate_activation == "swish"
-                and fused_decode.runs_on(x, ctx.kernels))
+                and self.one_kernel_step_fits() and fused_decode.runs_on(x, ctx.kernels))
+
+    def one_kernel_step_fits(self) -> bool:
+        """The layer's options that the one-kernel decoding step implements: the paper's swish gate,
+        no torchscale score normalisation."""
+        return self.cfg.score_norm != "torchscale" and self.cfg.gate_activation == "swish"
 
     def allocate_state(self, batch: int, device: torch.device) -> Tensor:
         """A zeroed fp32 state [B, H, d_k, d_v] (d_v + 1 with the torchscale score sum)."""
@@ -200,6 +204,12 @@ class RetNetBlock(nn.Module):
 class RetNet(LanguageModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, [RetNetBlock(cfg) for _ in range(cfg.n_layers)])
+
+    def decodes_in_one_kernel(self, device: torch.device) -> bool:
+        """Whether the inference engine's step on `device` runs the one-kernel decoding step
+        (kernels/decode_step.py): our or fla's kernels on a GPU, and layers whose options it has."""
+        return (device.type == "cuda" and self.kernels in ("fla", "triton")
+                and all(block.retention.one_kernel_step_fits() for block in self.layers))
 
     def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                        device: torch.device | None = None, state_window: int = 1) -> State:
