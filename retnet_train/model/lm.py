@@ -28,7 +28,8 @@ CHECKPOINTING = ("none", "full", "selective")
 
 @dataclass
 class State:
-    """Per-layer recurrent state (RetNet: [B, H, d_k, d_v]; Transformer: its KV cache) and the
+    """Per-layer recurrent state (RetNet: [B, H, d_k, d_v], or a retention_state.WindowedState that
+    the inference engine writes back once per window; Transformer: its KV cache) and the
     number of tokens consumed so far, which fixes the rotary positions of the next tokens: an int,
     or a long tensor [B] where each sequence of a batch is at its own position (ragged decoding).
 
