@@ -336,7 +336,9 @@ def test_chunked_linear_cross_entropy_without_grad_computes_no_gradient(monkeypa
 def test_projections_of_one_input_keep_one_bf16_copy_under_autocast(arch, extra):
     """Eager autocast casts each linear's input anew and autograd keeps every cast: q, k, v (and g),
     and the GLU's fc1 and gate, must keep one shared bf16 copy of their input (layers.py
-    cast_once_for_autocast), with the same outputs."""
+    cast_once_for_autocast), with the same outputs and the same gradients: the readers' input
+    gradients are added in fp32, as with a cast per linear (adding them in bf16 moved gradients by
+    up to 0.9%)."""
     from retnet_train.model import build_model
     from retnet_train.model.layers import cast_once_for_autocast
 
@@ -346,9 +348,10 @@ def test_projections_of_one_input_keep_one_bf16_copy_under_autocast(arch, extra)
     ids = torch.randint(0, 97, (B, T))
     params = {p.data_ptr() for p in model.parameters()}
 
-    def kept_copies_of_block_inputs(fn) -> int:
-        """Distinct bf16 tensors of B x T x d_model values kept for backward (the norms' outputs
-        cast; also q and k, the same in both runs); a linear keeps its input as a 2-D view."""
+    def run():
+        """(distinct bf16 tensors of B x T x d_model values kept for backward: the norms' outputs
+        cast, and q and k, the same in both runs; a linear keeps its input as a 2-D view), the
+        output, the gradients."""
         seen = set()
 
         def pack(t):
@@ -356,24 +359,45 @@ def test_projections_of_one_input_keep_one_bf16_copy_under_autocast(arch, extra)
                 seen.add(t.data_ptr())
             return t
 
+        model.zero_grad()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = fn()
-        return len(seen), out
+            out = model(ids, mode="chunkwise")
+        out.float().pow(2).mean().backward()
+        return len(seen), out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     import retnet_train.model.layers as layers_module
     import retnet_train.model.retnet as retnet_module
     import retnet_train.model.transformer as transformer_module
 
-    ours, out = kept_copies_of_block_inputs(lambda: model(ids, mode="chunkwise"))
+    ours, out, grads = run()
     modules = (layers_module, retnet_module, transformer_module)
     try:  # the same model casting per linear, as autocast alone does
         for m in modules:
-            m.cast_once_for_autocast = lambda x: x
-        per_linear, ref = kept_copies_of_block_inputs(lambda: model(ids, mode="chunkwise"))
+            m.cast_once_for_autocast = lambda x, linears: (x,) * len(linears)
+        per_linear, ref, ref_grads = run()
     finally:
         for m in modules:
             m.cast_once_for_autocast = cast_once_for_autocast
     assert torch.equal(out, ref)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
     # one copy per norm output (the mixing's, the FFN's; the final norm's feeds the head in fp32 here)
     shared_inputs = 2 if extra.get("ffn_type") == "glu" else 1  # the FFN's input is shared only by the GLU
     assert per_linear - ours == (3 if arch == "retnet_tiny" else 2) + (shared_inputs - 1), (ours, per_linear)
+
+
+def test_cast_once_leaves_other_linears_and_no_autocast_alone():
+    """A tensor-parallel (or any non-nn.Linear) reader all-reduces its input's gradient: x stays as
+    it is there, and without autocast, so the gradients stay fp32."""
+    from retnet_train.model.layers import cast_once_for_autocast
+
+    class Sharded(torch.nn.Linear):
+        pass
+
+    x = torch.randn(3, 8, requires_grad=True)
+    plain = [torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared = cast_once_for_autocast(x, plain)
+        assert all(t.dtype == torch.bfloat16 for t in shared) and shared[0].data_ptr() == shared[1].data_ptr()
+        assert all(t is x for t in cast_once_for_autocast(x, [plain[0], Sharded(8, 4)]))
+    assert all(t is x for t in cast_once_for_autocast(x, plain))

@@ -77,15 +77,38 @@ def _act_backward(name: str, grad: Tensor, h: Tensor) -> Tensor:
     return torch.ops.aten.gelu_backward(grad, h)
 
 
-def cast_once_for_autocast(x: Tensor) -> Tensor:
-    """x in the autocast dtype where autocast is on (else x): several linears that read x then
-    share one low-precision copy. Autocast casts each op's input anew and eager autograd keeps each
-    cast for its linear's weight gradient: q, k, v and g would keep four bf16 copies of the same
-    norm output (3 x 2 bytes x d_model per token and layer more). Compiled code merges the casts."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and x.is_floating_point():
-        return x.to(torch.get_autocast_dtype(device))
-    return x
+def cast_once_for_autocast(x: Tensor, linears: list[nn.Module]) -> tuple[Tensor, ...]:
+    """The inputs of `linears`, which all read x: under eager autocast, views of one copy of x in
+    the autocast dtype; otherwise x itself. Autocast casts each op's input anew and eager autograd
+    keeps every cast for its linear's weight gradient: q, k, v and g would keep four bf16 copies of
+    the same norm output (3 x 2 bytes x d_model per token and layer more). The backward adds the
+    readers' gradients in x's dtype (fp32), as the separate casts did. Only for plain nn.Linear: a
+    tensor-parallel linear all-reduces its input's gradient, which must stay fp32. Compiled code
+    merges the casts itself (and a Function returning views is best left out of its graphs)."""
+    device, readers = x.device.type, len(linears)
+    if (readers < 2 or torch.compiler.is_compiling() or not torch.is_autocast_enabled(device)
+            or not x.is_floating_point() or any(type(m) is not nn.Linear for m in linears)):
+        return (x,) * readers
+    low = torch.get_autocast_dtype(device)
+    if x.dtype == low:
+        return (x,) * readers
+    return _SharedCast.apply(x, low, readers)
+
+
+class _SharedCast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dtype, readers):
+        ctx.dtype = x.dtype
+        copy = x.to(dtype)
+        return tuple(copy.view_as(copy) for _ in range(readers))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for g in grads:
+            if g is not None:
+                total = g.to(ctx.dtype) if total is None else total + g.to(ctx.dtype)
+        return total, None, None
 
 
 class _ActivationLinear(torch.autograd.Function):
@@ -148,9 +171,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is not None:
-            x = cast_once_for_autocast(x)  # fc1 and the gate share it
-        h = self.fc1(x)
-        gate = self.gate(x) if self.gate is not None else None
+            x_fc1, x_gate = cast_once_for_autocast(x, [self.fc1, self.gate])  # one low-precision copy for both
+            h, gate = self.fc1(x_fc1), self.gate(x_gate)
+        else:
+            h, gate = self.fc1(x), None
         # the activation runs in fp32 (as the official GLU does), then back to the compute dtype;
         # with fc2 a plain Linear whose weight is here (not tensor-parallel, not ZeRO-3 partitioned)
         # and no dropout between, the hidden units are recomputed in backward instead of stored

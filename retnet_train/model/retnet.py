@@ -105,8 +105,8 @@ class MultiScaleRetention(nn.Module):
             hk, hv = H * self.key_dim, H * self.value_dim
             q, k, v, g = F.linear(x, *self._fused).split([hk, hk, hv, hv], dim=-1)
         else:
-            x = cast_once_for_autocast(x)  # the four projections share it
-            q, k, v, g = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
+            xq, xk, xv, xg = cast_once_for_autocast(x, [self.q_proj, self.k_proj, self.v_proj, self.g_proj])
+            q, k, v, g = self.q_proj(xq), self.k_proj(xk), self.v_proj(xv), self.g_proj(xg)
         q = q.view(B, T, H, self.key_dim)
         k = k.view(B, T, H, self.key_dim)
         v = v.reshape(B, T, H, self.value_dim)

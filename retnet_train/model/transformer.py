@@ -105,8 +105,8 @@ class CausalSelfAttention(nn.Module):
         if self._fused is not None and (torch.compiler.is_compiling() or fused_is_current(self._fused, self.q_proj)):
             q, k, v = F.linear(x, *self._fused).split(H * D, dim=-1)
         else:
-            x = cast_once_for_autocast(x)  # the three projections share it
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            xq, xk, xv = cast_once_for_autocast(x, [self.q_proj, self.k_proj, self.v_proj])
+            q, k, v = self.q_proj(xq), self.k_proj(xk), self.v_proj(xv)
         q = apply_rotary(q.view(B, T, H, D), sin, cos)
         k = apply_rotary(k.view(B, T, H, D), sin, cos)
         v = v.reshape(B, T, H, D)
