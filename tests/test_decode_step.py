@@ -90,7 +90,8 @@ def _windowed(model, plain, window):
     for ws, base in zip(state.layers, plain.layers):
         ws.base.copy_(base)
     state.offset.copy_(plain.offset)
-    state.layers[0].restart_at(plain.offset)  # start is shared by every layer
+    for layer in state.layers:
+        layer.restart_at(plain.offset)
     return state
 
 
@@ -121,14 +122,71 @@ def test_state_written_once_per_window_equals_the_state_written_every_token(kern
                 assert (_rel(ws.base, plain) < 1e-5) == written_back, step
 
 
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_rows_at_different_places_in_their_windows(kernels):
+    """Rows whose windows hold 0, 1 and 2 tokens (random base and window contents): each step's
+    logits and the whole states follow the plain state made from them (materialize), over steps
+    that end each row's window at a different step."""
+    ours, ref = _pair(torch.float32, d_model=128, n_heads=2, n_layers=2, value_dim=768)
+    model = ours if kernels == "triton" else ref
+    g = torch.Generator().manual_seed(6)
+    state = model.allocate_state(3, 64, state_window=3)
+    state.offset.copy_(torch.tensor([9, 4, 20]))
+    log_gamma = ref.layers[0].retention.log_decay
+    for ws in state.layers:
+        ws.start.copy_(state.offset - torch.tensor([0, 1, 2], device=DEV))  # counts 0, 1, 2
+        for t in (ws.base, ws.keys, ws.values):
+            t.copy_((torch.randn(t.shape, generator=g) * 0.3).to(t))
+    assert ws.counts(state.offset).tolist() == [0, 1, 2]
+    plain = State(layers=[ws.materialize(state.offset, log_gamma) for ws in state.layers],
+                  offset=state.offset.clone(), in_place=True)
+    ids = torch.tensor([[3], [77], [127]], device=DEV)
+    with torch.no_grad():
+        for step in range(4):
+            logits, _ = model.step(ids, state)
+            want, _ = ref.step(ids, plain)
+            assert _rel(logits, want) < 1e-5, step
+            state.offset += 1
+            plain.offset += 1
+            ids = want[:, -1].argmax(-1, keepdim=True)
+            for ws, whole in zip(state.layers, plain.layers):
+                assert _rel(ws.materialize(state.offset, log_gamma), whole) < 1e-5, step
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_a_prefill_after_steps_continues_from_the_windowed_state(kernels):
+    """Prompt, two decoding steps (a window holding two tokens), then a chunkwise continuation of
+    several tokens into the same state: the window is folded in first, so the logits equal those of
+    the state written every token."""
+    ours, ref = _pair(torch.float32, d_model=128, n_heads=2, n_layers=2, value_dim=768)
+    model = ours if kernels == "triton" else ref
+    g = torch.Generator().manual_seed(5)
+    prompt, more = torch.randint(0, 128, (2, 5), generator=g).to(DEV), torch.randint(0, 128, (2, 7), generator=g).to(DEV)
+    outs = []
+    with torch.no_grad():
+        for window in (1, 4):
+            state = model.allocate_state(2, 64, state_window=window)
+            model(prompt, mode="chunkwise", state=state, return_state=True)
+            state.offset.fill_(5)
+            for t in range(2):
+                model.step(prompt[:, t:t + 1], state)
+                state.offset += 1
+            logits, _ = model(more, mode="chunkwise", state=state, return_state=True)
+            outs.append(logits)
+    assert _rel(outs[1], outs[0]) < 1e-5
+
+
 def test_engine_with_several_value_blocks_decodes_the_torch_tokens():
     from retnet_train.inference import Generator
 
-    outs = []
-    for model in _pair(torch.float32, d_model=128, n_heads=2, n_layers=2, value_dim=768):
-        gen = Generator(model, max_batch=2, max_len=32, cuda_graphs=False)
-        outs.append(gen.generate([[1, 2, 3, 4, 5], [7, 8]], max_new_tokens=6))
-    assert outs[0] == outs[1]
+    ours, ref = _pair(torch.float32, d_model=128, n_heads=2, n_layers=2, value_dim=768)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9] * 11]
+    want = Generator(ref, max_batch=4, max_len=32, cuda_graphs=False).generate(prompts, max_new_tokens=8)
+    # the one-kernel step, with the state written every token and once every 3 (ragged prompts, a
+    # padding row, the prompt of 11 prefilled in pieces of 4)
+    for window in (1, 3):
+        gen = Generator(ours, max_batch=4, max_len=32, cuda_graphs=False, state_window=window, prefill_tokens=4)
+        assert gen.generate(prompts, max_new_tokens=8) == want, window
 
 
 def test_bad_state_and_projection_are_named():

@@ -75,6 +75,9 @@ def test_state_written_once_per_window_decodes_the_same_tokens():
         m.kernels = kernels  # as resolved on a GPU
         assert m.decodes_in_one_kernel(cuda) == want, (kernels, options)
         assert not m.decodes_in_one_kernel(torch.device("cpu"))
+    m = _model("retnet_tiny")
+    m.kernels = "triton"
+    assert m.decodes_in_one_kernel(cuda) and not m.double().decodes_in_one_kernel(cuda)  # float64: the torch step
 
 
 def test_sampling_is_reproducible_and_seeded(engine):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from retnet_train.model.lm import State
+from retnet_train.model.retention_state import DEFAULT_WINDOW
 from retnet_train.model.transformer import StaticKVCache
 
 from .graphs import StepGraphs
@@ -30,8 +31,7 @@ log = logging.getLogger(__name__)
 # how often the host looks at the stop flags (one synchronisation every this many tokens)
 STOP_CHECK_EVERY = 16
 # RetNet's state written back once every this many tokens where the one-kernel step runs
-# (bench/RESULTS.md, 2026-12-06: retnet_1.3b's step 2.93 -> 2.51 ms at batch 16 on an H100; 8: 2.66)
-STATE_WINDOW = 4
+STATE_WINDOW = DEFAULT_WINDOW
 
 
 class Generator:

@@ -256,12 +256,13 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str,
     the triton kernels keep from the forward for the backward (the other forms ignore it).
     An in-place state may be a WindowedState (written back once per window); position, the first
     token's position (int, or [B]), then says where each sequence is in its window. A prefill into
-    one must start from a base with an empty window (the engine's prefill after a reset)."""
+    one first folds its window into the base."""
     if in_place and doc_starts is not None:
         raise ValueError("doc_starts with a state updated in place (the inference engine) is not supported")
     if in_place and isinstance(state, WindowedState):
         if mode == "recurrent":
             return windowed_step(q, k, v, log_gamma, state, position), state
+        state.base.copy_(state.materialize(position, log_gamma))  # exact (a no-op) for an empty window
         o, _ = retention(q, k, v, log_gamma, mode, state.base, need_state, chunk_size, kernels, in_place=True)
         state.restart_at(position + q.shape[1])
         return o, state

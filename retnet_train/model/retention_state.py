@@ -21,10 +21,17 @@ import torch
 from torch import Tensor
 
 
+# the inference engine's window where its one-kernel step runs (a GPU): retnet_1.3b's step on an
+# H100 took 2.51 ms at batch 16 with 4, 2.66 with 8, 2.93 written every token (bench/RESULTS.md,
+# 2026-12-06); the kernel reads a window token by token, so longer ones cost more than they save
+DEFAULT_WINDOW = 4
+
+
 class WindowedState:
     """base [B, H, d_k, d_v] fp32; keys [B, H, window, d_k], values [B, H, window, d_v] (the
     model's dtype: the rotated, scaled keys and the values exactly as the step computed them);
-    start [B] long, the position each sequence's base belongs to, shared by every layer."""
+    start [B] long, the position each sequence's base belongs to (the layer's own: a prefill
+    restarts one layer's window before the next layer reads its own)."""
 
     def __init__(self, base: Tensor, keys: Tensor, values: Tensor, start: Tensor):
         if base.dtype != torch.float32:

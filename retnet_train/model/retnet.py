@@ -209,6 +209,7 @@ class RetNet(LanguageModel):
         """Whether the inference engine's step on `device` runs the one-kernel decoding step
         (kernels/decode_step.py): our or fla's kernels on a GPU, and layers whose options it has."""
         return (device.type == "cuda" and self.kernels in ("fla", "triton")
+                and next(self.parameters()).dtype in (torch.float16, torch.bfloat16, torch.float32)
                 and all(block.retention.one_kernel_step_fits() for block in self.layers))
 
     def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
@@ -220,6 +221,9 @@ class RetNet(LanguageModel):
         if state_window == 1:
             return state
         p = next(self.parameters())
-        start = torch.zeros(batch, dtype=torch.long, device=device or p.device)  # shared by every layer
-        state.layers = [WindowedState.around(base, state_window, dtype or p.dtype, start) for base in state.layers]
+        # a start per layer: a layer's prefill restarts its own window, while the layers after it
+        # still read theirs at the old start
+        state.layers = [WindowedState.around(base, state_window, dtype or p.dtype,
+                                             torch.zeros(batch, dtype=torch.long, device=base.device))
+                        for base in state.layers]
         return state

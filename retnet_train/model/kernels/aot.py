@@ -73,6 +73,7 @@ def decode_step_launches(DK: int, DV: int, dtype, device, run) -> None:
     """The one-kernel decoding step (decode_step.py) of 8 heads: groupnorm with its affine weight and
     bias (the presets), rmsnorm without; per-sequence positions (the engine) and one for all; the
     state written every token and once every 8."""
+    from ..retention_state import DEFAULT_WINDOW
     from .decode_step import launch_decode_step
 
     B, H = 4, 8
@@ -85,12 +86,15 @@ def decode_step_launches(DK: int, DV: int, dtype, device, run) -> None:
         sin = torch.empty(rows, DK, dtype=torch.float32, device=device)
         run(launch_decode_step(proj, sin, sin, lg2, state, w if affine else None, w if affine and group else None,
                                group, 1e-6, DK ** -0.5, arrivals=counters)[1])
-    # the engine's state written back every 8 tokens (retention_state.WindowedState)
-    window = (torch.empty(B, H, 8, DK, dtype=dtype, device=device), torch.empty(B, H, 8, DV, dtype=dtype, device=device),
-              torch.empty(B, dtype=torch.long, device=device), torch.empty(B, dtype=torch.long, device=device))
+    # the state written back once per window (retention_state.WindowedState): the engine's default
+    # length and another
     sin = torch.empty(B, DK, dtype=torch.float32, device=device)
-    run(launch_decode_step(proj, sin, sin, lg2, state, w, w, True, 1e-6, DK ** -0.5, arrivals=counters,
-                           window=window)[1])
+    positions = torch.empty(B, dtype=torch.long, device=device)
+    for n in sorted({DEFAULT_WINDOW, 8}):
+        window = (torch.empty(B, H, n, DK, dtype=dtype, device=device), torch.empty(B, H, n, DV, dtype=dtype, device=device),
+                  positions, positions)
+        run(launch_decode_step(proj, sin, sin, lg2, state, w, w, True, 1e-6, DK ** -0.5, arrivals=counters,
+                               window=window)[1])
 
 
 def norm_gate_launches(D: int, dtype, device, run) -> None:
