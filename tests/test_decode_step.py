@@ -95,6 +95,23 @@ def _windowed(model, plain, window):
     return state
 
 
+def _steps_alike(model, ref, windowed, plain, steps: int, log_gamma):
+    """Greedy steps of three sequences through `model` with a windowed state and `ref` with the
+    plain one, offsets advanced: each step's logits and whole states must agree; yields each step."""
+    ids = torch.tensor([[3], [77], [127]], device=DEV)
+    with torch.no_grad():
+        for step in range(steps):
+            logits, _ = model.step(ids, windowed)
+            want, _ = ref.step(ids, plain)
+            assert _rel(logits, want) < 1e-5, step
+            windowed.offset += 1
+            plain.offset += 1
+            ids = want[:, -1].argmax(-1, keepdim=True)
+            for ws, whole in zip(windowed.layers, plain.layers):
+                assert _rel(ws.materialize(windowed.offset, log_gamma), whole) < 1e-5, step
+            yield step
+
+
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 @pytest.mark.parametrize("window", [2, 3])
 def test_state_written_once_per_window_equals_the_state_written_every_token(kernels, window):
@@ -106,20 +123,11 @@ def test_state_written_once_per_window_equals_the_state_written_every_token(kern
     s_ref = _states(ref, 3, seed=4)
     s_win = _windowed(model, s_ref, window)
     log_gamma = ref.layers[0].retention.log_decay
-    ids = torch.tensor([[3], [77], [127]], device=DEV)
-    with torch.no_grad():
-        for step in range(2 * window + 1):
-            logits, _ = model.step(ids, s_win)
-            want, _ = ref.step(ids, s_ref)
-            assert _rel(logits, want) < 1e-5, step
-            s_win.offset += 1
-            s_ref.offset += 1
-            ids = want[:, -1].argmax(-1, keepdim=True)
-            written_back = (step + 1) % window == 0
-            for ws, plain in zip(s_win.layers, s_ref.layers):
-                assert _rel(ws.materialize(s_win.offset, log_gamma), plain) < 1e-5, step
-                # the base itself is the state exactly when a window has just ended
-                assert (_rel(ws.base, plain) < 1e-5) == written_back, step
+    for step in _steps_alike(model, ref, s_win, s_ref, 2 * window + 1, log_gamma):
+        written_back = (step + 1) % window == 0
+        for ws, plain in zip(s_win.layers, s_ref.layers):
+            # the base itself is the state exactly when a window has just ended
+            assert (_rel(ws.base, plain) < 1e-5) == written_back, step
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
@@ -140,17 +148,7 @@ def test_rows_at_different_places_in_their_windows(kernels):
     assert ws.counts(state.offset).tolist() == [0, 1, 2]
     plain = State(layers=[ws.materialize(state.offset, log_gamma) for ws in state.layers],
                   offset=state.offset.clone(), in_place=True)
-    ids = torch.tensor([[3], [77], [127]], device=DEV)
-    with torch.no_grad():
-        for step in range(4):
-            logits, _ = model.step(ids, state)
-            want, _ = ref.step(ids, plain)
-            assert _rel(logits, want) < 1e-5, step
-            state.offset += 1
-            plain.offset += 1
-            ids = want[:, -1].argmax(-1, keepdim=True)
-            for ws, whole in zip(state.layers, plain.layers):
-                assert _rel(ws.materialize(state.offset, log_gamma), whole) < 1e-5, step
+    assert len(list(_steps_alike(model, ref, state, plain, 4, log_gamma))) == 4
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
