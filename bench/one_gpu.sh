@@ -16,7 +16,8 @@
 #   train        retnet_1.3b through the trainer (ZeRO-2 and ZeRO-1; TRAIN_SETUPS), in the plain
 #                loop and fla's RetNet-1.3B, compiled, 8 x 2048 tokens, each step profiled; our
 #                RetNet with each model.retention_keep of RETENTION_KEEP
-#   train-long   the same at 2 x 8192 tokens beside our Transformer (the memory comparison)
+#   train-long   the same at 2 x 8192 tokens beside our Transformer, eager and compiled (the memory
+#                comparison)
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
 #
 # Env: LOG_DIR (default bench/logs), RUN_TIMEOUT (seconds per bench run, default 300),
@@ -63,7 +64,10 @@ phase_train() {  # phase_train T: the trainer setups, the plain loop and fla at 
 
 phase_train_long() {
     phase_train 8192
+    # our Transformer eager and compiled (the RetNet rows above are compiled: the memory bar compares
+    # like with like)
     run "$LOG_DIR/train.log" python bench/train_step.py --runs transformer --seq-len 8192 --steps 4 --warmup 2
+    run "$LOG_DIR/train.log" python bench/train_step.py --runs transformer --compile --seq-len 8192 --steps 4 --warmup 2
 }
 
 phase_kernels() {
