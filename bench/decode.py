@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import decode_lib as L  # noqa: E402
 from bench.results import RESULTS, append  # noqa: E402
+from retnet_train.inference.engine import STATE_WINDOW  # noqa: E402
 
 SECTIONS = ("memory", "throughput", "latency", "step")
 
@@ -78,7 +79,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="timed decoding steps per setting")
     p.add_argument("--state-window", type=int, default=None,
                    help="RetNet: Generator(state_window=N), the state written back once every N tokens "
-                        "(default: the engine's, 4 where its one-kernel step runs, else 1)")
+                        f"(default: the engine's, {STATE_WINDOW} where its one-kernel step runs, else 1)")
     p.add_argument("--warmup-steps", type=int, default=4, help="untimed decoding steps before them")
     p.add_argument("--prompt-len", type=int, default=128, help="throughput and latency prompts (see --full-prompts)")
     p.add_argument("--full-prompts", action="store_true", help="throughput and latency: prompt = context - new")
@@ -263,7 +264,7 @@ def notes_for(section: str, args, bw) -> str:
     common = (f"{args.dtype} weights (random init), greedy; {args.warmup_steps} untimed + {args.steps} timed "
               f"decoding steps per setting, prefill not timed; a new Generator per setting; compile={args.compile}"
               + f"; RetNet state_window={args.state_window or 'the engine default'} (the state written back "
-                f"once every state_window tokens; 4 by default where the one-kernel step runs)")
+                f"once every state_window tokens; {STATE_WINDOW} by default where the one-kernel step runs)")
     prompt = "prompt = context - new tokens" if args.full_prompts else (
         f"prompt {args.prompt_len} tokens into a state of max_len = context (the step's cost does not depend on it)")
     return {"memory": f"peak max_memory_allocated over one generate call of {args.new_tokens} new tokens, "

@@ -72,7 +72,7 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
 def decode_step_launches(DK: int, DV: int, dtype, device, run) -> None:
     """The one-kernel decoding step (decode_step.py) of 8 heads: groupnorm with its affine weight and
     bias (the presets), rmsnorm without; per-sequence positions (the engine) and one for all; the
-    state written every token and once every 8."""
+    state written every token, and once per window of the engine's default length and of 8."""
     from ..retention_state import DEFAULT_WINDOW
     from .decode_step import launch_decode_step
 

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..retention_state import WindowedState
 from . import triton_interpreted
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,8 +43,6 @@ def decode_step(proj: Tensor, sin: Tensor, cos: Tensor, lg2: Tensor, state, norm
     [B, H, d_k, d_v] fp32, contiguous, updated in place, or a retention_state.WindowedState with
     position [B] (each sequence's position: which token of its window this is); norm: the HeadNorm
     -> y [B, 1, H d_v]."""
-    from ..retention_state import WindowedState
-
     windowed = isinstance(state, WindowedState)
     base = state.base if windowed else state
     B, H, DK, DV = base.shape

@@ -114,8 +114,8 @@ class _GatedNormProjection(torch.autograd.Function):
         out = F.linear(y.reshape(B, T, H * D), proj_weight, proj_bias)  # under autocast: its dtype
         ctx.save_for_backward(o, g, weight, bias, mean, rstd, proj_weight)
         ctx.group, ctx.eps, ctx.compute_dtype = group, eps, out.dtype
-        ctx.has = (weight is not None, bias is not None, proj_bias is not None)
-        ctx.bias_dtype = proj_bias.dtype if proj_bias is not None else None
+        ctx.has = (weight is not None, bias is not None)
+        ctx.bias_dtype = proj_bias.dtype if proj_bias is not None else None  # None: no projection bias
         return out
 
     @staticmethod
@@ -127,7 +127,7 @@ class _GatedNormProjection(torch.autograd.Function):
         dout = dout.to(dt).reshape(B * T, -1)
         y = y.to(dt).reshape(B * T, H * D)
         dproj_weight = (dout.t() @ y).to(proj_weight.dtype)
-        dproj_bias = dout.sum(0).to(ctx.bias_dtype) if ctx.has[2] else None
+        dproj_bias = dout.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         dy = (dout @ proj_weight.to(dt)).reshape(B, T, H, D).to(y.dtype)
         do, dg, dw, db = torch.ops.retnet.swish_gated_head_norm_backward(dy.contiguous(), o, g, weight, bias, mean,
                                                                          rstd, ctx.group)

@@ -20,12 +20,12 @@ import os
 import torch
 from torch import Tensor
 
+from ..config import RetentionKeep
 from . import retention_launch as L
 from .decode_step import log2_decays
 from .retention_launch import MAX_DK, MAX_DV, Tuning
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KEEP = ("none", "states", "scores", "both")  # model.retention_keep
 
 
 def usable(x: Tensor) -> bool:
@@ -54,8 +54,8 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str, sta
 
 def keep_tuning(keep: str) -> Tuning | None:
     """The default tuning with model.retention_keep's choice (None: nothing kept, the defaults)."""
-    if keep not in KEEP:
-        raise ValueError(f"model.retention_keep={keep!r} is not one of {list(KEEP)}")
+    if keep not in RetentionKeep.values():
+        raise ValueError(f"model.retention_keep={keep!r} is not one of {list(RetentionKeep.values())}")
     if keep == "none":
         return None
     return dataclasses.replace(L.default_tuning(rocm=torch.version.hip is not None),
