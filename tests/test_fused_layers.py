@@ -401,3 +401,28 @@ def test_cast_once_leaves_other_linears_and_no_autocast_alone():
         assert all(t.dtype == torch.bfloat16 for t in shared) and shared[0].data_ptr() == shared[1].data_ptr()
         assert all(t is x for t in cast_once_for_autocast(x, [plain[0], Sharded(8, 4)]))
     assert all(t is x for t in cast_once_for_autocast(x, plain))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_norm_gate_projection_real_shapes_bf16_autocast():
+    """retnet_1.3b's heads (8 x d_v 512 into d_model 2048), fp32 weights under bf16 autocast, 2 x 2048
+    tokens: gated_norm_projection's output and gradients equal the norm-gate kernel + nn.Linear's."""
+    from retnet_train.model.kernels.norm_gate import gated_head_norm, gated_norm_projection
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 2048, 8, 512
+    norm = HeadNorm(H, D, "groupnorm", 1e-6, True).cuda()
+    proj = torch.nn.Linear(H * D, 2048, bias=False).cuda()
+    o = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(B, T, H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    params = [o, g, *norm.parameters(), proj.weight]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = gated_norm_projection(o, g, norm, proj)
+        ref = proj(gated_head_norm(o, g, norm, "swish", kernels="triton"))
+    assert torch.equal(out, ref)
+    dy = torch.randn_like(out)
+    for name, a, b in zip(["o", "g", "norm weight", "norm bias", "proj weight"],
+                          torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy)):
+        assert a.dtype == b.dtype, name
+        assert ((a.float() - b.float()).norm() / b.float().norm()) < 1e-3, name
