@@ -37,20 +37,23 @@ def _windowed_step(STATE, KWIN, VWIN, POS, START, base, tile, in_tile, q, k, v, 
     the write-back from them, measured slower on an H100: 60.5 against 46.2 us per layer at batch 16
     with 8-token windows, bench/RESULTS.md 2026-12-06.)"""
     c = (tl.load(POS + b) - tl.load(START + b)) % WINDOW
-    o = tl.sum(base * q[:, None], axis=0) * tl.exp2((c + 1).to(tl.float32) * lg2) + tl.sum(q * k) * v
     win = bh.to(tl.int64) * WINDOW
-    for j in range(0, c):
-        kj = tl.load(KWIN + (win + j) * DK + ks, mask=k_ok, other=0.0).to(tl.float32)
-        vj = tl.load(VWIN + (win + j) * DV + vs, mask=v_ok, other=0.0).to(tl.float32)
-        o += (tl.exp2((c - j).to(tl.float32) * lg2) * tl.sum(q * kj)) * vj
     if c == WINDOW - 1:
+        # the window's last token: S_t in full, written back, and o = q S_t from it (one pass over
+        # the window's keys and values, not one for o and another for the write-back)
         state = base * tl.exp2(WINDOW * lg2) + k[:, None] * v[None, :]
         for j in range(0, c):
             kj = tl.load(KWIN + (win + j) * DK + ks, mask=k_ok, other=0.0).to(tl.float32)
             vj = tl.load(VWIN + (win + j) * DV + vs, mask=v_ok, other=0.0).to(tl.float32)
             state += (tl.exp2((c - j).to(tl.float32) * lg2) * kj)[:, None] * vj[None, :]
         tl.store(STATE + tile, state, mask=in_tile)
+        o = tl.sum(state * q[:, None], axis=0)
     else:
+        o = tl.sum(base * q[:, None], axis=0) * tl.exp2((c + 1).to(tl.float32) * lg2) + tl.sum(q * k) * v
+        for j in range(0, c):
+            kj = tl.load(KWIN + (win + j) * DK + ks, mask=k_ok, other=0.0).to(tl.float32)
+            vj = tl.load(VWIN + (win + j) * DV + vs, mask=v_ok, other=0.0).to(tl.float32)
+            o += (tl.exp2((c - j).to(tl.float32) * lg2) * tl.sum(q * kj)) * vj
         if vb == 0:  # k is the same in every program of the head: the first writes it
             tl.store(KWIN + (win + c) * DK + ks, k.to(KWIN.dtype.element_ty), mask=k_ok)
         tl.store(VWIN + (win + c) * DV + vs, v.to(VWIN.dtype.element_ty), mask=v_ok)
