@@ -110,6 +110,35 @@ def test_norm_gate_with_projection_recomputes_y_equal_gradients_and_saves_less(i
     assert saved_plain - saved == y_bytes + (proj.weight.numel() * 2 if autocast else 0), (saved, saved_plain)
 
 
+def test_norm_gate_with_projection_compiled_keeps_only_its_inputs(interpreter):
+    """Under torch.compile the gated-norm projection keeps o and g alone (y and the norm's statistics
+    recomputed in backward; traced as the autograd Function it kept y), where the compiled norm-gate +
+    nn.Linear keeps y too; the gradients equal eager ones."""
+    if not interpreter:
+        return  # ran (and passed) in a fresh process
+    from retnet_train.model.kernels.norm_gate import gated_head_norm, gated_norm_projection
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 5, 3, 24
+    norm = HeadNorm(H, D, "groupnorm", 1e-6, True)
+    proj = torch.nn.Linear(H * D, 16, bias=True)
+    o = (torch.randn(B, T, H, D) * 3 + 1).requires_grad_()
+    g = torch.randn(B, T, H * D).requires_grad_()
+    params = [o, g, *norm.parameters(), *proj.parameters()]
+    ours = torch.compile(lambda: gated_norm_projection(o, g, norm, proj))
+    plain = torch.compile(lambda: proj(gated_head_norm(o, g, norm, "swish", kernels="triton")))
+
+    inputs_bytes = (o.numel() + g.numel()) * 4
+    assert _saved_bytes(ours, params[2:]) == inputs_bytes
+    assert _saved_bytes(plain, params[2:]) >= inputs_bytes + B * T * H * D * 4  # y as well
+    out = ours()
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, params, dy)
+    ref_grads = torch.autograd.grad(gated_norm_projection(o, g, norm, proj), params, dy)  # eager: the Function
+    for name, a, b in zip(["o", "g", "norm weight", "norm bias", "proj weight", "proj bias"], grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
 def test_norm_gate_torch_choice_is_plain_pytorch():
     """kernels=torch never reaches Triton: the same expression as the model always had."""
     from retnet_train.model.kernels.norm_gate import gated_head_norm

@@ -234,7 +234,7 @@ calls = []
 R.gated_norm_projection = lambda *a, f=R.gated_norm_projection: calls.append(1) or f(*a)
 grads = {}
 for compiled in (False, True):
-    for mode in ("none", "selective"):
+    for mode in ("none", "selective", "full"):
         torch.manual_seed(0)
         m = build_model("retnet_tiny", kernels="triton", vocab_size=97, d_model=32, n_layers=2, n_heads=2).train()
         m.set_activation_checkpointing(mode)
@@ -254,7 +254,8 @@ print("ok")
 
 def test_compiled_blocks_with_the_norm_gate_kernel_train_like_eager():
     """The head norm + gate kernel and the output projection that recomputes its input in backward
-    (kernels/norm_gate.py), in compiled blocks without and with selective checkpointing: the
+    (kernels/norm_gate.py), in compiled blocks without, with selective and with full checkpointing
+    (compiled, the projection is a checkpointed region of its own: nested in the block's): the
     gradients of eager (a fresh process with Triton's interpreter)."""
     import os
     import subprocess

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from . import triton_interpreted
 
@@ -101,9 +102,19 @@ def gated_norm_projection(o: Tensor, g: Tensor, norm, out_proj) -> Tensor:
     hidden units). Autograd would keep y, 2 bytes per value channel and token in bf16: 3.2 GB at
     retnet_1.3b, 16k tokens, 24 layers. o [B, T, H, d_v], g [B, T, H * d_v]; out_proj a plain
     nn.Linear (the caller checks: not tensor-parallel, not ZeRO-3 partitioned)."""
+    if torch.compiler.is_compiling():
+        # Traced, the Function's recompute of y reads only forward values, so the compiler's
+        # partitioner runs it once, in the forward, and keeps y after all. A checkpointed region
+        # is how a traced graph says "recompute": its partitioner keeps o, g and the weights, and
+        # recomputes only the kernel (the projection's output is not needed by the backward).
+        return checkpoint(_norm_gate_then_projection, o, g, norm, out_proj, use_reentrant=False)
     B, T, H, D = o.shape
     return _GatedNormProjection.apply(o.contiguous(), g.reshape(B, T, H, D).contiguous(), norm.weight, norm.bias,
                                       norm.kind == "groupnorm", norm.eps, out_proj.weight, out_proj.bias)
+
+
+def _norm_gate_then_projection(o: Tensor, g: Tensor, norm, out_proj) -> Tensor:
+    return out_proj(gated_head_norm(o, g, norm, "swish", kernels="triton"))
 
 
 class _GatedNormProjection(torch.autograd.Function):
