@@ -69,6 +69,20 @@ def test_norm_gate_kernel_matches_head_norm_and_silu(interpreter, kind, affine):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
+def _norm_gate_projection_inputs(B: int, T: int, H: int, D: int):
+    """o [B, T, H, D], g [B, T, H * D] (leaves), a HeadNorm with distinct per-channel weights, an
+    nn.Linear(H * D, 16), and every tensor whose gradient the tests compare."""
+    torch.manual_seed(0)
+    norm = HeadNorm(H, D, "groupnorm", 1e-6, True)
+    proj = torch.nn.Linear(H * D, 16, bias=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    o = (torch.randn(B, T, H, D) * 3 + 1).requires_grad_()
+    g = torch.randn(B, T, H * D).requires_grad_()
+    return o, g, norm, proj, [o, g, *norm.parameters(), *proj.parameters()]
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_norm_gate_with_projection_recomputes_y_equal_gradients_and_saves_less(interpreter, autocast):
     """gated_norm_projection (training: the gated output y is recomputed in backward for the output
@@ -78,16 +92,8 @@ def test_norm_gate_with_projection_recomputes_y_equal_gradients_and_saves_less(i
         return  # ran (and passed) in a fresh process
     from retnet_train.model.kernels.norm_gate import gated_head_norm, gated_norm_projection
 
-    torch.manual_seed(0)
     B, T, H, D = 2, 5, 3, 24
-    norm = HeadNorm(H, D, "groupnorm", 1e-6, True)
-    proj = torch.nn.Linear(H * D, 16, bias=True)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
-    o = (torch.randn(B, T, H, D) * 3 + 1).requires_grad_()
-    g = torch.randn(B, T, H * D).requires_grad_()
-    params = [o, g, *norm.parameters(), *proj.parameters()]
+    o, g, norm, proj, params = _norm_gate_projection_inputs(B, T, H, D)
 
     def ours():
         return gated_norm_projection(o, g, norm, proj)
@@ -118,13 +124,8 @@ def test_norm_gate_with_projection_compiled_keeps_only_its_inputs(interpreter):
         return  # ran (and passed) in a fresh process
     from retnet_train.model.kernels.norm_gate import gated_head_norm, gated_norm_projection
 
-    torch.manual_seed(0)
     B, T, H, D = 2, 5, 3, 24
-    norm = HeadNorm(H, D, "groupnorm", 1e-6, True)
-    proj = torch.nn.Linear(H * D, 16, bias=True)
-    o = (torch.randn(B, T, H, D) * 3 + 1).requires_grad_()
-    g = torch.randn(B, T, H * D).requires_grad_()
-    params = [o, g, *norm.parameters(), *proj.parameters()]
+    o, g, norm, proj, params = _norm_gate_projection_inputs(B, T, H, D)
     ours = torch.compile(lambda: gated_norm_projection(o, g, norm, proj))
     plain = torch.compile(lambda: proj(gated_head_norm(o, g, norm, "swish", kernels="triton")))
 
