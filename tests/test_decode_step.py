@@ -113,7 +113,7 @@ def _steps_alike(model, ref, windowed, plain, steps: int, log_gamma):
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
-@pytest.mark.parametrize("window", [2, 3])
+@pytest.mark.parametrize("window", [2, 3, 4, 8])  # 4: the engine default; 8: AOT-compiled too
 def test_state_written_once_per_window_equals_the_state_written_every_token(kernels, window):
     """A WindowedState (retention_state.py) through the fused kernel (triton) and through the torch
     step: the logits of every step and, after steps that end a window and steps inside one, the

@@ -116,10 +116,12 @@ def test_norm_gate_with_projection_recomputes_y_equal_gradients_and_saves_less(i
     assert saved_plain - saved == y_bytes + (proj.weight.numel() * 2 if autocast else 0), (saved, saved_plain)
 
 
-def test_norm_gate_with_projection_compiled_keeps_only_its_inputs(interpreter):
-    """Under torch.compile the gated-norm projection keeps o and g alone (y and the norm's statistics
-    recomputed in backward; traced as the autograd Function it kept y), where the compiled norm-gate +
-    nn.Linear keeps y too; the gradients equal eager ones."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_norm_gate_with_projection_compiled_keeps_only_its_inputs(interpreter, autocast):
+    """Under torch.compile the gated-norm projection keeps o and g (and at most the norm's two
+    statistics per token and head), not y: traced as the autograd Function it kept y, as the
+    compiled norm-gate + nn.Linear does. Outputs and gradients (values and dtypes, also under bf16
+    autocast) equal eager ones."""
     if not interpreter:
         return  # ran (and passed) in a fresh process
     from retnet_train.model.kernels.norm_gate import gated_head_norm, gated_norm_projection
@@ -129,14 +131,19 @@ def test_norm_gate_with_projection_compiled_keeps_only_its_inputs(interpreter):
     ours = torch.compile(lambda: gated_norm_projection(o, g, norm, proj))
     plain = torch.compile(lambda: proj(gated_head_norm(o, g, norm, "swish", kernels="triton")))
 
-    inputs_bytes = (o.numel() + g.numel()) * 4
-    assert _saved_bytes(ours, params[2:]) == inputs_bytes
-    assert _saved_bytes(plain, params[2:]) >= inputs_bytes + B * T * H * D * 4  # y as well
-    out = ours()
+    inputs_bytes, stats_bytes = (o.numel() + g.numel()) * 4, 2 * B * T * H * 4
+    y_bytes = B * T * H * D * (2 if autocast else 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert inputs_bytes <= _saved_bytes(ours, params[2:]) <= inputs_bytes + stats_bytes
+        assert _saved_bytes(plain, params[2:]) >= inputs_bytes + y_bytes
+        out = ours()
+        ref = gated_norm_projection(o, g, norm, proj)  # eager: the autograd Function
+    assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     dy = torch.randn_like(out)
-    grads = torch.autograd.grad(out, params, dy)
-    ref_grads = torch.autograd.grad(gated_norm_projection(o, g, norm, proj), params, dy)  # eager: the Function
+    grads, ref_grads = torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy)
     for name, a, b in zip(["o", "g", "norm weight", "norm bias", "proj weight", "proj bias"], grads, ref_grads):
+        assert a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
