@@ -19,6 +19,9 @@
 #   train-long   the same at 2 x 8192 tokens beside our Transformer, eager and compiled (the memory
 #                comparison)
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
+#   long         retnet_1.3b through the trainer at T=131072 (full checkpointing), compiled and eager
+#                (the eager one keeps its last block whole, as the 128k experiment), each beside the
+#                same setup at 8 x 2048 (issue 10's bar: >= 90% of its tokens/s)
 #
 # Env: LOG_DIR (default bench/logs), RUN_TIMEOUT (seconds per bench run, default 300),
 # TRAIN_SETUPS (default "zero2:auto zero1:auto"), RETENTION_KEEP (default "none both").
@@ -70,6 +73,15 @@ phase_train_long() {
     run "$LOG_DIR/train.log" python bench/train_step.py --runs transformer --compile --seq-len 8192 --steps 4 --warmup 2
 }
 
+phase_long() {
+    local log="$LOG_DIR/long.log"
+    run "$log" python bench/train_throughput.py --seq-len 2048 --tokens-per-step 16384 --compile --steps 5 --warmup 3
+    run "$log" python bench/train_throughput.py --seq-len 131072 --act-ckpt --compile --steps 3 --warmup 2
+    run "$log" python bench/train_throughput.py --seq-len 2048 --tokens-per-step 16384 --steps 5 --warmup 3
+    run "$log" python bench/train_throughput.py --seq-len 131072 --act-ckpt --steps 3 --warmup 2 \
+        trainer.checkpoint_layers=23
+}
+
 phase_kernels() {
     run "$LOG_DIR/kernels.log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --profile
 }
@@ -81,6 +93,7 @@ for phase in "$@"; do
         train) phase_train 2048 ;;
         train-long) phase_train_long ;;
         kernels) phase_kernels ;;
-        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, kernels)" >&2; exit 2 ;;
+        long) phase_long ;;
+        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, kernels, long)" >&2; exit 2 ;;
     esac
 done

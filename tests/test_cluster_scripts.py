@@ -412,5 +412,10 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert decode.count("exit 0") == 5
     train = (tmp_path / "logs" / "train.log").read_text()
     assert "--trainer-setup zero1:auto zero0:bf16_autocast --retention-keep none both --seq-len 2048" in train
+    r = run(ROOT / "bench" / "one_gpu.sh", "long", **env)
+    long = [line for line in (tmp_path / "logs" / "long.log").read_text().splitlines() if line.startswith("ran python")]
+    assert [line.split("--seq-len ")[1].split()[0] for line in long] == ["2048", "131072", "2048", "131072"]
+    assert ["--compile" in line for line in long] == [True, True, False, False]
+    assert long[3].endswith("trainer.checkpoint_layers=23")
     r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
     assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr
