@@ -46,7 +46,7 @@ def test_fused_and_in_place_clipping_take_the_steps_of_clip_grad_norm(max_norm):
                         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
                     opt.step()
             else:
-                norms.append(clip_and_guard(opt, params, max_norm))
+                norms.append(float(clip_and_guard(opt, params, max_norm)))
                 opt.step()
             opt.zero_grad(set_to_none=True)
         runs[name] = (model, opt, norms)
@@ -71,7 +71,7 @@ def test_fused_clipping_leaves_the_gradients_and_tells_the_optimizer():
     _backward(model, 0)
     params = list(model.parameters())
     grads = [p.grad.clone() for p in params]
-    norm = clip_and_guard(opt, params, 0.2)
+    norm = float(clip_and_guard(opt, params, 0.2))
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     assert float(opt.grad_scale) == pytest.approx((norm + 1e-6) / 0.2) and float(opt.found_inf) == 0.0
     clip_and_guard(opt, params, 0.0)

@@ -12,10 +12,11 @@ from retnet_train.parallel.tensor_parallel import grad_norm
 
 
 def clip_and_guard(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float,
-                   tp_group=None) -> float:
+                   tp_group=None) -> torch.Tensor:
     """Scale the gradients so their whole-model L2 norm is at most `max_norm` (0: no clipping) and
     make the coming optimizer step change nothing if the norm is not finite. Returns the norm
-    before clipping (covering every tensor-parallel slice once, `tp_group`).
+    before clipping (covering every tensor-parallel slice once, `tp_group`), a 0-dim tensor on the
+    gradients' device: read it after the step is queued.
 
     With torch's fused Adam/AdamW both ride on its one kernel: it divides each gradient by
     `grad_scale` and skips the whole step (weights, moments and step counts) where `found_inf` is
@@ -28,11 +29,10 @@ def clip_and_guard(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None
         optimizer.grad_scale = None if coef is None else coef.reciprocal().float()
         optimizer.found_inf = (~torch.isfinite(norm)).float()
-        return float(norm)
+        return norm
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    norm = float(norm)
-    if not math.isfinite(norm):
+    if not math.isfinite(float(norm)):
         for p in params:
             p.grad = None
     return norm

@@ -192,8 +192,8 @@ class Trainer:
             engine.step()
             loss_sum += loss.detach().double()
         if grad_norm is None:  # DeepSpeed's norm (None where its optimizer wrapper computes none)
-            g = engine.get_global_grad_norm()
-            grad_norm = float(g) if g is not None else None
+            grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
         loss = float(loss_sum) / gas
         bad = ((engine.skipped_steps > skipped_before) or not math.isfinite(loss)
                or (grad_norm is not None and not math.isfinite(grad_norm)))
@@ -221,7 +221,7 @@ class Trainer:
             return {names[i] if names else str(i) for i in src.tolist()}
         return {str(s) for s in src}
 
-    def _clip_and_guard(self) -> float:
+    def _clip_and_guard(self) -> torch.Tensor:
         """ZeRO-0 fp32: clip here (gradients are already all-reduced); a non-finite norm makes the
         optimizer step that follows change nothing."""
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
