@@ -27,7 +27,7 @@ def _backward(model, step: int, poison: bool = False) -> None:
     (loss * float("nan") if poison else loss).backward()
 
 
-@pytest.mark.parametrize("max_norm", [0.2, 0.0])
+@pytest.mark.parametrize("max_norm", [0.2, 100.0, 0.0])  # clipping at every step, never (the clamp), off
 def test_fused_and_in_place_clipping_take_the_steps_of_clip_grad_norm(max_norm):
     """Four steps, the third with a NaN loss: our two paths and the plain reference (clip_grad_norm_,
     a skipped step) end with the same weights, moments and step counts; the norms agree."""
@@ -51,7 +51,9 @@ def test_fused_and_in_place_clipping_take_the_steps_of_clip_grad_norm(max_norm):
             opt.zero_grad(set_to_none=True)
         runs[name] = (model, opt, norms)
     ref_model, ref_opt, ref_norms = runs["reference"]
-    assert max_norm == 0 or min(n for n in ref_norms if math.isfinite(n)) > max_norm  # clipping acts
+    finite = [n for n in ref_norms if math.isfinite(n)]
+    assert max_norm in (0, 100) or min(finite) > max_norm  # clipping acts at every step
+    assert max_norm != 100 or max(finite) < max_norm  # the coefficient is clamped to 1
     assert math.isnan(ref_norms[2])
     for name in ("fused", "in place"):
         model, opt, norms = runs[name]

@@ -183,6 +183,23 @@ def test_a_cp2_run_trains_like_one_process_resumes_at_cp1_and_exports(tmp_path):
     assert (tmp_path / "export" / "model.safetensors").is_file()
 
 
+def test_a_cp2_run_at_zero0_reduces_the_gradients_over_its_ranks(tmp_path):
+    """At ZeRO-0 with one data-parallel rank the trainer skips DeepSpeed's gradient all-reduce; with
+    cp=2 the two ranks hold the gradients of two halves of each sequence, and the reduction must run
+    (DeepSpeed's data-parallel group holds the cp ranks): the one-process losses, and the log says so."""
+    from test_train_utils import losses, reference_losses, run_train
+
+    run = tmp_path / "run"
+    run_train(run, "trainer.max_steps=3", "parallel.cp=2", "deepspeed=zero0", "trainer.mode=chunkwise",
+              "model.chunk_size=16", "optim.decay_steps=3", "trainer.eval_at_end=false",
+              "checkpoint.save_at_end=false", nproc=2, launcher="torchrun")
+    got, want = losses(run), reference_losses(3)
+    assert sorted(got) == [1, 2, 3]
+    for step, loss in got.items():
+        assert abs(loss - want[step]) < 1e-5, (step, loss, want[step])
+    assert "gradient all-reduce on" in (run / "logs" / "rank00000.log").read_text()
+
+
 @pytest.mark.parametrize("overrides,needle", [
     (["model=transformer_tiny", "parallel.cp=2"], "model.arch='transformer' needs parallel.cp=1"),
     (["parallel.cp=2", "trainer.seq_len=63", "trainer.global_batch_tokens=504"], "does not divide trainer.seq_len=63"),

@@ -115,6 +115,10 @@ def test_nan_step_is_skipped(tmp_path, stage, impl):
     fused AdamW kernel (train/clipping.py) instead of the per-tensor loop's in-place scaling."""
     run_train(tmp_path, f"trainer.max_steps={STEPS}", f"deepspeed=zero{stage}", "trainer.eval_at_end=false",
               "checkpoint.save_at_end=false", f"optim.impl={impl}", fault="nan_loss@3")
+    log = (tmp_path / "logs" / "rank00000.log").read_text()
+    if stage == 0:  # the trainer clips; one rank: DeepSpeed's all-reduce is skipped
+        how = "in the fused AdamW's kernel" if impl == "fused" else "in place"
+        assert f"the trainer clips the gradients ({how}); gradient all-reduce skipped" in log
     want = reference_losses(STEPS, skip=frozenset({3}))
     got = losses(tmp_path)
     for step in (1, 2, 4, 5, 6):

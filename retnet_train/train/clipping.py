@@ -11,6 +11,11 @@ from torch import nn
 from retnet_train.parallel.tensor_parallel import grad_norm
 
 
+def clips_in_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """True where the optimizer's kernel applies the clip and the guard (torch's fused Adam/AdamW)."""
+    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+
+
 def clip_and_guard(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float,
                    tp_group=None) -> torch.Tensor:
     """Scale the gradients so their whole-model L2 norm is at most `max_norm` (0: no clipping) and
@@ -24,7 +29,7 @@ def clip_and_guard(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
     (3.9 ms a step at retnet_1.3b on an H100) and the guard no host round trip before the step.
     Otherwise the gradients are scaled in place and, on a non-finite norm, dropped."""
     norm = grad_norm(params, tp_group)
-    if isinstance(optimizer, torch.optim.Adam) and optimizer.defaults.get("fused"):
+    if clips_in_optimizer(optimizer):
         # the same coefficient as torch.nn.utils.clip_grads_with_norm_
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None
         optimizer.grad_scale = None if coef is None else coef.reciprocal().float()

@@ -19,7 +19,7 @@ from .build_lock import bound_build_lock_wait
 from .build import build_engine, forward_kwargs, is_export_dir
 from .cadence import Every
 from .checkpoint import CheckpointManager, checkpoints_named_by
-from .clipping import clip_and_guard
+from .clipping import clip_and_guard, clips_in_optimizer
 from .data import build_train_stream, resolve_vocab_size, verify_data
 from .evaluate import lm_loss, lm_loss_from_hidden, loss_autocast, model_inputs
 from .evaluator import Evaluator
@@ -91,7 +91,13 @@ class Trainer:
         # but DeepSpeed would still flatten every gradient into buckets and copy it back (7.6 ms a
         # step at retnet_1.3b on an H100, profiled). Its no_sync() skips that; the other setups
         # keep DeepSpeed's reduction (its optimizer wrappers take part in it).
+        # (On more ranks DeepSpeed's reduction also gives a parameter without a gradient a zero one;
+        # here such a parameter would sit out the step. The models have none.)
         self._reduce_grads = not (self.built.own_clipping and self.engine.seq_dp_world_size == 1)
+        if self.built.own_clipping:
+            log.info("ZeRO-0 fp32: the trainer clips the gradients (%s); gradient all-reduce %s",
+                     "in the fused AdamW's kernel" if clips_in_optimizer(self.engine.optimizer) else "in place",
+                     "on" if self._reduce_grads else "skipped: one data-parallel rank")
         if self.ps.device.type == "cuda":
             # the model was built in fp32 on the device before ZeRO / tensor parallelism cut it down:
             # report that peak once, and let mem_gib show what training itself holds
@@ -222,8 +228,8 @@ class Trainer:
         return {str(s) for s in src}
 
     def _clip_and_guard(self) -> torch.Tensor:
-        """ZeRO-0 fp32: clip here (gradients are already all-reduced); a non-finite norm makes the
-        optimizer step that follows change nothing."""
+        """ZeRO-0 fp32: clip here (after the backward's all-reduce, where there is one); a non-finite
+        norm makes the optimizer step that follows change nothing."""
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         # the whole model's norm: with tp > 1 each rank holds slices, and every rank must scale alike
         tp_group = mpu().get_model_parallel_group() if self.ps.tp_size > 1 else None
