@@ -208,8 +208,7 @@ class RetNet(LanguageModel):
     def decodes_in_one_kernel(self, device: torch.device) -> bool:
         """Whether the inference engine's step on `device` runs the one-kernel decoding step
         (kernels/decode_step.py): our or fla's kernels on a GPU, and layers whose options it has."""
-        return (device.type == "cuda" and self.kernels in ("fla", "triton")
-                and next(self.parameters()).dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return (device.type == "cuda" and fused_decode.runs_with(device, next(self.parameters()).dtype, self.kernels)
                 and all(block.retention.one_kernel_step_fits() for block in self.layers))
 
     def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype | None = None,

@@ -25,9 +25,14 @@ _MIN_COUNTERS = 1 << 16  # 256 KiB: batch x heads up to 65536 without growing
 def runs_on(x: Tensor, kernels: str) -> bool:
     """True where the fused step can run on x (the projection's input): a GPU with our or fla's
     kernels chosen, or a CPU tensor under Triton's interpreter with kernels=triton (tests)."""
-    if kernels == "torch" or x.dtype not in _DTYPES:
+    return runs_with(x.device, x.dtype, kernels)
+
+
+def runs_with(device: torch.device, dtype: torch.dtype, kernels: str) -> bool:
+    """runs_on for inputs of `dtype` on `device`, before there is a tensor (the inference engine)."""
+    if kernels == "torch" or dtype not in _DTYPES:
         return False
-    return x.is_cuda or (kernels == "triton" and x.device.type == "cpu" and triton_interpreted())
+    return device.type == "cuda" or (kernels == "triton" and device.type == "cpu" and triton_interpreted())
 
 
 def log2_decays(log_gamma: Tensor, device: torch.device) -> Tensor:
