@@ -185,6 +185,20 @@ def test_chunked_linear_cross_entropy_equals_full_logits(reduction, chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _autograd_node_names(root) -> "collections.Counter":
+    import collections
+
+    seen, stack, names = set(), [root], collections.Counter()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names[type(node).__name__] += 1
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
 def test_chunked_head_cross_entropy_equals_full_logits():
     """The module-call variant (ZeRO-3 / tensor parallelism): each chunk checkpointed."""
     from retnet_train.model.kernels.linear_ce import chunked_head_cross_entropy
@@ -194,6 +208,9 @@ def test_chunked_head_cross_entropy_equals_full_logits():
     with torch.no_grad():
         head.weight.copy_(weight)
     loss = chunked_head_cross_entropy(hidden[None], head, labels[None], chunk_tokens=7)
+    # the chunks' gradients join in one cat (split's backward), not in per-chunk whole-size adds
+    nodes = _autograd_node_names(loss.grad_fn)
+    assert nodes["SplitBackward0"] == 1 and nodes["SliceBackward0"] == 0, nodes
     loss.backward()
     ref_hidden = hidden.detach().clone().requires_grad_()
     ref_head = torch.nn.Linear(16, 50, bias=False)

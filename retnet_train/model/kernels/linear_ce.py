@@ -97,8 +97,9 @@ def chunked_head_cross_entropy(hidden: Tensor, head: Callable[[Tensor], Tensor],
     chunk_tokens = chunk_tokens or CHUNK_TOKENS
     x, lab = hidden.reshape(1, -1, hidden.shape[-1]), labels.reshape(1, -1)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, x.shape[1], chunk_tokens):
-        xc, lc = x[:, s:s + chunk_tokens], lab[:, s:s + chunk_tokens]
+    # split, not slicing: autograd joins split's gradients with one cat, where each slice's backward
+    # would fill a zero tensor of the whole hidden [1, T, d] and add it to the others (fp32, per chunk)
+    for xc, lc in zip(x.split(chunk_tokens, dim=1), lab.split(chunk_tokens, dim=1)):
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, head, loss_sum, xc, lc, use_reentrant=False)
         else:
