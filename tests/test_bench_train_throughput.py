@@ -14,8 +14,8 @@ def test_an_experiment_keeps_its_own_settings_and_steps_one_micro_batch_per_rank
     assert overrides == [key, f"trainer.global_batch_tokens={1 * 131072 * 2 * 2}"]
     cfg = load_config([*overrides, "trainer.data_source=synthetic"])
     t = cfg.trainer
-    assert (t.seq_len, t.micro_batch_size, t.activation_checkpointing, t.checkpoint_layers, cfg.deepspeed.stage) == \
-        (131072, 1, "full", 23, 2)
+    assert (t.seq_len, t.micro_batch_size, t.activation_checkpointing, t.checkpoint_layers, t.compile,
+            cfg.deepspeed.stage) == (131072, 1, "full", None, True, 2)
 
 
 def test_a_preset_takes_the_shape_and_trainer_flags():

@@ -147,6 +147,28 @@ def test_norm_gate_with_projection_compiled_keeps_only_its_inputs(interpreter, a
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
+def test_norm_gate_with_projection_compiled_in_a_residual_block_runs_the_projection_once(interpreter):
+    """In a block the region's output feeds the residual and the next norm, whose backward needs
+    x + out: the backward recomputes the gated output y only. Left to recompute all of the region,
+    the compiler re-ran the projection in backward to rebuild x + out (a fourth matmul)."""
+    if not interpreter:
+        return  # ran (and passed) in a fresh process
+    from torch.profiler import ProfilerActivity, profile
+
+    from retnet_train.model.kernels.norm_gate import gated_norm_projection
+
+    B, T, H, D = 2, 5, 3, 24
+    o, g, norm, proj, params = _norm_gate_projection_inputs(B, T, H, D)
+    x = torch.randn(B, T, proj.out_features, requires_grad=True)
+    after = torch.nn.LayerNorm(proj.out_features)
+    block = torch.compile(lambda: after(x + gated_norm_projection(o, g, norm, proj)))
+    block().sum().backward()  # compiles
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        block().sum().backward()
+    matmuls = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::linear")]
+    assert len(matmuls) == 3, matmuls  # forward, and the weight's and the input's gradients
+
+
 def test_norm_gate_torch_choice_is_plain_pytorch():
     """kernels=torch never reaches Triton: the same expression as the model always had."""
     from retnet_train.model.kernels.norm_gate import gated_head_norm

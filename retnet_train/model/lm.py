@@ -6,7 +6,6 @@ the Transformer differ only in their blocks. `State` carries what decoding needs
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -14,9 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from . import init
+from .checkpointing import keep_matmul_outputs
 from .config import MODES, ModelConfig
 from .kernels import resolve_kernels
 from .layers import document_positions, make_norm, rotary_sin_cos, rotary_sin_cos_at
@@ -258,29 +258,5 @@ def run_block(block: nn.Module, x: Tensor, ctx: ForwardContext, layer_state, che
         return block(x, ctx, layer_state)
     if checkpointing == "full":  # no context_fn argument: torch.compile cannot trace a chosen noop_context_fn
         return checkpoint(block, x, ctx, layer_state, use_reentrant=False)
-    return checkpoint(block, x, ctx, layer_state, use_reentrant=False, context_fn=_selective_contexts)
-
-
-# ---- selective activation checkpointing ------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def _saved_ops() -> frozenset:
-    """Ops whose outputs "selective" keeps: matmuls (projections, FFN, the torch retention forms'
-    batched matmuls, which are the expensive intra-chunk part) and attention kernels."""
-    aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward"]
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
-
-
-def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    # custom retention kernels register themselves as torch.library ops named retnet::retention*
-    if op in _saved_ops() or op.name().startswith("retnet::retention"):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _selective_contexts():
-    return create_selective_checkpoint_contexts(_selective_policy)
+    return checkpoint(block, x, ctx, layer_state, use_reentrant=False, context_fn=keep_matmul_outputs)
 
