@@ -19,6 +19,9 @@
 #   train-long   the same at 2 x 8192 tokens beside our Transformer, eager and compiled (the memory
 #                comparison)
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
+#   ckpt         where full activation checkpointing's time goes: retnet_1.3b through the trainer,
+#                compiled, 8 x 2048, profiled fully checkpointed and not (a checkpointed step took 1.7x
+#                an uncheckpointed one on an H100, against about 1.33x for one more forward)
 #   long         retnet_1.3b through the trainer at T=131072 (full checkpointing), compiled and eager
 #                (the eager one keeps its last block whole, as the 128k experiment), each beside the
 #                same setup at 8 x 2048 (issue 10's bar: >= 90% of its tokens/s)
@@ -82,6 +85,14 @@ phase_long() {
         trainer.checkpoint_layers=23
 }
 
+phase_ckpt() {
+    local log="$LOG_DIR/ckpt.log"
+    run "$log" python bench/train_throughput.py --seq-len 2048 --tokens-per-step 16384 --act-ckpt --compile --steps 3 \
+        --warmup 2 --profile
+    run "$log" python bench/train_throughput.py --seq-len 2048 --tokens-per-step 16384 --compile --steps 3 --warmup 2 \
+        --profile
+}
+
 phase_kernels() {
     run "$LOG_DIR/kernels.log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --profile
 }
@@ -94,6 +105,7 @@ for phase in "$@"; do
         train-long) phase_train_long ;;
         kernels) phase_kernels ;;
         long) phase_long ;;
-        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, kernels, long)" >&2; exit 2 ;;
+        ckpt) phase_ckpt ;;
+        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, kernels, long, ckpt)" >&2; exit 2 ;;
     esac
 done

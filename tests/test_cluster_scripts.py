@@ -417,5 +417,9 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert [line.split("--seq-len ")[1].split()[0] for line in long] == ["2048", "131072", "2048", "131072"]
     assert ["--compile" in line for line in long] == [True, True, False, False]
     assert long[3].endswith("trainer.checkpoint_layers=23")
+    r = run(ROOT / "bench" / "one_gpu.sh", "ckpt", **env)
+    ckpt = [line for line in (tmp_path / "logs" / "ckpt.log").read_text().splitlines() if line.startswith("ran python")]
+    assert [("--act-ckpt" in line, "--profile" in line, "--compile" in line) for line in ckpt] == \
+        [(True, True, True), (False, True, True)]
     r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
     assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr
