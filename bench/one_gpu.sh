@@ -19,6 +19,9 @@
 #   train-long   the same at 2 x 8192 tokens beside our Transformer, eager and compiled (the memory
 #                comparison)
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
+#   long-budget  retnet_1.3b through the trainer at T=131072, compiled, no checkpointing but
+#                trainer.activation_memory_budget 0.05 and 0.2 (the compiler recomputes what does not
+#                fit, cheapest per byte first), against the `long` phase's full checkpointing
 #   ckpt         where full activation checkpointing's time goes: retnet_1.3b through the trainer,
 #                compiled, 8 x 2048, profiled fully checkpointed and not (a checkpointed step took 1.7x
 #                an uncheckpointed one on an H100, against about 1.33x for one more forward)
@@ -85,6 +88,14 @@ phase_long() {
         trainer.checkpoint_layers=23
 }
 
+phase_long_budget() {
+    local budget
+    for budget in 0.05 0.2; do
+        run "$LOG_DIR/long-budget.log" python bench/train_throughput.py --seq-len 131072 --compile --steps 3 \
+            --warmup 2 trainer.activation_memory_budget=$budget
+    done
+}
+
 phase_ckpt() {
     local log="$LOG_DIR/ckpt.log"
     run "$log" python bench/train_throughput.py --seq-len 2048 --tokens-per-step 16384 --act-ckpt --compile --steps 3 \
@@ -105,7 +116,9 @@ for phase in "$@"; do
         train-long) phase_train_long ;;
         kernels) phase_kernels ;;
         long) phase_long ;;
+        long-budget) phase_long_budget ;;
         ckpt) phase_ckpt ;;
-        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, kernels, long, ckpt)" >&2; exit 2 ;;
+        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, kernels, long, long-budget, ckpt)" >&2
+           exit 2 ;;
     esac
 done

@@ -196,6 +196,12 @@ class TrainerConfig:
         "everything. null: every block. Where memory beside full checkpointing holds a few blocks' "
         "activations, they are not recomputed (Megatron's recompute_num_layers)")
     compile: bool = doc(False, "torch.compile each block (regional: one graph serves every layer)")
+    activation_memory_budget: Optional[float] = doc(
+        None, "with trainer.compile: the share (0 to 1) of a block's activations the compiled graph may "
+        "keep for backward; the compiler recomputes the rest, the cheapest per byte first (torch's "
+        "activation memory budget). 0 keeps about what full checkpointing keeps, 1 what the compiler "
+        "keeps by itself. null: the compiler's default (1). A finer trade than activation_checkpointing "
+        "where a long sequence's activations almost fit")
     fused_loss: bool = doc(True, "true: the loss from the final hidden states and the LM head's weight in token "
                            "chunks, never the full [tokens, vocab] fp32 logits (same loss to fp32 rounding); "
                            "false: logits, then cross-entropy")
@@ -581,6 +587,13 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     checkpointing_mode(cfg.trainer.activation_checkpointing)
     if cfg.trainer.checkpoint_layers is not None:
         _positive(cfg, "trainer.checkpoint_layers", allow_zero=True)
+    budget = cfg.trainer.get("activation_memory_budget")
+    if budget is not None:
+        if not (math.isfinite(budget) and 0.0 <= budget <= 1.0):
+            _fail("trainer.activation_memory_budget", budget, "must be a share of the activations in [0, 1]")
+        if not cfg.trainer.compile:
+            _fail("trainer.activation_memory_budget", budget, "needs trainer.compile=true (the compiler "
+                  "chooses what to recompute)")
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
     if cfg.trainer.data_source == "stream":

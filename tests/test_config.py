@@ -100,6 +100,10 @@ def test_wrong_type_is_named():
     (["model.norm_eps=-1"], "model.norm_eps=-1"),
     (["model.head_norm_eps=nan"], "model.head_norm_eps=nan"),
     (["model.rope_base=0"], "model.rope_base=0"),
+    (["trainer.compile=true", "trainer.activation_memory_budget=1.5"],
+     "trainer.activation_memory_budget=1.5: must be a share of the activations in [0, 1]"),
+    (["trainer.compile=true", "trainer.activation_memory_budget=nan"], "trainer.activation_memory_budget=nan"),
+    (["trainer.activation_memory_budget=0.5"], "trainer.activation_memory_budget=0.5: needs trainer.compile=true"),
 ])
 def test_impossible_values_are_named(overrides, key):
     assert key in _error(overrides)

@@ -208,6 +208,37 @@ def test_compiled_blocks_train_like_eager_with_one_graph_for_all_layers(checkpoi
     assert counters["stats"]["unique_graphs"] == (1 if layers is None else 2), dict(counters["stats"])
 
 
+def _saved_bytes_of_forward(model, ids) -> int:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        model(ids, mode="chunkwise", chunk_size=8, return_hidden=True)
+    return sum(saved)
+
+
+def test_compiled_blocks_under_a_memory_budget_keep_less_and_train_like_eager():
+    """trainer.activation_memory_budget: the compiled blocks keep less for backward at a budget of 0
+    than at the compiler's default, and 3 AdamW steps still equal eager's; a budget outside [0, 1] is
+    refused by name."""
+    models = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        models.append(build_model("retnet_tiny", kernels="torch", **{**TINY, "n_layers": 2}))
+    eager, default, lean = models
+    torch._dynamo.reset()
+    default.compile_blocks()
+    lean.compile_blocks(memory_budget=0.0)
+    assert lean.memory_budget == 0.0 and default.memory_budget is None
+    ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
+    kept = [_saved_bytes_of_forward(m, ids) for m in (default, lean)]
+    assert kept[1] < 0.8 * kept[0], kept
+    want, got = _train(eager, 3), _train(lean, 3)
+    for a, b in zip(got, want):
+        assert abs(a - b) < 1e-5, (got, want)
+    with pytest.raises(ValueError, match="memory_budget=1.5"):
+        eager.compile_blocks(memory_budget=1.5)
+
+
 def test_no_graph_break_in_the_model_forward():
     """Dynamo traces the whole forward in one graph (the GPU test checks the same with fla)."""
     model = build_model("retnet_tiny", kernels="torch", **TINY)

@@ -210,3 +210,15 @@ def test_bf16_checkpoint_of_two_processes_resumes_at_one_with_the_fp32_master_an
     (last / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(ReshardError, match=f"{last}/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: missing"):
         state(whole)
+
+
+def test_compiled_blocks_under_a_memory_budget_train_like_the_reference(tmp_path, reference):
+    """trainer.compile with trainer.activation_memory_budget=0: the blocks are compiled with the
+    partitioner's budget (the start-up log says so) and the losses are the plain reference's."""
+    run_train(tmp_path, "trainer.max_steps=2", "deepspeed=zero0", "trainer.eval_at_end=false",
+              "checkpoint.save_at_end=false", "trainer.compile=true", "trainer.activation_memory_budget=0.0")
+    log = (tmp_path / "logs" / "rank00000.log").read_text()
+    assert "compiled blocks keep 0 of their activations" in log
+    got = losses(tmp_path)
+    for step in (1, 2):
+        assert abs(got[step] - reference[step]) < 1e-4, (step, got[step], reference[step])

@@ -80,6 +80,7 @@ class LanguageModel(nn.Module):
         self.activation_checkpointing = "none"
         self.checkpoint_layers: int | None = None  # how many blocks (the first) checkpoint; None: all
         self._compiled_block = None  # compile_blocks(): run_block through torch.compile
+        self.memory_budget = None  # compile_blocks(memory_budget=...): what compiled blocks may keep
         # resolved once, for the device the model is built on (torch.device(...) context)
         self.kernels = resolve_kernels(cfg.kernels)
         log.info("model.kernels=%s -> %s", cfg.kernels, self.kernels)
@@ -123,13 +124,20 @@ class LanguageModel(nn.Module):
             return "none"
         return self.activation_checkpointing
 
-    def compile_blocks(self, **compile_kwargs) -> None:
+    def compile_blocks(self, memory_budget: float | None = None) -> None:
         """Regional compilation: torch.compile one block's call (with its activation checkpointing,
         so selective checkpointing's policy is traced too) instead of the whole model. The blocks
         share one code path and their weights are graph inputs, so one graph serves every layer:
         compile time is one block's (seconds), not n_layers' (minutes for a 24-layer 1.3B), and the
-        embedding, final norm and the loss stay eager."""
-        self._compiled_block = torch.compile(run_block, **compile_kwargs)
+        embedding, final norm and the loss stay eager.
+
+        `memory_budget` (0 to 1, None: the compiler's default): the share of the block's activations
+        its compiled graph may keep for backward; the compiler's partitioner recomputes the rest."""
+        if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
+            raise ValueError(f"memory_budget={memory_budget!r}: a share of the activations in [0, 1]")
+        self.memory_budget = memory_budget
+        backend = "inductor" if memory_budget is None else _InductorWithMemoryBudget(memory_budget)
+        self._compiled_block = torch.compile(run_block, backend=backend)
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
                 state: State | None = None, return_state: bool = False, return_hidden: bool = False,
@@ -250,6 +258,22 @@ class LanguageModel(nn.Module):
                 continue
             total += p.numel()
         return total
+
+
+class _InductorWithMemoryBudget:
+    """torch.compile's backend: inductor, its partitioner (which splits forward from backward when a
+    graph is compiled) under torch's activation memory budget. A backend of its own also keeps the
+    graphs apart: dynamo reuses a compiled graph only under the backend that compiled it, so another
+    model of this process compiled with another budget, or none, gets its own."""
+
+    def __init__(self, budget: float):
+        self.budget = budget
+
+    def __call__(self, graph, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        with torch._functorch.config.patch(activation_memory_budget=self.budget):
+            return compile_fx(graph, example_inputs)
 
 
 def run_block(block: nn.Module, x: Tensor, ctx: ForwardContext, layer_state, checkpointing: str):
