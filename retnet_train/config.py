@@ -200,8 +200,9 @@ class TrainerConfig:
         None, "with trainer.compile: the share (0 to 1) of a block's activations the compiled graph may "
         "keep for backward; the compiler recomputes the rest, the cheapest per byte first (torch's "
         "activation memory budget). 0 keeps about what full checkpointing keeps, 1 what the compiler "
-        "keeps by itself. null: the compiler's default (1). A finer trade than activation_checkpointing "
-        "where a long sequence's activations almost fit")
+        "keeps by itself. null: the compiler's default (1). Only for blocks without activation "
+        "checkpointing (those past trainer.checkpoint_layers, or all with activation_checkpointing=none). "
+        "A finer trade than activation_checkpointing where a long sequence's activations almost fit")
     fused_loss: bool = doc(True, "true: the loss from the final hidden states and the LM head's weight in token "
                            "chunks, never the full [tokens, vocab] fp32 logits (same loss to fp32 rounding); "
                            "false: logits, then cross-entropy")
@@ -587,13 +588,19 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     checkpointing_mode(cfg.trainer.activation_checkpointing)
     if cfg.trainer.checkpoint_layers is not None:
         _positive(cfg, "trainer.checkpoint_layers", allow_zero=True)
-    budget = cfg.trainer.get("activation_memory_budget")
+    budget = cfg.trainer.activation_memory_budget
     if budget is not None:
         if not (math.isfinite(budget) and 0.0 <= budget <= 1.0):
             _fail("trainer.activation_memory_budget", budget, "must be a share of the activations in [0, 1]")
         if not cfg.trainer.compile:
             _fail("trainer.activation_memory_budget", budget, "needs trainer.compile=true (the compiler "
                   "chooses what to recompute)")
+        mode = checkpointing_mode(cfg.trainer.activation_checkpointing)
+        if mode != "none" and cfg.trainer.checkpoint_layers is None:
+            # a checkpointed region has already said what to keep and what to recompute
+            _fail("trainer.activation_memory_budget", budget, f"acts only on blocks without activation "
+                  f"checkpointing, and trainer.activation_checkpointing={mode} covers every block "
+                  f"(set it to none, or trainer.checkpoint_layers to fewer blocks)")
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
     if cfg.trainer.data_source == "stream":

@@ -418,13 +418,16 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert ["--compile" in line for line in long] == [True, True, False, False]
     assert long[3].endswith("trainer.checkpoint_layers=23")
     r = run(ROOT / "bench" / "one_gpu.sh", "ckpt", **env)
+    assert r.returncode == 0, r.stderr
     ckpt = [line for line in (tmp_path / "logs" / "ckpt.log").read_text().splitlines() if line.startswith("ran python")]
     assert [("--act-ckpt" in line, "--profile" in line, "--compile" in line) for line in ckpt] == \
         [(True, True, True), (False, True, True)]
+    assert all("--seq-len 2048 --tokens-per-step 16384" in line for line in ckpt)
     r = run(ROOT / "bench" / "one_gpu.sh", "long-budget", **env)
+    assert r.returncode == 0, r.stderr
     budget = [line for line in (tmp_path / "logs" / "long-budget.log").read_text().splitlines()
               if line.startswith("ran python")]
     assert [line.rsplit("=", 1)[1] for line in budget] == ["0.05", "0.2"]
-    assert all("--compile" in line and "--act-ckpt" not in line for line in budget)
+    assert all("--seq-len 131072 --compile" in line and "--act-ckpt" not in line for line in budget)
     r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
     assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr

@@ -104,6 +104,8 @@ def test_wrong_type_is_named():
      "trainer.activation_memory_budget=1.5: must be a share of the activations in [0, 1]"),
     (["trainer.compile=true", "trainer.activation_memory_budget=nan"], "trainer.activation_memory_budget=nan"),
     (["trainer.activation_memory_budget=0.5"], "trainer.activation_memory_budget=0.5: needs trainer.compile=true"),
+    (["trainer.compile=true", "trainer.activation_memory_budget=0.5", "trainer.activation_checkpointing=full"],
+     "trainer.activation_memory_budget=0.5: acts only on blocks without activation checkpointing"),
 ])
 def test_impossible_values_are_named(overrides, key):
     assert key in _error(overrides)

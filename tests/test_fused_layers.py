@@ -169,6 +169,43 @@ def test_norm_gate_with_projection_compiled_in_a_residual_block_runs_the_project
     assert len(matmuls) == 3, matmuls  # forward, and the weight's and the input's gradients
 
 
+def test_norm_gate_with_projection_compiled_in_a_checkpointed_block_keeps_nothing_of_its_own(interpreter):
+    """Inside a fully checkpointed compiled block (only the block's input may stay) the region runs
+    with keep_output=False: it adds nothing to what the block keeps. Kept, its output would stay too."""
+    if not interpreter:
+        return  # ran (and passed) in a fresh process
+    from torch.utils.checkpoint import checkpoint
+
+    from retnet_train.model.kernels.norm_gate import gated_norm_projection
+
+    B, T, H, D = 2, 5, 3, 24
+    o, g, norm, proj, params = _norm_gate_projection_inputs(B, T, H, D)
+    x = torch.randn(B, T, proj.out_features, requires_grad=True)
+    after = torch.nn.LayerNorm(proj.out_features)
+    weights = {p.data_ptr() for p in [*params, *after.parameters()]}  # o, g and the parameters
+
+    def kept(keep_output: bool) -> list:
+        def block(x, o, g):
+            return after(x + gated_norm_projection(o, g, norm, proj, keep_output))
+
+        compiled = torch.compile(lambda: checkpoint(block, x, o, g, use_reentrant=False))
+        compiled().sum().backward()
+        shapes = []
+
+        def pack(t):
+            if t.data_ptr() not in weights:
+                shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            compiled()
+        torch._dynamo.reset()
+        return sorted(shapes)
+
+    assert kept(False) == [tuple(x.shape)]  # the block's input only (o, g and the weights are leaves: not counted)
+    assert (B * T, proj.out_features) in kept(True)  # what the region kept of its own
+
+
 def test_norm_gate_torch_choice_is_plain_pytorch():
     """kernels=torch never reaches Triton: the same expression as the model always had."""
     from retnet_train.model.kernels.norm_gate import gated_head_norm

@@ -225,18 +225,39 @@ def test_compiled_blocks_under_a_memory_budget_keep_less_and_train_like_eager():
         torch.manual_seed(0)
         models.append(build_model("retnet_tiny", kernels="torch", **{**TINY, "n_layers": 2}))
     eager, default, lean = models
+    half = build_model("retnet_tiny", kernels="torch", **{**TINY, "n_layers": 2})
     torch._dynamo.reset()
     default.compile_blocks()
     lean.compile_blocks(memory_budget=0.0)
+    half.compile_blocks(memory_budget=0.5)  # 0 is a shortcut of the partitioner; a share takes its search
     assert lean.memory_budget == 0.0 and default.memory_budget is None
     ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
-    kept = [_saved_bytes_of_forward(m, ids) for m in (default, lean)]
-    assert kept[1] < 0.8 * kept[0], kept
+    kept = [_saved_bytes_of_forward(m, ids) for m in (default, half, lean)]
+    assert kept[2] < kept[1] < 0.8 * kept[0], kept
     want, got = _train(eager, 3), _train(lean, 3)
     for a, b in zip(got, want):
         assert abs(a - b) < 1e-5, (got, want)
     with pytest.raises(ValueError, match="memory_budget=1.5"):
         eager.compile_blocks(memory_budget=1.5)
+
+
+def test_blocks_learn_whether_their_projection_region_keeps_its_output():
+    """The compiled gated-norm projection keeps its output only in blocks that are not fully
+    checkpointed and compiled without a memory budget (RetNetBlock.plan_recompute)."""
+    m = build_model("retnet_tiny", kernels="torch", **{**TINY, "n_layers": 2})
+
+    def keeps():
+        return [block.retention.projection_keeps_output for block in m.layers]
+
+    assert keeps() == [True, True]
+    m.set_activation_checkpointing("full")
+    assert keeps() == [False, False]
+    m.set_activation_checkpointing("full", layers=1)  # the second block keeps everything
+    assert keeps() == [False, True]
+    m.set_activation_checkpointing("selective")
+    assert keeps() == [True, True]
+    m.compile_blocks(memory_budget=0.5)
+    assert keeps() == [False, False]
 
 
 def test_no_graph_break_in_the_model_forward():

@@ -117,6 +117,13 @@ class LanguageModel(nn.Module):
             raise ValueError(f"checkpoint layers {layers!r}: must be a count of blocks from 0 to {n}, or None for all")
         self.activation_checkpointing = mode
         self.checkpoint_layers = layers
+        self._plan_recompute()
+
+    def _plan_recompute(self) -> None:
+        """Tell each block (that asks: RetNet's) its checkpointing mode and the compile budget."""
+        for i, block in enumerate(self.layers):
+            if hasattr(block, "plan_recompute"):
+                block.plan_recompute(self.block_checkpointing(i), self.memory_budget)
 
     def block_checkpointing(self, i: int) -> str:
         """The checkpointing mode of block i in training (set_activation_checkpointing)."""
@@ -136,6 +143,7 @@ class LanguageModel(nn.Module):
         if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
             raise ValueError(f"memory_budget={memory_budget!r}: a share of the activations in [0, 1]")
         self.memory_budget = memory_budget
+        self._plan_recompute()
         backend = "inductor" if memory_budget is None else _InductorWithMemoryBudget(memory_budget)
         self._compiled_block = torch.compile(run_block, backend=backend)
 
@@ -266,14 +274,14 @@ class _InductorWithMemoryBudget:
     graphs apart: dynamo reuses a compiled graph only under the backend that compiled it, so another
     model of this process compiled with another budget, or none, gets its own."""
 
+    compiler_name = "inductor"  # what dynamo's debugging tools see
+
     def __init__(self, budget: float):
         self.budget = budget
 
     def __call__(self, graph, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
-
         with torch._functorch.config.patch(activation_memory_budget=self.budget):
-            return compile_fx(graph, example_inputs)
+            return torch._dynamo.lookup_backend("inductor")(graph, example_inputs)
 
 
 def run_block(block: nn.Module, x: Tensor, ctx: ForwardContext, layer_state, checkpointing: str):

@@ -46,6 +46,7 @@ class MultiScaleRetention(nn.Module):
         self.out_proj = nn.Linear(hv, d, bias=cfg.bias)
         self.head_norm = HeadNorm(self.n_heads, self.value_dim, cfg.head_norm, cfg.head_norm_eps, cfg.head_norm_affine)
         self._fused = None  # (weight, bias) of q, k, v, g as one projection: fuse_projections
+        self.projection_keeps_output = True  # compiled gated-norm projection: RetNetBlock.plan_recompute
 
     def fuse_projections(self) -> None:
         """Inference: q, k, v and g in one matmul (their weights become views of one tensor)."""
@@ -135,7 +136,7 @@ class MultiScaleRetention(nn.Module):
             o = self._torchscale_normalise(o, log_decay, ctx.positions if ctx.positions is not None else ctx.offset)
 
         if self._projects_with_recompute(o, ctx):  # the same numbers, without keeping y for the backward
-            return gated_norm_projection(o, g, self.head_norm, self.out_proj), new_state
+            return gated_norm_projection(o, g, self.head_norm, self.out_proj, self.projection_keeps_output), new_state
         y = gated_head_norm(o, g, self.head_norm, self.cfg.gate_activation, ctx.kernels)  # swish(g) * GroupNorm_h(o)
         return self.out_proj(y), new_state
 
@@ -193,6 +194,12 @@ class RetNetBlock(nn.Module):
 
     def allocate_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         return self.retention.allocate_state(batch, device)  # constant size: max_len and dtype do not matter
+
+    def plan_recompute(self, checkpointing: str, memory_budget: float | None) -> None:
+        """Told by the model how this block is checkpointed and compiled: its compiled gated-norm
+        projection keeps the projection's output unless the block is fully checkpointed (only its
+        input may stay) or a memory budget leaves the choice to the compiler."""
+        self.retention.projection_keeps_output = checkpointing != "full" and memory_budget is None
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: Tensor | None = None):
         y, new_state = self.retention(self.retention_norm(x), ctx, state)

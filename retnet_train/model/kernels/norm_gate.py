@@ -96,23 +96,29 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- the head norm and gate with the output projection after it ------------------------------------
 
-def gated_norm_projection(o: Tensor, g: Tensor, norm, out_proj) -> Tensor:
+def gated_norm_projection(o: Tensor, g: Tensor, norm, out_proj, keep_output: bool = True) -> Tensor:
     """out_proj(silu(g) * norm(o)) for training, keeping o, g and the norm's statistics but not
     the gated output y [B, T, H * d_v], which the projection's weight gradient needs: the backward
     recomputes it (one more pass of the norm-gate kernel, as _ActivationLinear recomputes the FFN's
     hidden units). Autograd would keep y, 2 bytes per value channel and token in bf16: 3.2 GB at
     retnet_1.3b, 16k tokens, 24 layers. o [B, T, H, d_v], g [B, T, H * d_v]; out_proj a plain
-    nn.Linear (the caller checks: not tensor-parallel, not ZeRO-3 partitioned)."""
+    nn.Linear (the caller checks: not tensor-parallel, not ZeRO-3 partitioned).
+
+    `keep_output` (compiled only): the region keeps the projection's output [B, T, d]. Where the
+    block is fully checkpointed, or the compiler is given a memory budget, it must not (the block
+    promises to keep only its input; the budget chooses for itself): RetNetBlock.plan_recompute."""
     if torch.compiler.is_compiling():
         # Traced, the Function's recompute of y reads only forward values, so the compiler's
         # partitioner runs it once, in the forward, and keeps y after all. A checkpointed region
         # is how a traced graph says "recompute": its partitioner keeps o, g and the weights and
-        # recomputes the kernel. The projection's output is kept (keep_matmul_outputs): left to
-        # recompute, the partitioner also re-ran the projection in backward to rebuild the residual
-        # x + out for the next norm's backward rather than keep it (one [T, H*d_v] x [H*d_v, d]
-        # matmul per layer: 6.6 TFLOP a step at retnet_1.3b, 16k tokens).
-        return checkpoint(_norm_gate_then_projection, o, g, norm, out_proj, use_reentrant=False,
-                          context_fn=keep_matmul_outputs)
+        # recomputes the kernel. Told to recompute all of the region, the partitioner also re-ran
+        # the projection in backward to rebuild the residual x + out for the next norm's backward
+        # (one [T, H*d_v] x [H*d_v, d] matmul per layer: 6.6 TFLOP a step at retnet_1.3b, 16k
+        # tokens), so where nothing else asks for recomputation the region keeps it
+        if keep_output:
+            return checkpoint(_norm_gate_then_projection, o, g, norm, out_proj, use_reentrant=False,
+                              context_fn=keep_matmul_outputs)
+        return checkpoint(_norm_gate_then_projection, o, g, norm, out_proj, use_reentrant=False)
     B, T, H, D = o.shape
     return _GatedNormProjection.apply(o.contiguous(), g.reshape(B, T, H, D).contiguous(), norm.weight, norm.bias,
                                       norm.kind == "groupnorm", norm.eps, out_proj.weight, out_proj.bias)
