@@ -147,6 +147,11 @@ def test_norm_gate_with_projection_compiled_keeps_only_its_inputs(interpreter, a
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
+def _residual_and_next_norm(proj):
+    """The residual stream x [2, 5, d] the projection adds to, and the norm after it (a block's)."""
+    return torch.randn(2, 5, proj.out_features, requires_grad=True), torch.nn.LayerNorm(proj.out_features)
+
+
 def test_norm_gate_with_projection_compiled_in_a_residual_block_runs_the_projection_once(interpreter):
     """In a block the region's output feeds the residual and the next norm, whose backward needs
     x + out: the backward recomputes the gated output y only. Left to recompute all of the region,
@@ -157,10 +162,8 @@ def test_norm_gate_with_projection_compiled_in_a_residual_block_runs_the_project
 
     from retnet_train.model.kernels.norm_gate import gated_norm_projection
 
-    B, T, H, D = 2, 5, 3, 24
-    o, g, norm, proj, params = _norm_gate_projection_inputs(B, T, H, D)
-    x = torch.randn(B, T, proj.out_features, requires_grad=True)
-    after = torch.nn.LayerNorm(proj.out_features)
+    o, g, norm, proj, params = _norm_gate_projection_inputs(2, 5, 3, 24)
+    x, after = _residual_and_next_norm(proj)
     block = torch.compile(lambda: after(x + gated_norm_projection(o, g, norm, proj)))
     block().sum().backward()  # compiles
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -178,10 +181,8 @@ def test_norm_gate_with_projection_compiled_in_a_checkpointed_block_keeps_nothin
 
     from retnet_train.model.kernels.norm_gate import gated_norm_projection
 
-    B, T, H, D = 2, 5, 3, 24
-    o, g, norm, proj, params = _norm_gate_projection_inputs(B, T, H, D)
-    x = torch.randn(B, T, proj.out_features, requires_grad=True)
-    after = torch.nn.LayerNorm(proj.out_features)
+    o, g, norm, proj, params = _norm_gate_projection_inputs(2, 5, 3, 24)
+    x, after = _residual_and_next_norm(proj)
     weights = {p.data_ptr() for p in [*params, *after.parameters()]}  # o, g and the parameters
 
     def kept(keep_output: bool) -> list:
@@ -203,7 +204,7 @@ def test_norm_gate_with_projection_compiled_in_a_checkpointed_block_keeps_nothin
         return sorted(shapes)
 
     assert kept(False) == [tuple(x.shape)]  # the block's input only (o, g and the weights are leaves: not counted)
-    assert (B * T, proj.out_features) in kept(True)  # what the region kept of its own
+    assert (x.shape[0] * x.shape[1], proj.out_features) in kept(True)  # what the region kept of its own
 
 
 def test_norm_gate_torch_choice_is_plain_pytorch():
