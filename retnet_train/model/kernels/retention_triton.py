@@ -52,10 +52,15 @@ def retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, mode: str, sta
     return chunk_retention(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning=keep_tuning(keep))
 
 
+# read once here: iterating an Enum class inside a traced block is a graph break for dynamo (torch
+# 2.11), and inside a checkpointed block one graph break runs the whole block eagerly
+_KEEP_CHOICES = RetentionKeep.values()
+
+
 def keep_tuning(keep: str) -> Tuning | None:
     """The default tuning with model.retention_keep's choice (None: nothing kept, the defaults)."""
-    if keep not in RetentionKeep.values():
-        raise ValueError(f"model.retention_keep={keep!r} is not one of {list(RetentionKeep.values())}")
+    if keep not in _KEEP_CHOICES:
+        raise ValueError(f"model.retention_keep={keep!r} is not one of {list(_KEEP_CHOICES)}")
     if keep == "none":
         return None
     return dataclasses.replace(L.default_tuning(rocm=torch.version.hip is not None),
