@@ -328,18 +328,67 @@ print("ok")
 """
 
 
-def test_compiled_blocks_with_the_norm_gate_kernel_train_like_eager():
-    """The head norm + gate kernel and the output projection that recomputes its input in backward
-    (kernels/norm_gate.py), in compiled blocks without, with selective and with full checkpointing
-    (compiled, the projection is a checkpointed region of its own: nested in the block's): the
-    gradients of eager (a fresh process with Triton's interpreter)."""
+_COMPILED_RETENTION_OP = """
+import torch
+from torch._dynamo.utils import counters
+from retnet_train.model import build_model
+from retnet_train.model.kernels import retention_launch as L
+runs = []
+L.forward = lambda *a, f=L.forward, **kw: runs.append(1) or f(*a, **kw)
+grads, counts = {}, {}
+for compiled in (False, True):
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        m = build_model("retnet_tiny", kernels="triton", vocab_size=97, d_model=32, n_layers=2, n_heads=2,
+                        chunk_size=16).train()
+        m.set_activation_checkpointing(mode)
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            m.compile_blocks()
+        ids = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(1))
+        runs.clear()
+        m(ids, mode="chunkwise").float().pow(2).mean().backward()
+        counts[compiled, mode] = len(runs)
+        grads[compiled, mode] = {n: p.grad for n, p in m.named_parameters()}
+        if compiled:
+            assert not counters["graph_break"], (mode, dict(counters["graph_break"]))
+base = grads[False, "none"]
+for key, g in grads.items():
+    err = max(((g[n] - b).abs().max() / b.abs().max()).item() for n, b in base.items())
+    assert err < 1e-5, (key, err)
+# the retention forward runs once per block, and again in backward where the block is fully
+# checkpointed: compiled too (the partitioner recomputes the op instead of keeping q, k, v and o)
+assert counts == {(c, m): 4 if m == "full" else 2 for c in (False, True) for m in ("none", "selective", "full")}, counts
+print("ok")
+"""
+
+
+def test_compiled_blocks_with_the_triton_retention_op_recompute_it_where_checkpointed():
+    """Our Triton retention is a torch.library op (retnet::retention_chunk): compiled blocks trace it
+    without a graph break in every checkpointing mode, train like eager, and a fully checkpointed
+    compiled block runs it again in backward, as eager does, instead of keeping its inputs and output
+    (an autograd.Function's Triton launches were kept: 128k tokens ran out of 80 GB compiled). Triton's
+    interpreter, in a fresh process."""
+    _run_interpreted(_COMPILED_RETENTION_OP)
+
+
+def _run_interpreted(script: str) -> None:
     import os
     import subprocess
     from pathlib import Path
 
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILED_NORM_GATE], cwd=Path(__file__).resolve().parents[1],
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_compiled_blocks_with_the_norm_gate_kernel_train_like_eager():
+    """The head norm + gate kernel and the output projection that recomputes its input in backward
+    (kernels/norm_gate.py), in compiled blocks without, with selective and with full checkpointing
+    (compiled, the projection is a checkpointed region of its own: nested in the block's): the
+    gradients of eager (a fresh process with Triton's interpreter)."""
+    _run_interpreted(_COMPILED_NORM_GATE)

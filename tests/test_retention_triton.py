@@ -118,6 +118,28 @@ def test_kept_forward_results_give_the_recomputing_backward_s_gradients_exactly(
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case", ["plain", "state-keep-both", "varlen-keep-states"])
+def test_chunk_op_passes_torch_library_opcheck(case):
+    """The custom op's registration (schema, fake shapes and dtypes, autograd) agrees with its
+    kernels, as torch.compile relies on: torch.library.opcheck, each kept tensor and the varlen layout."""
+    lg2 = RT.log2_decays(head_log_decays(2), DEV)
+    g = torch.Generator().manual_seed(5)
+    B, T = (1, 50) if case.startswith("varlen") else (2, 40)
+    q, k, v = (torch.randn(B, T, 2, d, generator=g).to(DEV).requires_grad_() for d in (16, 16, 32))
+    init = torch.randn(B, 2, 16, 32, generator=g).to(DEV).requires_grad_() if case.startswith("state") else None
+    cu = torch.tensor([0, 13, 50], dtype=torch.int32, device=DEV) if case.startswith("varlen") else None
+    keep = {"plain": {}, "state-keep-both": dict(keep_states=True, keep_scores=True),
+            "varlen-keep-states": dict(keep_states=True)}[case]
+    tuning = RT._tuning_ints(Tuning(chunk=16, segment_chunks=1, **keep))
+    torch.library.opcheck(torch.ops.retnet.retention_chunk.default, (q, k, v, lg2, init, cu, True, tuning),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_tuning_travels_through_the_op_unchanged():
+    for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True)]:
+        assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
+
+
 def test_backward_without_state():
     lg = head_log_decays(2)
     q, k, v, _ = inputs(1, 40, 2, 16, 32, seed=2)

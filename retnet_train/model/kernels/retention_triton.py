@@ -78,10 +78,10 @@ def chunk_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: T
     if DK > MAX_DK or DV > MAX_DV:
         return _split_heads(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning)
     lg2 = log2_decays(log_gamma, q.device)
-    lay = L.make_layout(B, T, cu_seqlens, tuning, q.device)
     k, v = k.to(q.dtype), v.to(q.dtype)
     init = None if state is None else state.float().contiguous()
-    o, final = _ChunkRetention.apply(q, k, v, init, lg2, lay, tuning, need_state)
+    o, final, _, _ = torch.ops.retnet.retention_chunk(q, k, v, lg2, init, cu_seqlens, need_state,
+                                                      _tuning_ints(tuning))
     return o, (final if need_state else None)
 
 
@@ -125,28 +125,105 @@ def _(q, k, v, lg2, state):
     return torch.empty_like(v)
 
 
-class _ChunkRetention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, init, lg2, lay, tuning, need_state):
-        # the batch folds into time: [B, T, H, D] -> [B * T, H, D] (a view of contiguous inputs)
-        flat = [x.contiguous().view(-1, *x.shape[2:]) for x in (q, k, v)]
-        o, final, states, scores = L.forward(*flat, lg2, init, need_state, lay, tuning)
-        ctx.save_for_backward(*flat, lg2, init, states if tuning.keep_states else None,
-                              scores if tuning.keep_scores else None)
-        ctx.lay, ctx.tuning, ctx.shapes = lay, tuning, (q.shape, k.shape, v.shape)
-        ctx.set_materialize_grads(False)
-        return o.view(v.shape), final
+# ---- the chunk form as a custom op ---------------------------------------------------------------
+# A torch.library op rather than an autograd.Function: torch.compile's partitioner treats the
+# Triton launches an autograd.Function traces into as outputs to keep, so a fully checkpointed
+# compiled block kept q, k, v and o of every layer (128k tokens ran out of 80 GB; eager fits in
+# 47 GiB). An op it can recompute like any other; selective checkpointing keeps its output by name
+# (model/checkpointing.py). Its arguments are tensors and ints: the Tuning travels as _tuning_ints.
 
-    @staticmethod
-    def backward(ctx, do, dfinal):
-        q, k, v, lg2, init, states, scores = ctx.saved_tensors
-        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous().view(v.shape)
-        dfinal = None if dfinal is None else dfinal.float().contiguous()
-        need_dinit = init is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dinit = L.backward(q, k, v, lg2, init, do, dfinal, need_dinit, ctx.lay, ctx.tuning,
-                                       states=states, scores=scores)
-        dq, dk, dv = (g.view(shape) for g, shape in zip((dq, dk, dv), ctx.shapes))
-        return dq, dk, dv, dinit, None, None, None, None
+_TUNING_FIELDS = ("chunk", "segment_chunks", "block_z", "block_k", "num_warps", "num_stages", "states_stages",
+                  "states_bt", "score_block", "keep_states", "keep_scores")
+
+
+def _tuning_ints(t: Tuning) -> list[int]:
+    """Tuning -> ints (None: -1; state_block: two more ints at the end)."""
+    values = [getattr(t, name) for name in _TUNING_FIELDS] + list(t.state_block or (None, None))
+    return [-1 if x is None else int(x) for x in values]
+
+
+def _tuning_of(ints: list[int]) -> Tuning:
+    fields = {name: (None if x == -1 else x) for name, x in zip(_TUNING_FIELDS, ints)}
+    fields["keep_states"], fields["keep_scores"] = bool(fields["keep_states"]), bool(fields["keep_scores"])
+    block = ints[len(_TUNING_FIELDS):]
+    return Tuning(**fields, state_block=None if block[0] == -1 else tuple(block))
+
+
+def _layout(q: Tensor, cu_seqlens: Tensor | None, tuning: Tuning) -> L.Layout:
+    return L.make_layout(q.shape[0], q.shape[1], cu_seqlens, tuning, q.device)
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[B, T, H, D] -> [B * T, H, D]: the batch folds into time (the kernels' layout)."""
+    return x.contiguous().view(-1, *x.shape[2:])
+
+
+def _none_as_empty(x: Tensor | None, like: Tensor) -> Tensor:
+    return x if x is not None else like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("retnet::retention_chunk", mutates_args=())
+def _chunk_op(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, init: Tensor | None, cu_seqlens: Tensor | None,
+              need_final: bool, tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """o [B, T, H, d_v] in v's dtype; the final state [N, H, d_k, d_v] fp32; the segment states and
+    the scores the backward reuses (Tuning.keep_states / keep_scores). Each absent one is empty."""
+    t = _tuning_of(tuning)
+    o, final, states, scores = L.forward(_flat(q), _flat(k), _flat(v), lg2, init, need_final,
+                                         _layout(q, cu_seqlens, t), t)
+    return (o.view(v.shape), _none_as_empty(final, q), states if t.keep_states else _none_as_empty(None, q),
+            scores if t.keep_scores else _none_as_empty(None, q))
+
+
+@_chunk_op.register_fake
+def _(q, k, v, lg2, init, cu_seqlens, need_final, tuning):
+    t = _tuning_of(tuning)
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    S = L.segment_length(T, t)
+    n_seg = B * math.ceil(T / S) if cu_seqlens is None else T // S + N  # as make_layout
+    final = q.new_empty(N, H, DK, DV, dtype=torch.float32) if need_final else None
+    states = q.new_empty(n_seg, H, DK, DV) if t.keep_states else None
+    scores = q.new_empty(B * T, H, S) if t.keep_scores else None
+    return torch.empty_like(v), *(_none_as_empty(x, q) for x in (final, states, scores))
+
+
+@torch.library.custom_op("retnet::retention_chunk_backward", mutates_args=())
+def _chunk_backward_op(do: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor, lg2: Tensor,
+                       init: Tensor | None, cu_seqlens: Tensor | None, states: Tensor | None,
+                       scores: Tensor | None, tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv in the inputs' dtype and the incoming state's gradient (empty without one)."""
+    t = _tuning_of(tuning)
+    dq, dk, dv, dinit = L.backward(_flat(q), _flat(k), _flat(v), lg2, init, _flat(do.to(v.dtype)), dfinal,
+                                   init is not None, _layout(q, cu_seqlens, t), t, states=states, scores=scores)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), _none_as_empty(dinit, q)
+
+
+@_chunk_backward_op.register_fake
+def _(do, dfinal, q, k, v, lg2, init, cu_seqlens, states, scores, tuning):
+    dinit = torch.empty_like(init) if init is not None else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dinit
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lg2, init, cu_seqlens, _, tuning = inputs
+    _, _, states, scores = output
+    t = _tuning_of(tuning)
+    ctx.tuning = tuning
+    ctx.save_for_backward(q, k, v, lg2, init, cu_seqlens, states if t.keep_states else None,
+                          scores if t.keep_scores else None)
+
+
+def _backward(ctx, do, dfinal, _dstates, _dscores):
+    q, k, v, lg2, init, cu_seqlens, states, scores = ctx.saved_tensors
+    do = torch.zeros_like(v) if do is None else do
+    dfinal = dfinal.float().contiguous() if dfinal is not None and dfinal.numel() else None
+    dq, dk, dv, dinit = torch.ops.retnet.retention_chunk_backward(do, dfinal, q, k, v, lg2, init, cu_seqlens,
+                                                                  states, scores, ctx.tuning)
+    return dq, dk, dv, None, (dinit if init is not None else None), None, None, None
+
+
+_chunk_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _split_heads(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning):
