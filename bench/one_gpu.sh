@@ -23,8 +23,8 @@
 #                trainer.activation_memory_budget 0.05 and 0.2 (the compiler recomputes what does not
 #                fit, cheapest per byte first), against the `long` phase's full checkpointing
 #   ckpt         where full activation checkpointing's time goes: retnet_1.3b through the trainer,
-#                compiled, 8 x 2048, profiled fully checkpointed and not (a checkpointed step took 1.7x
-#                an uncheckpointed one on an H100, against about 1.33x for one more forward)
+#                compiled, 8 x 2048, profiled fully checkpointed and not (1.19x on an H100 since 3166b75;
+#                1.7x while a graph break ran checkpointed blocks eagerly)
 #   long         retnet_1.3b through the trainer at T=131072 (full checkpointing), compiled and eager
 #                (the eager one keeps its last block whole, as the 128k experiment), each beside the
 #                same setup at 8 x 2048 (issue 10's bar: >= 90% of its tokens/s)
