@@ -196,7 +196,8 @@ def measure_safely(preset: str, seq_len: int, args) -> dict:
         return measure(preset, seq_len, args)
     except torch.OutOfMemoryError as e:
         # the allocator's message says how much was asked for and what was held: where it ran out
-        print(f"{preset} T={seq_len}: out of memory: {str(e).splitlines()[0]}", file=sys.stderr)
+        first_line = (str(e).splitlines() or [""])[0]
+        print(f"{preset} T={seq_len}: out of memory: {first_line}", file=sys.stderr)
         return {"preset": preset, "seq_len": seq_len, "error": "out of memory", "is_main": True}
 
 

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
+import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -118,25 +119,40 @@ def test_kept_forward_results_give_the_recomputing_backward_s_gradients_exactly(
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("case", ["plain", "state-keep-both", "varlen-keep-states"])
+@pytest.mark.parametrize("case", ["plain", "state-keep-both", "varlen-keep-states", "bf16-state-nograd",
+                                  "permuted"])
 def test_chunk_op_passes_torch_library_opcheck(case):
-    """The custom op's registration (schema, fake shapes and dtypes, autograd) agrees with its
-    kernels, as torch.compile relies on: torch.library.opcheck, each kept tensor and the varlen layout."""
+    """The custom op's registration (schema, fake shapes, strides and dtypes, autograd, and its
+    backward op's under AOTAutograd) agrees with its kernels, as torch.compile relies on:
+    torch.library.opcheck, each kept tensor, the varlen layout, bf16, an incoming state without
+    gradient and inputs of other strides."""
     lg2 = RT.log2_decays(head_log_decays(2), DEV)
     g = torch.Generator().manual_seed(5)
     B, T = (1, 50) if case.startswith("varlen") else (2, 40)
-    q, k, v = (torch.randn(B, T, 2, d, generator=g).to(DEV).requires_grad_() for d in (16, 16, 32))
-    init = torch.randn(B, 2, 16, 32, generator=g).to(DEV).requires_grad_() if case.startswith("state") else None
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    if case == "permuted":  # [B, H, T, D] transposed: dense, not contiguous
+        q, k, v = (torch.randn(B, 2, T, d, generator=g).to(DEV).transpose(1, 2).requires_grad_() for d in (16, 16, 32))
+    else:
+        q, k, v = (torch.randn(B, T, 2, d, generator=g).to(DEV, dtype).requires_grad_() for d in (16, 16, 32))
+    init = None
+    if "state" in case:
+        init = torch.randn(B, 2, 16, 32, generator=g).to(DEV).requires_grad_(not case.endswith("nograd"))
     cu = torch.tensor([0, 13, 50], dtype=torch.int32, device=DEV) if case.startswith("varlen") else None
-    keep = {"plain": {}, "state-keep-both": dict(keep_states=True, keep_scores=True),
-            "varlen-keep-states": dict(keep_states=True)}[case]
+    keep = {"state-keep-both": dict(keep_states=True, keep_scores=True),
+            "varlen-keep-states": dict(keep_states=True)}.get(case, {})
     tuning = RT._tuning_ints(Tuning(chunk=16, segment_chunks=1, **keep))
+    # the AOT check runs the op twice and compares every output: varlen's kept states have padding
+    # entries the kernels never write (and it randomises cu_seqlens), so it runs on fixed-length rows
+    aot = ("test_aot_dispatch_dynamic",) if cu is None else ()
     torch.library.opcheck(torch.ops.retnet.retention_chunk.default, (q, k, v, lg2, init, cu, True, tuning),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration", *aot))
 
 
 def test_tuning_travels_through_the_op_unchanged():
-    for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True)]:
+    assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
+    for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
+                   Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
+                          score_block=64, keep_states=True)]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
 
 
@@ -314,6 +330,8 @@ def test_bad_arguments_are_named():
                            cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match="chunk size 24"):
         RT.chunk_retention(q, q, v, lg, chunk_size=24)
+    with pytest.raises(ValueError, match="segment_chunks 3 must be a power of two"):
+        Tuning(segment_chunks=3)
     with pytest.raises(ValueError, match="mode 'parallel'"):
         RT.retention(q, q, v, lg, "parallel")
     assert RT.usable(q) and not RT.usable(q.double())

@@ -57,7 +57,7 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
             for s0 in (None, state):
                 for need in (False, True):
                     L.forward(q, k, v, lg2, s0, need, lay, tuning, run=seen.append)
-                    L.backward(q, k, v, lg2, s0, v, state if need else None, s0 is not None and need, lay, tuning,
+                    L.backward(q, k, v, lg2, s0, v, state if need else None, s0 is not None, lay, tuning,
                                run=seen.append)
         qr, kr = (torch.empty(4, 1, 8, DK, dtype=dtype, device=meta) for _ in range(2))
         vr = torch.empty(4, 1, 8, DV, dtype=dtype, device=meta)

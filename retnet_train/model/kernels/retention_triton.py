@@ -185,24 +185,25 @@ def _(q, k, v, lg2, init, cu_seqlens, need_final, tuning):
     final = q.new_empty(N, H, DK, DV, dtype=torch.float32) if need_final else None
     states = q.new_empty(n_seg, H, DK, DV) if t.keep_states else None
     scores = q.new_empty(B * T, H, S) if t.keep_scores else None
-    return torch.empty_like(v), *(_none_as_empty(x, q) for x in (final, states, scores))
+    # contiguous, as the kernels write it (empty_like would copy a permuted v's strides)
+    return v.new_empty(v.shape), *(_none_as_empty(x, q) for x in (final, states, scores))
 
 
 @torch.library.custom_op("retnet::retention_chunk_backward", mutates_args=())
 def _chunk_backward_op(do: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor, lg2: Tensor,
                        init: Tensor | None, cu_seqlens: Tensor | None, states: Tensor | None,
-                       scores: Tensor | None, tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv in the inputs' dtype and the incoming state's gradient (empty without one)."""
+                       scores: Tensor | None, need_dinit: bool, tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv in the inputs' dtype and the incoming state's gradient (empty unless need_dinit)."""
     t = _tuning_of(tuning)
     dq, dk, dv, dinit = L.backward(_flat(q), _flat(k), _flat(v), lg2, init, _flat(do.to(v.dtype)), dfinal,
-                                   init is not None, _layout(q, cu_seqlens, t), t, states=states, scores=scores)
+                                   need_dinit, _layout(q, cu_seqlens, t), t, states=states, scores=scores)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), _none_as_empty(dinit, q)
 
 
 @_chunk_backward_op.register_fake
-def _(do, dfinal, q, k, v, lg2, init, cu_seqlens, states, scores, tuning):
-    dinit = torch.empty_like(init) if init is not None else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dinit
+def _(do, dfinal, q, k, v, lg2, init, cu_seqlens, states, scores, need_dinit, tuning):
+    dinit = init.new_empty(init.shape) if need_dinit else q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dinit
 
 
 def _setup_context(ctx, inputs, output):
@@ -210,6 +211,9 @@ def _setup_context(ctx, inputs, output):
     _, _, states, scores = output
     t = _tuning_of(tuning)
     ctx.tuning = tuning
+    # as the autograd.Function did: no zero-filled gradients of the kept states and scores (nothing
+    # flows back through them) or of an unused output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, lg2, init, cu_seqlens, states if t.keep_states else None,
                           scores if t.keep_scores else None)
 
@@ -218,9 +222,10 @@ def _backward(ctx, do, dfinal, _dstates, _dscores):
     q, k, v, lg2, init, cu_seqlens, states, scores = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do
     dfinal = dfinal.float().contiguous() if dfinal is not None and dfinal.numel() else None
+    need_dinit = init is not None and ctx.needs_input_grad[4]
     dq, dk, dv, dinit = torch.ops.retnet.retention_chunk_backward(do, dfinal, q, k, v, lg2, init, cu_seqlens,
-                                                                  states, scores, ctx.tuning)
-    return dq, dk, dv, None, (dinit if init is not None else None), None, None, None
+                                                                  states, scores, need_dinit, ctx.tuning)
+    return dq, dk, dv, None, (dinit if need_dinit else None), None, None, None
 
 
 _chunk_op.register_autograd(_backward, setup_context=_setup_context)
