@@ -148,6 +148,26 @@ def test_chunk_op_passes_torch_library_opcheck(case):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration", *aot))
 
 
+def test_flop_counter_counts_the_op_as_the_model_does():
+    """The compiler's cost estimates (the activation memory budget's choice) see the op's FLOPs:
+    model/flops.py's chunk count forward, twice that backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from retnet_train.model.config import ModelConfig
+    from retnet_train.model.flops import retention_flops
+
+    B, T, H, K, V = 2, 48, 2, 16, 32
+    q, k, v = (torch.randn(B, T, H, d, device=DEV, requires_grad=True) for d in (K, K, V))
+    with FlopCounterMode(display=False) as counter:
+        o, _ = RT.chunk_retention(q, k, v, head_log_decays(H), chunk_size=16)
+        o.sum().backward()
+    cfg = ModelConfig(n_heads=H, d_model=H * K, value_dim=H * V, chunk_size=16)
+    forward, backward = (B * f for f in retention_flops(cfg, T))
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.retnet.retention_chunk] == forward
+    assert counts[torch.ops.retnet.retention_chunk_backward] == backward
+
+
 def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
     for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),

@@ -19,6 +19,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ..config import RetentionKeep
 from . import retention_launch as L
@@ -204,6 +205,25 @@ def _chunk_backward_op(do: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, 
 def _(do, dfinal, q, k, v, lg2, init, cu_seqlens, states, scores, need_dinit, tuning):
     dinit = init.new_empty(init.shape) if need_dinit else q.new_empty(0, dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dinit
+
+
+def _chunk_flops(q_shape, v_shape, tuning: list[int]) -> int:
+    """The model's chunk-form count (model/flops.py: 2C(K + V) + 4KV per token and head) for the
+    compiler's cost estimates, e.g. what trainer.activation_memory_budget recomputes first: without
+    a formula an opaque op counts as free."""
+    B, T, H, K = q_shape
+    V, C = v_shape[-1], _tuning_of(tuning).chunk
+    return B * T * H * (2 * C * (K + V) + 4 * K * V)
+
+
+@register_flop_formula(torch.ops.retnet.retention_chunk)
+def _(q, k, v, lg2, init, cu_seqlens, need_final, tuning, out_shape=None, **kwargs) -> int:
+    return _chunk_flops(q, v, tuning)
+
+
+@register_flop_formula(torch.ops.retnet.retention_chunk_backward)
+def _(do, dfinal, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _chunk_flops(q, v, args[-1])  # the backward counts twice the forward, as in model/flops.py
 
 
 def _setup_context(ctx, inputs, output):
