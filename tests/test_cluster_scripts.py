@@ -414,9 +414,10 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert "--trainer-setup zero1:auto zero0:bf16_autocast --retention-keep none both --seq-len 2048" in train
     r = run(ROOT / "bench" / "one_gpu.sh", "long", **env)
     long = [line for line in (tmp_path / "logs" / "long.log").read_text().splitlines() if line.startswith("ran python")]
-    assert [line.split("--seq-len ")[1].split()[0] for line in long] == ["2048", "131072", "2048", "131072"]
-    assert ["--compile" in line for line in long] == [True, True, False, False]
-    assert long[3].endswith("trainer.checkpoint_layers=23")
+    assert [line.split("--seq-len ")[1].split()[0] for line in long[:3]] == ["2048", "131072", "32768"]
+    assert [("--compile" in line, "--act-ckpt" in line) for line in long[:3]] == [(True, False), (True, True),
+                                                                                 (True, False)]
+    assert long[3].endswith("--experiment retnet_1.3b_64k --steps 3 --warmup 2")
     r = run(ROOT / "bench" / "one_gpu.sh", "ckpt", **env)
     assert r.returncode == 0, r.stderr
     ckpt = [line for line in (tmp_path / "logs" / "ckpt.log").read_text().splitlines() if line.startswith("ran python")]
