@@ -18,6 +18,9 @@
 #                RetNet with each model.retention_keep of RETENTION_KEEP
 #   train-long   the same at 2 x 8192 tokens beside our Transformer, eager and compiled (the memory
 #                comparison)
+#   memory       issue 10's memory bar at 2 x 8192 tokens, like for like: the trainer (zero0:bf16_autocast)
+#                and our Transformer compiled beside fla, then both at trainer.activation_memory_budget 0.3
+#                (the compiler recomputes what does not fit, in our RetNet and our Transformer alike)
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
 #   long-budget  retnet_1.3b through the trainer at T=131072, compiled, no checkpointing but
 #                trainer.activation_memory_budget 0.05 and 0.2 (the compiler recomputes what does not
@@ -103,6 +106,13 @@ phase_ckpt() {
         --profile
 }
 
+phase_memory() {
+    local log="$LOG_DIR/memory.log"
+    local common=(--kernels triton --compile --trainer-setup zero0:bf16_autocast --seq-len 8192 --steps 4 --warmup 2)
+    run "$log" python bench/train_step.py --runs trainer transformer fla "${common[@]}"
+    run "$log" python bench/train_step.py --runs trainer transformer "${common[@]}" --memory-budget 0.3
+}
+
 phase_kernels() {
     run "$LOG_DIR/kernels.log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --profile
 }
@@ -114,10 +124,11 @@ for phase in "$@"; do
         train) phase_train 2048 ;;
         train-long) phase_train_long ;;
         kernels) phase_kernels ;;
+        memory) phase_memory ;;
         long) phase_long ;;
         long-budget) phase_long_budget ;;
         ckpt) phase_ckpt ;;
-        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, kernels, long, long-budget, ckpt)" >&2
+        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, memory, kernels, long, long-budget, ckpt)" >&2
            exit 2 ;;
     esac
 done

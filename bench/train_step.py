@@ -47,6 +47,9 @@ def parse() -> argparse.Namespace:
                         "fp32 weights, bf16 autocast and torch's fused AdamW, as the plain loop)")
     p.add_argument("--compile", action="store_true", help="torch.compile our models")
     p.add_argument("--act-ckpt", default="none", help="our models' activation checkpointing mode")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="with --compile: our models' compiled blocks keep at most this share of their activations "
+                        "(trainer.activation_memory_budget; the compiler recomputes the rest)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
@@ -111,7 +114,7 @@ def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str, keep: s
         # each block, as trainer.compile does (regional: one graph for every layer; compiling the
         # whole 24-layer model took minutes); liger's fused loss stays eager (a fake-tensor
         # TypeError in its addmm, H100, torch 2.11)
-        model.compile_blocks()
+        model.compile_blocks(memory_budget=args.memory_budget)
     step_loss = loss_fn(kind, model)
     batch = max(1, tokens // seq_len)
     vocab = model.config.vocab_size
@@ -181,7 +184,8 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
              *(["--compile"] if args.compile else []),
              *(["--profile"] if args.profile else []),
              *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}",
-             f"model.retention_keep={keep}"]
+             f"model.retention_keep={keep}",
+             *([f"trainer.activation_memory_budget={args.memory_budget}"] if args.memory_budget is not None else [])]
     ns = throughput_args(flags)
     ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there
     row = measure(f"retnet_{args.size}", seq_len, ns)
@@ -226,10 +230,27 @@ def run_isolated(spec: str) -> dict:
 def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none") -> str:
     setup = "" if setup in ("-", "zero2:auto") else f", {setup}"  # the default keeps its old label
     kept = "" if keep in ("-", "none") else f", retention_keep={keep}"
+    budget = getattr(args, "memory_budget", None)
+    kept += "" if budget is None else f", memory budget {budget:g}"
     return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup}{kept})",
             "plain": f"our RetNet-{args.size}, plain loop (kernels={kernels}{kept})",
             "fla": f"fla RetNet-{args.size} (flash-linear-attention)",
-            "transformer": f"our Transformer-{args.size} (SDPA)"}[run]
+            "transformer": f"our Transformer-{args.size} (SDPA{'' if budget is None else f', memory budget {budget:g}'})"}[run]
+
+
+def check_budget(args) -> None:
+    """--memory-budget is the compiler's: it needs --compile, and a fully checkpointed block has
+    already chosen what it keeps (the trainer refuses that pair too)."""
+    budget = args.memory_budget
+    if budget is None:
+        return
+    if not 0.0 <= budget <= 1.0:
+        raise SystemExit(f"--memory-budget {budget:g}: a share of the activations in [0, 1]")
+    if not args.compile:
+        raise SystemExit(f"--memory-budget {budget:g} needs --compile (the compiler's partitioner applies it)")
+    if args.act_ckpt != "none":
+        raise SystemExit(f"--memory-budget {budget:g} with --act-ckpt {args.act_ckpt}: every block is checkpointed, "
+                         f"so the budget has nothing to choose")
 
 
 def main() -> None:
@@ -241,6 +262,7 @@ def main() -> None:
                       else args.tokens_per_step))
     for setup in args.trainer_setup:
         parse_setup(setup)
+    check_budget(args)
     specs = []
     for run in args.runs:
         ours_run = run in ("trainer", "plain")
@@ -269,7 +291,7 @@ def main() -> None:
 
     notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median), "
              f"tokens per step {args.tokens_per_step}; compile={args.compile}, activation checkpointing "
-             f"{args.act_ckpt}; plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: "
+             f"{args.act_ckpt}, activation memory budget {args.memory_budget}; plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: "
              f"{', '.join(args.trainer_setup)} (ZeRO stage: trainer.precision; auto: bf16 weights, fp32 master)")
     if len(args.seq_len) > 1 and not args.no_save:  # the curve: how each model's rate bends with length
         from bench.charts import beside_results, chart

@@ -34,7 +34,7 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
 
     monkeypatch.setattr(throughput, "measure", fake_measure)
     args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=False, profile=False, chunk_size=None,
-                                 act_ckpt="none")
+                                 act_ckpt="none", memory_budget=None)
     row = bench.through_trainer(2048, 16384, args, "triton", "zero0:bf16_autocast", "states")
     assert seen == dict(preset="retnet_1.3b", seq_len=2048, zero=0, precision="bf16_autocast", micro=8,
                         overrides=["model.kernels=triton", "model.retention_keep=states"])
@@ -52,3 +52,29 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
 def test_a_run_spec_keeps_the_setup_whole(spec, fields):
     # the setup holds a colon of its own: a plain split took "zero0" for it and every trainer row failed
     assert bench.parse_spec(spec) == fields
+
+
+def test_a_memory_budget_reaches_the_trainer_and_labels_the_rows(monkeypatch):
+    import bench.train_throughput as throughput
+
+    seen = {}
+    monkeypatch.setattr(throughput, "measure", lambda preset, seq_len, ns: seen.update(overrides=ns.overrides) or
+                        {"tokens_per_s": 1.0, "peak_mem_gib": 2.0, "first_loss": 3.0, "loss": 2.5})
+    args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=True, profile=False, chunk_size=None,
+                                 act_ckpt="none", memory_budget=0.3)
+    bench.check_budget(args)
+    bench.through_trainer(8192, 16384, args, "triton", "zero0:bf16_autocast", "none")
+    assert seen["overrides"][-1] == "trainer.activation_memory_budget=0.3"
+    assert bench.label("plain", args, "triton").endswith("(kernels=triton, memory budget 0.3)")
+    assert bench.label("transformer", args, "-").endswith("(SDPA, memory budget 0.3)")
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(compile=False), "needs --compile"),
+    (dict(act_ckpt="full"), "with --act-ckpt full: every block is checkpointed"),
+    (dict(memory_budget=1.5), "--memory-budget 1.5: a share of the activations in"),
+])
+def test_a_memory_budget_the_compiler_cannot_use_is_named(changes, message):
+    args = types.SimpleNamespace(**{**dict(compile=True, act_ckpt="none", memory_budget=0.3), **changes})
+    with pytest.raises(SystemExit, match=message):
+        bench.check_budget(args)

@@ -430,5 +430,13 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
               if line.startswith("ran python")]
     assert [line.rsplit("=", 1)[1] for line in budget] == ["0.05", "0.2"]
     assert all("--seq-len 131072 --compile" in line and "--act-ckpt" not in line for line in budget)
+    r = run(ROOT / "bench" / "one_gpu.sh", "memory", **env)
+    assert r.returncode == 0, r.stderr
+    memory = [line for line in (tmp_path / "logs" / "memory.log").read_text().splitlines()
+              if line.startswith("ran python")]
+    assert [line.split("--runs ")[1].split(" --")[0] for line in memory] == ["trainer transformer fla",
+                                                                           "trainer transformer"]
+    assert all("--compile --trainer-setup zero0:bf16_autocast --seq-len 8192" in line for line in memory)
+    assert ["--memory-budget" in line for line in memory] == [False, True] and memory[1].endswith("--memory-budget 0.3")
     r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
     assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr
