@@ -43,8 +43,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", nargs="*", type=float, default=[],
                    help="also compiled, no checkpointing, at these activation memory budgets")
     p.add_argument("--no-compile", action="store_true", help="eager only")
-    p.add_argument("--lengths", nargs=2, type=int, default=[96, 160],
-                   help="the two sequence lengths (tokens; neither equal to a model width, which would read as T)")
+    # both past our kernels' 256-token segments (shorter sequences get shorter segments, and the kept
+    # scores and states of retention_keep change size with them), neither equal to a model width
+    # (which would read as T)
+    p.add_argument("--lengths", nargs=2, type=int, default=[288, 416], help="the two sequence lengths (tokens)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per step of the projection")
     p.add_argument("--top", type=int, default=4, help="kinds of saved tensor named per row")
     p.add_argument("--no-save", action="store_true")
