@@ -35,6 +35,12 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.n_layers * (mixing + ffn) + d * cfg.vocab_size
 
 
+def chunk_retention_flops(T: int, K: int, V: int, C: int) -> int:
+    """Forward FLOPs of one head's chunk form over one sequence of T tokens (the count above)."""
+    n, r = divmod(T, C)
+    return sum(2 * c * c * (K + V) + 4 * c * K * V for c in [C] * n + ([r] if r else []))
+
+
 def retention_flops(cfg: ModelConfig, seq_len: int, mode: str = "chunkwise",
                     chunk_size: int | None = None) -> tuple[float, float]:
     """(forward, backward) FLOPs of one layer's retention over one sequence of seq_len tokens, all heads."""
@@ -42,9 +48,7 @@ def retention_flops(cfg: ModelConfig, seq_len: int, mode: str = "chunkwise",
     if mode == "parallel":
         per_head = 2 * T * T * (K + V)
     elif mode == "chunkwise":
-        C = chunk_size or cfg.chunk_size
-        n, r = divmod(T, C)
-        per_head = sum(2 * c * c * (K + V) + 4 * c * K * V for c in [C] * n + ([r] if r else []))
+        per_head = chunk_retention_flops(T, K, V, chunk_size or cfg.chunk_size)
     elif mode == "recurrent":
         per_head = T * 4 * K * V  # S = gamma S + k^T v, o = q S
     else:

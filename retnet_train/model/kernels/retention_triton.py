@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..config import RetentionKeep
+from ..flops import chunk_retention_flops
 from . import retention_launch as L
 from .decode_step import log2_decays
 from .retention_launch import MAX_DK, MAX_DV, Tuning
@@ -208,12 +209,11 @@ def _(do, dfinal, q, k, v, lg2, init, cu_seqlens, states, scores, need_dinit, tu
 
 
 def _chunk_flops(q_shape, v_shape, tuning: list[int]) -> int:
-    """The model's chunk-form count (model/flops.py: 2C(K + V) + 4KV per token and head) for the
-    compiler's cost estimates, e.g. what trainer.activation_memory_budget recomputes first: without
-    a formula an opaque op counts as free."""
+    """The model's chunk-form count (model/flops.py), B rows of T tokens, for the compiler's cost
+    estimates, e.g. what trainer.activation_memory_budget recomputes first: without a formula an
+    opaque op counts as free. A packed varlen row counts as one sequence."""
     B, T, H, K = q_shape
-    V, C = v_shape[-1], _tuning_of(tuning).chunk
-    return B * T * H * (2 * C * (K + V) + 4 * K * V)
+    return B * H * chunk_retention_flops(T, K, v_shape[-1], _tuning_of(tuning).chunk)
 
 
 @register_flop_formula(torch.ops.retnet.retention_chunk)
