@@ -181,12 +181,10 @@ def _(q, k, v, lg2, init, cu_seqlens, need_final, tuning):
     t = _tuning_of(tuning)
     B, T, H, DK = q.shape
     DV = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    S = L.segment_length(T, t)
-    n_seg = B * math.ceil(T / S) if cu_seqlens is None else T // S + N  # as make_layout
-    final = q.new_empty(N, H, DK, DV, dtype=torch.float32) if need_final else None
-    states = q.new_empty(n_seg, H, DK, DV) if t.keep_states else None
-    scores = q.new_empty(B * T, H, S) if t.keep_scores else None
+    lay = _layout(q, cu_seqlens, t)  # the real op's layout, on fake tensors: its sizes
+    final = q.new_empty(lay.N, H, DK, DV, dtype=torch.float32) if need_final else None
+    states = q.new_empty(lay.n_seg, H, DK, DV) if t.keep_states else None
+    scores = q.new_empty(B * T, H, lay.S) if t.keep_scores else None
     # contiguous, as the kernels write it (empty_like would copy a permuted v's strides)
     return v.new_empty(v.shape), *(_none_as_empty(x, q) for x in (final, states, scores))
 
