@@ -239,18 +239,14 @@ def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none") ->
 
 
 def check_budget(args) -> None:
-    """--memory-budget is the compiler's: it needs --compile, and a fully checkpointed block has
-    already chosen what it keeps (the trainer refuses that pair too)."""
-    budget = args.memory_budget
-    if budget is None:
-        return
-    if not 0.0 <= budget <= 1.0:
-        raise SystemExit(f"--memory-budget {budget:g}: a share of the activations in [0, 1]")
-    if not args.compile:
-        raise SystemExit(f"--memory-budget {budget:g} needs --compile (the compiler's partitioner applies it)")
-    if args.act_ckpt != "none":
-        raise SystemExit(f"--memory-budget {budget:g} with --act-ckpt {args.act_ckpt}: every block is checkpointed, "
-                         f"so the budget has nothing to choose")
+    """--memory-budget is trainer.activation_memory_budget, checked as the trainer checks it (our
+    plain loop does not load a config), before any run starts."""
+    from retnet_train.config import memory_budget_problem
+
+    problem = memory_budget_problem(args.memory_budget, args.compile, args.act_ckpt, None)
+    if problem:
+        raise SystemExit(f"--memory-budget {args.memory_budget:g}: {problem} (the bench's --compile and --act-ckpt "
+                         f"set those keys)")
 
 
 def main() -> None:

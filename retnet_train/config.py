@@ -523,6 +523,23 @@ def batch_layout(parallel: ParallelConfig, trainer: TrainerConfig,
             "global_batch_seqs": t.global_batch_tokens // t.seq_len}
 
 
+def memory_budget_problem(budget: float | None, compiled: bool, checkpointing: str,
+                          checkpoint_layers: int | None) -> str | None:
+    """What is wrong with an activation memory budget beside these settings (None: nothing); the
+    trainer's config check and bench/train_step.py's share it."""
+    if budget is None:
+        return None
+    if not (math.isfinite(budget) and 0.0 <= budget <= 1.0):
+        return "must be a share of the activations in [0, 1]"
+    if not compiled:
+        return "needs trainer.compile=true (the compiler chooses what to recompute)"
+    if checkpointing != "none" and checkpoint_layers is None:
+        # a checkpointed region has already said what to keep and what to recompute
+        return (f"acts only on blocks without activation checkpointing, and trainer.activation_checkpointing="
+                f"{checkpointing} covers every block (set it to none, or trainer.checkpoint_layers to fewer blocks)")
+    return None
+
+
 def checkpointing_mode(value: Any) -> str:
     """trainer.activation_checkpointing as one of the model's CHECKPOINTING modes (true/false of older
     configs: full/none)."""
@@ -589,18 +606,11 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     if cfg.trainer.checkpoint_layers is not None:
         _positive(cfg, "trainer.checkpoint_layers", allow_zero=True)
     budget = cfg.trainer.activation_memory_budget
-    if budget is not None:
-        if not (math.isfinite(budget) and 0.0 <= budget <= 1.0):
-            _fail("trainer.activation_memory_budget", budget, "must be a share of the activations in [0, 1]")
-        if not cfg.trainer.compile:
-            _fail("trainer.activation_memory_budget", budget, "needs trainer.compile=true (the compiler "
-                  "chooses what to recompute)")
-        mode = checkpointing_mode(cfg.trainer.activation_checkpointing)
-        if mode != "none" and cfg.trainer.checkpoint_layers is None:
-            # a checkpointed region has already said what to keep and what to recompute
-            _fail("trainer.activation_memory_budget", budget, f"acts only on blocks without activation "
-                  f"checkpointing, and trainer.activation_checkpointing={mode} covers every block "
-                  f"(set it to none, or trainer.checkpoint_layers to fewer blocks)")
+    problem = memory_budget_problem(budget, bool(cfg.trainer.compile),
+                                    checkpointing_mode(cfg.trainer.activation_checkpointing),
+                                    cfg.trainer.checkpoint_layers)
+    if problem:
+        _fail("trainer.activation_memory_budget", budget, problem)
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
     if cfg.trainer.data_source == "stream":

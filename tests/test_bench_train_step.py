@@ -70,9 +70,10 @@ def test_a_memory_budget_reaches_the_trainer_and_labels_the_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(compile=False), "needs --compile"),
-    (dict(act_ckpt="full"), "with --act-ckpt full: every block is checkpointed"),
-    (dict(memory_budget=1.5), "--memory-budget 1.5: a share of the activations in"),
+    (dict(compile=False), "--memory-budget 0.3: needs trainer.compile=true"),
+    (dict(act_ckpt="full"), "--memory-budget 0.3: acts only on blocks without activation checkpointing, and "
+                            "trainer.activation_checkpointing=full covers every block"),
+    (dict(memory_budget=1.5), r"--memory-budget 1.5: must be a share of the activations in \[0, 1\]"),
 ])
 def test_a_memory_budget_the_compiler_cannot_use_is_named(changes, message):
     args = types.SimpleNamespace(**{**dict(compile=True, act_ckpt="none", memory_budget=0.3), **changes})
