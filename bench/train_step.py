@@ -231,11 +231,11 @@ def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none") ->
     setup = "" if setup in ("-", "zero2:auto") else f", {setup}"  # the default keeps its old label
     kept = "" if keep in ("-", "none") else f", retention_keep={keep}"
     budget = getattr(args, "memory_budget", None)
-    kept += "" if budget is None else f", memory budget {budget:g}"
-    return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup}{kept})",
-            "plain": f"our RetNet-{args.size}, plain loop (kernels={kernels}{kept})",
+    budget = "" if budget is None else f", memory budget {budget:g}"  # our models' compiled blocks
+    return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup}{kept}{budget})",
+            "plain": f"our RetNet-{args.size}, plain loop (kernels={kernels}{kept}{budget})",
             "fla": f"fla RetNet-{args.size} (flash-linear-attention)",
-            "transformer": f"our Transformer-{args.size} (SDPA{'' if budget is None else f', memory budget {budget:g}'})"}[run]
+            "transformer": f"our Transformer-{args.size} (SDPA{budget})"}[run]
 
 
 def check_budget(args) -> None:
