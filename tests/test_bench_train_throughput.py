@@ -15,7 +15,7 @@ def test_an_experiment_keeps_its_own_settings_and_steps_one_micro_batch_per_rank
     cfg = load_config([*overrides, "trainer.data_source=synthetic"])
     t = cfg.trainer
     assert (t.seq_len, t.micro_batch_size, t.activation_checkpointing, t.checkpoint_layers, t.compile,
-            cfg.deepspeed.stage) == (131072, 1, "full", None, True, 2)
+            t.activation_memory_budget, cfg.deepspeed.stage) == (131072, 1, "none", None, True, 0.1, 2)
 
 
 def test_a_preset_takes_the_shape_and_trainer_flags():
