@@ -4,6 +4,7 @@ RetNet-1.3B, and our Transformer, at the same tokens per step (issue 10's compar
     python bench/train_step.py                                   # all four, T=2048 (8 x 2048) and T=8192 (2 x 8192)
     python bench/train_step.py --runs plain fla --seq-len 2048 --kernels triton fla
     python bench/train_step.py --runs plain --seq-len 32768 131072 --tokens-per-step 32768 131072
+    python bench/train_step.py --runs trainer transformer fla --compile --seq-len 8192 --memory-budget none 0.4 0.3 0.2
 
 The plain loop is the same for every model: fp32 weights, bf16 autocast, fused AdamW, the loss of
 each model's own training path (ours: `trainer.fused_loss`'s chunked loss where the model offers it;
@@ -13,11 +14,17 @@ the plain loop's precision and optimizer; synthetic tokens), as bench/train_thro
 process; tokens/s is the median over the measured steps; peak memory is torch's peak allocation
 after the model is built (weights, optimizer state and activations). Prints the table, appends it to
 bench/RESULTS.md and, with several lengths, writes bench/train_step.png.
+
+Several --memory-budget values measure the speed/memory trade-off: each of our models runs once per
+budget (fla, which has none, once), each row's peak memory is set against our Transformer's at the same
+budget and at none, and bench/train_step_memory_budget_T<T>.png (one per length) plots tokens/s against
+peak memory, one line per model through its budgets.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -47,16 +54,18 @@ def parse() -> argparse.Namespace:
                         "fp32 weights, bf16 autocast and torch's fused AdamW, as the plain loop)")
     p.add_argument("--compile", action="store_true", help="torch.compile our models")
     p.add_argument("--act-ckpt", default="none", help="our models' activation checkpointing mode")
-    p.add_argument("--memory-budget", type=float, default=None,
+    p.add_argument("--memory-budget", nargs="+", default=["none"],
                    help="with --compile: our models' compiled blocks keep at most this share of their activations "
-                        "(trainer.activation_memory_budget; the compiler recomputes the rest)")
+                        "(trainer.activation_memory_budget; the compiler recomputes the rest); each value (none or "
+                        "a share) is its own run of each of our models")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step after the measured ones and print its device time by kernel family")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: RUN:T:TOKENS:KERNELS:SETUP:KEEP, result to --result-json
+    # internal: RUN:T:TOKENS:KERNELS:SETUP:KEEP:BUDGET, result to --result-json
+    p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--result-json", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -100,7 +109,8 @@ def loss_fn(kind: str, model):
                                                    kernels=kernels)
 
 
-def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str, keep: str) -> dict:
+def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str, keep: str,
+               budget: float | None = None) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -114,7 +124,7 @@ def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str, keep: s
         # each block, as trainer.compile does (regional: one graph for every layer; compiling the
         # whole 24-layer model took minutes); liger's fused loss stays eager (a fake-tensor
         # TypeError in its addmm, H100, torch 2.11)
-        model.compile_blocks(memory_budget=args.memory_budget)
+        model.compile_blocks(memory_budget=budget)
     step_loss = loss_fn(kind, model)
     batch = max(1, tokens // seq_len)
     vocab = model.config.vocab_size
@@ -171,7 +181,8 @@ def parse_setup(setup: str) -> tuple[int, str]:
     return int(zero[4:]), precision
 
 
-def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, keep: str) -> dict:
+def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, keep: str,
+                    budget: float | None = None) -> dict:
     from bench.train_throughput import measure
     from bench.train_throughput import parse as throughput_args
 
@@ -185,7 +196,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
              *(["--profile"] if args.profile else []),
              *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}",
              f"model.retention_keep={keep}",
-             *([f"trainer.activation_memory_budget={args.memory_budget}"] if args.memory_budget is not None else [])]
+             *([f"trainer.activation_memory_budget={budget}"] if budget is not None else [])]
     ns = throughput_args(flags)
     ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there
     row = measure(f"retnet_{args.size}", seq_len, ns)
@@ -193,20 +204,22 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
             "loss": f"{row['first_loss']:.2f} -> {row['loss']:.2f}", "kernels": kernels}
 
 
-def parse_spec(spec: str) -> tuple[str, int, int, str, str, str]:
-    """"RUN:T:TOKENS:KERNELS:SETUP:KEEP" -> its fields; SETUP holds a colon itself (zero2:auto) or is "-"."""
+def parse_spec(spec: str) -> tuple[str, int, int, str, str, str, str]:
+    """"RUN:T:TOKENS:KERNELS:SETUP:KEEP:BUDGET" -> its fields; SETUP holds a colon itself (zero2:auto) or
+    is "-", so the last two fields are split off from the right."""
     kind, seq_len, tokens, kernels, rest = spec.split(":", 4)
-    setup, _, keep = rest.rpartition(":")
-    return kind, int(seq_len), int(tokens), kernels, setup, keep
+    setup, keep, budget = rest.rsplit(":", 2)
+    return kind, int(seq_len), int(tokens), kernels, setup, keep, budget
 
 
 def measure_one(spec: str, args) -> dict:
     import torch
 
-    kind, seq_len, tokens, kernels, setup, keep = parse_spec(spec)
+    kind, seq_len, tokens, kernels, setup, keep, budget = parse_spec(spec)
+    budget = None if budget == "-" else budget_value(budget)  # fla's "-": it compiles nothing
     try:
-        out = (through_trainer(seq_len, tokens, args, kernels, setup, keep) if kind == "trainer"
-               else plain_loop(kind, seq_len, tokens, args, kernels, keep))
+        out = (through_trainer(seq_len, tokens, args, kernels, setup, keep, budget) if kind == "trainer"
+               else plain_loop(kind, seq_len, tokens, args, kernels, keep, budget))
     except torch.OutOfMemoryError:
         out = {"error": "out of memory"}
     return {"run": kind, "seq_len": seq_len, **out}
@@ -227,26 +240,96 @@ def run_isolated(spec: str) -> dict:
     return json.loads(text)
 
 
-def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none") -> str:
+def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none", budget: str = "none") -> str:
     setup = "" if setup in ("-", "zero2:auto") else f", {setup}"  # the default keeps its old label
     kept = "" if keep in ("-", "none") else f", retention_keep={keep}"
-    budget = getattr(args, "memory_budget", None)
-    budget = "" if budget is None else f", memory budget {budget:g}"  # our models' compiled blocks
+    budget = "" if budget in ("-", "none") else f", memory budget {budget}"  # our models' compiled blocks
     return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup}{kept}{budget})",
             "plain": f"our RetNet-{args.size}, plain loop (kernels={kernels}{kept}{budget})",
             "fla": f"fla RetNet-{args.size} (flash-linear-attention)",
             "transformer": f"our Transformer-{args.size} (SDPA{budget})"}[run]
 
 
-def check_budget(args) -> None:
-    """--memory-budget is trainer.activation_memory_budget, checked as the trainer checks it (our
-    plain loop does not load a config), before any run starts."""
+def budget_value(text: str) -> float | None:
+    """A --memory-budget value as trainer.activation_memory_budget: "none" -> None, else a number."""
+    if text == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"--memory-budget {text!r}: expected none or a share of the activations in [0, 1]") from None
+
+
+def check_budget(text: str, args) -> str:
+    """One --memory-budget value, checked as the trainer checks trainer.activation_memory_budget (our
+    plain loop does not load a config) before any run starts; returns it as a spec's budget field
+    ("none", or the number as older labels wrote it: 0.3)."""
     from retnet_train.config import memory_budget_problem
 
-    problem = memory_budget_problem(args.memory_budget, args.compile, args.act_ckpt, None)
+    budget = budget_value(text)
+    problem = memory_budget_problem(budget, args.compile, args.act_ckpt, None)
     if problem:
-        raise SystemExit(f"--memory-budget {args.memory_budget:g}: {problem} (the bench's --compile and --act-ckpt "
-                         f"set those keys)")
+        raise SystemExit(f"--memory-budget {budget:g}: {problem} (the bench's --compile and --act-ckpt set those keys)")
+    return "none" if budget is None else f"{budget:g}"
+
+
+def run_specs(args, budgets: list[str]) -> list[str]:
+    """Each run's --one spec: our models once per kernels, retention_keep, trainer setup and budget; fla,
+    which has none of them, once; each at every length (the innermost loop, so a model's budgets come
+    in --memory-budget's order at each length)."""
+    tokens = dict(zip(args.seq_len, args.tokens_per_step * len(args.seq_len) if len(args.tokens_per_step) == 1
+                      else args.tokens_per_step))
+    specs = []
+    for run in args.runs:
+        ours_run = run in ("trainer", "plain")
+        fields = itertools.product(args.kernels if ours_run else ["-"], args.retention_keep if ours_run else ["-"],
+                                   args.trainer_setup if run == "trainer" else ["-"],
+                                   ["-"] if run == "fla" else budgets, args.seq_len)
+        specs += [f"{run}:{t}:{tokens[t]}:{k}:{setup}:{keep}:{budget}" for k, keep, setup, budget, t in fields]
+    return specs
+
+
+def _ratio(r: dict, ref: dict | None, field: str) -> str:
+    return f"{r[field] / ref[field]:.2f}" if ref else ""
+
+
+def table(results: dict[tuple, dict], args) -> tuple[list[str], list[list]]:
+    """The header and rows of `results` (parse_spec's fields -> that run's result). Each row against fla's
+    rate and our Transformer's peak memory at its length; the Transformer's at the row's own budget
+    (fla has none: blank) and at none. A reference that is absent or failed leaves its cell blank."""
+    refs = {(run, t, budget): r for (run, t, *_, budget), r in results.items()
+            if run in ("fla", "transformer") and "error" not in r}
+    header = ["model", "T", "batch", "tokens/s", "peak GiB", "x fla tokens/s", "x Transformer memory (same budget)",
+              "x Transformer memory (no budget)", "loss"]
+    rows = []
+    for (run, t, _, k, setup, keep, budget), r in results.items():
+        name = label(run, args, k, setup, keep, budget)
+        if "error" in r:
+            rows.append([name, t, "", r["error"], "", "", "", "", ""])
+            continue
+        rows.append([name, t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
+                     _ratio(r, refs.get(("fla", t, "-")), "tokens_per_s"),
+                     _ratio(r, refs.get(("transformer", t, budget)), "peak_gib"),
+                     _ratio(r, refs.get(("transformer", t, "none")), "peak_gib"), r["loss"]])
+    return header, rows
+
+
+def budget_charts(results: dict[tuple, dict], args) -> list[Path]:
+    """One chart per length: tokens/s against peak memory, a line per model through its budgets (in
+    --memory-budget's order; fla a single point); failed runs left out. Returns the charts written."""
+    from bench.charts import beside_results, chart
+
+    written = []
+    for t in args.seq_len:
+        series: dict[str, list] = {}
+        for (run, seq_len, _, k, setup, keep, _), r in results.items():
+            if seq_len == t and "error" not in r:
+                series.setdefault(label(run, args, k, setup, keep), []).append((r["peak_gib"], r["tokens_per_s"]))
+        path = beside_results(f"train_step_memory_budget_T{t}")
+        if chart(path, f"training step, T={t}: tokens/s by activation memory budget", "peak GiB", "tokens/s",
+                 series, logx=False):
+            written.append(path)
+    return written
 
 
 def main() -> None:
@@ -254,50 +337,32 @@ def main() -> None:
     if args.one:
         Path(args.result_json).write_text(json.dumps(measure_one(args.one, args)))
         return
-    tokens = dict(zip(args.seq_len, args.tokens_per_step * len(args.seq_len) if len(args.tokens_per_step) == 1
-                      else args.tokens_per_step))
     for setup in args.trainer_setup:
         parse_setup(setup)
-    check_budget(args)
-    specs = []
-    for run in args.runs:
-        ours_run = run in ("trainer", "plain")
-        for kernels in (args.kernels if ours_run else ["-"]):
-            for keep in (args.retention_keep if ours_run else ["-"]):
-                for setup in (args.trainer_setup if run == "trainer" else ["-"]):
-                    for t in args.seq_len:
-                        specs.append(((run, kernels, setup, keep, t), f"{run}:{t}:{tokens[t]}:{kernels}:{setup}:{keep}"))
-    results = {key: run_isolated(spec) for key, spec in specs}
-
-    def ref(run, t):
-        r = results.get((run, "-", "-", "-", t))
-        return r if r and "error" not in r else None
-
-    header = ["model", "T", "batch", "tokens/s", "peak GiB", "x fla tokens/s", "x Transformer memory", "loss"]
-    rows = []
-    for (run, k, setup, keep, t), r in results.items():
-        if "error" in r:
-            rows.append([label(run, args, k, setup, keep), t, "", r["error"], "", "", "", ""])
-            continue
-        fla, tf = ref("fla", t), ref("transformer", t)
-        rows.append([label(run, args, k, setup, keep), t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
-                     f"{r['tokens_per_s'] / fla['tokens_per_s']:.2f}" if fla else "",
-                     f"{r['peak_gib'] / tf['peak_gib']:.2f}" if tf else "", r["loss"]])
+    # 0.3 and 0.30 are one budget: one run each, one row (the results are keyed by the spec's fields)
+    budgets = list(dict.fromkeys(check_budget(b, args) for b in args.memory_budget))
+    results = {parse_spec(spec): run_isolated(spec) for spec in run_specs(args, budgets)}
+    header, rows = table(results, args)
     from bench.results import append
 
     notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median), "
              f"tokens per step {args.tokens_per_step}; compile={args.compile}, activation checkpointing "
-             f"{args.act_ckpt}, activation memory budget {args.memory_budget}; plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: "
+             f"{args.act_ckpt}, activation memory budgets measured: {', '.join(budgets)} (each of our models at each; "
+             f"fla has none); plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: "
              f"{', '.join(args.trainer_setup)} (ZeRO stage: trainer.precision; auto: bf16 weights, fp32 master)")
     if len(args.seq_len) > 1 and not args.no_save:  # the curve: how each model's rate bends with length
         from bench.charts import beside_results, chart
 
         path = beside_results("train_step")
         series: dict[str, list] = {}
-        for (run, k, setup, keep, t), r in results.items():
-            series.setdefault(label(run, args, k, setup, keep), []).append((t, r["tokens_per_s"] if "error" not in r else None))
+        for (run, t, _, k, setup, keep, budget), r in results.items():
+            series.setdefault(label(run, args, k, setup, keep, budget), []).append(
+                (t, r["tokens_per_s"] if "error" not in r else None))
         if chart(path, "training step: tokens/s by sequence length", "sequence length T", "tokens/s", series):
             notes += f"; chart: [{path.name}]({path.name})"
+    if len(budgets) > 1 and not args.no_save:  # the trade-off: what each share of memory saved costs in speed
+        for path in budget_charts(results, args):
+            notes += f"; memory budget chart: [{path.name}]({path.name})"
     append("Training step side by side (bench/train_step.py)", header, rows, notes=notes, save=not args.no_save)
 
 

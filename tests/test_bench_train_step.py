@@ -1,8 +1,10 @@
-"""bench/train_step.py's trainer setups: each --trainer-setup reaches the trainer as its ZeRO stage
-and precision, and a malformed one stops the bench before any run (no training here)."""
+"""bench/train_step.py's trainer setups and memory budgets: each --trainer-setup reaches the trainer as
+its ZeRO stage and precision, each --memory-budget value is its own run of each of our models, and a
+malformed value stops the bench before any run (no training here: the runner is faked)."""
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -34,7 +36,7 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
 
     monkeypatch.setattr(throughput, "measure", fake_measure)
     args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=False, profile=False, chunk_size=None,
-                                 act_ckpt="none", memory_budget=None)
+                                 act_ckpt="none")
     row = bench.through_trainer(2048, 16384, args, "triton", "zero0:bf16_autocast", "states")
     assert seen == dict(preset="retnet_1.3b", seq_len=2048, zero=0, precision="bf16_autocast", micro=8,
                         overrides=["model.kernels=triton", "model.retention_keep=states"])
@@ -45,13 +47,16 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
 
 
 @pytest.mark.parametrize("spec, fields", [
-    ("trainer:2048:16384:triton:zero0:bf16_autocast:both", ("trainer", 2048, 16384, "triton", "zero0:bf16_autocast", "both")),
-    ("plain:8192:16384:auto:-:none", ("plain", 8192, 16384, "auto", "-", "none")),
-    ("fla:2048:16384:-:-:-", ("fla", 2048, 16384, "-", "-", "-")),
+    ("trainer:2048:16384:triton:zero0:bf16_autocast:both:0.3",
+     ("trainer", 2048, 16384, "triton", "zero0:bf16_autocast", "both", "0.3")),
+    ("plain:8192:16384:auto:-:none:none", ("plain", 8192, 16384, "auto", "-", "none", "none")),
+    ("fla:2048:16384:-:-:-:-", ("fla", 2048, 16384, "-", "-", "-", "-")),
 ])
 def test_a_run_spec_keeps_the_setup_whole(spec, fields):
     # the setup holds a colon of its own: a plain split took "zero0" for it and every trainer row failed
     assert bench.parse_spec(spec) == fields
+    run, t, tokens, kernels, setup, keep, budget = fields
+    assert f"{run}:{t}:{tokens}:{kernels}:{setup}:{keep}:{budget}" == spec  # the round trip run_specs relies on
 
 
 def test_a_memory_budget_reaches_the_trainer_and_labels_the_rows(monkeypatch):
@@ -61,21 +66,130 @@ def test_a_memory_budget_reaches_the_trainer_and_labels_the_rows(monkeypatch):
     monkeypatch.setattr(throughput, "measure", lambda preset, seq_len, ns: seen.update(overrides=ns.overrides) or
                         {"tokens_per_s": 1.0, "peak_mem_gib": 2.0, "first_loss": 3.0, "loss": 2.5})
     args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=True, profile=False, chunk_size=None,
-                                 act_ckpt="none", memory_budget=0.3)
-    bench.check_budget(args)
-    bench.through_trainer(8192, 16384, args, "triton", "zero0:bf16_autocast", "none")
+                                 act_ckpt="none")
+    assert bench.check_budget("0.30", args) == "0.3" and bench.check_budget("none", args) == "none"
+    bench.through_trainer(8192, 16384, args, "triton", "zero0:bf16_autocast", "none", 0.3)
     assert seen["overrides"][-1] == "trainer.activation_memory_budget=0.3"
-    assert bench.label("plain", args, "triton").endswith("(kernels=triton, memory budget 0.3)")
-    assert bench.label("transformer", args, "-").endswith("(SDPA, memory budget 0.3)")
+    bench.through_trainer(8192, 16384, args, "triton", "zero0:bf16_autocast", "none", None)
+    assert seen["overrides"] == ["model.kernels=triton", "model.retention_keep=none"]
+    # one budget keeps the labels of older RESULTS rows
+    assert bench.label("plain", args, "triton", budget="0.3").endswith("(kernels=triton, memory budget 0.3)")
+    assert bench.label("transformer", args, "-", budget="0.3").endswith("(SDPA, memory budget 0.3)")
+    assert bench.label("transformer", args, "-", budget="none").endswith("(SDPA)")
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(compile=False), "--memory-budget 0.3: needs trainer.compile=true"),
-    (dict(act_ckpt="full"), "--memory-budget 0.3: acts only on blocks without activation checkpointing, and "
-                            "trainer.activation_checkpointing=full covers every block"),
-    (dict(memory_budget=1.5), r"--memory-budget 1.5: must be a share of the activations in \[0, 1\]"),
+@pytest.mark.parametrize("changes, budget, message", [
+    (dict(compile=False), "0.3", "--memory-budget 0.3: needs trainer.compile=true"),
+    (dict(act_ckpt="full"), "0.3", "--memory-budget 0.3: acts only on blocks without activation checkpointing, and "
+                                   "trainer.activation_checkpointing=full covers every block"),
+    ({}, "1.5", r"--memory-budget 1.5: must be a share of the activations in \[0, 1\]"),
+    ({}, "abc", r"--memory-budget 'abc': expected none or a share of the activations in \[0, 1\]"),
 ])
-def test_a_memory_budget_the_compiler_cannot_use_is_named(changes, message):
-    args = types.SimpleNamespace(**{**dict(compile=True, act_ckpt="none", memory_budget=0.3), **changes})
+def test_a_memory_budget_the_compiler_cannot_use_is_named(changes, budget, message):
+    args = types.SimpleNamespace(**{**dict(compile=True, act_ckpt="none"), **changes})
     with pytest.raises(SystemExit, match=message):
-        bench.check_budget(args)
+        bench.check_budget(budget, args)
+
+
+# ---- several budgets in one bench run (the runner faked: each spec gets a made-up result) -----------
+
+
+PEAK = {("trainer", "none"): 40.0, ("trainer", "0.4"): 28.0, ("trainer", "0.3"): 24.0, ("transformer", "none"): 50.0,
+        ("transformer", "0.4"): 35.0, ("transformer", "0.3"): 30.0, ("fla", "-"): 45.0}
+
+
+def fake_run(spec: str) -> dict:
+    run, t, _, _, _, _, budget = bench.parse_spec(spec)
+    return {"run": run, "seq_len": t, "tokens_per_s": 1000.0 * (t // 1024), "peak_gib": PEAK[run, budget],
+            "batch": 16384 // t, "loss": "11.00 -> 3.00"}
+
+
+def run_main(monkeypatch, *flags, runner=fake_run) -> tuple[list[str], list[list]]:
+    """bench.main() with these flags and --no-save: the specs it ran and the rows of its table."""
+    from bench import results  # the module here: `bench` is train_step
+
+    ran, table = [], {}
+    monkeypatch.setattr(bench, "run_isolated", lambda spec: ran.append(spec) or runner(spec))
+    monkeypatch.setattr(results, "append", lambda title, header, rows, **kw: table.update(rows=rows, **kw))
+    monkeypatch.setattr(sys, "argv", ["train_step.py", *flags, "--no-save"])
+    bench.main()
+    return ran, table["rows"]
+
+
+def test_each_of_our_models_runs_once_per_budget_and_fla_once(monkeypatch):
+    ran, _ = run_main(monkeypatch, "--runs", "trainer", "transformer", "fla", "--compile", "--kernels", "triton",
+                      "--trainer-setup", "zero0:bf16_autocast", "--seq-len", "8192",
+                      "--memory-budget", "none", "0.40", "0.3")
+    assert ran == ["trainer:8192:16384:triton:zero0:bf16_autocast:none:none",
+                   "trainer:8192:16384:triton:zero0:bf16_autocast:none:0.4",
+                   "trainer:8192:16384:triton:zero0:bf16_autocast:none:0.3",
+                   "transformer:8192:16384:-:-:-:none", "transformer:8192:16384:-:-:-:0.4",
+                   "transformer:8192:16384:-:-:-:0.3", "fla:8192:16384:-:-:-:-"]
+
+
+def test_memory_is_set_against_the_transformer_at_the_same_budget_and_at_none(monkeypatch):
+    def runner(spec):  # the Transformer's run at 0.4 fails: the trainer's at 0.4 has none at its budget
+        failed = spec.startswith("transformer") and spec.endswith(":0.4")
+        return {"run": "transformer", "seq_len": 8192, "error": "failed (exit 1)"} if failed else fake_run(spec)
+
+    _, rows = run_main(monkeypatch, "--runs", "trainer", "transformer", "fla", "--compile", "--kernels", "triton",
+                       "--trainer-setup", "zero0:bf16_autocast", "--seq-len", "8192",
+                       "--memory-budget", "none", "0.3", "0.4", runner=runner)
+    # model, then: peak GiB, x fla tokens/s, x Transformer memory (same budget), (no budget)
+    got = {row[0]: row[4:8] for row in rows}
+    assert got == {
+        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast)": ["40.0", "1.00", "0.80", "0.80"],
+        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast, memory budget 0.3)": ["24.0", "1.00", "0.80",
+                                                                                            "0.48"],
+        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast, memory budget 0.4)": ["28.0", "1.00", "",
+                                                                                            "0.56"],
+        "our Transformer-1.3b (SDPA)": ["50.0", "1.00", "1.00", "1.00"],
+        "our Transformer-1.3b (SDPA, memory budget 0.3)": ["30.0", "1.00", "1.00", "0.60"],
+        "our Transformer-1.3b (SDPA, memory budget 0.4)": ["", "", "", ""],
+        "fla RetNet-1.3b (flash-linear-attention)": ["45.0", "1.00", "", "0.90"],  # fla has no budget of its own
+    }
+
+
+def test_one_budget_keeps_the_old_labels_and_leaves_the_no_budget_column_blank(monkeypatch):
+    ran, rows = run_main(monkeypatch, "--runs", "trainer", "transformer", "--compile", "--kernels", "triton",
+                         "--trainer-setup", "zero0:bf16_autocast", "--seq-len", "8192", "--memory-budget", "0.3")
+    assert [row[0] for row in rows] == [
+        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast, memory budget 0.3)",
+        "our Transformer-1.3b (SDPA, memory budget 0.3)"]
+    assert [row[6:8] for row in rows] == [["0.80", ""], ["1.00", ""]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile", "--memory-budget", "none", "abc"], "--memory-budget 'abc': expected none or a share"),
+    (["--compile", "--act-ckpt", "full", "--memory-budget", "none", "0.3"],
+     "--memory-budget 0.3: acts only on blocks without activation checkpointing"),
+    (["--memory-budget", "0.3"], "--memory-budget 0.3: needs trainer.compile=true"),
+])
+def test_a_bad_budget_stops_the_bench_before_any_run(monkeypatch, flags, message):
+    ran = []
+    monkeypatch.setattr(bench, "run_isolated", lambda spec: ran.append(spec) or fake_run(spec))
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--runs", "trainer", "transformer", *flags, "--no-save"])
+    with pytest.raises(SystemExit, match=message):
+        bench.main()
+    assert ran == []
+
+
+def test_the_budget_chart_draws_each_model_through_its_budgets(monkeypatch):
+    from bench import charts
+
+    drawn = {}
+    monkeypatch.setattr(charts, "chart", lambda path, *a, logx=True, **kw: drawn.update(
+        {path.name: (a[3], logx)}) or True)
+    args = types.SimpleNamespace(size="1.3b", seq_len=[8192])
+    specs = ["trainer:8192:16384:triton:zero0:bf16_autocast:none:none",
+             "trainer:8192:16384:triton:zero0:bf16_autocast:none:0.3",
+             "transformer:8192:16384:-:-:-:none", "transformer:8192:16384:-:-:-:0.3", "fla:8192:16384:-:-:-:-"]
+    written = bench.budget_charts({bench.parse_spec(s): fake_run(s) for s in specs}, args)
+    assert [p.name for p in written] == ["train_step_memory_budget_T8192.png"]
+    series, logx = drawn["train_step_memory_budget_T8192.png"]
+    assert not logx
+    assert series == {  # (peak GiB, tokens/s), in budget order; labels without their budget
+        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast)": [(40.0, 8000.0), (24.0, 8000.0)],
+        "our Transformer-1.3b (SDPA)": [(50.0, 8000.0), (30.0, 8000.0)],
+        "fla RetNet-1.3b (flash-linear-attention)": [(45.0, 8000.0)],
+    }
