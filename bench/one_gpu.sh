@@ -18,19 +18,20 @@
 #                RetNet with each model.retention_keep of RETENTION_KEEP
 #   train-long   the same at 2 x 8192 tokens beside our Transformer, eager and compiled (the memory
 #                comparison)
-#   memory       issue 10's memory bar at 2 x 8192 tokens, like for like, in one run: the trainer
-#                (zero0:bf16_autocast) and our Transformer compiled, each at trainer.activation_memory_budget
-#                none, 0.4, 0.3 and 0.2 (the compiler recomputes what does not fit, in our RetNet and our
-#                Transformer alike), beside fla; the speed/memory curve in bench/train_step_memory_budget_T8192.png
+#   memory       issue 10's memory bar at 2 x 8192 tokens, like for like: the trainer (zero0:bf16_autocast)
+#                and our Transformer compiled, each without and at trainer.activation_memory_budget 0.3
+#                (the compiler recomputes what does not fit, in both alike), beside fla
+#   memory-curve the trainer's speed against its peak memory at budgets none, 0.5, 0.4, 0.3, 0.2 (2 x 8192;
+#                the chart bench/train_step_memory_budget_T8192.png)
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
-#   long-budget  retnet_1.3b through the trainer at T=131072, compiled, no checkpointing but
-#                trainer.activation_memory_budget 0.05 and 0.2 (the compiler recomputes what does not
-#                fit, cheapest per byte first), against the `long` phase's full checkpointing
+#   long-budget  T=131072 through the trainer, compiled: every block fully checkpointed (what the 128k
+#                experiment did before) against no checkpointing at trainer.activation_memory_budget 0.2
+#                (the experiment's 0.1 runs in `long`)
 #   ckpt         where full activation checkpointing's time goes: retnet_1.3b through the trainer,
 #                compiled, 8 x 2048, profiled fully checkpointed and not (1.19x on an H100 since 3166b75;
 #                1.7x while a graph break ran checkpointed blocks eagerly)
 #   long         issue 10's long-sequence bar, compiled, through the trainer: T=2048 x 8 without
-#                checkpointing (the reference), T=131072 fully checkpointed (>= 90% of its tokens/s),
+#                checkpointing (the reference), the 128k experiment as written (>= 90% of its tokens/s),
 #                T=32768 x 1 without checkpointing (fits 80 GB), then the 64k experiment as written
 #
 # Env: LOG_DIR (default bench/logs), RUN_TIMEOUT (seconds per bench run, default 300),
@@ -86,17 +87,16 @@ phase_train_long() {
 phase_long() {
     local log="$LOG_DIR/long.log"
     run "$log" python bench/train_throughput.py --seq-len 2048 --tokens-per-step 16384 --compile --steps 5 --warmup 3
-    run "$log" python bench/train_throughput.py --seq-len 131072 --act-ckpt --compile --steps 3 --warmup 2
+    run "$log" python bench/train_throughput.py --experiment retnet_1.3b_128k --steps 3 --warmup 2
     run "$log" python bench/train_throughput.py --seq-len 32768 --compile --steps 3 --warmup 2
     run "$log" python bench/train_throughput.py --experiment retnet_1.3b_64k --steps 3 --warmup 2
 }
 
 phase_long_budget() {
-    local budget
-    for budget in 0.05 0.2; do
-        run "$LOG_DIR/long-budget.log" python bench/train_throughput.py --seq-len 131072 --compile --steps 3 \
-            --warmup 2 trainer.activation_memory_budget=$budget
-    done
+    local log="$LOG_DIR/long-budget.log"
+    run "$log" python bench/train_throughput.py --seq-len 131072 --act-ckpt --compile --steps 3 --warmup 2
+    run "$log" python bench/train_throughput.py --seq-len 131072 --compile --steps 3 --warmup 2 \
+        trainer.activation_memory_budget=0.2
 }
 
 phase_ckpt() {
@@ -108,10 +108,13 @@ phase_ckpt() {
 }
 
 phase_memory() {
-    # one run (nine processes) where there were two (five): twice RUN_TIMEOUT keeps the phase's bound as it was
-    local RUN_TIMEOUT=$((2 * RUN_TIMEOUT))
-    run "$LOG_DIR/memory.log" python bench/train_step.py --runs trainer transformer fla --kernels triton --compile \
-        --trainer-setup zero0:bf16_autocast --seq-len 8192 --steps 4 --warmup 2 --memory-budget none 0.4 0.3 0.2
+    local common=(--kernels triton --compile --trainer-setup zero0:bf16_autocast --seq-len 8192 --steps 4 --warmup 2)
+    run "$LOG_DIR/memory.log" python bench/train_step.py --runs trainer transformer fla "${common[@]}" --memory-budget none 0.3
+}
+
+phase_memory_curve() {
+    run "$LOG_DIR/memory-curve.log" python bench/train_step.py --runs trainer --kernels triton --compile \
+        --trainer-setup zero0:bf16_autocast --seq-len 8192 --steps 4 --warmup 2 --memory-budget none 0.5 0.4 0.3 0.2
 }
 
 phase_kernels() {
@@ -126,10 +129,11 @@ for phase in "$@"; do
         train-long) phase_train_long ;;
         kernels) phase_kernels ;;
         memory) phase_memory ;;
+        memory-curve) phase_memory_curve ;;
         long) phase_long ;;
         long-budget) phase_long_budget ;;
         ckpt) phase_ckpt ;;
-        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, memory, kernels, long, long-budget, ckpt)" >&2
+        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, memory, memory-curve, kernels, long, long-budget, ckpt)" >&2
            exit 2 ;;
     esac
 done

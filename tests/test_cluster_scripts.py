@@ -414,9 +414,9 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert "--trainer-setup zero1:auto zero0:bf16_autocast --retention-keep none both --seq-len 2048" in train
     r = run(ROOT / "bench" / "one_gpu.sh", "long", **env)
     long = [line for line in (tmp_path / "logs" / "long.log").read_text().splitlines() if line.startswith("ran python")]
-    assert [line.split("--seq-len ")[1].split()[0] for line in long[:3]] == ["2048", "131072", "32768"]
-    assert [("--compile" in line, "--act-ckpt" in line) for line in long[:3]] == [(True, False), (True, True),
-                                                                                 (True, False)]
+    assert "--seq-len 2048 --tokens-per-step 16384 --compile" in long[0] and "--act-ckpt" not in long[0]
+    assert long[1].endswith("--experiment retnet_1.3b_128k --steps 3 --warmup 2")
+    assert "--seq-len 32768 --compile" in long[2] and "--act-ckpt" not in long[2]
     assert long[3].endswith("--experiment retnet_1.3b_64k --steps 3 --warmup 2")
     r = run(ROOT / "bench" / "one_gpu.sh", "ckpt", **env)
     assert r.returncode == 0, r.stderr
@@ -428,15 +428,18 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert r.returncode == 0, r.stderr
     budget = [line for line in (tmp_path / "logs" / "long-budget.log").read_text().splitlines()
               if line.startswith("ran python")]
-    assert [line.rsplit("=", 1)[1] for line in budget] == ["0.05", "0.2"]
-    assert all("--seq-len 131072 --compile" in line and "--act-ckpt" not in line for line in budget)
-    r = run(ROOT / "bench" / "one_gpu.sh", "memory", **env)
+    assert [("--act-ckpt" in line, line.endswith("trainer.activation_memory_budget=0.2")) for line in budget] == \
+        [(True, False), (False, True)]
+    assert all("--seq-len 131072" in line and "--compile" in line for line in budget)
+    r = run(ROOT / "bench" / "one_gpu.sh", "memory", "memory-curve", **env)
     assert r.returncode == 0, r.stderr
     memory = [line for line in (tmp_path / "logs" / "memory.log").read_text().splitlines()
               if line.startswith("ran python")]
-    assert [line.split("--runs ")[1].split(" --")[0] for line in memory] == ["trainer transformer fla",
-                                                                           "trainer transformer"]
-    assert all("--compile --trainer-setup zero0:bf16_autocast --seq-len 8192" in line for line in memory)
-    assert ["--memory-budget" in line for line in memory] == [False, True] and memory[1].endswith("--memory-budget 0.3")
+    curve = [line for line in (tmp_path / "logs" / "memory-curve.log").read_text().splitlines()
+             if line.startswith("ran python")]
+    assert [line.split("--runs ")[1].split(" --")[0] for line in memory + curve] == ["trainer transformer fla",
+                                                                                   "trainer"]
+    assert all("--compile --trainer-setup zero0:bf16_autocast --seq-len 8192" in line for line in memory + curve)
+    assert memory[0].endswith("--memory-budget none 0.3") and curve[0].endswith("--memory-budget none 0.5 0.4 0.3 0.2")
     r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
     assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr
