@@ -56,3 +56,29 @@ def test_loss_autocast_only_for_bf16_autocast():
     for precision in ("fp32", "bf16"):
         with loss_autocast(precision, x.device):
             assert (x @ w).dtype == torch.float32
+
+
+# ---- which precision `auto` means, and what start-up says about one ------------------------------
+
+
+@pytest.mark.parametrize("precision, device, stage, expected", [
+    ("auto", "cuda", 0, "bf16_autocast"),  # DeepSpeed's ZeRO-0 bf16 path is its unfused fp16 optimizer
+    ("auto", "cuda", 1, "bf16"), ("auto", "cuda", 2, "bf16"), ("auto", "cuda", 3, "bf16"),
+    ("auto", "cpu", 0, "fp32"), ("auto", "cpu", 2, "fp32"),
+    ("bf16", "cuda", 0, "bf16"), ("fp32", "cuda", 2, "fp32"), ("bf16_autocast", "cpu", 2, "bf16_autocast"),
+])
+def test_auto_precision_depends_on_device_and_zero_stage_and_a_chosen_one_is_kept(precision, device, stage, expected):
+    from retnet_train.train.build import resolve_precision
+
+    assert resolve_precision(precision, torch.device(device), stage) == expected
+
+
+def test_bf16_weights_at_zero0_and_on_cpu_are_warned_about():
+    from retnet_train.train.build import precision_warnings
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    (zero0,) = precision_warnings("bf16", cuda, 0)
+    assert "ZeRO-0" in zero0 and "bf16_autocast" in zero0 and "zero gradients" in zero0
+    assert [w.split(":")[0] for w in precision_warnings("bf16", cpu, 0)] == ["trainer.precision=bf16 on CPU",
+                                                                            "trainer.precision=bf16 with ZeRO-0"]
+    assert precision_warnings("bf16", cuda, 2) == [] and precision_warnings("bf16_autocast", cuda, 0) == []
