@@ -349,7 +349,8 @@ def main() -> None:
              f"tokens per step {args.tokens_per_step}; compile={args.compile}, activation checkpointing "
              f"{args.act_ckpt}, activation memory budgets measured: {', '.join(budgets)} (each of our models at each; "
              f"fla has none); plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: "
-             f"{', '.join(args.trainer_setup)} (ZeRO stage: trainer.precision; auto: bf16 weights, fp32 master)")
+             f"{', '.join(args.trainer_setup)} (ZeRO stage: trainer.precision; auto: bf16 weights with fp32 masters at "
+             f"ZeRO 1-3, bf16_autocast at ZeRO-0)")
     if len(args.seq_len) > 1 and not args.no_save:  # the curve: how each model's rate bends with length
         from bench.charts import beside_results, chart
 
