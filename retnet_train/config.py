@@ -179,8 +179,9 @@ class TrainerConfig:
         "micro_batch_size sequences of seq_len tokens, disjoint across ranks: a source is scored on "
         "eval_batches x micro_batch_size x data-parallel size sequences); it replaces data.val_batches, larger "
         "or smaller; null: data.val_batches (4 with trainer.data_source=synthetic)")
-    precision: Precision = doc(Precision.auto, "`auto`: on CUDA bf16 with ZeRO 1-3 and bf16_autocast with ZeRO-0, fp32 on CPU; `bf16`: bf16 weights, fp32 "
-                               "master copy and gradient accumulation in the optimizer (DeepSpeed's bf16 mode); "
+    precision: Precision = doc(Precision.auto, "`auto`: on CUDA bf16 with ZeRO 1-3 and bf16_autocast with ZeRO-0 "
+                               "(bf16 with optim.impl=deepspeed), fp32 on CPU; `bf16`: bf16 weights, fp32 master copy and "
+                               "gradient accumulation in the optimizer (DeepSpeed's bf16 mode); "
                                "`bf16_autocast`: fp32 weights, bf16 matmuls under torch.autocast; `fp32`")
     device: Device = doc(Device.auto, "`auto`: cuda when available, else cpu")
     mode: TrainMode = doc(TrainMode.parallel, "the retention form for training and evaluation (RetNet): "

@@ -61,16 +61,43 @@ def test_loss_autocast_only_for_bf16_autocast():
 # ---- which precision `auto` means, and what start-up says about one ------------------------------
 
 
-@pytest.mark.parametrize("precision, device, stage, expected", [
-    ("auto", "cuda", 0, "bf16_autocast"),  # DeepSpeed's ZeRO-0 bf16 path is its unfused fp16 optimizer
-    ("auto", "cuda", 1, "bf16"), ("auto", "cuda", 2, "bf16"), ("auto", "cuda", 3, "bf16"),
-    ("auto", "cpu", 0, "fp32"), ("auto", "cpu", 2, "fp32"),
-    ("bf16", "cuda", 0, "bf16"), ("fp32", "cuda", 2, "fp32"), ("bf16_autocast", "cpu", 2, "bf16_autocast"),
+@pytest.mark.parametrize("precision, device, stage, impl, expected", [
+    ("auto", "cuda", 0, "auto", "bf16_autocast"),  # DeepSpeed's ZeRO-0 bf16 path is its unfused fp16 optimizer
+    ("auto", "cuda", 0, "fused", "bf16_autocast"),
+    ("auto", "cuda", 0, "deepspeed", "bf16"),  # its own Adam with fp32 weights would clip with no overflow check
+    ("auto", "cuda", 1, "auto", "bf16"), ("auto", "cuda", 2, "auto", "bf16"), ("auto", "cuda", 3, "auto", "bf16"),
+    ("auto", "cpu", 0, "auto", "fp32"), ("auto", "cpu", 2, "auto", "fp32"),
+    ("bf16", "cuda", 0, "auto", "bf16"), ("fp32", "cuda", 2, "auto", "fp32"),
+    ("bf16_autocast", "cpu", 2, "auto", "bf16_autocast"),
 ])
-def test_auto_precision_depends_on_device_and_zero_stage_and_a_chosen_one_is_kept(precision, device, stage, expected):
+def test_auto_precision_depends_on_device_zero_stage_and_optimizer_and_a_chosen_one_is_kept(precision, device, stage,
+                                                                                          impl, expected):
     from retnet_train.train.build import resolve_precision
 
-    assert resolve_precision(precision, torch.device(device), stage) == expected
+    assert resolve_precision(precision, torch.device(device), stage, impl) == expected
+
+
+def test_auto_at_zero0_on_cuda_is_autocast_with_the_trainer_clipping():
+    """What the engine is built with for `auto` at ZeRO-0 on CUDA: DeepSpeed's torch autocast, its own
+    clipping off (the trainer clips and guards), no bf16 mode; at ZeRO-2 DeepSpeed's bf16 mode clips."""
+    from omegaconf import OmegaConf
+
+    from retnet_train.train.build import resolve_precision, trainer_clips
+    from retnet_train.train.ds_config import build_ds_config
+
+    optim = OmegaConf.create({"impl": "auto", "grad_clip": 1.0, "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                              "weight_decay": 0.1})
+    layout = {"grad_accum": 1, "dp_size": 1}
+    for stage, clips, autocast, bf16 in ((0, True, True, False), (2, False, False, True)):
+        ds = OmegaConf.create({"stage": stage, "reduce_bucket_size": 1, "allgather_bucket_size": 1,
+                               "overlap_comm": False, "contiguous_gradients": True, "offload_optimizer": False,
+                               "offload_params": False, "extra": None})
+        precision = resolve_precision("auto", torch.device("cuda"), stage, optim.impl)
+        own = trainer_clips(stage, precision, optim.impl)
+        cfg = build_ds_config(ds, optim, 2, layout, precision, own)
+        assert (own, "torch_autocast" in cfg, cfg["bf16"]["enabled"]) == (clips, autocast, bf16)
+        assert cfg["gradient_clipping"] == (0.0 if clips else 1.0)
+    assert not trainer_clips(0, "bf16_autocast", "deepspeed") and not trainer_clips(1, "fp32", "auto")
 
 
 def test_bf16_weights_at_zero0_and_on_cpu_are_warned_about():

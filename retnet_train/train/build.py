@@ -30,17 +30,25 @@ class Built:
     vocab_parallel: bool = False  # tp > 1: logits hold this rank's slice of the vocabulary
 
 
-def resolve_precision(precision: str, device: torch.device, zero_stage: int) -> str:
+def resolve_precision(precision: str, device: torch.device, zero_stage: int, optimizer_impl: str) -> str:
     """trainer.precision as the engine runs it. `auto` on CUDA: bf16 weights with fp32 masters under
-    ZeRO 1-3; at ZeRO-0, fp32 weights under bf16 autocast, because DeepSpeed runs ZeRO-0 bf16 weights
-    through its unfused fp16 optimizer (a host sync per parameter every step, and a first AdamW step
-    with zero gradients at start-up: weight decay once, the step count one ahead); 55.1k against
-    49.0k tokens/s for retnet_1.3b at 8 x 2048 on an H100 (bench/RESULTS.md, 2026-12-06)."""
+    ZeRO 1-3; at ZeRO-0 with torch's AdamW, fp32 weights under bf16 autocast, because DeepSpeed runs
+    ZeRO-0 bf16 weights through its unfused fp16 optimizer (a host sync per parameter every step, and a
+    first AdamW step with zero gradients at start-up: weight decay once, the step count one ahead);
+    55.1k against 49.0k tokens/s for retnet_1.3b at 8 x 2048 on one H100 (bench/RESULTS.md,
+    2026-12-06). DeepSpeed's own Adam (optim.impl=deepspeed) keeps bf16 there: with fp32 weights it
+    clips without its overflow check, so a NaN gradient would reach the weights (trainer_clips)."""
     if precision != "auto":
         return precision
     if device.type != "cuda":
         return "fp32"
-    return "bf16_autocast" if zero_stage == 0 else "bf16"
+    return "bf16_autocast" if zero_stage == 0 and optimizer_impl != "deepspeed" else "bf16"
+
+
+def trainer_clips(zero_stage: int, precision: str, optimizer_impl: str) -> bool:
+    """Whether the trainer clips the gradients and guards against NaN itself: at ZeRO-0 with fp32
+    weights (fp32, bf16_autocast) DeepSpeed hands back torch's raw optimizer."""
+    return zero_stage == 0 and precision != "bf16" and optimizer_impl != "deepspeed"
 
 
 def precision_warnings(precision: str, device: torch.device, zero_stage: int) -> list[str]:
@@ -75,12 +83,12 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
     sections; init_from: checkpoint.init_from (an export folder's weights load here)."""
     import deepspeed
 
-    precision = resolve_precision(trainer.precision, device, ds.stage)
+    precision = resolve_precision(trainer.precision, device, ds.stage, optim.impl)
     for warning in precision_warnings(precision, device, ds.stage):
         log.warning(warning)
     mcfg = model_config(model)
     ps = get_state()
-    own_clipping = ds.stage == 0 and precision != "bf16" and optim.impl != "deepspeed"
+    own_clipping = trainer_clips(ds.stage, precision, optim.impl)
     ds_config = build_ds_config(ds, optim, trainer.micro_batch_size, layout, precision, own_clipping)
     net = build_model_shard(mcfg, ds_config, device, seed=trainer.seed, init_from=init_from,
                             zero3=ds.stage == 3)

@@ -95,7 +95,8 @@ class Trainer:
         # here such a parameter would sit out the step. The models have none.)
         self._reduce_grads = not (self.built.own_clipping and self.engine.seq_dp_world_size == 1)
         if self.built.own_clipping:
-            log.info("ZeRO-0 fp32: the trainer clips the gradients (%s); gradient all-reduce %s",
+            log.info("ZeRO-0, fp32 weights (%s): the trainer clips the gradients (%s); gradient all-reduce %s",
+                     self.built.precision,
                      "in the fused AdamW's kernel" if clips_in_optimizer(self.engine.optimizer) else "in place",
                      "on" if self._reduce_grads else "skipped: one data-parallel rank")
         if self.ps.device.type == "cuda":
