@@ -201,7 +201,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
     ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there
     row = measure(f"retnet_{args.size}", seq_len, ns)
     return {"tokens_per_s": row["tokens_per_s"], "peak_gib": row["peak_mem_gib"], "batch": batch,
-            "loss": f"{row['first_loss']:.2f} -> {row['loss']:.2f}", "kernels": kernels}
+            "loss": f"{row['first_loss']:.2f} -> {row['loss']:.2f}", "kernels": kernels, "precision": row["precision"]}
 
 
 def parse_spec(spec: str) -> tuple[str, int, int, str, str, str, str]:
@@ -240,7 +240,12 @@ def run_isolated(spec: str) -> dict:
     return json.loads(text)
 
 
-def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none", budget: str = "none") -> str:
+def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none", budget: str = "none",
+          precision: str | None = None) -> str:
+    """precision: what a trainer run's `auto` resolved to, shown beside it (auto's meaning at ZeRO-0
+    changed at c7a4a2b: bf16 weights before, bf16_autocast since)."""
+    if precision and setup.endswith(":auto") and setup != "zero2:auto":
+        setup = f"{setup} = {precision}"
     setup = "" if setup in ("-", "zero2:auto") else f", {setup}"  # the default keeps its old label
     kept = "" if keep in ("-", "none") else f", retention_keep={keep}"
     budget = "" if budget in ("-", "none") else f", memory budget {budget}"  # our models' compiled blocks
@@ -303,7 +308,7 @@ def table(results: dict[tuple, dict], args) -> tuple[list[str], list[list]]:
               "x Transformer memory (no budget)", "loss"]
     rows = []
     for (run, t, _, k, setup, keep, budget), r in results.items():
-        name = label(run, args, k, setup, keep, budget)
+        name = label(run, args, k, setup, keep, budget, r.get("precision"))
         if "error" in r:
             rows.append([name, t, "", r["error"], "", "", "", "", ""])
             continue

@@ -32,7 +32,7 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
     def fake_measure(preset, seq_len, ns):
         seen.update(preset=preset, seq_len=seq_len, zero=ns.zero, precision=ns.precision,
                     micro=ns.micro_batch, overrides=ns.overrides)
-        return {"tokens_per_s": 1.0, "peak_mem_gib": 2.0, "first_loss": 3.0, "loss": 2.5}
+        return {"tokens_per_s": 1.0, "peak_mem_gib": 2.0, "first_loss": 3.0, "loss": 2.5, "precision": "bf16_autocast"}
 
     monkeypatch.setattr(throughput, "measure", fake_measure)
     args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=False, profile=False, chunk_size=None,
@@ -43,6 +43,13 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
     assert row["batch"] == 8 and row["loss"] == "3.00 -> 2.50"
     assert bench.label("trainer", args, "triton", "zero0:bf16_autocast").endswith("(kernels=triton, zero0:bf16_autocast)")
     assert bench.label("trainer", args, "triton", "zero2:auto").endswith("(kernels=triton)")
+    # what `auto` ran as is shown where its meaning is not the default's (ZeRO-0 changed at c7a4a2b)
+    assert row["precision"] == "bf16_autocast"
+    assert bench.label("trainer", args, "triton", "zero0:auto", precision="bf16_autocast").endswith(
+        "(kernels=triton, zero0:auto = bf16_autocast)")
+    assert bench.label("trainer", args, "triton", "zero2:auto", precision="bf16").endswith("(kernels=triton)")
+    assert bench.label("trainer", args, "triton", "zero0:fp32", precision="fp32").endswith(
+        "(kernels=triton, zero0:fp32)")
     assert bench.label("plain", args, "triton", "-", "both").endswith("(kernels=triton, retention_keep=both)")
 
 
@@ -64,7 +71,7 @@ def test_a_memory_budget_reaches_the_trainer_and_labels_the_rows(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(throughput, "measure", lambda preset, seq_len, ns: seen.update(overrides=ns.overrides) or
-                        {"tokens_per_s": 1.0, "peak_mem_gib": 2.0, "first_loss": 3.0, "loss": 2.5})
+                        {"tokens_per_s": 1.0, "peak_mem_gib": 2.0, "first_loss": 3.0, "loss": 2.5, "precision": "bf16"})
     args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=True, profile=False, chunk_size=None,
                                  act_ckpt="none")
     assert bench.check_budget("0.30", args) == "0.3" and bench.check_budget("none", args) == "none"
