@@ -14,9 +14,12 @@ def beside_results(stem: str) -> Path:
 
 
 def chart(path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
-          logx: bool = True, logy: bool = False) -> bool:
-    """One line per series (points whose y is None are left out); False, with a message, where
-    matplotlib is not installed or there is nothing to draw."""
+          logx: bool = True, logy: bool = False, point_labels: dict[str, list[str]] | None = None) -> bool:
+    """One line per series (points whose y is None are left out); point_labels: a text beside each
+    point of a series (one per point, as given); False, with a message, where matplotlib is not
+    installed or there is nothing to draw."""
+    texts = {label: [t for t, (_, y) in zip((point_labels or {}).get(label, [None] * len(pts)), pts) if y is not None]
+             for label, pts in series.items()}
     series = {label: [(x, y) for x, y in pts if y is not None] for label, pts in series.items()}
     if not any(series.values()):
         print(f"nothing to draw: no chart written ({path})")
@@ -34,6 +37,9 @@ def chart(path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tup
     for label, pts in series.items():
         if pts:
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+            for text, point in zip(texts[label], pts):
+                if text:
+                    ax.annotate(text, point, textcoords="offset points", xytext=(4, 4), fontsize=7)
     if logx:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -327,12 +327,15 @@ def budget_charts(results: dict[tuple, dict], args) -> list[Path]:
     written = []
     for t in args.seq_len:
         series: dict[str, list] = {}
-        for (run, seq_len, _, k, setup, keep, _), r in results.items():
+        budgets: dict[str, list] = {}  # each point's budget, written beside it
+        for (run, seq_len, _, k, setup, keep, budget), r in results.items():
             if seq_len == t and "error" not in r:
-                series.setdefault(label(run, args, k, setup, keep), []).append((r["peak_gib"], r["tokens_per_s"]))
+                name = label(run, args, k, setup, keep)
+                series.setdefault(name, []).append((r["peak_gib"], r["tokens_per_s"]))
+                budgets.setdefault(name, []).append("" if budget == "-" else budget)
         path = beside_results(f"train_step_memory_budget_T{t}")
         if chart(path, f"training step, T={t}: tokens/s by activation memory budget", "peak GiB", "tokens/s",
-                 series, logx=False):
+                 series, logx=False, point_labels=budgets):
             written.append(path)
     return written
 

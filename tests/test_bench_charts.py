@@ -20,3 +20,18 @@ def test_decode_lib_still_offers_chart():
     from bench import charts, decode_lib
 
     assert decode_lib.chart is charts.chart
+
+
+def test_point_labels_go_beside_their_points_and_skip_the_missing_ones(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from bench.charts import chart
+
+    seen = []
+    real = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, xy, **kw: seen.append((text, tuple(xy))) or real(self, text, xy, **kw))
+    series = {"retnet": [(40.0, 5.0), (30.0, None), (24.0, 4.6)], "fla": [(52.0, 4.4)]}
+    assert chart(tmp_path / "b.png", "t", "GiB", "tok/s", series, logx=False,
+                 point_labels={"retnet": ["none", "0.4", "0.3"], "fla": [""]})
+    assert seen == [("none", (40.0, 5.0)), ("0.3", (24.0, 4.6))]  # 0.4 had no figure; fla's empty label unwritten

@@ -185,8 +185,8 @@ def test_the_budget_chart_draws_each_model_through_its_budgets(monkeypatch):
     from bench import charts
 
     drawn = {}
-    monkeypatch.setattr(charts, "chart", lambda path, *a, logx=True, **kw: drawn.update(
-        {path.name: (a[3], logx)}) or True)
+    monkeypatch.setattr(charts, "chart", lambda path, *a, logx=True, point_labels=None, **kw: drawn.update(
+        {path.name: (a[3], logx), "labels": point_labels}) or True)
     args = types.SimpleNamespace(size="1.3b", seq_len=[8192])
     specs = ["trainer:8192:16384:triton:zero0:bf16_autocast:none:none",
              "trainer:8192:16384:triton:zero0:bf16_autocast:none:0.3",
@@ -199,4 +199,9 @@ def test_the_budget_chart_draws_each_model_through_its_budgets(monkeypatch):
         "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast)": [(40.0, 8000.0), (24.0, 8000.0)],
         "our Transformer-1.3b (SDPA)": [(50.0, 8000.0), (30.0, 8000.0)],
         "fla RetNet-1.3b (flash-linear-attention)": [(45.0, 8000.0)],
+    }
+    assert drawn["labels"] == {  # each point's budget beside it; fla has none
+        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast)": ["none", "0.3"],
+        "our Transformer-1.3b (SDPA)": ["none", "0.3"],
+        "fla RetNet-1.3b (flash-linear-attention)": [""],
     }
