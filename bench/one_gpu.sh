@@ -13,8 +13,8 @@
 #   decode-6.7b  retnet_6.7b against transformer_6.7b: memory, throughput at the largest batch that
 #                fits, latency against the batch (the paper's inference figure); memory at equal
 #                batch 15 too (the Transformer's largest at 8k on 80 GB)
-#   train        retnet_1.3b through the trainer (ZeRO-2 and ZeRO-1; TRAIN_SETUPS), in the plain
-#                loop and fla's RetNet-1.3B, compiled, 8 x 2048 tokens, each step profiled; our
+#   train        retnet_1.3b through the trainer (ZeRO-2, the multi-GPU default, and ZeRO-0, the one-GPU
+#                fast path; TRAIN_SETUPS), in the plain loop and fla's RetNet-1.3B, compiled, 8 x 2048 tokens, each step profiled; our
 #                RetNet with each model.retention_keep of RETENTION_KEEP
 #   train-long   the same at 2 x 8192 tokens beside our Transformer, eager and compiled (the memory
 #                comparison)
@@ -35,12 +35,13 @@
 #                T=32768 x 1 without checkpointing (fits 80 GB), then the 64k experiment as written
 #
 # Env: LOG_DIR (default bench/logs), RUN_TIMEOUT (seconds per bench run, default 300),
-# TRAIN_SETUPS (default "zero2:auto zero1:auto"), RETENTION_KEEP (default "none both").
+# TRAIN_SETUPS (default "zero2:auto zero0:auto"; auto at ZeRO-0 is bf16_autocast), RETENTION_KEEP (default
+# "none both").
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 LOG_DIR="${LOG_DIR:-bench/logs}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-300}"
-read -r -a TRAIN_SETUPS <<< "${TRAIN_SETUPS:-zero2:auto zero1:auto}"
+read -r -a TRAIN_SETUPS <<< "${TRAIN_SETUPS:-zero2:auto zero0:auto}"
 read -r -a RETENTION_KEEP <<< "${RETENTION_KEEP:-none both}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
