@@ -14,8 +14,8 @@
 #                fits, latency against the batch (the paper's inference figure); memory at equal
 #                batch 15 too (the Transformer's largest at 8k on 80 GB)
 #   train        retnet_1.3b through the trainer (ZeRO-2, the multi-GPU default, and ZeRO-0, the one-GPU
-#                fast path; TRAIN_SETUPS), in the plain loop and fla's RetNet-1.3B, compiled, 8 x 2048 tokens, each step profiled; our
-#                RetNet with each model.retention_keep of RETENTION_KEEP
+#                fast path; TRAIN_SETUPS), in the plain loop and fla's RetNet-1.3B, compiled, 8 x 2048
+#                tokens, each step profiled; our RetNet with each model.retention_keep of RETENTION_KEEP
 #   train-long   the same at 2 x 8192 tokens beside our Transformer, eager and compiled (the memory
 #                comparison)
 #   memory       issue 10's memory bar at 2 x 8192 tokens, like for like: the trainer (zero0:bf16_autocast)
