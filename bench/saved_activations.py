@@ -17,9 +17,10 @@ named by dtype and shape (T: the sequence's dimension). Eager `selective` checkp
 out: its kept tensors sit in the checkpoint's own cache, out of the hook's sight (compiled, the
 graph saves them itself and they are counted).
 
-A budget is a share of everything the block saves, weight casts included: at the default lengths
-(a few hundred tokens) those make up most of it, so the budget is met by recomputing them and the
-per-token figure hardly moves (74 against 78 KiB at 0.3 for retnet_1.3b). Budget rows need lengths
+A budget is a share of everything the block saves, weight casts included. At the default lengths
+(a few hundred tokens) the per-token figure hardly moves under one (74 against 78 KiB at 0.3 for
+retnet_1.3b), presumably because the casts make up most of what the block saves there and
+recomputing them meets the budget. Budget rows need lengths
 like the training's: at --lengths 2048 4096 (--kernels torch) 0.3 took retnet_1.3b from 159 to 53
 KiB, and on an H100 at 2 x 8192 tokens its peak from 43.4 to 24.4 GiB.
 """
