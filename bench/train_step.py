@@ -244,9 +244,10 @@ def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none", bu
           precision: str | None = None) -> str:
     """precision: what a trainer run's `auto` resolved to, shown beside it (auto's meaning at ZeRO-0
     changed at c7a4a2b: bf16 weights before, bf16_autocast since)."""
-    if precision and setup.endswith(":auto") and setup != "zero2:auto":
-        setup = f"{setup} = {precision}"
-    setup = "" if setup in ("-", "zero2:auto") else f", {setup}"  # the default keeps its old label
+    if setup in ("-", "zero2:auto"):  # the default keeps its old label
+        setup = ""
+    else:
+        setup = f", {setup} = {precision}" if precision and setup.endswith(":auto") else f", {setup}"
     kept = "" if keep in ("-", "none") else f", retention_keep={keep}"
     budget = "" if budget in ("-", "none") else f", memory budget {budget}"  # our models' compiled blocks
     return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup}{kept}{budget})",

@@ -104,8 +104,11 @@ def test_bf16_weights_at_zero0_and_on_cpu_are_warned_about():
     from retnet_train.train.build import precision_warnings
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    (zero0,) = precision_warnings("bf16", cuda, 0)
+    (zero0,) = precision_warnings("bf16", cuda, 0, "auto")
     assert "ZeRO-0" in zero0 and "bf16_autocast" in zero0 and "zero gradients" in zero0
-    assert [w.split(":")[0] for w in precision_warnings("bf16", cpu, 0)] == ["trainer.precision=bf16 on CPU",
-                                                                            "trainer.precision=bf16 with ZeRO-0"]
-    assert precision_warnings("bf16", cuda, 2) == [] and precision_warnings("bf16_autocast", cuda, 0) == []
+    assert [w.split(":")[0] for w in precision_warnings("bf16", cpu, 0, "auto")] == [
+        "trainer.precision=bf16 on CPU", "trainer.precision=bf16 with ZeRO-0"]
+    assert precision_warnings("bf16", cuda, 2, "auto") == []
+    assert precision_warnings("bf16_autocast", cuda, 0, "auto") == []
+    # DeepSpeed's own Adam: auto's bf16 there is not the unfused path, and bf16_autocast is no advice
+    assert precision_warnings("bf16", cuda, 0, "deepspeed") == []

@@ -42,7 +42,8 @@ def resolve_precision(precision: str, device: torch.device, zero_stage: int, opt
         return precision
     if device.type != "cuda":
         return "fp32"
-    return "bf16_autocast" if zero_stage == 0 and optimizer_impl != "deepspeed" else "bf16"
+    # fp32 weights where the trainer would clip them, i.e. at ZeRO-0 with torch's AdamW
+    return "bf16_autocast" if trainer_clips(zero_stage, "bf16_autocast", optimizer_impl) else "bf16"
 
 
 def trainer_clips(zero_stage: int, precision: str, optimizer_impl: str) -> bool:
@@ -51,12 +52,13 @@ def trainer_clips(zero_stage: int, precision: str, optimizer_impl: str) -> bool:
     return zero_stage == 0 and precision != "bf16" and optimizer_impl != "deepspeed"
 
 
-def precision_warnings(precision: str, device: torch.device, zero_stage: int) -> list[str]:
+def precision_warnings(precision: str, device: torch.device, zero_stage: int, optimizer_impl: str) -> list[str]:
     """What start-up says about a resolved precision that runs, but slowly or with a quirk."""
     out = []
     if precision == "bf16" and device.type == "cpu":
         out.append("trainer.precision=bf16 on CPU: DeepSpeed's CPU bf16 path is slow and untested here")
-    if precision == "bf16" and zero_stage == 0:
+    # torch's AdamW under bf16 weights at ZeRO-0 (DeepSpeed's own Adam gets its fused wrapper)
+    if precision == "bf16" and trainer_clips(zero_stage, "bf16_autocast", optimizer_impl):
         out.append("trainer.precision=bf16 with ZeRO-0: DeepSpeed runs it through its unfused fp16 optimizer (a "
                    "host sync per parameter each step; a first AdamW step with zero gradients at start-up decays "
                    "the weights once); trainer.precision=bf16_autocast, auto's choice at ZeRO-0, measured 1.12x "
@@ -84,7 +86,7 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
     import deepspeed
 
     precision = resolve_precision(trainer.precision, device, ds.stage, optim.impl)
-    for warning in precision_warnings(precision, device, ds.stage):
+    for warning in precision_warnings(precision, device, ds.stage, optim.impl):
         log.warning(warning)
     mcfg = model_config(model)
     ps = get_state()

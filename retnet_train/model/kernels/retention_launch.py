@@ -56,8 +56,9 @@ class Tuning:
             if n is not None and (n < 16 or n & (n - 1)):
                 raise ValueError(f"{'chunk size' if name == 'chunk' else name} {n} must be a power of two >= 16")
         # the segment's score tiles are a power-of-two arange in the kernels
-        if self.segment_chunks is not None and (self.segment_chunks < 1 or self.segment_chunks & (self.segment_chunks - 1)):
-            raise ValueError(f"segment_chunks {self.segment_chunks} must be a power of two >= 1")
+        n = self.segment_chunks
+        if n is not None and (n < 1 or n & (n - 1)):
+            raise ValueError(f"segment_chunks {n} must be a power of two >= 1")
         if self.state_block is not None and any(b < 16 or b & (b - 1) for b in self.state_block):
             raise ValueError(f"state_block {self.state_block} must be two powers of two >= 16")
 
