@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 RUNS = ("trainer", "plain", "fla", "transformer")
 PRECISIONS = ("auto", "bf16", "bf16_autocast", "fp32")  # trainer.precision (bench/train_throughput.py --precision)
+FLOAT8 = ("none", "tensorwise", "rowwise")  # trainer.float8
 
 
 def parse() -> argparse.Namespace:
@@ -50,8 +51,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--retention-keep", nargs="+", default=["none"],
                    help="our RetNet's model.retention_keep values to compare (none | states | scores | both)")
     p.add_argument("--trainer-setup", nargs="+", default=["zero2:auto"],
-                   help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION (zero0:bf16_autocast: "
-                        "fp32 weights, bf16 autocast and torch's fused AdamW, as the plain loop)")
+                   help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION[:FLOAT8] "
+                        "(zero0:bf16_autocast: fp32 weights, bf16 autocast and torch's fused AdamW, as the plain "
+                        "loop; zero0:auto:tensorwise: also trainer.float8=tensorwise)")
     p.add_argument("--compile", action="store_true", help="torch.compile our models")
     p.add_argument("--act-ckpt", default="none", help="our models' activation checkpointing mode")
     p.add_argument("--memory-budget", nargs="+", default=["none"],
@@ -173,12 +175,17 @@ def _profiler(args, step: int, name: str):
     return StepProfiler(cfg, tempfile.mkdtemp(prefix=f"train_step_profile_{name}_"), 0, torch.device("cuda"))
 
 
-def parse_setup(setup: str) -> tuple[int, str]:
-    """"zero2:auto" -> (2, "auto"): a --trainer-setup value, checked before any run starts."""
-    zero, _, precision = setup.partition(":")
-    if not zero.startswith("zero") or not zero[4:].isdigit() or precision not in PRECISIONS:
-        raise SystemExit(f"--trainer-setup {setup!r}: expected zero<stage>:<precision>, precision one of {PRECISIONS}")
-    return int(zero[4:]), precision
+def parse_setup(setup: str) -> tuple[int, str, str]:
+    """"zero2:auto" -> (2, "auto", "none"), "zero0:auto:tensorwise" -> (0, "auto", "tensorwise"): a
+    --trainer-setup value (the last field, optional, is trainer.float8), checked before any run starts."""
+    zero, _, rest = setup.partition(":")
+    precision, _, float8 = rest.partition(":")
+    float8 = float8 or "none"
+    if (not zero.startswith("zero") or not zero[4:].isdigit() or precision not in PRECISIONS
+            or float8 not in FLOAT8):
+        raise SystemExit(f"--trainer-setup {setup!r}: expected zero<stage>:<precision>[:<float8>], precision one of "
+                         f"{PRECISIONS}, float8 one of {FLOAT8}")
+    return int(zero[4:]), precision, float8
 
 
 def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, keep: str,
@@ -187,7 +194,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
     from bench.train_throughput import parse as throughput_args
 
     batch = max(1, tokens // seq_len)
-    zero, precision = parse_setup(setup)
+    zero, precision, float8 = parse_setup(setup)
     # train_throughput's own parser fills every option measure() reads, so one added there later
     # gets its default here too (a hand-made Namespace missed `cp` once and every row failed)
     flags = ["--micro-batch", str(batch), "--tokens-per-step", str(tokens), "--warmup", str(args.warmup),
@@ -195,7 +202,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
              *(["--compile"] if args.compile else []),
              *(["--profile"] if args.profile else []),
              *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}",
-             f"model.retention_keep={keep}",
+             f"model.retention_keep={keep}", *([f"trainer.float8={float8}"] if float8 != "none" else []),
              *([f"trainer.activation_memory_budget={budget}"] if budget is not None else [])]
     ns = throughput_args(flags)
     ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there
@@ -247,7 +254,8 @@ def label(run: str, args, kernels: str, setup: str = "-", keep: str = "none", bu
     if setup in ("-", "zero2:auto"):  # the default keeps its old label
         setup = ""
     else:
-        setup = f", {setup} = {precision}" if precision and setup.endswith(":auto") else f", {setup}"
+        auto = parse_setup(setup)[1] == "auto"
+        setup = f", {setup} = {precision}" if precision and auto else f", {setup}"
     kept = "" if keep in ("-", "none") else f", retention_keep={keep}"
     budget = "" if budget in ("-", "none") else f", memory budget {budget}"  # our models' compiled blocks
     return {"trainer": f"our RetNet-{args.size}, trainer (kernels={kernels}{setup}{kept}{budget})",

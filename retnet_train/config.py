@@ -62,6 +62,12 @@ class Precision(Choice):
     fp32 = "fp32"
 
 
+class Float8Recipe(Choice):
+    none = "none"
+    tensorwise = "tensorwise"
+    rowwise = "rowwise"
+
+
 class Device(Choice):
     auto = "auto"
     cuda = "cuda"
@@ -197,6 +203,12 @@ class TrainerConfig:
         "everything. null: every block. Where memory beside full checkpointing holds a few blocks' "
         "activations, they are not recomputed (Megatron's recompute_num_layers)")
     compile: bool = doc(False, "torch.compile each block (regional: one graph serves every layer)")
+    float8: Float8Recipe = doc(
+        Float8Recipe.none, "the blocks' linear layers multiply in fp8 (torchao's Float8Linear; weights, gradients "
+        "and optimizer unchanged): `tensorwise` (one dynamic scale per tensor; the fastest), `rowwise` (one per "
+        "row); `none`: the precision's own matmuls. Needs fp8 tensor cores (NVIDIA compute capability 8.9+, "
+        "AMD MI300+; emulated on CPU), trainer.compile to fuse the casts, parallel.tp=1 and ZeRO 0-2. Not the "
+        "LM head. See docs/training.md for its measured speed and loss")
     activation_memory_budget: Optional[float] = doc(
         None, "with trainer.compile: the share (0 to 1) of a block's activations the compiled graph may "
         "keep for backward; the compiler recomputes the rest, the cheapest per byte first (torch's "
@@ -612,6 +624,13 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
                                     cfg.trainer.checkpoint_layers)
     if problem:
         _fail("trainer.activation_memory_budget", budget, problem)
+    if cfg.trainer.float8 != "none":
+        if cfg.parallel.tp > 1:
+            _fail("trainer.float8", cfg.trainer.float8, f"needs parallel.tp=1 (is {cfg.parallel.tp}): the "
+                  "tensor-parallel linear layers have no fp8 path")
+        if cfg.deepspeed.stage == 3:
+            _fail("trainer.float8", cfg.trainer.float8, "needs deepspeed.stage 0-2 (is 3): ZeRO-3 gathers the "
+                  "weights around the fp8 linear layers' own casts")
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
     if cfg.trainer.data_source == "stream":

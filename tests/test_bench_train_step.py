@@ -12,13 +12,17 @@ import pytest
 from bench import train_step as bench
 
 
-@pytest.mark.parametrize("setup, expected", [("zero2:auto", (2, "auto")), ("zero0:bf16_autocast", (0, "bf16_autocast")),
-                                             ("zero3:bf16", (3, "bf16"))])
-def test_a_setup_names_stage_and_precision(setup, expected):
+@pytest.mark.parametrize("setup, expected", [("zero2:auto", (2, "auto", "none")),
+                                             ("zero0:bf16_autocast", (0, "bf16_autocast", "none")),
+                                             ("zero3:bf16", (3, "bf16", "none")),
+                                             ("zero0:auto:tensorwise", (0, "auto", "tensorwise")),
+                                             ("zero1:bf16:rowwise", (1, "bf16", "rowwise"))])
+def test_a_setup_names_stage_precision_and_float8(setup, expected):
     assert bench.parse_setup(setup) == expected
 
 
-@pytest.mark.parametrize("setup", ["zero2", "zero:auto", "stage2:auto", "zero2:bf32", "zero0:"])
+@pytest.mark.parametrize("setup", ["zero2", "zero:auto", "stage2:auto", "zero2:bf32", "zero0:", "zero0:auto:fp8",
+                                   "zero0:auto:tensorwise:x"])
 def test_a_malformed_setup_is_named(setup):
     with pytest.raises(SystemExit, match=f"--trainer-setup '{setup}'"):
         bench.parse_setup(setup)
@@ -51,6 +55,11 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
     assert bench.label("trainer", args, "triton", "zero0:fp32", precision="fp32").endswith(
         "(kernels=triton, zero0:fp32)")
     assert bench.label("plain", args, "triton", "-", "both").endswith("(kernels=triton, retention_keep=both)")
+    bench.through_trainer(2048, 16384, args, "triton", "zero0:auto:tensorwise", "none")
+    assert seen["zero"] == 0 and seen["precision"] == "auto" and "trainer.float8=tensorwise" in seen["overrides"]
+    assert bench.label("trainer", args, "triton", "zero0:auto:tensorwise",
+                       precision="bf16_autocast + fp8 tensorwise").endswith(
+        "(kernels=triton, zero0:auto:tensorwise = bf16_autocast + fp8 tensorwise)")
 
 
 @pytest.mark.parametrize("spec, fields", [

@@ -15,6 +15,7 @@ from retnet_train.config import checkpointing_mode
 from retnet_train.parallel import get_state, mpu
 
 from .ds_config import build_ds_config
+from .float8 import convert_to_float8
 from .optimizer import build_optimizer, param_groups
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,11 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
     net = build_model_shard(mcfg, ds_config, device, seed=trainer.seed, init_from=init_from,
                             zero3=ds.stage == 3)
     net.set_activation_checkpointing(checkpointing_mode(trainer.activation_checkpointing), trainer.checkpoint_layers)
+    if trainer.float8 != "none":
+        convert_to_float8(net, str(trainer.float8), device)
+        if not trainer.compile:
+            log.warning("trainer.float8=%s without trainer.compile: the fp8 casts run as separate kernels and cost "
+                        "more than the fp8 matmuls save", trainer.float8)
     optimizer = build_optimizer(net, optim, device, bool(ds.offload_optimizer))
     engine, _, _, _ = deepspeed.initialize(
         model=net, optimizer=optimizer,
@@ -105,12 +111,12 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
         net.compile_blocks(memory_budget=trainer.activation_memory_budget)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
     log.info("model %s: %.1fM parameters in this rank's tensor-parallel slice, precision %s, ZeRO-%d, kernels %s "
-             "(model.kernels=%s), activation checkpointing %s%s%s, fused loss %s",
+             "(model.kernels=%s), activation checkpointing %s%s%s, fused loss %s, float8 %s",
              mcfg.arch, n_params / 1e6, precision, ds.stage, net.kernels,
              mcfg.kernels, net.activation_checkpointing,
              "" if net.checkpoint_layers is None else f" in the first {net.checkpoint_layers} blocks",
              "" if net.memory_budget is None else f", compiled with activation memory budget {net.memory_budget:g}",
-             trainer.fused_loss)
+             trainer.fused_loss, trainer.float8)
     if ds.stage == 2 and layout["dp_size"] * layout.get("cp_size", 1) == 1:
         log.warning("deepspeed=zero2 on one data-parallel rank shards nothing, and its per-gradient copies and "
                     "checks cost time: retnet_1.3b on one H100 trained at 48.7k tokens/s at ZeRO-2 and 53.5k at "
