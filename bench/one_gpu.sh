@@ -23,6 +23,9 @@
 #                (the compiler recomputes what does not fit, in both alike), beside fla
 #   memory-curve the trainer's speed against its peak memory at budgets none, 0.5, 0.4, 0.3, 0.2 (2 x 8192;
 #                the chart bench/train_step_memory_budget_T8192.png)
+#   float8       trainer.float8 (fp8 linear layers, torchao) at tensorwise and rowwise scaling against none,
+#                the trainer at zero0:auto beside fla, 8 x 2048 then 2 x 8192 tokens; the gpu-marked fp8
+#                tests first
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
 #   long-budget  T=131072 through the trainer, compiled: every block fully checkpointed (what the 128k
 #                experiment did before) against no checkpointing at trainer.activation_memory_budget 0.2
@@ -121,6 +124,15 @@ phase_memory_curve() {
         --trainer-setup zero0:bf16_autocast --seq-len 8192 --steps 4 --warmup 2 --memory-budget none 0.5 0.4 0.3 0.2
 }
 
+phase_float8() {  # trainer.float8 against the precision's own matmuls and fla, at each length in its own run
+    local t
+    run "$LOG_DIR/float8.log" python -m pytest -q -m gpu tests/test_float8.py
+    for t in 2048 8192; do
+        run "$LOG_DIR/float8.log" python bench/train_step.py --runs trainer fla --kernels triton --compile \
+            --trainer-setup zero0:auto zero0:auto:tensorwise zero0:auto:rowwise --seq-len "$t" --steps 4 --warmup 2
+    done
+}
+
 phase_kernels() {
     run "$LOG_DIR/kernels.log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --profile
 }
@@ -134,10 +146,11 @@ for phase in "$@"; do
         kernels) phase_kernels ;;
         memory) phase_memory ;;
         memory-curve) phase_memory_curve ;;
+        float8) phase_float8 ;;
         long) phase_long ;;
         long-budget) phase_long_budget ;;
         ckpt) phase_ckpt ;;
-        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, memory, memory-curve, kernels, long, long-budget, ckpt)" >&2
+        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, memory, memory-curve, float8, kernels, long, long-budget, ckpt)" >&2
            exit 2 ;;
     esac
 done

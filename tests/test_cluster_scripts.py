@@ -441,5 +441,12 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
                                                                                    "trainer"]
     assert all("--compile --trainer-setup zero0:bf16_autocast --seq-len 8192" in line for line in memory + curve)
     assert memory[0].endswith("--memory-budget none 0.3") and curve[0].endswith("--memory-budget none 0.5 0.4 0.3 0.2")
+    r = run(ROOT / "bench" / "one_gpu.sh", "float8", **env)
+    assert r.returncode == 0, r.stderr
+    fp8 = [line for line in (tmp_path / "logs" / "float8.log").read_text().splitlines() if line.startswith("ran python")]
+    assert fp8[0] == "ran python -m pytest -q -m gpu tests/test_float8.py"
+    assert [line.split("--seq-len ")[1].split()[0] for line in fp8[1:]] == ["2048", "8192"]
+    assert all("--runs trainer fla" in line and "zero0:auto zero0:auto:tensorwise zero0:auto:rowwise" in line
+               for line in fp8[1:])
     r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
     assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr
