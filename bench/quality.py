@@ -43,6 +43,8 @@ RUNS = {
     # Not run by default. With 2 heads (retnet_small) the paper's decays are 1 - 2^-5 and 1 - 2^-6,
     # barely multi-scale; linspace spreads 1 - gamma over [1/512, 1/32] whatever the head count.
     "retnet_linspace": ("retnet", ["model.decay_schedule=linspace"], "RetNet, decays 1/32..1/512 (linspace)"),
+    # Not run by default: the blocks' matmuls in fp8 (needs fp8 tensor cores), against "retnet"
+    "retnet_fp8": ("retnet", ["trainer.float8=tensorwise"], "RetNet, fp8 linear layers (trainer.float8=tensorwise)"),
 }
 DEFAULT_RUNS = ["retnet", "retnet_one_decay", "transformer"]
 META = "quality_run.json"
