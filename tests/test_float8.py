@@ -152,3 +152,35 @@ def test_gpu_compiled_fp8_blocks_match_bf16(recipe):
     (l_ref, g_ref), (l_fp8, g_fp8) = got
     assert l_fp8 != l_ref and l_fp8 == pytest.approx(l_ref, rel=2e-2)
     assert F.cosine_similarity(g_ref, g_fp8, dim=0) > 0.95
+
+
+class _CountScaledMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == "_scaled_mm"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or float8_problem(torch.device("cuda")) is not None,
+                    reason="needs a GPU with fp8 tensor cores")
+def test_gpu_selective_checkpointing_keeps_the_fp8_matmuls():
+    """Selective checkpointing keeps the fp8 projections' outputs (aten._scaled_mm) as it keeps
+    bf16 ones: its backward runs no more fp8 matmuls than an uncheckpointed one; full recomputes them."""
+    ids = torch.randint(0, 1024, (2, 129), generator=torch.Generator().manual_seed(1)).cuda()
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = build_model("retnet_tiny", d_model=256, n_layers=2, n_heads=2, vocab_size=1024).cuda()
+        convert_to_float8(model, "tensorwise", ids.device)
+        model.set_activation_checkpointing(mode)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = lm_loss(model(ids[:, :-1], mode="chunkwise"), ids[:, 1:])
+        with _CountScaledMatmuls() as ops:
+            loss.backward()
+        counts[mode] = ops.count
+    assert counts["none"] == 2 * 14  # each converted layer's two backward matmuls
+    assert counts["selective"] == counts["none"] and counts["full"] == counts["none"] + 14

@@ -15,9 +15,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 @functools.lru_cache(maxsize=1)
 def _saved_ops() -> frozenset:
     """Ops whose outputs are kept: matmuls (projections, FFN, the torch retention forms' batched
-    matmuls, which are the expensive intra-chunk part) and attention kernels."""
+    matmuls, which are the expensive intra-chunk part; _scaled_mm: trainer.float8's fp8 projections)
+    and attention kernels."""
     aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward"]
     return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
