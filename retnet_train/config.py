@@ -611,6 +611,12 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     if cfg.optim.min_lr_ratio > 1.0:
         _fail("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
     _choice(cfg, "deepspeed.stage", (0, 1, 2, 3))
+    extra_stage = OmegaConf.select(cfg, "deepspeed.extra.zero_optimization.stage", default=None)
+    if extra_stage is not None and extra_stage != cfg.deepspeed.stage:
+        # the trainer plans sharding, precision, checkpoints and resharding from deepspeed.stage
+        _fail("deepspeed.extra.zero_optimization.stage", extra_stage,
+              f"differs from deepspeed.stage={cfg.deepspeed.stage}; set the stage with deepspeed.stage (or "
+              f"deepspeed=zero<N>), which the trainer plans by")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.stage < 2:
         _fail("deepspeed.offload_optimizer", True, f"needs deepspeed.stage >= 2 (is {cfg.deepspeed.stage})")
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:

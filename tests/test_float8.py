@@ -103,6 +103,25 @@ def test_setups_without_an_fp8_path_are_refused_by_key(monkeypatch, overrides, m
         load_config([*SYN, "trainer.float8=tensorwise", *overrides])
 
 
+def test_a_zero_stage_set_through_deepspeed_extra_is_refused():
+    """The trainer plans ZeRO from deepspeed.stage; another stage in the raw JSON would run ZeRO-3
+    past the float8 check while logs and checkpoints said ZeRO-2."""
+    message = ("deepspeed.extra.zero_optimization.stage=3: differs from deepspeed.stage=2; set the stage with "
+               "deepspeed.stage (or deepspeed=zero<N>), which the trainer plans by")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config([*SYN, "trainer.float8=tensorwise", "+deepspeed.extra={zero_optimization:{stage:3}}"])
+    cfg = load_config([*SYN, "+deepspeed.extra={zero_optimization:{stage:2}}"])  # the same stage is fine
+    assert cfg.deepspeed.stage == 2
+
+
+def test_selective_checkpointing_keeps_fp8_matmul_outputs():
+    """aten._scaled_mm (a fp8 projection on the GPU; CPU emulation runs mm instead) is among the ops
+    whose outputs selective checkpointing keeps."""
+    from retnet_train.model.checkpointing import _saved_ops
+
+    assert torch.ops.aten._scaled_mm.default in _saved_ops() and torch.ops.aten.mm.default in _saved_ops()
+
+
 def test_an_unknown_float8_word_is_named():
     with pytest.raises(ConfigError, match=re.escape("trainer.float8='fp8': must be one of ['none', 'tensorwise', "
                                                     "'rowwise']")):
@@ -124,10 +143,25 @@ def test_a_float8_run_trains_near_the_reference_and_resumes_without_it(tmp_path)
         assert got[step] == pytest.approx(reference[step], abs=0.05), (step, got[step], reference[step])
         assert got[step] != reference[step]
     assert got[3] < got[1] - 0.3  # it learns
-    proc = run_train(tmp_path, "trainer.max_steps=4", *common)
-    assert "resumed from" in proc.stdout + proc.stderr + (tmp_path / "logs" / "rank00000.log").read_text()
+    run_train(tmp_path, "trainer.max_steps=4", *common)
+    log = (tmp_path / "logs" / "rank00000.log").read_text()
+    assert "resumed from" in log
+    assert "trainer.float8=none from here on; the checkpoint's steps ran with trainer.float8=tensorwise" in log
     after = losses(tmp_path)
     assert after[4] == pytest.approx(reference[4], abs=0.05)
+
+
+def test_a_bf16_zero1_float8_run_resumes_exactly(tmp_path):
+    """DeepSpeed's bf16 optimizer (ZeRO-1, bf16 weights, fp32 masters) under fp8 linear layers:
+    two steps, a resume, a third, give the uninterrupted run's losses exactly."""
+    common = ["deepspeed=zero1", "trainer.precision=bf16", "trainer.float8=tensorwise", "trainer.eval_at_end=false",
+              "optim.decay_steps=3"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_train(whole, "trainer.max_steps=3", *common, "checkpoint.save_at_end=false")
+    run_train(split, "trainer.max_steps=2", *common)
+    run_train(split, "trainer.max_steps=3", *common)
+    assert "resumed from" in (split / "logs" / "rank00000.log").read_text()
+    assert losses(split) == losses(whole) and len(losses(whole)) == 3
 
 
 @pytest.mark.gpu

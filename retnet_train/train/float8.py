@@ -11,9 +11,11 @@ fp8 GEMM's alignment). Not the LM head (the fused loss reads its weight directly
 where low precision hurts most), not the embedding. A converted layer keeps its parameter names, so
 checkpoints and exports are the same with or without float8 and a run may switch either way.
 
-The model's hand-written backward paths that recompute instead of storing (the FFN's activation
-before fc2, the gated head norm before out_proj) read the weight of a plain nn.Linear and do not
-apply to a converted one; float8 keeps its saved operands in fp8 instead (1 byte each).
+The model's hand-written memory savers (one shared bf16 copy of the norm output for q, k, v and g;
+the FFN's activation recomputed before fc2; the gated head norm recomputed before out_proj) work
+on a plain nn.Linear and step aside for a converted one. Eager, torchao's linear then saves its
+high-precision input and weight, so an eager float8 block keeps more than a bf16 one; compiled, the
+partitioner keeps the fp8 casts instead (retnet_1.3b at 2 x 8192 on an H100: 37.3 against 43.4 GiB).
 """
 
 from __future__ import annotations

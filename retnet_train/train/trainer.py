@@ -142,9 +142,13 @@ class Trainer:
         cfg = self.cfg
         latest = self.ckpt.resume_point() if cfg.checkpoint.resume else None
         if latest is not None:
-            self.ckpt.restore(self.engine, latest, self.state, model_config=self._model_config())
+            meta = self.ckpt.restore(self.engine, latest, self.state, model_config=self._model_config())
             self.resumed_from = latest
             log.info("resumed from %s (step %d, %s tokens)", latest, self.state.step, f"{self.state.tokens:,}")
+            before, now = meta.get("float8", "none"), str(cfg.trainer.float8)
+            if before != now:  # the weights carry over either way; the matmuls' precision changes here
+                log.warning("trainer.float8=%s from here on; the checkpoint's steps ran with trainer.float8=%s",
+                            now, before)
         elif cfg.checkpoint.init_from and not is_export_dir(cfg.checkpoint.init_from):  # exports load in build
             path = self.ckpt.pick(checkpoints_named_by(cfg.checkpoint.init_from))
             self.ckpt.load(self.engine, path, model_config=self._model_config())
@@ -241,7 +245,7 @@ class Trainer:
         meta = {"tokens": self.state.tokens, "reason": reason, "time": time.time(),
                 "model_config": self._model_config(),
                 "zero_stage": self.cfg.deepspeed.stage, "precision": self.built.precision,
-                "tokenizer": self._tokenizer_path()}
+                "float8": str(self.cfg.trainer.float8), "tokenizer": self._tokenizer_path()}
         path = self.ckpt.save(self.engine, self.state, meta)
         self.metrics.event({"event": "checkpoint", "step": self.state.step, "path": str(path), "reason": reason})
 
