@@ -188,33 +188,46 @@ def test_gpu_compiled_fp8_blocks_match_bf16(recipe):
     assert F.cosine_similarity(g_ref, g_fp8, dim=0) > 0.95
 
 
-class _CountScaledMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+class _CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Matmuls as a dispatch mode sees them: torchao's linear calls aten.mm on its fp8 tensor
+    subclass (which becomes _scaled_mm below the mode on a GPU, an emulated mm on CPU)."""
+
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ == "_scaled_mm"
+        self.count += func.overloadpacket.__name__ in ("mm", "addmm", "_scaled_mm")
         return func(*args, **(kwargs or {}))
+
+
+def _backward_matmuls(device: torch.device) -> dict[str, int]:
+    ids = torch.randint(0, 1024, (2, 129), generator=torch.Generator().manual_seed(1)).to(device)
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = build_model("retnet_tiny", d_model=64, n_layers=2, n_heads=2, vocab_size=1024,
+                            kernels="torch" if device.type == "cpu" else "auto").to(device)
+        convert_to_float8(model, "tensorwise", device)
+        model.set_activation_checkpointing(mode)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = lm_loss(model(ids[:, :-1], mode="chunkwise"), ids[:, 1:])
+        with _CountMatmuls() as ops:
+            loss.backward()
+        counts[mode] = ops.count
+    return counts
+
+
+def test_selective_checkpointing_recomputes_no_fp8_matmul():
+    """Selective checkpointing keeps the fp8 projections' outputs as it keeps bf16 ones: its backward
+    runs no more matmuls than an uncheckpointed one; full recomputes the 14 fp8 forward matmuls."""
+    counts = _backward_matmuls(torch.device("cpu"))
+    assert counts["selective"] == counts["none"] and counts["full"] == counts["none"] + 14
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or float8_problem(torch.device("cuda")) is not None,
                     reason="needs a GPU with fp8 tensor cores")
-def test_gpu_selective_checkpointing_keeps_the_fp8_matmuls():
-    """Selective checkpointing keeps the fp8 projections' outputs (aten._scaled_mm) as it keeps
-    bf16 ones: its backward runs no more fp8 matmuls than an uncheckpointed one; full recomputes them."""
-    ids = torch.randint(0, 1024, (2, 129), generator=torch.Generator().manual_seed(1)).cuda()
-    counts = {}
-    for mode in ("none", "selective", "full"):
-        torch.manual_seed(0)
-        model = build_model("retnet_tiny", d_model=256, n_layers=2, n_heads=2, vocab_size=1024).cuda()
-        convert_to_float8(model, "tensorwise", ids.device)
-        model.set_activation_checkpointing(mode)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = lm_loss(model(ids[:, :-1], mode="chunkwise"), ids[:, 1:])
-        with _CountScaledMatmuls() as ops:
-            loss.backward()
-        counts[mode] = ops.count
-    assert counts["none"] == 2 * 14  # each converted layer's two backward matmuls
+def test_gpu_selective_checkpointing_recomputes_no_fp8_matmul():
+    counts = _backward_matmuls(torch.device("cuda"))
     assert counts["selective"] == counts["none"] and counts["full"] == counts["none"] + 14
