@@ -85,7 +85,7 @@ def ours_paths(lg, sweep: bool):
         print(f"skipped our Triton kernels: {type(e).__name__}: {e}")
         return {}
     # each configuration compiles ~10 kernel variants: few by default
-    configs = {"triton": Tuning()}
+    configs = {"triton": Tuning(), "triton fused bwd": Tuning(fuse_backward_outputs=True)}
     if sweep:
         configs.update({"triton st3": Tuning(num_stages=3),
                         "triton w8": Tuning(num_warps=8),
@@ -102,7 +102,9 @@ def ours_paths(lg, sweep: bool):
                         "triton st3 sst3 score128": Tuning(num_stages=3, states_stages=3, score_block=128),
                         "triton keep": Tuning(keep_states=True),
                         "triton keep scores": Tuning(keep_scores=True),
-                        "triton keep both": Tuning(keep_states=True, keep_scores=True)})
+                        "triton keep both": Tuning(keep_states=True, keep_scores=True),
+                        "triton fused bwd keep both": Tuning(fuse_backward_outputs=True, keep_states=True,
+                                                             keep_scores=True)})
     return {name: (lambda q, k, v, t=t: RT.chunk_retention(q, k, v, lg, chunk_size=t.chunk, tuning=t)[0])
             for name, t in configs.items()}
 

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .retention_chunk_kernels import intra_scores_kernel, segment_outputs_kernel, segment_states_kernel
+from .retention_chunk_kernels import (backward_outputs_kernel, intra_scores_kernel, segment_outputs_kernel,
+                                      segment_states_kernel)
 from .retention_recurrent_kernel import recurrent_kernel
 
 # Largest per-call head dims (the recurrent kernel keeps a [d_k, BV] state tile in registers, and
@@ -49,6 +50,10 @@ class Tuning:
     # likewise the forward's in-segment scores: one intra_scores pass less for 2 * S bytes per token
     # and head (512 B at S = 256)
     keep_scores: bool = False
+    # the backward's dq, dk and dv in one launch (backward_outputs_kernel: the three roles of a
+    # segment adjacent in the grid, so the operands two roles read come from L2 the second time)
+    # instead of three segment_outputs launches
+    fuse_backward_outputs: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
@@ -212,6 +217,27 @@ def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_
                        num_warps=warps, num_stages=tuning.num_stages)
 
 
+def backward_outputs(q: Tensor, k: Tensor, v: Tensor, do: Tensor, A: Tensor, dA: Tensor, states: Tensor,
+                     grads: Tensor, lg2: Tensor, lay: Layout, tuning: Tuning) -> tuple[Tensor, Tensor, Tensor, Launch]:
+    """dq, dk, dv in one launch: segment_outputs' three backward roles (see backward_outputs_kernel),
+    each with the tiles segment_outputs would give it."""
+    T_total, H, DK = q.shape
+    DV = v.shape[-1]
+    # one tile shape for the three roles (they share one instance of the tile code)
+    BZ = tuning.block_z or min(128, pow2(min(DK, DV)))
+    BK = min(tuning.block_k, pow2(min(DK, DV)))
+    warps = tuning.num_warps or (8 if lay.C * BZ >= 128 * 128 else 4)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = torch.empty_like(v)
+    n_rb = lay.S // lay.C
+    tiles = (2 * math.ceil(DK / BZ) + math.ceil(DV / BZ)) * n_rb
+    args = dict(DO=do, Q=q, K=k, V=v, A=A, DA=dA, STATES=states, GRADS=grads, DQ=dq, DK=dk, DV=dv, LOG2_GAMMA=lg2,
+                **lay.index_args())
+    return dq, dk, dv, Launch(backward_outputs_kernel, (tiles, lay.n_seg, H), args,
+                              dict(H=H, DKH=DK, DVH=DV, BM=lay.C, BZ=BZ, BK=BK),
+                              num_warps=warps, num_stages=tuning.num_stages)
+
+
 def recurrent_block_v(DK: int, DV: int) -> int:
     """Value columns per program of the token-by-token kernels (recurrent, and the decoding step):
     the state tile [pow2(DK), BV] fp32 is 32 KiB of registers."""
@@ -273,6 +299,10 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
         run(launch)
     dA, launch = intra_scores(do, v, lg2, lay, tuning)
     run(launch)
+    if tuning.fuse_backward_outputs:
+        dq, dk, dv, launch = backward_outputs(q, k, v, do, A, dA, states, grads, lg2, lay, tuning)
+        run(launch)
+        return dq, dk, dv, dstate0
     dq, launch = segment_outputs(do, k, dA, states, True, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
     dk, launch = segment_outputs(v, q, dA, grads, True, lg2, lay, reverse=True, tuning=tuning)

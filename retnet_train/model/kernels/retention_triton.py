@@ -135,7 +135,7 @@ def _(q, k, v, lg2, state):
 # (model/checkpointing.py). Its arguments are tensors and ints: the Tuning travels as _tuning_ints.
 
 _TUNING_FIELDS = ("chunk", "segment_chunks", "block_z", "block_k", "num_warps", "num_stages", "states_stages",
-                  "states_bt", "score_block", "keep_states", "keep_scores")
+                  "states_bt", "score_block", "keep_states", "keep_scores", "fuse_backward_outputs")
 
 
 def _tuning_ints(t: Tuning) -> list[int]:
@@ -146,7 +146,8 @@ def _tuning_ints(t: Tuning) -> list[int]:
 
 def _tuning_of(ints: list[int]) -> Tuning:
     fields = {name: (None if x == -1 else x) for name, x in zip(_TUNING_FIELDS, ints)}
-    fields["keep_states"], fields["keep_scores"] = bool(fields["keep_states"]), bool(fields["keep_scores"])
+    for flag in ("keep_states", "keep_scores", "fuse_backward_outputs"):
+        fields[flag] = bool(fields[flag])
     block = ints[len(_TUNING_FIELDS):]
     return Tuning(**fields, state_block=None if block[0] == -1 else tuple(block))
 
