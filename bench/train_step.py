@@ -35,9 +35,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from retnet_train.config import Float8Recipe, Precision  # noqa: E402
+
 RUNS = ("trainer", "plain", "fla", "transformer")
-PRECISIONS = ("auto", "bf16", "bf16_autocast", "fp32")  # trainer.precision (bench/train_throughput.py --precision)
-FLOAT8 = ("none", "tensorwise", "rowwise")  # trainer.float8
+PRECISIONS = Precision.values()  # trainer.precision (bench/train_throughput.py --precision)
+FLOAT8 = Float8Recipe.values()  # trainer.float8
 
 
 def parse() -> argparse.Namespace:

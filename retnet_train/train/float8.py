@@ -26,9 +26,11 @@ import logging
 import torch
 from torch import nn
 
+from retnet_train.config import Float8Recipe
+
 log = logging.getLogger(__name__)
 
-RECIPES = ("tensorwise", "rowwise")  # torchao's recipe names
+RECIPES = tuple(r for r in Float8Recipe.values() if r != "none")  # torchao's recipe names, as the key's words
 ALIGN = 16  # torch._scaled_mm wants both sizes of the weight a multiple of 16
 
 

@@ -138,6 +138,10 @@ _TUNING_FIELDS = ("chunk", "segment_chunks", "block_z", "block_k", "num_warps", 
                   "states_bt", "score_block", "keep_states", "keep_scores", "fuse_backward_outputs")
 
 
+# the on/off knobs, which travel as 0/1 (with `from __future__ import annotations` a field's type is its text)
+_TUNING_FLAGS = tuple(f.name for f in dataclasses.fields(Tuning) if f.type == "bool")
+
+
 def _tuning_ints(t: Tuning) -> list[int]:
     """Tuning -> ints (None: -1; state_block: two more ints at the end)."""
     values = [getattr(t, name) for name in _TUNING_FIELDS] + list(t.state_block or (None, None))
@@ -146,7 +150,7 @@ def _tuning_ints(t: Tuning) -> list[int]:
 
 def _tuning_of(ints: list[int]) -> Tuning:
     fields = {name: (None if x == -1 else x) for name, x in zip(_TUNING_FIELDS, ints)}
-    for flag in ("keep_states", "keep_scores", "fuse_backward_outputs"):
+    for flag in _TUNING_FLAGS:
         fields[flag] = bool(fields[flag])
     block = ints[len(_TUNING_FIELDS):]
     return Tuning(**fields, state_block=None if block[0] == -1 else tuple(block))
