@@ -85,7 +85,9 @@ def ours_paths(lg, sweep: bool):
         print(f"skipped our Triton kernels: {type(e).__name__}: {e}")
         return {}
     # each configuration compiles ~10 kernel variants: few by default
-    configs = {"triton": Tuning(), "triton fused bwd": Tuning(fuse_backward_outputs=True)}
+    configs = {"triton": Tuning(), "triton fused bwd": Tuning(fuse_backward_outputs=True),
+               "triton streams": Tuning(side_streams=True),
+               "triton streams fused bwd": Tuning(side_streams=True, fuse_backward_outputs=True)}
     if sweep:
         configs.update({"triton st3": Tuning(num_stages=3),
                         "triton w8": Tuning(num_warps=8),
@@ -104,7 +106,10 @@ def ours_paths(lg, sweep: bool):
                         "triton keep scores": Tuning(keep_scores=True),
                         "triton keep both": Tuning(keep_states=True, keep_scores=True),
                         "triton fused bwd keep both": Tuning(fuse_backward_outputs=True, keep_states=True,
-                                                             keep_scores=True)})
+                                                             keep_scores=True),
+                        "triton streams keep both": Tuning(side_streams=True, keep_states=True, keep_scores=True),
+                        "triton streams fused bwd keep both": Tuning(side_streams=True, fuse_backward_outputs=True,
+                                                                     keep_states=True, keep_scores=True)})
     return {name: (lambda q, k, v, t=t: RT.chunk_retention(q, k, v, lg, chunk_size=t.chunk, tuning=t)[0])
             for name, t in configs.items()}
 
@@ -164,7 +169,8 @@ def main() -> None:
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     dt, dev = torch.bfloat16, "cuda"
     lg = head_log_decays(H)
-    paths = {**fla_paths(lg), **ours_paths(lg, args.sweep)}
+    # --only may name any row, the sweep's too (a row compiles only when it runs)
+    paths = {**fla_paths(lg), **ours_paths(lg, args.sweep or bool(args.only))}
     paths["torch chunkwise"] = lambda q, k, v: chunkwise_retention(q, k, v, lg, chunk_size=64)[0]
     if args.only:
         wanted = [n.strip() for n in args.only.split(",")]

@@ -460,3 +460,22 @@ def test_gpu_varlen_bf16():
     errs = _errors(*_gpu_inputs(1, 4096, 8, 128, 256, 4), lg, cu)
     print("varlen relative L2 errors (o, state, dq, dk, dv, dstate): " + ", ".join(f"{e:.2e}" for e in errs))
     assert max(errs) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep", [False, True])
+def test_gpu_side_streams_same_result(keep):
+    """Tuning.side_streams runs the same kernels on the same inputs, only at once: the output, the
+    final state and every gradient equal the one-stream run bit for bit (a missing wait between the
+    streams would read unwritten states or scores)."""
+    lg = head_log_decays(8)
+    q, k, v, s0 = _gpu_inputs(2, 4096, 8, 256, 512, 2)
+    runs = []
+    for streams in (False, True):
+        t = Tuning(side_streams=streams, keep_states=keep, keep_scores=keep)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+        o, f = RT.chunk_retention(*leaves[:3], lg, leaves[3], True, tuning=t)
+        ((o.float() * o.float().detach().sin()).sum() + f.square().sum()).backward()
+        runs.append([o, f] + [x.grad for x in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

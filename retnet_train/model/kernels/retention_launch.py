@@ -54,6 +54,10 @@ class Tuning:
     # segment adjacent in the grid, so the operands two roles read come from L2 the second time)
     # instead of three segment_outputs launches
     fuse_backward_outputs: bool = False
+    # on a GPU, the launches that do not depend on each other run at once on side streams: a state
+    # walk (few long programs, each a whole sequence; at 2 x 8192 one partial wave) and the score
+    # tiles (many short ones) share the SMs instead of taking turns
+    side_streams: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
@@ -84,6 +88,40 @@ class Launch:
 
 def execute(launch: Launch) -> None:
     launch()
+
+
+_SIDE_STREAMS: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device, i: int) -> torch.cuda.Stream:
+    """The i-th side stream of a GPU, made once (a stream per call would cost a driver call each)."""
+    key = (device, i)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
+
+
+def run_independent(launches: list[Launch], run: Callable[[Launch], None], concurrent: bool,
+                    device: torch.device) -> None:
+    """Launches none of which reads another's output. With `concurrent` (Tuning.side_streams), on a
+    GPU and with the default executor, the first runs on the current stream and each other one on a
+    side stream that waits for the current stream's earlier work; the current stream then waits for
+    all of them. Their outputs were allocated before, on the current stream, so its allocator only
+    reuses them after that join. Otherwise (the AOT compiler's executor, the interpreter): in order."""
+    if not (concurrent and run is execute and device.type == "cuda" and len(launches) > 1):
+        for launch in launches:
+            run(launch)
+        return
+    main = torch.cuda.current_stream(device)
+    sides = [side_stream(device, i) for i in range(len(launches) - 1)]
+    for s in sides:
+        s.wait_stream(main)
+    launches[0]()
+    for s, launch in zip(sides, launches[1:]):
+        with torch.cuda.stream(s):
+            launch()
+    for s in sides:
+        main.wait_stream(s)
 
 
 def pow2(n: int, lo: int = 16) -> int:
@@ -266,10 +304,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None,
     """q, k [T_total, H, DK], v [T_total, H, DV] -> (o, final state [N, H, DK, DV] fp32 or None, the
     segment states [n_seg, H, DK, DV] and the scores [T_total, H, S] (input dtype) for a backward
     that keeps them)."""
-    A, launch = intra_scores(q, k, lg2, lay, tuning)
-    run(launch)
-    states, final, launch = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
-    run(launch)
+    # the walk first: its long programs start before the score tiles fill the SMs around them
+    states, final, walk = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
+    A, scores = intra_scores(q, k, lg2, lay, tuning)
+    run_independent([walk, scores], run, tuning.side_streams, q.device)
     o, launch = segment_outputs(q, v, A, states, False, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
     return o, final, states, A
@@ -287,18 +325,19 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
     256, d_v 512), three quarters of what q, k and v themselves take. `states` and `scores` pass the
     forward's in.
     """
-    if states is None:
-        states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
-        run(launch)
+    # four independent launches (two of them only when nothing was kept): walks first
     # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
     grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
-    run(launch)
+    launches = [launch]
+    if states is None:
+        states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
+        launches.append(launch)
     A = scores
     if A is None:
         A, launch = intra_scores(q, k, lg2, lay, tuning)
-        run(launch)
+        launches.append(launch)
     dA, launch = intra_scores(do, v, lg2, lay, tuning)
-    run(launch)
+    run_independent(launches + [launch], run, tuning.side_streams, q.device)
     if tuning.fuse_backward_outputs:
         dq, dk, dv, launch = backward_outputs(q, k, v, do, A, dA, states, grads, lg2, lay, tuning)
         run(launch)
