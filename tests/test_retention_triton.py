@@ -202,7 +202,8 @@ def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
     for tuning in [*TUNINGS, *FUSED, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
                    Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
-                          score_block=64, keep_states=True)]:
+                          score_block=64, keep_states=True),
+                   Tuning(side_streams=True, fuse_backward_outputs=True, keep_scores=True)]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
 
 
