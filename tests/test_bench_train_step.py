@@ -136,9 +136,10 @@ def test_each_of_our_models_runs_once_per_budget_and_fla_once(monkeypatch):
     ran, _ = run_main(monkeypatch, "--runs", "trainer", "transformer", "fla", "--compile", "--kernels", "triton",
                       "--trainer-setup", "zero0:bf16_autocast", "--seq-len", "8192",
                       "--memory-budget", "none", "0.40", "0.3")
-    assert ran == ["trainer:8192:16384:triton:zero0:bf16_autocast:none:none",
-                   "trainer:8192:16384:triton:zero0:bf16_autocast:none:0.4",
-                   "trainer:8192:16384:triton:zero0:bf16_autocast:none:0.3",
+    # retention_keep=both by default: what experiment=retnet_1.3b trains with
+    assert ran == ["trainer:8192:16384:triton:zero0:bf16_autocast:both:none",
+                   "trainer:8192:16384:triton:zero0:bf16_autocast:both:0.4",
+                   "trainer:8192:16384:triton:zero0:bf16_autocast:both:0.3",
                    "transformer:8192:16384:-:-:-:none", "transformer:8192:16384:-:-:-:0.4",
                    "transformer:8192:16384:-:-:-:0.3", "fla:8192:16384:-:-:-:-"]
 
@@ -153,12 +154,11 @@ def test_memory_is_set_against_the_transformer_at_the_same_budget_and_at_none(mo
                        "--memory-budget", "none", "0.3", "0.4", runner=runner)
     # model, then: peak GiB, x fla tokens/s, x Transformer memory (same budget), (no budget)
     got = {row[0]: row[4:8] for row in rows}
+    ours = "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast, retention_keep=both"
     assert got == {
-        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast)": ["40.0", "1.00", "0.80", "0.80"],
-        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast, memory budget 0.3)": ["24.0", "1.00", "0.80",
-                                                                                            "0.48"],
-        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast, memory budget 0.4)": ["28.0", "1.00", "",
-                                                                                            "0.56"],
+        f"{ours})": ["40.0", "1.00", "0.80", "0.80"],
+        f"{ours}, memory budget 0.3)": ["24.0", "1.00", "0.80", "0.48"],
+        f"{ours}, memory budget 0.4)": ["28.0", "1.00", "", "0.56"],
         "our Transformer-1.3b (SDPA)": ["50.0", "1.00", "1.00", "1.00"],
         "our Transformer-1.3b (SDPA, memory budget 0.3)": ["30.0", "1.00", "1.00", "0.60"],
         "our Transformer-1.3b (SDPA, memory budget 0.4)": ["", "", "", ""],
@@ -170,7 +170,7 @@ def test_one_budget_keeps_the_old_labels_and_leaves_the_no_budget_column_blank(m
     ran, rows = run_main(monkeypatch, "--runs", "trainer", "transformer", "--compile", "--kernels", "triton",
                          "--trainer-setup", "zero0:bf16_autocast", "--seq-len", "8192", "--memory-budget", "0.3")
     assert [row[0] for row in rows] == [
-        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast, memory budget 0.3)",
+        "our RetNet-1.3b, trainer (kernels=triton, zero0:bf16_autocast, retention_keep=both, memory budget 0.3)",
         "our Transformer-1.3b (SDPA, memory budget 0.3)"]
     assert [row[6:8] for row in rows] == [["0.80", ""], ["1.00", ""]]
 

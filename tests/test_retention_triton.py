@@ -74,12 +74,7 @@ def test_forward_matches_torch(tuning, with_state):
     assert o.dtype == torch.float32 and f.dtype == torch.float32
 
 
-FUSED = [Tuning(chunk=16, segment_chunks=2, fuse_backward_outputs=True),
-         Tuning(chunk=32, segment_chunks=2, states_bt=16, fuse_backward_outputs=True, keep_states=True,
-                keep_scores=True)]
-
-
-@pytest.mark.parametrize("tuning", TUNINGS + FUSED, ids=TUNING_IDS + ["fused-seg2", "fused-c32-keep"])
+@pytest.mark.parametrize("tuning", TUNINGS, ids=TUNING_IDS)
 def test_backward_matches_autograd(tuning):
     # the loss reads o and the final state, so d(final state) flows back into every gradient
     lg = head_log_decays(2, schedule="linspace")
@@ -92,31 +87,6 @@ def test_backward_matches_autograd(tuning):
     ((o * w_o.to(o)).sum() + (f * w_f.to(f)).sum()).backward()
     for name, a, b in zip(("dq", "dk", "dv", "dstate"), leaves, ref_leaves):
         assert rel(a.grad, b.grad) < TOL, name
-
-
-def test_fused_backward_outputs_give_the_three_launches_gradients_exactly(monkeypatch):
-    """Tuning.fuse_backward_outputs: dq, dk and dv in one launch (backward_outputs_kernel) instead of
-    three segment_outputs launches; the same tiles in the same order, so bit-identical gradients,
-    varlen documents and incoming/final states included."""
-    launched = []
-    real_call = RT.L.Launch.__call__
-    monkeypatch.setattr(RT.L.Launch, "__call__", lambda launch: launched.append(launch.kernel) or real_call(launch))
-    lg = head_log_decays(2, schedule="linspace")
-    q, k, v, s0 = inputs(1, 100, 2, 32, 32, seed=4, n_states=2)
-    cu = torch.tensor([0, 61, 100], dtype=torch.int32)
-    w = torch.randn(1, 100, 2, 32, dtype=torch.float64)
-    grads, kernels = [], []
-    for fused in (False, True):
-        launched.clear()
-        o, f, leaves = ours(q, k, v, lg, s0, True, Tuning(chunk=16, segment_chunks=2, fuse_backward_outputs=fused),
-                            cu_seqlens=cu)
-        ((o * w.to(o)).sum() + f.sum()).backward()
-        grads.append([x.grad for x in leaves])
-        kernels.append([getattr(kn, "__name__", None) or kn.fn.__name__ for kn in launched])
-    assert kernels[0].count("segment_outputs_kernel") == 4 and "backward_outputs_kernel" not in kernels[0]
-    assert kernels[1].count("segment_outputs_kernel") == 1 and kernels[1].count("backward_outputs_kernel") == 1
-    for name, a, b in zip(("dq", "dk", "dv", "dstate"), *grads):
-        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("keep", ["states", "scores"])
@@ -200,10 +170,9 @@ def test_flop_counter_counts_the_op_as_the_model_does():
 
 def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
-    for tuning in [*TUNINGS, *FUSED, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
+    for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
                    Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
-                          score_block=64, keep_states=True),
-                   Tuning(side_streams=True, fuse_backward_outputs=True, keep_scores=True)]:
+                          score_block=64, keep_states=True)]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
 
 
@@ -461,22 +430,3 @@ def test_gpu_varlen_bf16():
     errs = _errors(*_gpu_inputs(1, 4096, 8, 128, 256, 4), lg, cu)
     print("varlen relative L2 errors (o, state, dq, dk, dv, dstate): " + ", ".join(f"{e:.2e}" for e in errs))
     assert max(errs) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("keep", [False, True])
-def test_gpu_side_streams_same_result(keep):
-    """Tuning.side_streams runs the same kernels on the same inputs, only at once: the output, the
-    final state and every gradient equal the one-stream run bit for bit (a missing wait between the
-    streams would read unwritten states or scores)."""
-    lg = head_log_decays(8)
-    q, k, v, s0 = _gpu_inputs(2, 4096, 8, 256, 512, 2)
-    runs = []
-    for streams in (False, True):
-        t = Tuning(side_streams=streams, keep_states=keep, keep_scores=keep)
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-        o, f = RT.chunk_retention(*leaves[:3], lg, leaves[3], True, tuning=t)
-        ((o.float() * o.float().detach().sin()).sum() + f.square().sum()).backward()
-        runs.append([o, f] + [x.grad for x in leaves])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import dataclasses
 import importlib
 import os
 import sys
@@ -45,7 +44,6 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
 
     meta = torch.device("meta")
     tuning = L.default_tuning(chunk, rocm=rocm)
-    fused = dataclasses.replace(tuning, fuse_backward_outputs=True)  # Tuning's one-launch dq, dk, dv
     lg2 = torch.empty(8, dtype=torch.float32, device=meta)
     seen = []
     for DK, DV in HEAD_SHAPES:
@@ -61,7 +59,6 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
                     L.forward(q, k, v, lg2, s0, need, lay, tuning, run=seen.append)
                     L.backward(q, k, v, lg2, s0, v, state if need else None, s0 is not None, lay, tuning,
                                run=seen.append)
-            L.backward(q, k, v, lg2, None, v, None, False, lay, fused, run=seen.append)
         qr, kr = (torch.empty(4, 1, 8, DK, dtype=dtype, device=meta) for _ in range(2))
         vr = torch.empty(4, 1, 8, DV, dtype=dtype, device=meta)
         st = torch.empty(4, 8, DK, DV, dtype=torch.float32, device=meta)

@@ -197,95 +197,55 @@ def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq
     blocks 0..rb of M. REVERSE: decay_x = gamma^(L-1-i) and it meets blocks rb..last of M read
     transposed (tile[a, b] = M[token b, position a]): the later tokens' terms.
     """
-    _output_tile(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
-                 STATE_SX, STATE_SZ, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                 H, DX, DZ, BM, BZ, BK, REVERSE)
-
-
-@triton.jit
-def backward_outputs_kernel(DO, Q, K, V, A, DA, STATES, GRADS, DQ, DK, DV, LOG2_GAMMA, cu_seqlens, seg_seq,
-                            seg_first, T, N, S, VARLEN, H: tl.constexpr, DKH: tl.constexpr, DVH: tl.constexpr,
-                            BM: tl.constexpr, BZ: tl.constexpr, BK: tl.constexpr):
-    """dq, dk and dv of the backward in one launch (segment_outputs' three backward roles):
-
-      dq = outputs(do, S_in^T, dA, k)            cdiv(DKH, BZ) * S // BM tiles [BM, BZ] per segment
-      dk = outputs(v, G^T, dA^T, q, REVERSE)     as many
-      dv = outputs(k, G, A^T, do, REVERSE)       cdiv(DVH, BZ) * S // BM
-
-    Grid (all three roles' tiles, segments, H): the programs of one segment and head are adjacent,
-    so what two roles read (do and k: dq and dv; G: dk and dv; dA: dq and dk) comes from L2 the
-    second time instead of from memory, as it does in three separate launches (each operand is
-    larger than L2). The role picks its operands at run time and all three share one instance of
-    the tile code (three constexpr instances would each hold their own pipelining buffers: 3x the
-    shared memory, a third of the programs per SM). STATES, GRADS [segments, H, DKH, DVH]: the
-    segment states and the state gradients of segment_states; A, DA [T_total, H, S]: the scores
-    and their gradient.
-    """
     pid, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_tiles = tl.cdiv(DKH, BZ) * (S // BM)
-    if pid < q_tiles:  # dq
-        x, z, m, st, out, sx, sz, dx, dz, rev, tile = DO, K, DA, STATES, DQ, 1, DVH, DVH, DKH, 0, pid
-    elif pid < 2 * q_tiles:  # dk
-        x, z, m, st, out, sx, sz, dx, dz, rev, tile = V, Q, DA, GRADS, DK, 1, DVH, DVH, DKH, 1, pid - q_tiles
-    else:  # dv
-        x, z, m, st, out, sx, sz, dx, dz, rev, tile = K, DO, A, GRADS, DV, DVH, 1, DKH, DVH, 1, pid - 2 * q_tiles
-    _output_tile(x, z, m, st, out, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN, sx, sz, tile, seg,
-                 h, H, dx, dz, BM, BZ, BK, rev)
-
-
-@triton.jit
-def _output_tile(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
-                 STATE_SX, STATE_SZ, pid, seg, h, H: tl.constexpr, DX, DZ, BM: tl.constexpr, BZ: tl.constexpr,
-                 BK: tl.constexpr, REVERSE):
-    """One [BM, BZ] output tile of segment_outputs_kernel (`pid` its tile index in the segment).
-    DX, DZ and REVERSE are constexprs from segment_outputs_kernel (folded) or run-time values from
-    backward_outputs_kernel (one instance for its three roles)."""
     n_zb = tl.cdiv(DZ, BZ)
     rb = pid // n_zb
     zb = pid % n_zb
     bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
-    if bos + rb * BM < eos:
-        i = tl.arange(0, BM)
-        pos = rb * BM + i  # positions in the segment
-        rows = bos + pos
-        row_ok = rows < eos
-        zs = zb * BZ + tl.arange(0, BZ)
-        z_ok = zs < DZ
-        length = eos - bos
+    if bos + rb * BM >= eos:
+        return
+    i = tl.arange(0, BM)
+    pos = rb * BM + i  # positions in the segment
+    rows = bos + pos
+    row_ok = rows < eos
+    zs = zb * BZ + tl.arange(0, BZ)
+    z_ok = zs < DZ
+    length = eos - bos
 
-        # the state's part: X[rows] @ state, contracted over DX in steps of BK
-        acc = tl.zeros([BM, BZ], dtype=tl.float32)
-        p_state = STATES + (seg * H + h).to(tl.int64) * (DX * DZ) + zs[None, :] * STATE_SZ
-        for k0 in range(0, DX, BK):
-            ks = k0 + tl.arange(0, BK)
-            k_ok = ks < DX
-            x = tl.load(X + rows[:, None] * (H * DX) + h * DX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # [BM, BK]
-            st = tl.load(p_state + ks[:, None] * STATE_SX, mask=k_ok[:, None] & z_ok[None, :], other=0.0)  # [BK, BZ]
-            acc = tl.dot(x, st.to(x.dtype), acc, input_precision="ieee")
-        # forward: gamma^(i+1) (what the state decayed by position i); reverse: gamma^(L-1-i)
-        e = tl.where(REVERSE != 0, length - 1 - pos, pos + 1)
-        acc = acc * tl.where(row_ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * tl.load(LOG2_GAMMA + h)),
-                             0.0)[:, None]
+    # the state's part: X[rows] @ state, contracted over DX in steps of BK
+    acc = tl.zeros([BM, BZ], dtype=tl.float32)
+    p_state = STATES + (seg * H + h).to(tl.int64) * (DX * DZ) + zs[None, :] * STATE_SZ
+    for k0 in range(0, DX, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < DX
+        x = tl.load(X + rows[:, None] * (H * DX) + h * DX + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # [BM, BK]
+        st = tl.load(p_state + ks[:, None] * STATE_SX, mask=k_ok[:, None] & z_ok[None, :], other=0.0)  # [BK, BZ]
+        acc = tl.dot(x, st.to(x.dtype), acc, input_precision="ieee")
+    if REVERSE:
+        e = length - 1 - pos
+    else:
+        e = pos + 1
+    acc = acc * tl.where(row_ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * tl.load(LOG2_GAMMA + h)), 0.0)[:, None]
 
-        # the segment's part: the score tiles against Z, up to (or, in reverse, from) the diagonal.
-        # Tile element [a, b] is M[row a, column block cb + b] forward and M[token cb + b, position a]
-        # in reverse (M read transposed): one address formula with the role's strides
-        # (selects rather than branches: with a run-time REVERSE both sides must have one type; with a
-        # constexpr one the compiler folds them)
-        hs = H * S
-        rev = REVERSE != 0
-        lo = tl.where(rev, rb, 0)
-        hi = tl.where(rev, tl.cdiv(length, BM).to(tl.int32), rb + 1)
-        s_a = tl.where(rev, 1, hs)
-        s_b = tl.where(rev, hs, 1)
-        p_m = M + bos * hs + h * S + pos[:, None] * s_a + i[None, :] * s_b
-        for cb in range(lo, hi):
-            cols = bos + cb * BM + i
-            col_ok = cols < eos
-            m = tl.load(p_m + cb * BM * s_b, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            z = tl.load(Z + cols[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=col_ok[:, None] & z_ok[None, :],
-                        other=0.0)  # [BM, BZ]
-            acc = tl.dot(m, z, acc, input_precision="ieee")
-        tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & z_ok[None, :])
+    # the segment's part: the score tiles against Z, up to (or, in reverse, from) the diagonal
+    if REVERSE:
+        lo = rb
+        hi = tl.cdiv(length, BM)
+    else:
+        lo = 0
+        hi = rb + 1
+    for cb in range(lo, hi):
+        cols = bos + cb * BM + i
+        col_ok = cols < eos
+        if REVERSE:
+            m = tl.load(M + cols[None, :] * (H * S) + h * S + pos[:, None], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+        else:
+            m = tl.load(M + rows[:, None] * (H * S) + h * S + (cb * BM + i)[None, :], mask=row_ok[:, None],
+                        other=0.0)
+        z = tl.load(Z + cols[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=col_ok[:, None] & z_ok[None, :],
+                    other=0.0)  # [BM, BZ]
+        acc = tl.dot(m, z, acc, input_precision="ieee")
+    tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & z_ok[None, :])

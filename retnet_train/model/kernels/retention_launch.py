@@ -17,8 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .retention_chunk_kernels import (backward_outputs_kernel, intra_scores_kernel, segment_outputs_kernel,
-                                      segment_states_kernel)
+from .retention_chunk_kernels import intra_scores_kernel, segment_outputs_kernel, segment_states_kernel
 from .retention_recurrent_kernel import recurrent_kernel
 
 # Largest per-call head dims (the recurrent kernel keeps a [d_k, BV] state tile in registers, and
@@ -50,14 +49,6 @@ class Tuning:
     # likewise the forward's in-segment scores: one intra_scores pass less for 2 * S bytes per token
     # and head (512 B at S = 256)
     keep_scores: bool = False
-    # the backward's dq, dk and dv in one launch (backward_outputs_kernel: the three roles of a
-    # segment adjacent in the grid, so the operands two roles read come from L2 the second time)
-    # instead of three segment_outputs launches
-    fuse_backward_outputs: bool = False
-    # on a GPU, the launches that do not depend on each other run at once on side streams: a state
-    # walk (few long programs, each a whole sequence; at 2 x 8192 one partial wave) and the score
-    # tiles (many short ones) share the SMs instead of taking turns
-    side_streams: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
@@ -88,40 +79,6 @@ class Launch:
 
 def execute(launch: Launch) -> None:
     launch()
-
-
-_SIDE_STREAMS: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device, i: int) -> torch.cuda.Stream:
-    """The i-th side stream of a GPU, made once (a stream per call would cost a driver call each)."""
-    key = (device, i)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[key]
-
-
-def run_independent(launches: list[Launch], run: Callable[[Launch], None], concurrent: bool,
-                    device: torch.device) -> None:
-    """Launches none of which reads another's output. With `concurrent` (Tuning.side_streams), on a
-    GPU and with the default executor, the first runs on the current stream and each other one on a
-    side stream that waits for the current stream's earlier work; the current stream then waits for
-    all of them. Their outputs were allocated before, on the current stream, so its allocator only
-    reuses them after that join. Otherwise (the AOT compiler's executor, the interpreter): in order."""
-    if not (concurrent and run is execute and device.type == "cuda" and len(launches) > 1):
-        for launch in launches:
-            run(launch)
-        return
-    main = torch.cuda.current_stream(device)
-    sides = [side_stream(device, i) for i in range(len(launches) - 1)]
-    for s in sides:
-        s.wait_stream(main)
-    launches[0]()
-    for s, launch in zip(sides, launches[1:]):
-        with torch.cuda.stream(s):
-            launch()
-    for s in sides:
-        main.wait_stream(s)
 
 
 def pow2(n: int, lo: int = 16) -> int:
@@ -255,27 +212,6 @@ def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_
                        num_warps=warps, num_stages=tuning.num_stages)
 
 
-def backward_outputs(q: Tensor, k: Tensor, v: Tensor, do: Tensor, A: Tensor, dA: Tensor, states: Tensor,
-                     grads: Tensor, lg2: Tensor, lay: Layout, tuning: Tuning) -> tuple[Tensor, Tensor, Tensor, Launch]:
-    """dq, dk, dv in one launch: segment_outputs' three backward roles (see backward_outputs_kernel),
-    each with the tiles segment_outputs would give it."""
-    T_total, H, DK = q.shape
-    DV = v.shape[-1]
-    # one tile shape for the three roles (they share one instance of the tile code)
-    BZ = tuning.block_z or min(128, pow2(min(DK, DV)))
-    BK = min(tuning.block_k, pow2(min(DK, DV)))
-    warps = tuning.num_warps or (8 if lay.C * BZ >= 128 * 128 else 4)
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
-    dv = torch.empty_like(v)
-    n_rb = lay.S // lay.C
-    tiles = (2 * math.ceil(DK / BZ) + math.ceil(DV / BZ)) * n_rb
-    args = dict(DO=do, Q=q, K=k, V=v, A=A, DA=dA, STATES=states, GRADS=grads, DQ=dq, DK=dk, DV=dv, LOG2_GAMMA=lg2,
-                **lay.index_args())
-    return dq, dk, dv, Launch(backward_outputs_kernel, (tiles, lay.n_seg, H), args,
-                              dict(H=H, DKH=DK, DVH=DV, BM=lay.C, BZ=BZ, BK=BK),
-                              num_warps=warps, num_stages=tuning.num_stages)
-
-
 def recurrent_block_v(DK: int, DV: int) -> int:
     """Value columns per program of the token-by-token kernels (recurrent, and the decoding step):
     the state tile [pow2(DK), BV] fp32 is 32 KiB of registers."""
@@ -304,10 +240,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None,
     """q, k [T_total, H, DK], v [T_total, H, DV] -> (o, final state [N, H, DK, DV] fp32 or None, the
     segment states [n_seg, H, DK, DV] and the scores [T_total, H, S] (input dtype) for a backward
     that keeps them)."""
-    # the walk first: its long programs start before the score tiles fill the SMs around them
-    states, final, walk = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
-    A, scores = intra_scores(q, k, lg2, lay, tuning)
-    run_independent([walk, scores], run, tuning.side_streams, q.device)
+    A, launch = intra_scores(q, k, lg2, lay, tuning)
+    run(launch)
+    states, final, launch = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
+    run(launch)
     o, launch = segment_outputs(q, v, A, states, False, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
     return o, final, states, A
@@ -325,23 +261,18 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
     256, d_v 512), three quarters of what q, k and v themselves take. `states` and `scores` pass the
     forward's in.
     """
-    # four independent launches (two of them only when nothing was kept): walks first
-    # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
-    grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
-    launches = [launch]
     if states is None:
         states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
-        launches.append(launch)
+        run(launch)
+    # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
+    grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
+    run(launch)
     A = scores
     if A is None:
         A, launch = intra_scores(q, k, lg2, lay, tuning)
-        launches.append(launch)
-    dA, launch = intra_scores(do, v, lg2, lay, tuning)
-    run_independent(launches + [launch], run, tuning.side_streams, q.device)
-    if tuning.fuse_backward_outputs:
-        dq, dk, dv, launch = backward_outputs(q, k, v, do, A, dA, states, grads, lg2, lay, tuning)
         run(launch)
-        return dq, dk, dv, dstate0
+    dA, launch = intra_scores(do, v, lg2, lay, tuning)
+    run(launch)
     dq, launch = segment_outputs(do, k, dA, states, True, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
     dk, launch = segment_outputs(v, q, dA, grads, True, lg2, lay, reverse=True, tuning=tuning)
