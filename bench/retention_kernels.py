@@ -1,6 +1,6 @@
 """Time retention's kernels (and causal SDPA for reference), forward and forward + backward.
 
-    python bench/retention_kernels.py [--tokens 16384,32768] [--lengths 2048,8192,32768] [--sweep]
+    python bench/retention_kernels.py [--tokens 16384,32768] [--lengths 2048,8192,32768] [--sweep] [--rounds 5]
 
 Same token count per call at every length (batch = tokens / T): chunkwise retention should cost the
 same at any T, attention grows with T. Shapes of RetNet-1.3B (8 heads, d_k 256, d_v 512) and of the
@@ -13,6 +13,8 @@ are printed), our Triton kernels at a few tile configurations, the torch chunkwi
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,6 +53,28 @@ def time_ms(fn, warmup=3, reps=10, queued: bool = False) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def measure_rounds(entries: dict[str, tuple], rounds: int) -> dict[str, list[tuple[float, float, float]]]:
+    """name -> (fn, inputs, reps) gives name -> [(fwd, fwd+bwd, fwd+bwd queued) ms per round]. The
+    entries take turns within each round, so a drift of the GPU's clocks during the run (10% between
+    calls on one H100, bench/RESULTS.md 2026-12-07) moves every row alike and their ratios hold."""
+    got: dict[str, list] = {name: [] for name in entries}
+    for _ in range(rounds):
+        for name, (fn, inputs, reps) in entries.items():
+            got[name].append((measure(fn, inputs, False, reps), measure(fn, inputs, True, reps),
+                              measure(fn, inputs, True, reps, queued=True)))
+    return got
+
+
+def summarise(per_round: list[tuple[float, float, float]]) -> tuple[float, float, float, float]:
+    """The median of the rounds of each figure, and the queued figure's spread, (max - min) / median
+    in percent; NaN throughout if any round failed (measure gives NaN for a failing path)."""
+    columns = list(zip(*per_round))
+    if any(math.isnan(x) for col in columns for x in col):
+        return (float("nan"),) * 4
+    f, fb, fbq = (statistics.median(col) for col in columns)
+    return f, fb, fbq, 100 * (max(columns[2]) - min(columns[2])) / fbq
 
 
 def retention_flop(tokens: int, backward: bool) -> float:
@@ -156,9 +180,13 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="more Triton tile configurations (slower: compiles)")
     p.add_argument("--only", default=None,
                    help="comma-separated row names to run (e.g. 'fla chunk_simple_gla,triton'); default: all")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="times each row is measured, the rows taking turns (the median is reported)")
     p.add_argument("--profile", action="store_true",
                    help="also print the GPU time per kernel of one forward + backward of each kernel family")
     args = p.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be at least 1")
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     dt, dev = torch.bfloat16, "cuda"
     lg = head_log_decays(H)
@@ -183,29 +211,28 @@ def main() -> None:
                 return (torch.randn(*shape, device=dev) * scale).to(dt).requires_grad_()
 
             q, k, v = rand(B, T, H, DK), rand(B, T, H, DK, scale=DK ** -0.5), rand(B, T, H, DV)
-            for name, fn in paths.items():
-                if name == "torch chunkwise" and (T > 8192 or B * T > 16384):
-                    continue
-                reps = 3 if name == "torch chunkwise" else 10
-                f_ms = measure(fn, (q, k, v), False, reps)
-                fb_ms = measure(fn, (q, k, v), True, reps)
-                fbq_ms = measure(fn, (q, k, v), True, reps, queued=True)
-                rows.append([B * T, T, B, name, f"{f_ms:.3f}", f"{fb_ms:.3f}", f"{fbq_ms:.3f}",
-                             f"{retention_flop(B * T, False) / f_ms / 1e9:.0f}",
-                             f"{retention_flop(B * T, True) / fb_ms / 1e9:.0f}"])
-                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+            entries = {name: (fn, (q, k, v), 3 if name == "torch chunkwise" else 10) for name, fn in paths.items()
+                       if not (name == "torch chunkwise" and (T > 8192 or B * T > 16384))}
             qa, ka, va = (rand(B, 16, T, 128) for _ in range(3))
-            sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
-            f_ms, fb_ms = measure(sdpa, (qa, ka, va), False), measure(sdpa, (qa, ka, va), True)
-            fbq_ms = measure(sdpa, (qa, ka, va), True, queued=True)
+            entries["causal SDPA 16x128"] = (lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                             (qa, ka, va), 10)
             sdpa_flop = 4 * B * 16 * T * T * 128 / 2  # causal: half of QK^T and PV
-            rows.append([B * T, T, B, "causal SDPA 16x128", f"{f_ms:.3f}", f"{fb_ms:.3f}", f"{fbq_ms:.3f}",
-                         f"{sdpa_flop / f_ms / 1e9:.0f}", f"{3.5 * sdpa_flop / fb_ms / 1e9:.0f}"])
-            print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    notes = ("bf16; retention 8 heads, d_k 256, d_v 512, keys pre-scaled (scale=1); median of 10 single calls "
-             "(torch: 3), each from an idle GPU (host launch time included where the GPU waits for it); "
-             "'queued': the mean of 10 calls back to back (the host runs ahead, as in training); the output "
-             "gradient is made once, outside the timing; "
+            flop = {name: (retention_flop(B * T, False), retention_flop(B * T, True)) for name in entries}
+            flop["causal SDPA 16x128"] = (sdpa_flop, 3.5 * sdpa_flop)
+            times = {name: summarise(r) for name, r in measure_rounds(entries, args.rounds).items()}
+            fla = times.get("fla chunk_simple_gla")
+            for name, (f_ms, fb_ms, fbq_ms, spread) in times.items():
+                rows.append([B * T, T, B, name, f"{f_ms:.3f}", f"{fb_ms:.3f}", f"{fbq_ms:.3f}",
+                             f"{flop[name][0] / f_ms / 1e9:.0f}", f"{flop[name][1] / fb_ms / 1e9:.0f}",
+                             f"{fla[1] / fb_ms:.2f}" if fla else "", f"{fla[2] / fbq_ms:.2f}" if fla else "",
+                             f"{spread:.0f}"])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    notes = (f"bf16; retention 8 heads, d_k 256, d_v 512, keys pre-scaled (scale=1); {args.rounds} rounds, the "
+             "rows taking turns within each, each figure the median of its rounds; per round: the median of 10 "
+             "single calls (torch: 3), each from an idle GPU (host launch time included where the GPU waits for "
+             "it), and 'queued': the mean of 10 calls back to back (the host runs ahead, as in training); "
+             "'x fla': fla chunk_simple_gla's time over the row's (same run); 'spread': (max - min) / median of "
+             "the queued rounds; the output gradient is made once, outside the timing; "
              "TFLOP/s: retention counts 2*tokens*H*(64*(d_k+d_v) + 2*d_k*d_v) forward and 3x that "
              "forward+backward for every row; SDPA counts its causal half, backward 2.5x forward")
     # the curve: at a fixed token count, retention stays flat in T while attention grows
@@ -222,7 +249,7 @@ def main() -> None:
         notes += f"; chart: [{path.name}]({path.name})"
     append("Retention kernels, forward and forward + backward",
            ["tokens", "T", "batch", "kernel", "fwd (ms)", "fwd+bwd (ms)", "fwd+bwd queued (ms)", "fwd TFLOP/s",
-            "fwd+bwd TFLOP/s"], rows,
+            "fwd+bwd TFLOP/s", "x fla fwd+bwd", "x fla queued", "queued spread (%)"], rows,
            notes=notes)
 
 
