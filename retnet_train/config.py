@@ -258,8 +258,9 @@ class WandbConfig:
 @dataclass
 class ProfileConfig:
     """torch.profiler over a few optimizer steps (retnet_train/train/profiling.py): ${run_dir}/profile/
-    gets kernels_rank<R>.txt (device time per step by kernel family, and the top kernels) and a Chrome
-    trace per profiled rank."""
+    gets kernels_rank<R>.txt (device time per step by kernel family, and the top kernels; on a GPU
+    also the step's wall time and how much of it the device waited for the host) and a Chrome trace
+    per profiled rank."""
 
     start: int = doc(0, "the first profiled optimizer step (1-based; after warm-up and compilation); 0: no profiling")
     steps: int = doc(1, "optimizer steps profiled from `start`")

@@ -45,6 +45,16 @@ def test_report_is_per_step_and_shares_add_up():
     assert len(listed) == 2 and "matmul / nvjet_gemm" in listed[0] and listed[0].split()[:2] == ["20.000", "2.0"]
 
 
+def test_report_says_how_long_the_device_waited_within_a_step():
+    times = {"nvjet_gemm": (60.0, 6), "segment_states_kernel": (30.0, 3)}  # 30 ms busy per step
+    text = kernel_table(times, steps=3, top=2, header="steps 4-6 on rank 0 (test)", wall_ms=40.0)
+    assert text.splitlines()[1] == ("wall 40.00 ms per step: the device waited 10.00 ms of it (25.0%; "
+                                    "the profiler's own host work included)")
+    # kernels on several streams can sum to more than the wall: no negative wait
+    assert "waited 0.00 ms" in kernel_table(times, steps=3, top=2, header="h", wall_ms=25.0)
+    assert "wall" not in kernel_table(times, steps=3, top=2, header="h")
+
+
 def _cfg(**kw):
     return SimpleNamespace(**{"start": 2, "steps": 2, "ranks": [0], "trace": True, "top": 10, **kw})
 
@@ -60,6 +70,7 @@ def test_profiler_covers_its_steps_and_writes_report_and_trace(tmp_path):
         assert (prof.prof is not None) == (step == 2)
     report = (tmp_path / "profile" / "kernels_rank0.txt").read_text()
     assert report.startswith("steps 2-3 on rank 0 (cpu)")
+    assert "\nwall " not in report  # on a CPU the host is the device: no waiting to report
     mm = next(line for line in report.splitlines() if "matmul / aten::mm" in line)
     assert float(mm.split()[1]) == 2.5  # 2 + 3 matmuls over 2 steps
     assert json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())["traceEvents"]
@@ -104,6 +115,7 @@ def test_profiler_on_a_gpu_counts_device_kernels(tmp_path):
     prof.step_ended(1)
     report = prof.report.read_text()
     assert f"on rank 0 ({torch.cuda.get_device_name(dev)})" in report and " kernels" in report.splitlines()[0]
-    fam = {line.split()[0]: float(line.split()[1]) for line in report.splitlines()[3:] if line and line[0].isalpha()
+    assert report.splitlines()[1].startswith("wall ") and "the device waited" in report.splitlines()[1]
+    fam = {line.split()[0]: float(line.split()[1]) for line in report.splitlines()[4:] if line and line[0].isalpha()
            and len(line.split()) == 3}
     assert fam.get("matmul", 0) > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,15 +45,23 @@ def kernel_family(name: str) -> str:
 
 
 def kernel_table(times: dict[str, tuple[float, int]], steps: int, top: int, header: str,
-                 unit: str = "kernels") -> str:
-    """times: name -> (total ms, calls) over `steps` steps -> the report text (per step)."""
+                 unit: str = "kernels", wall_ms: float | None = None) -> str:
+    """times: name -> (total ms, calls) over `steps` steps -> the report text (per step).
+
+    wall_ms: the window's wall time per step, if known: the report then says how long the device
+    waited within a step (wall minus the kernels' sum, which is their busy time on one stream), the
+    time a host that falls behind the GPU costs (a sync per step, the loop's own work)."""
     busy = sum(ms for ms, _ in times.values()) / steps
     calls = sum(n for _, n in times.values()) / steps
     families: dict[str, float] = defaultdict(float)
     for name, (ms, _) in times.items():
         families[kernel_family(name)] += ms / steps
-    lines = [f"{header}: {busy:.2f} ms per step in {calls:.0f} {unit}", "",
-             f"{'family':<22} {'ms/step':>9} {'share':>7}"]
+    lines = [f"{header}: {busy:.2f} ms per step in {calls:.0f} {unit}"]
+    if wall_ms is not None:
+        idle = max(0.0, wall_ms - busy)
+        lines.append(f"wall {wall_ms:.2f} ms per step: the device waited {idle:.2f} ms of it "
+                     f"({idle / wall_ms if wall_ms else 0:.1%}; the profiler's own host work included)")
+    lines += ["", f"{'family':<22} {'ms/step':>9} {'share':>7}"]
     for family, ms in sorted(families.items(), key=lambda kv: -kv[1]):
         lines.append(f"{family:<22} {ms:9.2f} {ms / busy if busy else 0:7.1%}")
     lines += ["", f"{'ms/step':>9} {'calls/step':>10}  family / kernel"]
@@ -93,6 +102,7 @@ class StepProfiler:
         self.report = self.dir / f"kernels_rank{rank}.txt"
         self.prof = None
         self.first = None
+        self.began = 0.0
 
     def step_begins(self, step: int) -> None:
         if not self.active or self.prof is not None or not (self.start <= step < self.start + self.steps):
@@ -104,6 +114,7 @@ class StepProfiler:
         self.prof = torch.profiler.profile(activities=acts)
         self.prof.start()
         self.first = step
+        self.began = time.perf_counter()  # after the start: its set-up is not the steps' time
 
     def step_ended(self, step: int) -> None:
         if self.prof is not None and step >= self.start + self.steps - 1:
@@ -115,6 +126,7 @@ class StepProfiler:
             return None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        wall_ms = (time.perf_counter() - self.began) * 1e3  # before the stop, which digests the events
         self.prof.stop()
         prof, first, self.prof, self.active = self.prof, self.first, None, False
         last = last if last is not None else first
@@ -123,7 +135,9 @@ class StepProfiler:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         header = f"steps {first}-{last} on rank {self.rank} ({where})"
         unit = "kernels" if self.device.type == "cuda" else "operators"
-        _write(self.report, kernel_table(event_times(prof, self.device), n, self.top, header, unit))
+        # on a CPU the operators' times overlap their callers' and the host is the device: no wall line
+        wall = wall_ms / n if self.device.type == "cuda" else None
+        _write(self.report, kernel_table(event_times(prof, self.device), n, self.top, header, unit, wall))
         if self.trace:
             tmp = self.dir / f"trace_rank{self.rank}.json.tmp"
             prof.export_chrome_trace(str(tmp))
