@@ -119,6 +119,33 @@ def test_kept_forward_results_give_the_recomputing_backward_s_gradients_exactly(
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_prescaled_walk_gives_the_same_numbers(monkeypatch, varlen):
+    # Tuning.prescale_walk weights the walk's operand in a pass of its own (walk_weights_kernel)
+    # instead of inside segment_states. d_k < d_v, so the walk weights the same operand (k or q)
+    # either way: the same fp32 products in the same order, and the outputs, the final state and
+    # every gradient are bit-identical; one weighting pass per walk
+    passes = []
+    real = RT.L.walk_weights
+    monkeypatch.setattr(RT.L, "walk_weights", lambda *a, **kw: passes.append(a[-1]) or real(*a, **kw))
+    lg = head_log_decays(2, schedule="linspace")
+    # two documents (one ends mid-segment) or two rows of 50 tokens: partial segments either way
+    cu = torch.tensor([0, 37, 100], dtype=torch.int32) if varlen else None
+    q, k, v, s0 = inputs(1 if varlen else 2, 100 if varlen else 50, 2, 16, 32, seed=4, n_states=2)
+    w = torch.randn(v.shape, dtype=torch.float64)
+    got = []
+    for prescale in (False, True):
+        passes.clear()
+        tuning = Tuning(chunk=16, segment_chunks=2, prescale_walk=prescale)
+        o, f, leaves = ours(q, k, v, lg, s0, True, tuning, cu_seqlens=cu)
+        ((o * w.to(o)).sum() + f.square().sum()).backward()
+        got.append([o, f] + [x.grad for x in leaves])
+        # forward walk (not reversed), backward: the recomputed forward walk and the reverse walk
+        assert passes == ([False, False, True] if prescale else [])
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dstate"), *got):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("case", ["plain", "state-keep-both", "varlen-keep-states", "bf16-state-nograd",
                                   "permuted"])
 def test_chunk_op_passes_torch_library_opcheck(case):
@@ -172,7 +199,7 @@ def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
     for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
                    Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
-                          score_block=64, keep_states=True)]:
+                          score_block=64, keep_states=True, prescale_walk=True)]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
 
 

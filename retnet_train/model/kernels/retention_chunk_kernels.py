@@ -107,10 +107,40 @@ def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, 
 
 
 @triton.jit
+def walk_weights_kernel(Y, YW, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
+                        H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                        REVERSE: tl.constexpr):
+    """YW[t] = w_t Y[t], the weights segment_states gives each token (gamma^(L-1-i), or in REVERSE
+    gamma^(i+1), i = t's position in its segment of L tokens), rounded to Y's dtype as the walk
+    rounds its weighted operand. Grid (S // BT, segments, H); Y, YW [T_total, H, D].
+
+    Why a pass of its own: weighting inside the walk takes its matmul operand from shared memory
+    to registers and back every step (and keeps the accumulator's matmul synchronous); a
+    pre-weighted operand goes from memory to the tensor cores directly (Tuning.prescale_walk).
+    """
+    blk, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
+    t = bos + blk * BT + tl.arange(0, BT)
+    ok = t < eos
+    if REVERSE:
+        e = t - bos + 1
+    else:
+        e = eos - 1 - t
+    w = tl.exp2(tl.maximum(e, 0).to(tl.float32) * tl.load(LOG2_GAMMA + h))
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        where = t[:, None] * (H * D) + h * D + d[None, :]
+        mask = ok[:, None] & (d < D)[None, :]
+        y = tl.load(Y + where, mask=mask, other=0.0)
+        tl.store(YW + where, (y * w[:, None]).to(YW.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg_first, T, S, VARLEN,
                           H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
                           BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                          WEIGHTED: tl.constexpr):
     """STATES[m, h] = the running state r at segment m, r <- gamma^L r + sum_t w_t Y_t^T Z_t.
 
     Grid (tiles of [BY, BZ], N sequences, H). Forward (Y = k, Z = v) walks the segments first to
@@ -123,7 +153,8 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
     One flat loop over the sequence's token blocks (SB = S / BT per segment; a segment's first block
     also stores and decays r) rather than a loop over segments around a loop over their blocks:
     the software pipeliner then prefetches across segment boundaries, where a nested inner loop of
-    S / BT = 4 steps would drain and refill its pipeline every segment.
+    S / BT = 4 steps would drain and refill its pipeline every segment. WEIGHTED: Y already holds
+    w_t Y_t (walk_weights_kernel), so the products go to the tensor cores as loaded.
     """
     pid, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN != 0:
@@ -173,7 +204,9 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
         else:
             e = eos - 1 - t
         w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
-        if BY < BZ:  # weight the smaller operand
+        if WEIGHTED:
+            r = tl.dot(y_t, z, r, input_precision="ieee")
+        elif BY < BZ:  # weight the smaller operand
             r = tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
         else:
             r = tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")

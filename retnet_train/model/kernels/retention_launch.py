@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .retention_chunk_kernels import intra_scores_kernel, segment_outputs_kernel, segment_states_kernel
+from .retention_chunk_kernels import (intra_scores_kernel, segment_outputs_kernel, segment_states_kernel,
+                                      walk_weights_kernel)
 from .retention_recurrent_kernel import recurrent_kernel
 
 # Largest per-call head dims (the recurrent kernel keeps a [d_k, BV] state tile in registers, and
@@ -49,6 +50,9 @@ class Tuning:
     # likewise the forward's in-segment scores: one intra_scores pass less for 2 * S bytes per token
     # and head (512 B at S = 256)
     keep_scores: bool = False
+    # weight the walk's operand in a pass of its own (walk_weights_kernel: reads and writes k, or in
+    # the backward q, once more) so segment_states multiplies what it loads as it is
+    prescale_walk: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
@@ -174,9 +178,20 @@ def state_block(DY: int, DZ: int, N: int, H: int, tuning: Tuning, device: torch.
     return options[-1]
 
 
+def walk_weights(y: Tensor, lg2: Tensor, lay: Layout, reverse: bool) -> tuple[Tensor, Launch]:
+    """y [T_total, H, D] times the walk's per-token weights (see walk_weights_kernel)."""
+    T_total, H, D = y.shape
+    out = torch.empty_like(y)
+    bt = min(64, lay.S)
+    return out, Launch(walk_weights_kernel, (lay.S // bt, lay.n_seg, H),
+                       dict(Y=y, YW=out, LOG2_GAMMA=lg2, **lay.index_args()),
+                       dict(H=H, D=D, BT=bt, BD=min(128, pow2(D)), REVERSE=reverse), num_warps=4, num_stages=2)
+
+
 def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store_final: bool, lay: Layout,
-                   reverse: bool, tuning: Tuning) -> tuple[Tensor, Tensor | None, Launch]:
-    """STATES [n_seg, H, Dy, Dz] (input dtype) and the final running state [N, H, Dy, Dz] fp32 or None."""
+                   reverse: bool, tuning: Tuning, weighted: bool = False) -> tuple[Tensor, Tensor | None, Launch]:
+    """STATES [n_seg, H, Dy, Dz] (input dtype) and the final running state [N, H, Dy, Dz] fp32 or None.
+    weighted: y comes from walk_weights (the kernel multiplies it as it is)."""
     T_total, H, DY = y.shape
     DZ = z.shape[-1]
     states = torch.empty(lay.n_seg, H, DY, DZ, dtype=y.dtype, device=y.device)
@@ -189,7 +204,7 @@ def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store
     grid = (math.ceil(DY / BY) * math.ceil(DZ / BZ), lay.N, H)
     return states, final, Launch(segment_states_kernel, grid, args,
                                  dict(H=H, DY=DY, DZ=DZ, BY=BY, BZ=BZ, BT=bt, SB=lay.S // bt, REVERSE=reverse,
-                                      HAS_INIT=init is not None, STORE_FINAL=store_final),
+                                      HAS_INIT=init is not None, STORE_FINAL=store_final, WEIGHTED=weighted),
                                  num_warps=8 if BY * BZ >= 128 * 128 else 4, num_stages=tuning.states_stages)
 
 
@@ -233,6 +248,18 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state_in: Tensor | N
                           STORE_STATE=state_out is not None), num_warps=4, num_stages=1)
 
 
+def walk(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store_final: bool, lay: Layout, reverse: bool,
+         tuning: Tuning, run: Callable[[Launch], None]) -> tuple[Tensor, Tensor | None]:
+    """segment_states' launch, after walk_weights' where Tuning.prescale_walk says so."""
+    if tuning.prescale_walk:
+        y, launch = walk_weights(y, lg2, lay, reverse)
+        run(launch)
+    states, final, launch = segment_states(y, z, lg2, init, store_final, lay, reverse, tuning,
+                                           weighted=tuning.prescale_walk)
+    run(launch)
+    return states, final
+
+
 # ---- the passes ----------------------------------------------------------------------------------
 
 def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None, need_final: bool,
@@ -242,8 +269,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None,
     that keeps them)."""
     A, launch = intra_scores(q, k, lg2, lay, tuning)
     run(launch)
-    states, final, launch = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
-    run(launch)
+    states, final = walk(k, v, lg2, state0, need_final, lay, False, tuning, run)
     o, launch = segment_outputs(q, v, A, states, False, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
     return o, final, states, A
@@ -262,11 +288,9 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
     forward's in.
     """
     if states is None:
-        states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
-        run(launch)
+        states, _ = walk(k, v, lg2, state0, False, lay, False, tuning, run)
     # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
-    grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
-    run(launch)
+    grads, dstate0 = walk(q, do, lg2, dfinal, need_dstate0, lay, True, tuning, run)
     A = scores
     if A is None:
         A, launch = intra_scores(q, k, lg2, lay, tuning)
