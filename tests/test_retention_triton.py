@@ -32,10 +32,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 kernels (exact fp32 products) against a float64 reference
 TOL = 2e-5
-# the last one: four state steps per segment (states_bt < chunk) and score tiles twice the chunk
+# "bt16-sb64": four state steps per segment (states_bt < chunk) and score tiles twice the chunk;
+# "bm32": output tiles of twice the chunk's rows (their score tiles past the diagonal are masked)
 TUNINGS = [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16, segment_chunks=2), Tuning(chunk=32),
-           Tuning(chunk=32, segment_chunks=2, states_bt=16, score_block=64)]
-TUNING_IDS = ["seg1", "seg2", "c32", "bt16-sb64"]
+           Tuning(chunk=32, segment_chunks=2, states_bt=16, score_block=64),
+           Tuning(chunk=16, segment_chunks=4, block_m=32)]
+TUNING_IDS = ["seg1", "seg2", "c32", "bt16-sb64", "bm32"]
 
 
 def rel(a, b):
@@ -197,7 +199,7 @@ def test_flop_counter_counts_the_op_as_the_model_does():
 
 def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
-    for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
+    for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, block_m=128, num_warps=8, keep_scores=True),
                    Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
                           score_block=64, keep_states=True, prescale_walk=True)]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
@@ -215,8 +217,8 @@ def test_backward_without_state():
         assert rel(a.grad, b.grad) < TOL, name
 
 
-@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), TUNINGS[-1]],
-                         ids=["seg1", "auto", TUNING_IDS[-1]])
+@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), *TUNINGS[-2:]],
+                         ids=["seg1", "auto", *TUNING_IDS[-2:]])
 def test_varlen_equals_each_sequence_alone(tuning):
     # an empty sequence, one shorter than a chunk, ones that end mid-chunk and mid-segment
     cu = torch.tensor([0, 7, 7, 40, 90], dtype=torch.int32)

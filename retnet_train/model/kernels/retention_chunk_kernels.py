@@ -218,7 +218,8 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
 def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
                            STATE_SX, STATE_SZ,
                            H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
-                           BM: tl.constexpr, BZ: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr):
+                           BM: tl.constexpr, BZ: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+                           REVERSE: tl.constexpr):
     """OUT[rows, cols] = decay_x * X[rows] @ STATES[seg] + (M or M^T)[rows, segment] @ Z[segment].
 
     Grid (cdiv(DZ, BZ) * S // BM, segments, H): output tile [BM, BZ] of row block rb. X
@@ -226,9 +227,11 @@ def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq
     [segments, H, ., .], element (x, z) of a segment's [DX, DZ] operand at x * STATE_SX + z * STATE_SZ
     (so one buffer serves as S or as S^T).
 
-    Forward (position i in a segment of L): decay_x = gamma^(i+1) and the row block meets the column
-    blocks 0..rb of M. REVERSE: decay_x = gamma^(L-1-i) and it meets blocks rb..last of M read
-    transposed (tile[a, b] = M[token b, position a]): the later tokens' terms.
+    Forward (position i in a segment of L): decay_x = gamma^(i+1) and the row block meets the
+    segment's columns up to its last row, M read as [BM, BS] tiles (BS divides BM; the columns past
+    the diagonal are masked, so M's unwritten tiles above the diagonal are never read and BM may be
+    larger than intra_scores' tile). REVERSE: decay_x = gamma^(L-1-i) and it meets the columns from
+    its first row on, M read transposed (tile[a, b] = M[token b, position a]): the later tokens' terms.
     """
     pid, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_zb = tl.cdiv(DZ, BZ)
@@ -263,22 +266,24 @@ def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq
 
     # the segment's part: the score tiles against Z, up to (or, in reverse, from) the diagonal
     if REVERSE:
-        lo = rb
-        hi = tl.cdiv(length, BM)
+        lo = rb * BM
+        hi = length
     else:
         lo = 0
-        hi = rb + 1
-    for cb in range(lo, hi):
-        cols = bos + cb * BM + i
+        hi = tl.minimum((rb + 1) * BM, length)
+    j = tl.arange(0, BS)
+    for c0 in range(lo, hi, BS):
+        cpos = c0 + j  # positions of the columns in the segment
+        cols = bos + cpos
         col_ok = cols < eos
         if REVERSE:
-            m = tl.load(M + cols[None, :] * (H * S) + h * S + pos[:, None], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0)
+            m = tl.load(M + cols[None, :] * (H * S) + h * S + pos[:, None],
+                        mask=row_ok[:, None] & col_ok[None, :] & (cpos[None, :] >= pos[:, None]), other=0.0)
         else:
-            m = tl.load(M + rows[:, None] * (H * S) + h * S + (cb * BM + i)[None, :], mask=row_ok[:, None],
-                        other=0.0)
+            m = tl.load(M + rows[:, None] * (H * S) + h * S + cpos[None, :],
+                        mask=row_ok[:, None] & (cpos[None, :] <= pos[:, None]), other=0.0)
         z = tl.load(Z + cols[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=col_ok[:, None] & z_ok[None, :],
-                    other=0.0)  # [BM, BZ]
+                    other=0.0)  # [BS, BZ]
         acc = tl.dot(m, z, acc, input_precision="ieee")
     tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & z_ok[None, :])

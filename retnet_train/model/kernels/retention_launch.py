@@ -34,6 +34,7 @@ class Tuning:
     chunk: int = 64  # BM: rows (and columns) of a score tile and rows of an output tile; a power of two >= 16
     segment_chunks: int | None = None  # segment length S in chunks (None: 256 tokens, at least one chunk)
     block_z: int | None = None  # BZ of segment_outputs (the output columns a program owns)
+    block_m: int | None = None  # BM of segment_outputs (the output rows a program owns; None: the chunk); divides the segment
     block_k: int = 64  # BK of segment_outputs (the state-contraction step)
     num_warps: int | None = None  # of segment_outputs
     num_stages: int = 3  # of segment_outputs (software-pipelining depth of its two loops)
@@ -55,7 +56,7 @@ class Tuning:
     prescale_walk: bool = False
 
     def __post_init__(self):
-        for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
+        for name in ("chunk", "block_k", "states_bt", "block_z", "block_m", "score_block"):
             n = getattr(self, name)
             if n is not None and (n < 16 or n & (n - 1)):
                 raise ValueError(f"{'chunk size' if name == 'chunk' else name} {n} must be a power of two >= 16")
@@ -215,15 +216,18 @@ def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_
     DZ = z.shape[-1]
     BZ = tuning.block_z or min(128, pow2(DZ))
     BK = min(tuning.block_k, pow2(DX))
-    warps = tuning.num_warps or (8 if lay.C * BZ >= 128 * 128 else 4)
+    BM = min(tuning.block_m or lay.C, lay.S)
+    BM = BM if lay.S % BM == 0 else lay.C
+    BS = min(64, lay.C, BM)  # the score loop's step: M's columns per matmul (a power of two dividing BM)
+    warps = tuning.num_warps or (8 if BM * BZ >= 128 * 128 else 4)
     # the state buffer is [n_seg, H, Dk, Dv]; as [Dx, Dz] it is read directly or transposed
     sx, sz = (1, DX) if transposed_state else (DZ, 1)
     out = torch.empty(T_total, H, DZ, dtype=z.dtype, device=z.device)
     args = dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args(),
                 STATE_SX=sx, STATE_SZ=sz)
-    grid = (math.ceil(DZ / BZ) * (lay.S // lay.C), lay.n_seg, H)
+    grid = (math.ceil(DZ / BZ) * (lay.S // BM), lay.n_seg, H)
     return out, Launch(segment_outputs_kernel, grid, args,
-                       dict(H=H, DX=DX, DZ=DZ, BM=lay.C, BZ=BZ, BK=BK, REVERSE=reverse),
+                       dict(H=H, DX=DX, DZ=DZ, BM=BM, BZ=BZ, BK=BK, BS=BS, REVERSE=reverse),
                        num_warps=warps, num_stages=tuning.num_stages)
 
 

@@ -134,7 +134,7 @@ def _(q, k, v, lg2, state):
 # 47 GiB). An op it can recompute like any other; selective checkpointing keeps its output by name
 # (model/checkpointing.py). Its arguments are tensors and ints: the Tuning travels as _tuning_ints.
 
-_TUNING_FIELDS = ("chunk", "segment_chunks", "block_z", "block_k", "num_warps", "num_stages", "states_stages",
+_TUNING_FIELDS = ("chunk", "segment_chunks", "block_z", "block_m", "block_k", "num_warps", "num_stages", "states_stages",
                   "states_bt", "score_block", "keep_states", "keep_scores", "prescale_walk")
 
 
