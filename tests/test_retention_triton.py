@@ -32,12 +32,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 kernels (exact fp32 products) against a float64 reference
 TOL = 2e-5
-# "bt16-sb64": four state steps per segment (states_bt < chunk) and score tiles twice the chunk;
-# "bm32": output tiles of twice the chunk's rows (their score tiles past the diagonal are masked)
+# the last one: four state steps per segment (states_bt < chunk) and score tiles twice the chunk
 TUNINGS = [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16, segment_chunks=2), Tuning(chunk=32),
-           Tuning(chunk=32, segment_chunks=2, states_bt=16, score_block=64),
-           Tuning(chunk=16, segment_chunks=4, block_m=32)]
-TUNING_IDS = ["seg1", "seg2", "c32", "bt16-sb64", "bm32"]
+           Tuning(chunk=32, segment_chunks=2, states_bt=16, score_block=64)]
+TUNING_IDS = ["seg1", "seg2", "c32", "bt16-sb64"]
 
 
 def rel(a, b):
@@ -121,33 +119,6 @@ def test_kept_forward_results_give_the_recomputing_backward_s_gradients_exactly(
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("varlen", [False, True])
-def test_prescaled_walk_gives_the_same_numbers(monkeypatch, varlen):
-    # Tuning.prescale_walk weights the walk's operand in a pass of its own (walk_weights_kernel)
-    # instead of inside segment_states. d_k < d_v, so the walk weights the same operand (k or q)
-    # either way: the same fp32 products in the same order, and the outputs, the final state and
-    # every gradient are bit-identical; one weighting pass per walk
-    passes = []
-    real = RT.L.walk_weights
-    monkeypatch.setattr(RT.L, "walk_weights", lambda *a, **kw: passes.append(a[-1]) or real(*a, **kw))
-    lg = head_log_decays(2, schedule="linspace")
-    # two documents (one ends mid-segment) or two rows of 50 tokens: partial segments either way
-    cu = torch.tensor([0, 37, 100], dtype=torch.int32) if varlen else None
-    q, k, v, s0 = inputs(1 if varlen else 2, 100 if varlen else 50, 2, 16, 32, seed=4, n_states=2)
-    w = torch.randn(v.shape, dtype=torch.float64)
-    got = []
-    for prescale in (False, True):
-        passes.clear()
-        tuning = Tuning(chunk=16, segment_chunks=2, prescale_walk=prescale)
-        o, f, leaves = ours(q, k, v, lg, s0, True, tuning, cu_seqlens=cu)
-        ((o * w.to(o)).sum() + f.square().sum()).backward()
-        got.append([o, f] + [x.grad for x in leaves])
-        # forward walk (not reversed), backward: the recomputed forward walk and the reverse walk
-        assert passes == ([False, False, True] if prescale else [])
-    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dstate"), *got):
-        assert torch.equal(a, b), name
-
-
 @pytest.mark.parametrize("case", ["plain", "state-keep-both", "varlen-keep-states", "bf16-state-nograd",
                                   "permuted"])
 def test_chunk_op_passes_torch_library_opcheck(case):
@@ -199,9 +170,9 @@ def test_flop_counter_counts_the_op_as_the_model_does():
 
 def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
-    for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, block_m=128, num_warps=8, keep_scores=True),
+    for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
                    Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
-                          score_block=64, keep_states=True, prescale_walk=True)]:
+                          score_block=64, keep_states=True)]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
 
 
@@ -217,8 +188,8 @@ def test_backward_without_state():
         assert rel(a.grad, b.grad) < TOL, name
 
 
-@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), *TUNINGS[-2:]],
-                         ids=["seg1", "auto", *TUNING_IDS[-2:]])
+@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), TUNINGS[-1]],
+                         ids=["seg1", "auto", TUNING_IDS[-1]])
 def test_varlen_equals_each_sequence_alone(tuning):
     # an empty sequence, one shorter than a chunk, ones that end mid-chunk and mid-segment
     cu = torch.tensor([0, 7, 7, 40, 90], dtype=torch.int32)

@@ -107,40 +107,10 @@ def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, 
 
 
 @triton.jit
-def walk_weights_kernel(Y, YW, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
-                        H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                        REVERSE: tl.constexpr):
-    """YW[t] = w_t Y[t], the weights segment_states gives each token (gamma^(L-1-i), or in REVERSE
-    gamma^(i+1), i = t's position in its segment of L tokens), rounded to Y's dtype as the walk
-    rounds its weighted operand. Grid (S // BT, segments, H); Y, YW [T_total, H, D].
-
-    Why a pass of its own: weighting inside the walk takes its matmul operand from shared memory
-    to registers and back every step (and keeps the accumulator's matmul synchronous); a
-    pre-weighted operand goes from memory to the tensor cores directly (Tuning.prescale_walk).
-    """
-    blk, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
-    t = bos + blk * BT + tl.arange(0, BT)
-    ok = t < eos
-    if REVERSE:
-        e = t - bos + 1
-    else:
-        e = eos - 1 - t
-    w = tl.exp2(tl.maximum(e, 0).to(tl.float32) * tl.load(LOG2_GAMMA + h))
-    for d0 in range(0, D, BD):
-        d = d0 + tl.arange(0, BD)
-        where = t[:, None] * (H * D) + h * D + d[None, :]
-        mask = ok[:, None] & (d < D)[None, :]
-        y = tl.load(Y + where, mask=mask, other=0.0)
-        tl.store(YW + where, (y * w[:, None]).to(YW.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg_first, T, S, VARLEN,
                           H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
                           BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-                          WEIGHTED: tl.constexpr):
+                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
     """STATES[m, h] = the running state r at segment m, r <- gamma^L r + sum_t w_t Y_t^T Z_t.
 
     Grid (tiles of [BY, BZ], N sequences, H). Forward (Y = k, Z = v) walks the segments first to
@@ -153,8 +123,7 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
     One flat loop over the sequence's token blocks (SB = S / BT per segment; a segment's first block
     also stores and decays r) rather than a loop over segments around a loop over their blocks:
     the software pipeliner then prefetches across segment boundaries, where a nested inner loop of
-    S / BT = 4 steps would drain and refill its pipeline every segment. WEIGHTED: Y already holds
-    w_t Y_t (walk_weights_kernel), so the products go to the tensor cores as loaded.
+    S / BT = 4 steps would drain and refill its pipeline every segment.
     """
     pid, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN != 0:
@@ -204,9 +173,7 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
         else:
             e = eos - 1 - t
         w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
-        if WEIGHTED:
-            r = tl.dot(y_t, z, r, input_precision="ieee")
-        elif BY < BZ:  # weight the smaller operand
+        if BY < BZ:  # weight the smaller operand
             r = tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
         else:
             r = tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
@@ -218,8 +185,7 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
 def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
                            STATE_SX, STATE_SZ,
                            H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
-                           BM: tl.constexpr, BZ: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
-                           REVERSE: tl.constexpr):
+                           BM: tl.constexpr, BZ: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr):
     """OUT[rows, cols] = decay_x * X[rows] @ STATES[seg] + (M or M^T)[rows, segment] @ Z[segment].
 
     Grid (cdiv(DZ, BZ) * S // BM, segments, H): output tile [BM, BZ] of row block rb. X
@@ -227,11 +193,9 @@ def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq
     [segments, H, ., .], element (x, z) of a segment's [DX, DZ] operand at x * STATE_SX + z * STATE_SZ
     (so one buffer serves as S or as S^T).
 
-    Forward (position i in a segment of L): decay_x = gamma^(i+1) and the row block meets the
-    segment's columns up to its last row, M read as [BM, BS] tiles (BS divides BM; the columns past
-    the diagonal are masked, so M's unwritten tiles above the diagonal are never read and BM may be
-    larger than intra_scores' tile). REVERSE: decay_x = gamma^(L-1-i) and it meets the columns from
-    its first row on, M read transposed (tile[a, b] = M[token b, position a]): the later tokens' terms.
+    Forward (position i in a segment of L): decay_x = gamma^(i+1) and the row block meets the column
+    blocks 0..rb of M. REVERSE: decay_x = gamma^(L-1-i) and it meets blocks rb..last of M read
+    transposed (tile[a, b] = M[token b, position a]): the later tokens' terms.
     """
     pid, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_zb = tl.cdiv(DZ, BZ)
@@ -266,24 +230,22 @@ def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq
 
     # the segment's part: the score tiles against Z, up to (or, in reverse, from) the diagonal
     if REVERSE:
-        lo = rb * BM
-        hi = length
+        lo = rb
+        hi = tl.cdiv(length, BM)
     else:
         lo = 0
-        hi = tl.minimum((rb + 1) * BM, length)
-    j = tl.arange(0, BS)
-    for c0 in range(lo, hi, BS):
-        cpos = c0 + j  # positions of the columns in the segment
-        cols = bos + cpos
+        hi = rb + 1
+    for cb in range(lo, hi):
+        cols = bos + cb * BM + i
         col_ok = cols < eos
         if REVERSE:
-            m = tl.load(M + cols[None, :] * (H * S) + h * S + pos[:, None],
-                        mask=row_ok[:, None] & col_ok[None, :] & (cpos[None, :] >= pos[:, None]), other=0.0)
+            m = tl.load(M + cols[None, :] * (H * S) + h * S + pos[:, None], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0)
         else:
-            m = tl.load(M + rows[:, None] * (H * S) + h * S + cpos[None, :],
-                        mask=row_ok[:, None] & (cpos[None, :] <= pos[:, None]), other=0.0)
+            m = tl.load(M + rows[:, None] * (H * S) + h * S + (cb * BM + i)[None, :], mask=row_ok[:, None],
+                        other=0.0)
         z = tl.load(Z + cols[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=col_ok[:, None] & z_ok[None, :],
-                    other=0.0)  # [BS, BZ]
+                    other=0.0)  # [BM, BZ]
         acc = tl.dot(m, z, acc, input_precision="ieee")
     tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & z_ok[None, :])

@@ -17,8 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .retention_chunk_kernels import (intra_scores_kernel, segment_outputs_kernel, segment_states_kernel,
-                                      walk_weights_kernel)
+from .retention_chunk_kernels import intra_scores_kernel, segment_outputs_kernel, segment_states_kernel
 from .retention_recurrent_kernel import recurrent_kernel
 
 # Largest per-call head dims (the recurrent kernel keeps a [d_k, BV] state tile in registers, and
@@ -34,7 +33,6 @@ class Tuning:
     chunk: int = 64  # BM: rows (and columns) of a score tile and rows of an output tile; a power of two >= 16
     segment_chunks: int | None = None  # segment length S in chunks (None: 256 tokens, at least one chunk)
     block_z: int | None = None  # BZ of segment_outputs (the output columns a program owns)
-    block_m: int | None = None  # BM of segment_outputs (the output rows a program owns; None: the chunk); divides the segment
     block_k: int = 64  # BK of segment_outputs (the state-contraction step)
     num_warps: int | None = None  # of segment_outputs
     num_stages: int = 3  # of segment_outputs (software-pipelining depth of its two loops)
@@ -51,12 +49,9 @@ class Tuning:
     # likewise the forward's in-segment scores: one intra_scores pass less for 2 * S bytes per token
     # and head (512 B at S = 256)
     keep_scores: bool = False
-    # weight the walk's operand in a pass of its own (walk_weights_kernel: reads and writes k, or in
-    # the backward q, once more) so segment_states multiplies what it loads as it is
-    prescale_walk: bool = False
 
     def __post_init__(self):
-        for name in ("chunk", "block_k", "states_bt", "block_z", "block_m", "score_block"):
+        for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
             n = getattr(self, name)
             if n is not None and (n < 16 or n & (n - 1)):
                 raise ValueError(f"{'chunk size' if name == 'chunk' else name} {n} must be a power of two >= 16")
@@ -179,20 +174,9 @@ def state_block(DY: int, DZ: int, N: int, H: int, tuning: Tuning, device: torch.
     return options[-1]
 
 
-def walk_weights(y: Tensor, lg2: Tensor, lay: Layout, reverse: bool) -> tuple[Tensor, Launch]:
-    """y [T_total, H, D] times the walk's per-token weights (see walk_weights_kernel)."""
-    T_total, H, D = y.shape
-    out = torch.empty_like(y)
-    bt = min(64, lay.S)
-    return out, Launch(walk_weights_kernel, (lay.S // bt, lay.n_seg, H),
-                       dict(Y=y, YW=out, LOG2_GAMMA=lg2, **lay.index_args()),
-                       dict(H=H, D=D, BT=bt, BD=min(128, pow2(D)), REVERSE=reverse), num_warps=4, num_stages=2)
-
-
 def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store_final: bool, lay: Layout,
-                   reverse: bool, tuning: Tuning, weighted: bool = False) -> tuple[Tensor, Tensor | None, Launch]:
-    """STATES [n_seg, H, Dy, Dz] (input dtype) and the final running state [N, H, Dy, Dz] fp32 or None.
-    weighted: y comes from walk_weights (the kernel multiplies it as it is)."""
+                   reverse: bool, tuning: Tuning) -> tuple[Tensor, Tensor | None, Launch]:
+    """STATES [n_seg, H, Dy, Dz] (input dtype) and the final running state [N, H, Dy, Dz] fp32 or None."""
     T_total, H, DY = y.shape
     DZ = z.shape[-1]
     states = torch.empty(lay.n_seg, H, DY, DZ, dtype=y.dtype, device=y.device)
@@ -205,7 +189,7 @@ def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store
     grid = (math.ceil(DY / BY) * math.ceil(DZ / BZ), lay.N, H)
     return states, final, Launch(segment_states_kernel, grid, args,
                                  dict(H=H, DY=DY, DZ=DZ, BY=BY, BZ=BZ, BT=bt, SB=lay.S // bt, REVERSE=reverse,
-                                      HAS_INIT=init is not None, STORE_FINAL=store_final, WEIGHTED=weighted),
+                                      HAS_INIT=init is not None, STORE_FINAL=store_final),
                                  num_warps=8 if BY * BZ >= 128 * 128 else 4, num_stages=tuning.states_stages)
 
 
@@ -216,18 +200,15 @@ def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_
     DZ = z.shape[-1]
     BZ = tuning.block_z or min(128, pow2(DZ))
     BK = min(tuning.block_k, pow2(DX))
-    BM = min(tuning.block_m or lay.C, lay.S)
-    BM = BM if lay.S % BM == 0 else lay.C
-    BS = min(64, lay.C, BM)  # the score loop's step: M's columns per matmul (a power of two dividing BM)
-    warps = tuning.num_warps or (8 if BM * BZ >= 128 * 128 else 4)
+    warps = tuning.num_warps or (8 if lay.C * BZ >= 128 * 128 else 4)
     # the state buffer is [n_seg, H, Dk, Dv]; as [Dx, Dz] it is read directly or transposed
     sx, sz = (1, DX) if transposed_state else (DZ, 1)
     out = torch.empty(T_total, H, DZ, dtype=z.dtype, device=z.device)
     args = dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args(),
                 STATE_SX=sx, STATE_SZ=sz)
-    grid = (math.ceil(DZ / BZ) * (lay.S // BM), lay.n_seg, H)
+    grid = (math.ceil(DZ / BZ) * (lay.S // lay.C), lay.n_seg, H)
     return out, Launch(segment_outputs_kernel, grid, args,
-                       dict(H=H, DX=DX, DZ=DZ, BM=BM, BZ=BZ, BK=BK, BS=BS, REVERSE=reverse),
+                       dict(H=H, DX=DX, DZ=DZ, BM=lay.C, BZ=BZ, BK=BK, REVERSE=reverse),
                        num_warps=warps, num_stages=tuning.num_stages)
 
 
@@ -252,18 +233,6 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state_in: Tensor | N
                           STORE_STATE=state_out is not None), num_warps=4, num_stages=1)
 
 
-def walk(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store_final: bool, lay: Layout, reverse: bool,
-         tuning: Tuning, run: Callable[[Launch], None]) -> tuple[Tensor, Tensor | None]:
-    """segment_states' launch, after walk_weights' where Tuning.prescale_walk says so."""
-    if tuning.prescale_walk:
-        y, launch = walk_weights(y, lg2, lay, reverse)
-        run(launch)
-    states, final, launch = segment_states(y, z, lg2, init, store_final, lay, reverse, tuning,
-                                           weighted=tuning.prescale_walk)
-    run(launch)
-    return states, final
-
-
 # ---- the passes ----------------------------------------------------------------------------------
 
 def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None, need_final: bool,
@@ -273,7 +242,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None,
     that keeps them)."""
     A, launch = intra_scores(q, k, lg2, lay, tuning)
     run(launch)
-    states, final = walk(k, v, lg2, state0, need_final, lay, False, tuning, run)
+    states, final, launch = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
+    run(launch)
     o, launch = segment_outputs(q, v, A, states, False, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
     return o, final, states, A
@@ -292,9 +262,11 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
     forward's in.
     """
     if states is None:
-        states, _ = walk(k, v, lg2, state0, False, lay, False, tuning, run)
+        states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
+        run(launch)
     # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
-    grads, dstate0 = walk(q, do, lg2, dfinal, need_dstate0, lay, True, tuning, run)
+    grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
+    run(launch)
     A = scores
     if A is None:
         A, launch = intra_scores(q, k, lg2, lay, tuning)
