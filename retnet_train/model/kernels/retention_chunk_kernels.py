@@ -67,15 +67,21 @@ def _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN):
 
 
 @triton.jit
-def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
+def intra_scores_kernel(X, Y, M, WEIGHTED, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
                         H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                        N_BLOCKS: tl.constexpr):
+                        N_BLOCKS: tl.constexpr, WEIGH: tl.constexpr):
     """M[t, h, j] = X_t . Y_(bos + j) * gamma^(i - j) for j <= i (i = t - bos), else 0.
 
     Grid (N_BLOCKS^2, segments, H): tile (row block rb, column block cb) of a segment's [S, S]
     matrix, N_BLOCKS = S // BM; the tiles with cb > rb return at once (never read downstream), the
     diagonal tiles hold zeros above the diagonal. X, Y [T_total, H, D]; M [T_total, H, S] in the
     input dtype (a matmul operand downstream). The contraction runs over D in blocks of BD.
+
+    WEIGH (Tuning.fold_walk_weights): the diagonal tiles, which between them load every token once,
+    also write WEIGHTED = the walk's operand with its per-token weights applied, so segment_states
+    multiplies it as loaded (a walk weighting its operand itself moves it from shared memory to
+    registers and back every step). 1: Y times gamma^(L-1-j), the forward walk's k; 2: X times
+    gamma^(i+1), the reverse walk's do. Rounded to the input dtype, as the walk rounds its own.
     """
     tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rb = tile // N_BLOCKS
@@ -90,6 +96,11 @@ def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, 
     cols = bos + cb * BM + i
     row_ok = rows < eos
     col_ok = cols < eos
+    lg2 = tl.load(LOG2_GAMMA + h)
+    if WEIGH == 1:  # the columns' tokens, weighted as the forward walk weights them
+        w = tl.exp2(tl.maximum(eos - 1 - cols, 0).to(tl.float32) * lg2)
+    else:  # the rows' tokens, weighted as the reverse walk weights them
+        w = tl.exp2((rows - bos + 1).to(tl.float32) * lg2)
     acc = tl.zeros([BM, BM], dtype=tl.float32)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
@@ -97,10 +108,18 @@ def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, 
                     other=0.0)
         y = tl.load(Y + cols[:, None] * (H * D) + h * D + d[None, :], mask=col_ok[:, None] & (d < D)[None, :],
                     other=0.0)
+        if WEIGH == 1:
+            if cb == rb:
+                tl.store(WEIGHTED + cols[:, None] * (H * D) + h * D + d[None, :],
+                         (y * w[:, None]).to(WEIGHTED.dtype.element_ty), mask=col_ok[:, None] & (d < D)[None, :])
+        if WEIGH == 2:
+            if cb == rb:
+                tl.store(WEIGHTED + rows[:, None] * (H * D) + h * D + d[None, :],
+                         (x * w[:, None]).to(WEIGHTED.dtype.element_ty), mask=row_ok[:, None] & (d < D)[None, :])
         acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
     diff = (rb * BM + i)[:, None] - (cb * BM + i)[None, :]
     # clamp the exponent: gamma^(i-j) above the diagonal would overflow before the where drops it
-    decay = tl.exp2(tl.maximum(diff, 0).to(tl.float32) * tl.load(LOG2_GAMMA + h))
+    decay = tl.exp2(tl.maximum(diff, 0).to(tl.float32) * lg2)
     acc = tl.where(diff >= 0, acc * decay, 0.0)
     tl.store(M + rows[:, None] * (H * S) + h * S + (cb * BM + i)[None, :], acc.to(M.dtype.element_ty),
              mask=row_ok[:, None])
@@ -110,7 +129,8 @@ def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, 
 def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg_first, T, S, VARLEN,
                           H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
                           BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                          PREWEIGHTED: tl.constexpr):
     """STATES[m, h] = the running state r at segment m, r <- gamma^L r + sum_t w_t Y_t^T Z_t.
 
     Grid (tiles of [BY, BZ], N sequences, H). Forward (Y = k, Z = v) walks the segments first to
@@ -123,7 +143,8 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
     One flat loop over the sequence's token blocks (SB = S / BT per segment; a segment's first block
     also stores and decays r) rather than a loop over segments around a loop over their blocks:
     the software pipeliner then prefetches across segment boundaries, where a nested inner loop of
-    S / BT = 4 steps would drain and refill its pipeline every segment.
+    S / BT = 4 steps would drain and refill its pipeline every segment. PREWEIGHTED: Y or Z already
+    carries w_t (intra_scores' WEIGH), so the products go to the tensor cores as loaded.
     """
     pid, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN != 0:
@@ -173,7 +194,9 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
         else:
             e = eos - 1 - t
         w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
-        if BY < BZ:  # weight the smaller operand
+        if PREWEIGHTED:
+            r = tl.dot(y_t, z, r, input_precision="ieee")
+        elif BY < BZ:  # weight the smaller operand
             r = tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
         else:
             r = tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
