@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append  # noqa: E402
+from retnet_train.model.config import RetentionKeep  # noqa: E402
 from retnet_train.model.kernels import retention_launch as L  # noqa: E402
+from retnet_train.model.kernels.retention_triton import keep_tuning  # noqa: E402
 from retnet_train.model.kernels.decode_step import log2_decays  # noqa: E402
 from retnet_train.model.retention import head_log_decays  # noqa: E402
 
 H, DK, DV = 8, 256, 512
-KEEP = {"none": {}, "states": {"keep_states": True}, "scores": {"keep_scores": True},
-        "both": {"keep_states": True, "keep_scores": True}}
 
 
 def recorded_launches(B: int, T: int, tuning: L.Tuning, device) -> list[tuple[str, L.Launch]]:
@@ -95,7 +95,7 @@ def parse_sets(items: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="8x2048,2x8192", help="batch x T, comma-separated")
-    p.add_argument("--keep", default="both", choices=sorted(KEEP), help="model.retention_keep")
+    p.add_argument("--keep", default="both", choices=RetentionKeep.values(), help="model.retention_keep")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Tuning fields of a variant timed beside the default")
     args = p.parse_args()
@@ -103,9 +103,11 @@ def main() -> None:
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     import triton
 
-    tunings = {"default": L.Tuning(**KEEP[args.keep])}
+    # what the model runs with this retention_keep (retention_triton's own choice, ROCm's tiles included)
+    default = L.with_tuning(keep_tuning(args.keep), 64)
+    tunings = {"default": default}
     if variant:
-        tunings[" ".join(args.set)] = L.Tuning(**KEEP[args.keep], **variant)
+        tunings[" ".join(args.set)] = dataclasses.replace(default, **variant)
     rows = []
     for shape in args.shapes.split(","):
         B, T = (int(n) for n in shape.split("x"))

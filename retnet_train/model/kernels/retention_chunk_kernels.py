@@ -97,10 +97,12 @@ def intra_scores_kernel(X, Y, M, WEIGHTED, LOG2_GAMMA, cu_seqlens, seg_seq, seg_
     row_ok = rows < eos
     col_ok = cols < eos
     lg2 = tl.load(LOG2_GAMMA + h)
-    if WEIGH == 1:  # the columns' tokens, weighted as the forward walk weights them
-        w = tl.exp2(tl.maximum(eos - 1 - cols, 0).to(tl.float32) * lg2)
-    else:  # the rows' tokens, weighted as the reverse walk weights them
-        w = tl.exp2((rows - bos + 1).to(tl.float32) * lg2)
+    if WEIGH != 0:  # written by the diagonal tiles only, whose columns are their rows
+        if WEIGH == 1:  # as the forward walk weights k
+            e = eos - 1 - rows
+        else:  # as the reverse walk weights do
+            e = rows - bos + 1
+        w = tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2)
     acc = tl.zeros([BM, BM], dtype=tl.float32)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
@@ -108,14 +110,11 @@ def intra_scores_kernel(X, Y, M, WEIGHTED, LOG2_GAMMA, cu_seqlens, seg_seq, seg_
                     other=0.0)
         y = tl.load(Y + cols[:, None] * (H * D) + h * D + d[None, :], mask=col_ok[:, None] & (d < D)[None, :],
                     other=0.0)
-        if WEIGH == 1:
+        if WEIGH != 0:
             if cb == rb:
-                tl.store(WEIGHTED + cols[:, None] * (H * D) + h * D + d[None, :],
-                         (y * w[:, None]).to(WEIGHTED.dtype.element_ty), mask=col_ok[:, None] & (d < D)[None, :])
-        if WEIGH == 2:
-            if cb == rb:
+                operand = y if WEIGH == 1 else x
                 tl.store(WEIGHTED + rows[:, None] * (H * D) + h * D + d[None, :],
-                         (x * w[:, None]).to(WEIGHTED.dtype.element_ty), mask=row_ok[:, None] & (d < D)[None, :])
+                         (operand * w[:, None]).to(WEIGHTED.dtype.element_ty), mask=row_ok[:, None] & (d < D)[None, :])
         acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
     diff = (rb * BM + i)[:, None] - (cb * BM + i)[None, :]
     # clamp the exponent: gamma^(i-j) above the diagonal would overflow before the where drops it
