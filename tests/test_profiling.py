@@ -45,6 +45,13 @@ def test_report_is_per_step_and_shares_add_up():
     assert len(listed) == 2 and "matmul / nvjet_gemm" in listed[0] and listed[0].split()[:2] == ["20.000", "2.0"]
 
 
+def test_report_lists_whole_kernel_names():
+    # inductor's fused names run past 150 characters; their numbered suffix tells kernels apart
+    long_name = "triton_red_fused_" + "_".join(["native_layer_norm_backward"] * 8) + "_17"
+    text = kernel_table({long_name: (3.0, 3)}, steps=3, top=1, header="h")
+    assert text.splitlines()[-1].endswith("compiled elementwise / " + long_name)
+
+
 def test_report_says_how_long_the_device_waited_within_a_step():
     times = {"nvjet_gemm": (60.0, 6), "segment_states_kernel": (30.0, 3)}  # 30 ms busy per step
     text = kernel_table(times, steps=3, top=2, header="steps 4-6 on rank 0 (test)", wall_ms=40.0)

@@ -66,7 +66,7 @@ def kernel_table(times: dict[str, tuple[float, int]], steps: int, top: int, head
         lines.append(f"{family:<22} {ms:9.2f} {ms / busy if busy else 0:7.1%}")
     lines += ["", f"{'ms/step':>9} {'calls/step':>10}  family / kernel"]
     for name, (ms, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
-        lines.append(f"{ms / steps:9.3f} {n / steps:10.1f}  {kernel_family(name)} / {name[:150]}")
+        lines.append(f"{ms / steps:9.3f} {n / steps:10.1f}  {kernel_family(name)} / {name}")
     return "\n".join(lines) + "\n"
 
 
