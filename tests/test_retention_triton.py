@@ -126,12 +126,17 @@ def test_walk_weights_folded_into_the_score_passes_give_the_same_numbers(monkeyp
     # the walks' weights applied and the walks multiply them as loaded. The same sums (the reverse
     # walk now weights do rather than q: fp32 rounding apart), with no launch added
     passes, preweighted = [], []
+
+    def spy(name, real):
+        def call(*a, **kw):
+            passes.append(name)
+            if name == "segment_states":
+                preweighted.append(kw.get("preweighted", False))
+            return real(*a, **kw)
+        return call
+
     for name in ("segment_states", "intra_scores", "segment_outputs"):
-        real = getattr(RT.L, name)
-        monkeypatch.setattr(RT.L, name, lambda *a, real=real, name=name, **kw: passes.append(name) or real(*a, **kw))
-    real_states = RT.L.segment_states
-    monkeypatch.setattr(RT.L, "segment_states",
-                        lambda *a, **kw: preweighted.append(kw.get("preweighted", False)) or real_states(*a, **kw))
+        monkeypatch.setattr(RT.L, name, spy(name, getattr(RT.L, name)))
     lg = head_log_decays(2, schedule="linspace")
     cu = torch.tensor([0, 37, 100], dtype=torch.int32) if varlen else None  # one ends mid-segment
     q, k, v, s0 = inputs(1 if varlen else 2, 100 if varlen else 50, 2, 32, 16, seed=5, n_states=2)
