@@ -126,10 +126,7 @@ def ours_paths(lg, sweep: bool):
                         "triton score128": Tuning(score_block=128),
                         "triton st3 sst3 score128": Tuning(num_stages=3, states_stages=3, score_block=128),
                         "triton keep": Tuning(keep_states=True),
-                        "triton keep scores": Tuning(keep_scores=True),
-                        "triton keep both fold": Tuning(keep_states=True, keep_scores=True, fold_walk_weights=True),
-                        "triton keep both fold sst3": Tuning(keep_states=True, keep_scores=True, fold_walk_weights=True,
-                                                             states_stages=3)})
+                        "triton keep scores": Tuning(keep_scores=True)})
     return {name: (lambda q, k, v, t=t: RT.chunk_retention(q, k, v, lg, chunk_size=t.chunk, tuning=t)[0])
             for name, t in configs.items()}
 

@@ -119,44 +119,6 @@ def test_kept_forward_results_give_the_recomputing_backward_s_gradients_exactly(
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep-both"])
-@pytest.mark.parametrize("varlen", [False, True], ids=["rows", "varlen"])
-def test_walk_weights_folded_into_the_score_passes_give_the_same_numbers(monkeypatch, keep, varlen):
-    # Tuning.fold_walk_weights: the score passes write k (forward walk) and do (reverse walk) with
-    # the walks' weights applied and the walks multiply them as loaded. The same sums (the reverse
-    # walk now weights do rather than q: fp32 rounding apart), with no launch added
-    passes, preweighted = [], []
-
-    def spy(name, real):
-        def call(*a, **kw):
-            passes.append(name)
-            if name == "segment_states":
-                preweighted.append(kw.get("preweighted", False))
-            return real(*a, **kw)
-        return call
-
-    for name in ("segment_states", "intra_scores", "segment_outputs"):
-        monkeypatch.setattr(RT.L, name, spy(name, getattr(RT.L, name)))
-    lg = head_log_decays(2, schedule="linspace")
-    cu = torch.tensor([0, 37, 100], dtype=torch.int32) if varlen else None  # one ends mid-segment
-    q, k, v, s0 = inputs(1 if varlen else 2, 100 if varlen else 50, 2, 32, 16, seed=5, n_states=2)
-    w = torch.randn(v.shape, dtype=torch.float64)
-    got, counts = [], []
-    for fold in (False, True):
-        passes.clear()
-        preweighted.clear()
-        tuning = Tuning(chunk=16, segment_chunks=2, keep_states=keep, keep_scores=keep, fold_walk_weights=fold)
-        o, f, leaves = ours(q, k, v, lg, s0, True, tuning, cu_seqlens=cu)
-        ((o * w.to(o)).sum() + f.square().sum()).backward()
-        got.append([o, f] + [x.grad for x in leaves])
-        counts.append(sorted(passes))
-        # every walk takes its operand weighted: forward, (recomputed,) reverse
-        assert preweighted == [fold] * (2 if keep else 3)
-    assert counts[0] == counts[1]
-    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dstate"), *got):
-        assert rel(a, b) < TOL, name
-
-
 @pytest.mark.parametrize("case", ["plain", "state-keep-both", "varlen-keep-states", "bf16-state-nograd",
                                   "permuted"])
 def test_chunk_op_passes_torch_library_opcheck(case):
@@ -210,7 +172,7 @@ def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
     for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
                    Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
-                          score_block=64, keep_states=True, fold_walk_weights=True)]:
+                          score_block=64, keep_states=True)]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import dataclasses
 import importlib
 import os
 import sys
@@ -60,14 +59,6 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
                     L.forward(q, k, v, lg2, s0, need, lay, tuning, run=seen.append)
                     L.backward(q, k, v, lg2, s0, v, state if need else None, s0 is not None, lay, tuning,
                                run=seen.append)
-        # the walks' weighted operands written by the score passes (Tuning.fold_walk_weights), with
-        # everything recomputed and with everything kept
-        for keep in (False, True):
-            fold = dataclasses.replace(tuning, fold_walk_weights=True, keep_states=keep, keep_scores=keep)
-            lay = L.make_layout(4, 2048, None, fold, meta)
-            _, _, states, scores = L.forward(q, k, v, lg2, None, False, lay, fold, run=seen.append)
-            L.backward(q, k, v, lg2, None, v, None, False, lay, fold, run=seen.append,
-                       states=states if keep else None, scores=scores if keep else None)
         qr, kr = (torch.empty(4, 1, 8, DK, dtype=dtype, device=meta) for _ in range(2))
         vr = torch.empty(4, 1, 8, DV, dtype=dtype, device=meta)
         st = torch.empty(4, 8, DK, DV, dtype=torch.float32, device=meta)
@@ -166,7 +157,7 @@ def compile_one(job):
 def describe(s) -> str:
     _, name, _, constexprs, _, warps, stages = s
     keep = ("H", "D", "DX", "DZ", "DY", "DK", "DV", "BZ", "BY", "BV", "C", "REVERSE", "VARLEN",
-            "HAS_INIT", "STORE_FINAL", "WEIGH", "PREWEIGHTED", "HAS_STATE", "STORE_STATE", "BLOCK_D", "GROUP", "HAS_W", "HAS_B")
+            "HAS_INIT", "STORE_FINAL", "HAS_STATE", "STORE_STATE", "BLOCK_D", "GROUP", "HAS_W", "HAS_B")
     c = " ".join(f"{k}={v}" for k, v in constexprs if k in keep)
     return f"{name} {c} warps={warps} stages={stages}"
 

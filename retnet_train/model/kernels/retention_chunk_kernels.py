@@ -67,21 +67,15 @@ def _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN):
 
 
 @triton.jit
-def intra_scores_kernel(X, Y, M, WEIGHTED, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
+def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
                         H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                        N_BLOCKS: tl.constexpr, WEIGH: tl.constexpr):
+                        N_BLOCKS: tl.constexpr):
     """M[t, h, j] = X_t . Y_(bos + j) * gamma^(i - j) for j <= i (i = t - bos), else 0.
 
     Grid (N_BLOCKS^2, segments, H): tile (row block rb, column block cb) of a segment's [S, S]
     matrix, N_BLOCKS = S // BM; the tiles with cb > rb return at once (never read downstream), the
     diagonal tiles hold zeros above the diagonal. X, Y [T_total, H, D]; M [T_total, H, S] in the
     input dtype (a matmul operand downstream). The contraction runs over D in blocks of BD.
-
-    WEIGH (Tuning.fold_walk_weights): the diagonal tiles, which between them load every token once,
-    also write WEIGHTED = the walk's operand with its per-token weights applied, so segment_states
-    multiplies it as loaded (a walk weighting its operand itself moves it from shared memory to
-    registers and back every step). 1: Y times gamma^(L-1-j), the forward walk's k; 2: X times
-    gamma^(i+1), the reverse walk's do. Rounded to the input dtype, as the walk rounds its own.
     """
     tile, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rb = tile // N_BLOCKS
@@ -96,13 +90,6 @@ def intra_scores_kernel(X, Y, M, WEIGHTED, LOG2_GAMMA, cu_seqlens, seg_seq, seg_
     cols = bos + cb * BM + i
     row_ok = rows < eos
     col_ok = cols < eos
-    lg2 = tl.load(LOG2_GAMMA + h)
-    if WEIGH != 0:  # written by the diagonal tiles only, whose columns are their rows
-        if WEIGH == 1:  # as the forward walk weights k
-            e = eos - 1 - rows
-        else:  # as the reverse walk weights do
-            e = rows - bos + 1
-        w = tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2)
     acc = tl.zeros([BM, BM], dtype=tl.float32)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
@@ -110,15 +97,10 @@ def intra_scores_kernel(X, Y, M, WEIGHTED, LOG2_GAMMA, cu_seqlens, seg_seq, seg_
                     other=0.0)
         y = tl.load(Y + cols[:, None] * (H * D) + h * D + d[None, :], mask=col_ok[:, None] & (d < D)[None, :],
                     other=0.0)
-        if WEIGH != 0:
-            if cb == rb:
-                operand = y if WEIGH == 1 else x
-                tl.store(WEIGHTED + rows[:, None] * (H * D) + h * D + d[None, :],
-                         (operand * w[:, None]).to(WEIGHTED.dtype.element_ty), mask=row_ok[:, None] & (d < D)[None, :])
         acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
     diff = (rb * BM + i)[:, None] - (cb * BM + i)[None, :]
     # clamp the exponent: gamma^(i-j) above the diagonal would overflow before the where drops it
-    decay = tl.exp2(tl.maximum(diff, 0).to(tl.float32) * lg2)
+    decay = tl.exp2(tl.maximum(diff, 0).to(tl.float32) * tl.load(LOG2_GAMMA + h))
     acc = tl.where(diff >= 0, acc * decay, 0.0)
     tl.store(M + rows[:, None] * (H * S) + h * S + (cb * BM + i)[None, :], acc.to(M.dtype.element_ty),
              mask=row_ok[:, None])
@@ -128,8 +110,7 @@ def intra_scores_kernel(X, Y, M, WEIGHTED, LOG2_GAMMA, cu_seqlens, seg_seq, seg_
 def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg_first, T, S, VARLEN,
                           H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
                           BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-                          PREWEIGHTED: tl.constexpr):
+                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
     """STATES[m, h] = the running state r at segment m, r <- gamma^L r + sum_t w_t Y_t^T Z_t.
 
     Grid (tiles of [BY, BZ], N sequences, H). Forward (Y = k, Z = v) walks the segments first to
@@ -142,8 +123,7 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
     One flat loop over the sequence's token blocks (SB = S / BT per segment; a segment's first block
     also stores and decays r) rather than a loop over segments around a loop over their blocks:
     the software pipeliner then prefetches across segment boundaries, where a nested inner loop of
-    S / BT = 4 steps would drain and refill its pipeline every segment. PREWEIGHTED: Y or Z already
-    carries w_t (intra_scores' WEIGH), so the products go to the tensor cores as loaded.
+    S / BT = 4 steps would drain and refill its pipeline every segment.
     """
     pid, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN != 0:
@@ -193,9 +173,7 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
         else:
             e = eos - 1 - t
         w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
-        if PREWEIGHTED:
-            r = tl.dot(y_t, z, r, input_precision="ieee")
-        elif BY < BZ:  # weight the smaller operand
+        if BY < BZ:  # weight the smaller operand
             r = tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
         else:
             r = tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")

@@ -49,10 +49,6 @@ class Tuning:
     # likewise the forward's in-segment scores: one intra_scores pass less for 2 * S bytes per token
     # and head (512 B at S = 256)
     keep_scores: bool = False
-    # the score passes also write the walks' operands with their weights applied (k for the forward
-    # walk, do for the reverse one; intra_scores' WEIGH), so the walks multiply what they load as it
-    # is: one write of k and one of do per forward + backward, no pass of their own
-    fold_walk_weights: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_k", "states_bt", "block_z", "score_block"):
@@ -151,21 +147,17 @@ def make_layout(B: int, T: int, cu_seqlens: Tensor | None, tuning: Tuning, devic
 
 # ---- one launch per kernel role ------------------------------------------------------------------
 
-def intra_scores(x: Tensor, y: Tensor, lg2: Tensor, lay: Layout, tuning: Tuning,
-                 weigh: int = 0) -> tuple[Tensor, Tensor | None, Launch]:
-    """M [T_total, H, S]: each segment's decayed causal scores x_i . y_j (lower triangle of tiles);
-    and with weigh 1 (2) y (x) weighted for the forward (reverse) walk, else None."""
+def intra_scores(x: Tensor, y: Tensor, lg2: Tensor, lay: Layout, tuning: Tuning) -> tuple[Tensor, Launch]:
+    """M [T_total, H, S]: each segment's decayed causal scores x_i . y_j (lower triangle of tiles)."""
     T_total, H, D = x.shape
     m = torch.empty(T_total, H, lay.S, dtype=x.dtype, device=x.device)
-    weighted = torch.empty_like(y if weigh == 1 else x) if weigh else None
     bs = min(tuning.score_block or lay.C, lay.S)
     bs = bs if lay.S % bs == 0 else lay.C
     nb = lay.S // bs
-    return m, weighted, Launch(intra_scores_kernel, (nb * nb, lay.n_seg, H),
-                               dict(X=x, Y=y, M=m, WEIGHTED=m if weighted is None else weighted, LOG2_GAMMA=lg2,
-                                    **lay.index_args()),
-                               dict(H=H, D=D, BM=bs, BD=min(64, pow2(D)), N_BLOCKS=nb, WEIGH=weigh),
-                               num_warps=8 if bs >= 128 else 4, num_stages=2)
+    return m, Launch(intra_scores_kernel, (nb * nb, lay.n_seg, H),
+                     dict(X=x, Y=y, M=m, LOG2_GAMMA=lg2, **lay.index_args()),
+                     dict(H=H, D=D, BM=bs, BD=min(64, pow2(D)), N_BLOCKS=nb), num_warps=8 if bs >= 128 else 4,
+                     num_stages=2)
 
 
 def state_block(DY: int, DZ: int, N: int, H: int, tuning: Tuning, device: torch.device) -> tuple[int, int]:
@@ -183,9 +175,8 @@ def state_block(DY: int, DZ: int, N: int, H: int, tuning: Tuning, device: torch.
 
 
 def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store_final: bool, lay: Layout,
-                   reverse: bool, tuning: Tuning, preweighted: bool = False) -> tuple[Tensor, Tensor | None, Launch]:
-    """STATES [n_seg, H, Dy, Dz] (input dtype) and the final running state [N, H, Dy, Dz] fp32 or None.
-    preweighted: y or z comes from intra_scores' WEIGH (the kernel multiplies them as they are)."""
+                   reverse: bool, tuning: Tuning) -> tuple[Tensor, Tensor | None, Launch]:
+    """STATES [n_seg, H, Dy, Dz] (input dtype) and the final running state [N, H, Dy, Dz] fp32 or None."""
     T_total, H, DY = y.shape
     DZ = z.shape[-1]
     states = torch.empty(lay.n_seg, H, DY, DZ, dtype=y.dtype, device=y.device)
@@ -198,8 +189,7 @@ def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store
     grid = (math.ceil(DY / BY) * math.ceil(DZ / BZ), lay.N, H)
     return states, final, Launch(segment_states_kernel, grid, args,
                                  dict(H=H, DY=DY, DZ=DZ, BY=BY, BZ=BZ, BT=bt, SB=lay.S // bt, REVERSE=reverse,
-                                      HAS_INIT=init is not None, STORE_FINAL=store_final,
-                                      PREWEIGHTED=preweighted),
+                                      HAS_INIT=init is not None, STORE_FINAL=store_final),
                                  num_warps=8 if BY * BZ >= 128 * 128 else 4, num_stages=tuning.states_stages)
 
 
@@ -250,11 +240,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None,
     """q, k [T_total, H, DK], v [T_total, H, DV] -> (o, final state [N, H, DK, DV] fp32 or None, the
     segment states [n_seg, H, DK, DV] and the scores [T_total, H, S] (input dtype) for a backward
     that keeps them)."""
-    fold = tuning.fold_walk_weights
-    A, kw, launch = intra_scores(q, k, lg2, lay, tuning, weigh=1 if fold else 0)
+    A, launch = intra_scores(q, k, lg2, lay, tuning)
     run(launch)
-    states, final, launch = segment_states(kw if fold else k, v, lg2, state0, need_final, lay, reverse=False,
-                                           tuning=tuning, preweighted=fold)
+    states, final, launch = segment_states(k, v, lg2, state0, need_final, lay, reverse=False, tuning=tuning)
     run(launch)
     o, launch = segment_outputs(q, v, A, states, False, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
@@ -273,27 +261,18 @@ def backward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, state0: Tensor | None
     256, d_v 512), three quarters of what q, k and v themselves take. `states` and `scores` pass the
     forward's in.
     """
-    A, kw, dA, dow = scores, None, None, None
-    if tuning.fold_walk_weights:  # the score passes first: they write the walks' weighted operands
-        if A is None:
-            A, kw, launch = intra_scores(q, k, lg2, lay, tuning, weigh=1 if states is None else 0)
-            run(launch)
-        dA, dow, launch = intra_scores(do, v, lg2, lay, tuning, weigh=2)
-        run(launch)
     if states is None:
-        states, _, launch = segment_states(k if kw is None else kw, v, lg2, state0, False, lay, reverse=False,
-                                           tuning=tuning, preweighted=kw is not None)
+        states, _, launch = segment_states(k, v, lg2, state0, False, lay, reverse=False, tuning=tuning)
         run(launch)
     # the gradient of the state leaving each segment: a reverse walk of the decayed q^T do sums
-    grads, dstate0, launch = segment_states(q, do if dow is None else dow, lg2, dfinal, need_dstate0, lay,
-                                            reverse=True, tuning=tuning, preweighted=dow is not None)
+    grads, dstate0, launch = segment_states(q, do, lg2, dfinal, need_dstate0, lay, reverse=True, tuning=tuning)
     run(launch)
+    A = scores
     if A is None:
-        A, _, launch = intra_scores(q, k, lg2, lay, tuning)
+        A, launch = intra_scores(q, k, lg2, lay, tuning)
         run(launch)
-    if dA is None:
-        dA, _, launch = intra_scores(do, v, lg2, lay, tuning)
-        run(launch)
+    dA, launch = intra_scores(do, v, lg2, lay, tuning)
+    run(launch)
     dq, launch = segment_outputs(do, k, dA, states, True, lg2, lay, reverse=False, tuning=tuning)
     run(launch)
     dk, launch = segment_outputs(v, q, dA, grads, True, lg2, lay, reverse=True, tuning=tuning)
