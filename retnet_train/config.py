@@ -68,6 +68,11 @@ class Float8Recipe(Choice):
     rowwise = "rowwise"
 
 
+class CompileTuning(Choice):
+    default = "default"
+    coordinate_descent = "coordinate_descent"
+
+
 class Device(Choice):
     auto = "auto"
     cuda = "cuda"
@@ -203,6 +208,10 @@ class TrainerConfig:
         "everything. null: every block. Where memory beside full checkpointing holds a few blocks' "
         "activations, they are not recomputed (Megatron's recompute_num_layers)")
     compile: bool = doc(False, "torch.compile each block (regional: one graph serves every layer)")
+    compile_tuning: CompileTuning = doc(
+        CompileTuning.default, "with trainer.compile: how the compiler sizes each fused kernel's tiles. `default`: "
+        "its heuristics; `coordinate_descent`: it times neighbouring tile sizes on each kernel's first call and "
+        "keeps the fastest (longer first step; inductor's coordinate_descent_tuning). See docs/training.md")
     float8: Float8Recipe = doc(
         Float8Recipe.none, "the blocks' linear layers multiply in fp8 (torchao's Float8Linear; weights, gradients "
         "and optimizer unchanged): `tensorwise` (one dynamic scale per tensor; the fastest), `rowwise` (one per "
@@ -631,6 +640,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
                                     cfg.trainer.checkpoint_layers)
     if problem:
         _fail("trainer.activation_memory_budget", budget, problem)
+    if cfg.trainer.compile_tuning != "default" and not cfg.trainer.compile:
+        _fail("trainer.compile_tuning", cfg.trainer.compile_tuning, "needs trainer.compile=true (it tunes the "
+              "compiled kernels)")
     if cfg.trainer.float8 != "none":
         if cfg.parallel.tp > 1:
             _fail("trainer.float8", cfg.trainer.float8, f"needs parallel.tp=1 (is {cfg.parallel.tp}): the "

@@ -106,6 +106,8 @@ def test_wrong_type_is_named():
     (["trainer.activation_memory_budget=0.5"], "trainer.activation_memory_budget=0.5: needs trainer.compile=true"),
     (["trainer.compile=true", "trainer.activation_memory_budget=0.5", "trainer.activation_checkpointing=full"],
      "trainer.activation_memory_budget=0.5: acts only on blocks without activation checkpointing"),
+    (["trainer.compile_tuning=coordinate_descent"],
+     "trainer.compile_tuning='coordinate_descent': needs trainer.compile=true"),
 ])
 def test_impossible_values_are_named(overrides, key):
     assert key in _error(overrides)

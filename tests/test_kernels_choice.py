@@ -241,6 +241,48 @@ def test_compiled_blocks_under_a_memory_budget_keep_less_and_train_like_eager():
         eager.compile_blocks(memory_budget=1.5)
 
 
+def test_compile_tuning_reaches_the_forward_and_the_backward_graphs(monkeypatch):
+    """compile_blocks(tuning="coordinate_descent") sets inductor's coordinate_descent_tuning while it
+    generates code for the block's forward graph and for its backward graph (compiled later, at the
+    first backward, outside compile_blocks' call), trains like eager, and leaves a block compiled
+    by default untuned; an unknown tuning is refused by name. The trainer's key and the model's
+    tunings name the same choices."""
+    from retnet_train.config import CompileTuning
+    from retnet_train.model.lm import COMPILE_TUNINGS
+    from torch._inductor.graph import GraphLowering
+
+    assert sorted(CompileTuning.values()) == sorted(COMPILE_TUNINGS)
+    # a cached graph skips code generation, where the spy looks
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    seen = []
+    codegen = GraphLowering.codegen
+
+    def spy(self, *args, **kwargs):
+        seen.append((bool(self.is_backward), bool(torch._inductor.config.coordinate_descent_tuning)))
+        return codegen(self, *args, **kwargs)
+
+    monkeypatch.setattr(GraphLowering, "codegen", spy)
+    models = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        models.append(build_model("retnet_tiny", kernels="torch", **{**TINY, "n_layers": 2}))
+    eager, default, tuned = models
+    torch._dynamo.reset()
+    tuned.compile_blocks(tuning="coordinate_descent")
+    assert tuned.compile_tuning == "coordinate_descent"
+    want, got = _train(eager, 2), _train(tuned, 2)
+    for a, b in zip(got, want):
+        assert abs(a - b) < 1e-5, (got, want)
+    assert sorted(set(seen)) == [(False, True), (True, True)], seen
+    seen.clear()
+    default.compile_blocks()
+    _train(default, 1)
+    assert sorted(set(seen)) == [(False, False), (True, False)], seen
+    with pytest.raises(ValueError, match="tuning='fastest'"):
+        eager.compile_blocks(tuning="fastest")
+
+
 def test_blocks_learn_whether_their_projection_region_keeps_its_output():
     """The compiled gated-norm projection keeps its output only in blocks that are not fully
     checkpointed and compiled without a memory budget (RetNetBlock.plan_recompute)."""

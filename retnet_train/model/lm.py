@@ -81,6 +81,7 @@ class LanguageModel(nn.Module):
         self.checkpoint_layers: int | None = None  # how many blocks (the first) checkpoint; None: all
         self._compiled_block = None  # compile_blocks(): run_block through torch.compile
         self.memory_budget = None  # compile_blocks(memory_budget=...): what compiled blocks may keep
+        self.compile_tuning = None  # compile_blocks(tuning=...): how their fused kernels were sized
         # resolved once, for the device the model is built on (torch.device(...) context)
         self.kernels = resolve_kernels(cfg.kernels)
         log.info("model.kernels=%s -> %s", cfg.kernels, self.kernels)
@@ -131,7 +132,7 @@ class LanguageModel(nn.Module):
             return "none"
         return self.activation_checkpointing
 
-    def compile_blocks(self, memory_budget: float | None = None) -> None:
+    def compile_blocks(self, memory_budget: float | None = None, tuning: str = "default") -> None:
         """Regional compilation: torch.compile one block's call (with its activation checkpointing,
         so selective checkpointing's policy is traced too) instead of the whole model. The blocks
         share one code path and their weights are graph inputs, so one graph serves every layer:
@@ -139,12 +140,16 @@ class LanguageModel(nn.Module):
         embedding, final norm and the loss stay eager.
 
         `memory_budget` (0 to 1, None: the compiler's default): the share of the block's activations
-        its compiled graph may keep for backward; the compiler's partitioner recomputes the rest."""
+        its compiled graph may keep for backward; the compiler's partitioner recomputes the rest.
+        `tuning` (a key of COMPILE_TUNINGS): how inductor sizes the fused kernels' tiles."""
         if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
             raise ValueError(f"memory_budget={memory_budget!r}: a share of the activations in [0, 1]")
-        self.memory_budget = memory_budget
+        if tuning not in COMPILE_TUNINGS:
+            raise ValueError(f"tuning={tuning!r} is not one of {list(COMPILE_TUNINGS)}")
+        self.memory_budget, self.compile_tuning = memory_budget, tuning
         self._plan_recompute()
-        backend = "inductor" if memory_budget is None else _InductorWithMemoryBudget(memory_budget)
+        options = COMPILE_TUNINGS[tuning]
+        backend = "inductor" if memory_budget is None and not options else _Inductor(memory_budget, options)
         self._compiled_block = torch.compile(run_block, backend=backend)
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
@@ -268,20 +273,31 @@ class LanguageModel(nn.Module):
         return total
 
 
-class _InductorWithMemoryBudget:
-    """torch.compile's backend: inductor, its partitioner (which splits forward from backward when a
-    graph is compiled) under torch's activation memory budget. A backend of its own also keeps the
-    graphs apart: dynamo reuses a compiled graph only under the backend that compiled it, so another
-    model of this process compiled with another budget, or none, gets its own."""
+# compile_blocks(tuning=...) -> inductor's config for the blocks' graphs. coordinate_descent: each fused
+# kernel's first call times neighbouring tile sizes (XBLOCK, RBLOCK, warps) and keeps the fastest;
+# the compiled elementwise code of a fp8 block ran at 1.2-3.1 TB/s under the default heuristics
+# (bench/RESULTS.md, 2026-12-07), most slowly where it writes transposed fp8 casts
+COMPILE_TUNINGS = {"default": {}, "coordinate_descent": {"coordinate_descent_tuning": True}}
+
+
+class _Inductor:
+    """torch.compile's backend: inductor with config patches (`options`) and its partitioner (which
+    splits forward from backward when a graph is compiled) under torch's activation memory budget
+    (`budget`, None: its default). A backend of its own also keeps the graphs apart: dynamo reuses
+    a compiled graph only under the backend that compiled it, so another model of this process
+    compiled with another budget or other options, or none, gets its own."""
 
     compiler_name = "inductor"  # what dynamo's debugging tools see
 
-    def __init__(self, budget: float):
-        self.budget = budget
+    def __init__(self, budget: float | None, options: dict):
+        self.budget, self.options = budget, dict(options)
 
     def __call__(self, graph, example_inputs):
-        with torch._functorch.config.patch(activation_memory_budget=self.budget):
-            return torch._dynamo.lookup_backend("inductor")(graph, example_inputs)
+        from torch._inductor.compile_fx import compile_fx  # patches the backward's compile too, which runs later
+
+        budget = {} if self.budget is None else {"activation_memory_budget": self.budget}
+        with torch._functorch.config.patch(**budget):
+            return compile_fx(graph, example_inputs, config_patches=self.options or None)
 
 
 def run_block(block: nn.Module, x: Tensor, ctx: ForwardContext, layer_state, checkpointing: str):

@@ -108,14 +108,15 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
         config=ds_config, dist_init_required=False, mpu=mpu())
     if trainer.compile:
         # regional: one graph for every block, compiled in seconds
-        net.compile_blocks(memory_budget=trainer.activation_memory_budget)
+        net.compile_blocks(memory_budget=trainer.activation_memory_budget, tuning=str(trainer.compile_tuning))
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
     log.info("model %s: %.1fM parameters in this rank's tensor-parallel slice, precision %s, ZeRO-%d, kernels %s "
              "(model.kernels=%s), activation checkpointing %s%s%s, fused loss %s, float8 %s",
              mcfg.arch, n_params / 1e6, precision, ds.stage, net.kernels,
              mcfg.kernels, net.activation_checkpointing,
              "" if net.checkpoint_layers is None else f" in the first {net.checkpoint_layers} blocks",
-             "" if net.memory_budget is None else f", compiled with activation memory budget {net.memory_budget:g}",
+             "" if net.memory_budget is None else f", compiled with activation memory budget {net.memory_budget:g}"
+             + ("" if net.compile_tuning in (None, "default") else f", kernel tiles tuned by {net.compile_tuning}"),
              trainer.fused_loss, trainer.float8)
     if ds.stage == 2 and layout["dp_size"] * layout.get("cp_size", 1) == 1:
         log.warning("deepspeed=zero2 on one data-parallel rank shards nothing, and its per-gradient copies and "
