@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retnet_train.config import Float8Recipe, Precision  # noqa: E402
+from retnet_train.config import CompileTuning, Float8Recipe, Precision  # noqa: E402
 
 RUNS = ("trainer", "plain", "fla", "transformer")
 PRECISIONS = Precision.values()  # trainer.precision (bench/train_throughput.py --precision)
@@ -58,6 +58,8 @@ def parse() -> argparse.Namespace:
                         "(zero0:bf16_autocast: fp32 weights, bf16 autocast and torch's fused AdamW, as the plain "
                         "loop; zero0:auto:tensorwise: also trainer.float8=tensorwise)")
     p.add_argument("--compile", action="store_true", help="torch.compile our models")
+    p.add_argument("--compile-tuning", default="default", choices=CompileTuning.values(),
+                   help="with --compile: how inductor sizes our compiled blocks' kernels (trainer.compile_tuning)")
     p.add_argument("--act-ckpt", default="none", help="our models' activation checkpointing mode")
     p.add_argument("--memory-budget", nargs="+", default=["none"],
                    help="with --compile: our models' compiled blocks keep at most this share of their activations "
@@ -129,7 +131,7 @@ def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str, keep: s
         # each block, as trainer.compile does (regional: one graph for every layer; compiling the
         # whole 24-layer model took minutes); liger's fused loss stays eager (a fake-tensor
         # TypeError in its addmm, H100, torch 2.11)
-        model.compile_blocks(memory_budget=budget)
+        model.compile_blocks(memory_budget=budget, tuning=args.compile_tuning)
     step_loss = loss_fn(kind, model)
     batch = max(1, tokens // seq_len)
     vocab = model.config.vocab_size
@@ -206,7 +208,8 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
              *(["--profile"] if args.profile else []),
              *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}",
              f"model.retention_keep={keep}", *([f"trainer.float8={float8}"] if float8 != "none" else []),
-             *([f"trainer.activation_memory_budget={budget}"] if budget is not None else [])]
+             *([f"trainer.activation_memory_budget={budget}"] if budget is not None else []),
+             *([f"trainer.compile_tuning={args.compile_tuning}"] if args.compile_tuning != "default" else [])]
     ns = throughput_args(flags)
     ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there
     row = measure(f"retnet_{args.size}", seq_len, ns)
@@ -359,6 +362,8 @@ def main() -> None:
         return
     for setup in args.trainer_setup:
         parse_setup(setup)
+    if args.compile_tuning != "default" and not args.compile:
+        raise SystemExit(f"--compile-tuning {args.compile_tuning}: needs --compile (it tunes the compiled kernels)")
     # 0.3 and 0.30 are one budget: one run each, one row (the results are keyed by the spec's fields)
     budgets = list(dict.fromkeys(check_budget(b, args) for b in args.memory_budget))
     results = {parse_spec(spec): run_isolated(spec) for spec in run_specs(args, budgets)}
@@ -366,7 +371,8 @@ def main() -> None:
     from bench.results import append
 
     notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median), "
-             f"tokens per step {args.tokens_per_step}; compile={args.compile}, activation checkpointing "
+             f"tokens per step {args.tokens_per_step}; compile={args.compile}"
+             f"{f' (kernel tiles: {args.compile_tuning})' if args.compile else ''}, activation checkpointing "
              f"{args.act_ckpt}, activation memory budgets measured: {', '.join(budgets)} (each of our models at each; "
              f"fla has none); plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: "
              f"{', '.join(args.trainer_setup)} (ZeRO stage: trainer.precision; auto: bf16 weights with fp32 masters at "
