@@ -231,6 +231,7 @@ def test_compiled_blocks_under_a_memory_budget_keep_less_and_train_like_eager():
     lean.compile_blocks(memory_budget=0.0)
     half.compile_blocks(memory_budget=0.5)  # 0 is a shortcut of the partitioner; a share takes its search
     assert lean.memory_budget == 0.0 and default.memory_budget is None
+    assert lean.compile_summary() == ", compiled with activation memory budget 0"
     ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
     kept = [_saved_bytes_of_forward(m, ids) for m in (default, half, lean)]
     assert kept[2] < kept[1] < 0.8 * kept[0], kept
@@ -271,6 +272,7 @@ def test_compile_tuning_reaches_the_forward_and_the_backward_graphs(monkeypatch)
     torch._dynamo.reset()
     tuned.compile_blocks(tuning="coordinate_descent")
     assert tuned.compile_tuning == "coordinate_descent"
+    assert tuned.compile_summary() == ", kernel tiles tuned by coordinate_descent"  # the start-up log's words
     want, got = _train(eager, 2), _train(tuned, 2)
     for a, b in zip(got, want):
         assert abs(a - b) < 1e-5, (got, want)
@@ -279,6 +281,7 @@ def test_compile_tuning_reaches_the_forward_and_the_backward_graphs(monkeypatch)
     default.compile_blocks()
     _train(default, 1)
     assert sorted(set(seen)) == [(False, False), (True, False)], seen
+    assert default.compile_summary() == ""
     with pytest.raises(ValueError, match="tuning='fastest'"):
         eager.compile_blocks(tuning="fastest")
 

@@ -152,6 +152,14 @@ class LanguageModel(nn.Module):
         backend = "inductor" if memory_budget is None and not options else _Inductor(memory_budget, options)
         self._compiled_block = torch.compile(run_block, backend=backend)
 
+    def compile_summary(self) -> str:
+        """What compile_blocks chose beyond compiling, for the start-up log: "" or ", compiled with
+        activation memory budget B[, kernel tiles tuned by T]" (each part only where it was set)."""
+        budget = ("" if self.memory_budget is None
+                  else f", compiled with activation memory budget {self.memory_budget:g}")
+        tuned = "" if self.compile_tuning in (None, "default") else f", kernel tiles tuned by {self.compile_tuning}"
+        return budget + tuned
+
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
                 state: State | None = None, return_state: bool = False, return_hidden: bool = False,
                 doc_starts: Tensor | None = None, context_parallel=None):

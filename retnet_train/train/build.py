@@ -115,9 +115,7 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
              mcfg.arch, n_params / 1e6, precision, ds.stage, net.kernels,
              mcfg.kernels, net.activation_checkpointing,
              "" if net.checkpoint_layers is None else f" in the first {net.checkpoint_layers} blocks",
-             "" if net.memory_budget is None else f", compiled with activation memory budget {net.memory_budget:g}"
-             + ("" if net.compile_tuning in (None, "default") else f", kernel tiles tuned by {net.compile_tuning}"),
-             trainer.fused_loss, trainer.float8)
+             net.compile_summary(), trainer.fused_loss, trainer.float8)
     if ds.stage == 2 and layout["dp_size"] * layout.get("cp_size", 1) == 1:
         log.warning("deepspeed=zero2 on one data-parallel rank shards nothing, and its per-gradient copies and "
                     "checks cost time: retnet_1.3b on one H100 trained at 48.7k tokens/s at ZeRO-2 and 53.5k at "
