@@ -35,11 +35,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retnet_train.config import CompileTuning, Float8Recipe, Precision  # noqa: E402
+from retnet_train.config import CompileTuning, Float8Recipe, Precision, ResidualDtype  # noqa: E402
 
 RUNS = ("trainer", "plain", "fla", "transformer")
 PRECISIONS = Precision.values()  # trainer.precision (bench/train_throughput.py --precision)
 FLOAT8 = Float8Recipe.values()  # trainer.float8
+RESIDUAL = ResidualDtype.values()  # trainer.residual_dtype
 
 
 def parse() -> argparse.Namespace:
@@ -54,9 +55,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--retention-keep", nargs="+", default=["both"],
                    help="our RetNet's model.retention_keep values to compare (none | states | scores | both)")
     p.add_argument("--trainer-setup", nargs="+", default=["zero2:auto"],
-                   help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION[:FLOAT8] "
+                   help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION[:FLOAT8[:RESIDUAL]] "
                         "(zero0:bf16_autocast: fp32 weights, bf16 autocast and torch's fused AdamW, as the plain "
-                        "loop; zero0:auto:tensorwise: also trainer.float8=tensorwise)")
+                        "loop; zero0:auto:tensorwise: also trainer.float8=tensorwise; zero0:auto:tensorwise:bf16: "
+                        "also trainer.residual_dtype=bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile our models")
     p.add_argument("--compile-tuning", default="default", choices=CompileTuning.values(),
                    help="with --compile: how inductor sizes our compiled blocks' kernels (trainer.compile_tuning)")
@@ -180,17 +182,19 @@ def _profiler(args, step: int, name: str):
     return StepProfiler(cfg, tempfile.mkdtemp(prefix=f"train_step_profile_{name}_"), 0, torch.device("cuda"))
 
 
-def parse_setup(setup: str) -> tuple[int, str, str]:
-    """"zero2:auto" -> (2, "auto", "none"), "zero0:auto:tensorwise" -> (0, "auto", "tensorwise"): a
-    --trainer-setup value (the last field, optional, is trainer.float8), checked before any run starts."""
+def parse_setup(setup: str) -> tuple[int, str, str, str]:
+    """"zero2:auto" -> (2, "auto", "none", "weights"), "zero0:auto:tensorwise:bf16" -> (0, "auto",
+    "tensorwise", "bf16"): a --trainer-setup value (the optional third field is trainer.float8, the
+    optional fourth trainer.residual_dtype), checked before any run starts."""
     zero, _, rest = setup.partition(":")
-    precision, _, float8 = rest.partition(":")
-    float8 = float8 or "none"
+    precision, _, rest = rest.partition(":")
+    float8, _, residual = rest.partition(":")
+    float8, residual = float8 or "none", residual or "weights"
     if (not zero.startswith("zero") or not zero[4:].isdigit() or precision not in PRECISIONS
-            or float8 not in FLOAT8):
-        raise SystemExit(f"--trainer-setup {setup!r}: expected zero<stage>:<precision>[:<float8>], precision one of "
-                         f"{PRECISIONS}, float8 one of {FLOAT8}")
-    return int(zero[4:]), precision, float8
+            or float8 not in FLOAT8 or residual not in RESIDUAL):
+        raise SystemExit(f"--trainer-setup {setup!r}: expected zero<stage>:<precision>[:<float8>[:<residual>]], "
+                         f"precision one of {PRECISIONS}, float8 one of {FLOAT8}, residual one of {RESIDUAL}")
+    return int(zero[4:]), precision, float8, residual
 
 
 def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, keep: str,
@@ -199,7 +203,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
     from bench.train_throughput import parse as throughput_args
 
     batch = max(1, tokens // seq_len)
-    zero, precision, float8 = parse_setup(setup)
+    zero, precision, float8, residual = parse_setup(setup)
     # train_throughput's own parser fills every option measure() reads, so one added there later
     # gets its default here too (a hand-made Namespace missed `cp` once and every row failed)
     flags = ["--micro-batch", str(batch), "--tokens-per-step", str(tokens), "--warmup", str(args.warmup),
@@ -208,6 +212,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
              *(["--profile"] if args.profile else []),
              *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}",
              f"model.retention_keep={keep}", *([f"trainer.float8={float8}"] if float8 != "none" else []),
+             *([f"trainer.residual_dtype={residual}"] if residual != "weights" else []),
              *([f"trainer.activation_memory_budget={budget}"] if budget is not None else []),
              *([f"trainer.compile_tuning={args.compile_tuning}"] if args.compile_tuning != "default" else [])]
     ns = throughput_args(flags)

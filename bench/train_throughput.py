@@ -142,7 +142,8 @@ def measure(preset: str, seq_len: int | None, args) -> dict:
     layers = "" if ckpt == "none" or t.checkpoint_layers is None else f", {t.checkpoint_layers} blocks"
     row = {"preset": preset.removeprefix("experiment="), "seq_len": seq_len, "micro": micro,
            "world": trainer.ps.world_size, "zero": cfg.deepspeed.stage, "tp": cfg.parallel.tp, "cp": cfg.parallel.cp,
-           "precision": trainer.built.precision + ("" if t.float8 == "none" else f" + fp8 {t.float8}"),
+           "precision": trainer.built.precision + ("" if t.float8 == "none" else f" + fp8 {t.float8}")
+           + ("" if t.residual_dtype == "weights" else f" + {t.residual_dtype} residual"),
            "mode": t.mode if trainer.built.model_cfg.arch == "retnet" else "attention",
            "act_ckpt": ckpt + layers, "compile": bool(t.compile),
            "tokens_per_s": tps, "tokens_per_s_per_device": tps / trainer.ps.world_size,

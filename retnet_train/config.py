@@ -68,6 +68,11 @@ class Float8Recipe(Choice):
     rowwise = "rowwise"
 
 
+class ResidualDtype(Choice):
+    weights = "weights"
+    bf16 = "bf16"
+
+
 class CompileTuning(Choice):
     default = "default"
     coordinate_descent = "coordinate_descent"
@@ -194,6 +199,12 @@ class TrainerConfig:
                                "(bf16 with optim.impl=deepspeed), fp32 on CPU; `bf16`: bf16 weights, fp32 master copy and "
                                "gradient accumulation in the optimizer (DeepSpeed's bf16 mode); "
                                "`bf16_autocast`: fp32 weights, bf16 matmuls under torch.autocast; `fp32`")
+    residual_dtype: ResidualDtype = doc(
+        ResidualDtype.weights, "the dtype of the residual stream between blocks (and of its gradient): `weights`: "
+        "the embedding's, so fp32 under bf16_autocast and fp32, bf16 with bf16 weights; `bf16`: cast to bf16 after "
+        "the embedding, as with bf16 weights, for half the memory traffic and activation memory of the residual "
+        "adds and norms (the norms still compute in fp32 under autocast). Needs a bf16 precision (bf16, "
+        "bf16_autocast, or auto resolving to one). See docs/training.md for its measured speed")
     device: Device = doc(Device.auto, "`auto`: cuda when available, else cpu")
     mode: TrainMode = doc(TrainMode.parallel, "the retention form for training and evaluation (RetNet): "
                           "`parallel`, or `chunkwise` (memory linear in seq_len)")
@@ -643,6 +654,8 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     if cfg.trainer.compile_tuning != "default" and not cfg.trainer.compile:
         _fail("trainer.compile_tuning", cfg.trainer.compile_tuning, "needs trainer.compile=true (it tunes the "
               "compiled kernels)")
+    if cfg.trainer.residual_dtype == "bf16" and cfg.trainer.precision == "fp32":
+        _fail("trainer.residual_dtype", cfg.trainer.residual_dtype, "needs a bf16 precision (trainer.precision=fp32)")
     if cfg.trainer.float8 != "none":
         if cfg.parallel.tp > 1:
             _fail("trainer.float8", cfg.trainer.float8, f"needs parallel.tp=1 (is {cfg.parallel.tp}): the "

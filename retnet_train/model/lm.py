@@ -82,6 +82,7 @@ class LanguageModel(nn.Module):
         self._compiled_block = None  # compile_blocks(): run_block through torch.compile
         self.memory_budget = None  # compile_blocks(memory_budget=...): what compiled blocks may keep
         self.compile_tuning = None  # compile_blocks(tuning=...): how their fused kernels were sized
+        self.residual_dtype: torch.dtype | None = None  # set_residual_dtype(); None: the embedding's dtype
         # resolved once, for the device the model is built on (torch.device(...) context)
         self.kernels = resolve_kernels(cfg.kernels)
         log.info("model.kernels=%s -> %s", cfg.kernels, self.kernels)
@@ -152,6 +153,14 @@ class LanguageModel(nn.Module):
         backend = "inductor" if memory_budget is None and not options else _Inductor(memory_budget, options)
         self._compiled_block = torch.compile(run_block, backend=backend)
 
+    def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
+        """The dtype of the stream the blocks add into, [B, T, d] between blocks (None: the embedding's).
+
+        fp32 weights under bf16 autocast make an fp32 stream: every residual add, norm input and their
+        gradients move 4 bytes per element, though each block's output is bf16. bf16 halves that (as bf16
+        weights do); the norms still compute in fp32 under autocast."""
+        self.residual_dtype = dtype
+
     def compile_summary(self) -> str:
         """What compile_blocks chose beyond compiling, for the start-up log: "" or ", compiled with
         activation memory budget B[, kernel tiles tuned by T]" (each part only where it was set)."""
@@ -202,6 +211,8 @@ class LanguageModel(nn.Module):
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.d_model)
         x = self.embed_dropout(x)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)  # every block adds its output to this stream in this dtype
         training = self.training and torch.is_grad_enabled()
         run = self._compiled_block or run_block
         new_layers = []

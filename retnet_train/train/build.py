@@ -47,6 +47,16 @@ def resolve_precision(precision: str, device: torch.device, zero_stage: int, opt
     return "bf16_autocast" if trainer_clips(zero_stage, "bf16_autocast", optimizer_impl) else "bf16"
 
 
+def residual_dtype(choice: str, precision: str) -> torch.dtype | None:
+    """trainer.residual_dtype under the resolved precision -> LanguageModel.set_residual_dtype's argument."""
+    if choice == "weights":
+        return None
+    if precision not in ("bf16", "bf16_autocast"):
+        raise ValueError(f"trainer.residual_dtype={choice} needs a bf16 precision; trainer.precision resolved to "
+                         f"{precision}: set trainer.precision=bf16_autocast or bf16, or trainer.residual_dtype=weights")
+    return torch.bfloat16
+
+
 def trainer_clips(zero_stage: int, precision: str, optimizer_impl: str) -> bool:
     """Whether the trainer clips the gradients and guards against NaN itself: at ZeRO-0 with fp32
     weights (fp32, bf16_autocast) DeepSpeed hands back torch's raw optimizer."""
@@ -89,6 +99,7 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
     precision = resolve_precision(trainer.precision, device, ds.stage, optim.impl)
     for warning in precision_warnings(precision, device, ds.stage, optim.impl):
         log.warning(warning)
+    residual = residual_dtype(trainer.residual_dtype, precision)  # refused before anything is built
     mcfg = model_config(model)
     ps = get_state()
     own_clipping = trainer_clips(ds.stage, precision, optim.impl)
@@ -96,6 +107,7 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
     net = build_model_shard(mcfg, ds_config, device, seed=trainer.seed, init_from=init_from,
                             zero3=ds.stage == 3)
     net.set_activation_checkpointing(checkpointing_mode(trainer.activation_checkpointing), trainer.checkpoint_layers)
+    net.set_residual_dtype(residual)
     if trainer.float8 != "none":
         convert_to_float8(net, str(trainer.float8), device)
         if not trainer.compile:
@@ -111,11 +123,12 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
         net.compile_blocks(memory_budget=trainer.activation_memory_budget, tuning=str(trainer.compile_tuning))
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
     log.info("model %s: %.1fM parameters in this rank's tensor-parallel slice, precision %s, ZeRO-%d, kernels %s "
-             "(model.kernels=%s), activation checkpointing %s%s%s, fused loss %s, float8 %s",
+             "(model.kernels=%s), activation checkpointing %s%s%s, fused loss %s, float8 %s, residual stream %s",
              mcfg.arch, n_params / 1e6, precision, ds.stage, net.kernels,
              mcfg.kernels, net.activation_checkpointing,
              "" if net.checkpoint_layers is None else f" in the first {net.checkpoint_layers} blocks",
-             net.compile_summary(), trainer.fused_loss, trainer.float8)
+             net.compile_summary(), trainer.fused_loss, trainer.float8,
+             "bf16" if net.residual_dtype == torch.bfloat16 else "as the weights")
     if ds.stage == 2 and layout["dp_size"] * layout.get("cp_size", 1) == 1:
         log.warning("deepspeed=zero2 on one data-parallel rank shards nothing, and its per-gradient copies and "
                     "checks cost time: retnet_1.3b on one H100 trained at 48.7k tokens/s at ZeRO-2 and 53.5k at "
