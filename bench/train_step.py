@@ -55,10 +55,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--retention-keep", nargs="+", default=["both"],
                    help="our RetNet's model.retention_keep values to compare (none | states | scores | both)")
     p.add_argument("--trainer-setup", nargs="+", default=["zero2:auto"],
-                   help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION[:FLOAT8[:RESIDUAL]] "
+                   help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION[:FLOAT8[:RESIDUAL[:KEY=VALUE...]]] "
                         "(zero0:bf16_autocast: fp32 weights, bf16 autocast and torch's fused AdamW, as the plain "
                         "loop; zero0:auto:tensorwise: also trainer.float8=tensorwise; zero0:auto:tensorwise:bf16: "
-                        "also trainer.residual_dtype=bf16)")
+                        "also trainer.residual_dtype=bf16; further fields KEY=VALUE set other trainer keys, e.g. "
+                        "zero0:auto:tensorwise:bf16:float8_fast_accum=all)")
     p.add_argument("--compile", action="store_true", help="torch.compile our models")
     p.add_argument("--compile-tuning", default="default", choices=CompileTuning.values(),
                    help="with --compile: how inductor sizes our compiled blocks' kernels (trainer.compile_tuning)")
@@ -182,19 +183,26 @@ def _profiler(args, step: int, name: str):
     return StepProfiler(cfg, tempfile.mkdtemp(prefix=f"train_step_profile_{name}_"), 0, torch.device("cuda"))
 
 
-def parse_setup(setup: str) -> tuple[int, str, str, str]:
-    """"zero2:auto" -> (2, "auto", "none", "weights"), "zero0:auto:tensorwise:bf16" -> (0, "auto",
-    "tensorwise", "bf16"): a --trainer-setup value (the optional third field is trainer.float8, the
-    optional fourth trainer.residual_dtype), checked before any run starts."""
-    zero, _, rest = setup.partition(":")
-    precision, _, rest = rest.partition(":")
-    float8, _, residual = rest.partition(":")
+def parse_setup(setup: str) -> tuple[int, str, str, str, dict[str, str]]:
+    """"zero2:auto" -> (2, "auto", "none", "weights", {}), "zero0:auto:tensorwise:bf16:float8_fast_accum=all"
+    -> (0, "auto", "tensorwise", "bf16", {"float8_fast_accum": "all"}): a --trainer-setup value (the
+    optional third field is trainer.float8, the optional fourth trainer.residual_dtype, any further
+    ones KEY=VALUE of other trainer keys), checked before any run starts."""
+    from dataclasses import fields
+
+    from retnet_train.config import TrainerConfig
+
+    zero, precision, float8, residual, *more = (setup.split(":") + ["", "", ""])[:4] + setup.split(":")[4:]
     float8, residual = float8 or "none", residual or "weights"
+    keys = {f.name for f in fields(TrainerConfig)}
+    extra = dict(item.partition("=")[::2] for item in more)
     if (not zero.startswith("zero") or not zero[4:].isdigit() or precision not in PRECISIONS
-            or float8 not in FLOAT8 or residual not in RESIDUAL):
-        raise SystemExit(f"--trainer-setup {setup!r}: expected zero<stage>:<precision>[:<float8>[:<residual>]], "
-                         f"precision one of {PRECISIONS}, float8 one of {FLOAT8}, residual one of {RESIDUAL}")
-    return int(zero[4:]), precision, float8, residual
+            or float8 not in FLOAT8 or residual not in RESIDUAL
+            or any("=" not in item or not item.partition("=")[2] for item in more) or not set(extra) <= keys):
+        raise SystemExit(f"--trainer-setup {setup!r}: expected zero<stage>:<precision>[:<float8>[:<residual>[:KEY=VALUE"
+                         f"...]]], precision one of {PRECISIONS}, float8 one of {FLOAT8}, residual one of {RESIDUAL}, "
+                         f"KEY a trainer key")
+    return int(zero[4:]), precision, float8, residual, extra
 
 
 def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, keep: str,
@@ -203,7 +211,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
     from bench.train_throughput import parse as throughput_args
 
     batch = max(1, tokens // seq_len)
-    zero, precision, float8, residual = parse_setup(setup)
+    zero, precision, float8, residual, extra = parse_setup(setup)
     # train_throughput's own parser fills every option measure() reads, so one added there later
     # gets its default here too (a hand-made Namespace missed `cp` once and every row failed)
     flags = ["--micro-batch", str(batch), "--tokens-per-step", str(tokens), "--warmup", str(args.warmup),
@@ -213,6 +221,7 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
              *(["--chunk-size", str(args.chunk_size)] if args.chunk_size else []), f"model.kernels={kernels}",
              f"model.retention_keep={keep}", *([f"trainer.float8={float8}"] if float8 != "none" else []),
              *([f"trainer.residual_dtype={residual}"] if residual != "weights" else []),
+             *[f"trainer.{key}={value}" for key, value in extra.items()],
              *([f"trainer.activation_memory_budget={budget}"] if budget is not None else []),
              *([f"trainer.compile_tuning={args.compile_tuning}"] if args.compile_tuning != "default" else [])]
     ns = throughput_args(flags)

@@ -68,6 +68,12 @@ class Float8Recipe(Choice):
     rowwise = "rowwise"
 
 
+class Float8FastAccum(Choice):
+    output = "output"
+    output_grad_input = "output_grad_input"
+    all = "all"
+
+
 class ResidualDtype(Choice):
     weights = "weights"
     bf16 = "bf16"
@@ -229,6 +235,12 @@ class TrainerConfig:
         "row); `none`: the precision's own matmuls. Needs fp8 tensor cores (NVIDIA compute capability 8.9+, "
         "AMD MI300+; emulated on CPU), trainer.compile to fuse the casts, parallel.tp=1 and ZeRO 0-2. Not the "
         "LM head. See docs/training.md for its measured speed and loss")
+    float8_fast_accum: Float8FastAccum = doc(
+        Float8FastAccum.output, "with trainer.float8: which fp8 matmuls accumulate in the tensor cores' faster, "
+        "lower-precision mode: `output` (torchao's default: the forward's, contracting over in_features), "
+        "`output_grad_input` (also the input gradient's, contracting over out_features: the same lengths as the "
+        "forward's), `all` (also the weight gradient's, contracting over every token of the micro-batch). See "
+        "docs/training.md for its measured speed")
     activation_memory_budget: Optional[float] = doc(
         None, "with trainer.compile: the share (0 to 1) of a block's activations the compiled graph may "
         "keep for backward; the compiler recomputes the rest, the cheapest per byte first (torch's "
@@ -663,6 +675,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         if cfg.deepspeed.stage == 3:
             _fail("trainer.float8", cfg.trainer.float8, "needs deepspeed.stage 0-2 (is 3): ZeRO-3 gathers the "
                   "weights around the fp8 linear layers' own casts")
+    if cfg.trainer.float8_fast_accum != "output" and cfg.trainer.float8 == "none":
+        _fail("trainer.float8_fast_accum", cfg.trainer.float8_fast_accum, "needs trainer.float8 (it chooses how "
+              "the fp8 matmuls accumulate)")
     if cfg.trainer.data_source == "stream" and cfg.get("data") is None:
         _fail("data", None, "trainer.data_source=stream needs a data config (data=<name> from conf/data/)")
     if cfg.trainer.data_source == "stream":

@@ -12,19 +12,25 @@ import pytest
 from bench import train_step as bench
 
 
-@pytest.mark.parametrize("setup, expected", [("zero2:auto", (2, "auto", "none", "weights")),
-                                             ("zero0:bf16_autocast", (0, "bf16_autocast", "none", "weights")),
-                                             ("zero3:bf16", (3, "bf16", "none", "weights")),
-                                             ("zero0:auto:tensorwise", (0, "auto", "tensorwise", "weights")),
-                                             ("zero1:bf16:rowwise", (1, "bf16", "rowwise", "weights")),
-                                             ("zero0:auto:tensorwise:bf16", (0, "auto", "tensorwise", "bf16")),
-                                             ("zero0:auto:none:bf16", (0, "auto", "none", "bf16"))])
-def test_a_setup_names_stage_precision_float8_and_residual(setup, expected):
+@pytest.mark.parametrize("setup, expected", [
+    ("zero2:auto", (2, "auto", "none", "weights", {})),
+    ("zero0:bf16_autocast", (0, "bf16_autocast", "none", "weights", {})),
+    ("zero3:bf16", (3, "bf16", "none", "weights", {})),
+    ("zero0:auto:tensorwise", (0, "auto", "tensorwise", "weights", {})),
+    ("zero1:bf16:rowwise", (1, "bf16", "rowwise", "weights", {})),
+    ("zero0:auto:tensorwise:bf16", (0, "auto", "tensorwise", "bf16", {})),
+    ("zero0:auto:none:bf16", (0, "auto", "none", "bf16", {})),
+    ("zero0:auto:tensorwise:bf16:float8_fast_accum=all:compile_tuning=coordinate_descent",
+     (0, "auto", "tensorwise", "bf16", {"float8_fast_accum": "all", "compile_tuning": "coordinate_descent"})),
+])
+def test_a_setup_names_stage_precision_float8_residual_and_other_keys(setup, expected):
     assert bench.parse_setup(setup) == expected
 
 
 @pytest.mark.parametrize("setup", ["zero2", "zero:auto", "stage2:auto", "zero2:bf32", "zero0:", "zero0:auto:fp8",
-                                   "zero0:auto:tensorwise:x", "zero0:auto:tensorwise:fp16"])
+                                   "zero0:auto:tensorwise:x", "zero0:auto:tensorwise:fp16",
+                                   "zero0:auto:tensorwise:bf16:all", "zero0:auto:tensorwise:bf16:no_such_key=1",
+                                   "zero0:auto:tensorwise:bf16:float8_fast_accum="])
 def test_a_malformed_setup_is_named(setup):
     with pytest.raises(SystemExit, match=f"--trainer-setup '{setup}'"):
         bench.parse_setup(setup)
@@ -66,6 +72,8 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
     assert "trainer.float8=tensorwise" in seen["overrides"] and "trainer.residual_dtype=bf16" in seen["overrides"]
     bench.through_trainer(2048, 16384, args, "triton", "zero0:auto:tensorwise", "none")
     assert not any(o.startswith("trainer.residual_dtype") for o in seen["overrides"])  # the default is not passed
+    bench.through_trainer(2048, 16384, args, "triton", "zero0:auto:tensorwise:bf16:float8_fast_accum=all", "none")
+    assert "trainer.float8_fast_accum=all" in seen["overrides"]
 
 
 @pytest.mark.parametrize("spec, fields", [

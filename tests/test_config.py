@@ -111,6 +111,8 @@ def test_wrong_type_is_named():
     (["trainer.residual_dtype=bf16", "trainer.precision=fp32"],
      "trainer.residual_dtype='bf16': needs a bf16 precision"),
     (["trainer.residual_dtype=fp16"], "trainer.residual_dtype"),
+    (["trainer.float8_fast_accum=all"], "trainer.float8_fast_accum='all': needs trainer.float8"),
+    (["trainer.float8=tensorwise", "trainer.float8_fast_accum=grad_weight"], "trainer.float8_fast_accum"),
 ])
 def test_impossible_values_are_named(overrides, key):
     assert key in _error(overrides)

@@ -62,6 +62,22 @@ def test_rowwise_recipe_converts_and_an_unknown_recipe_is_named():
         convert_to_float8(_tiny(), "fp8", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("fast_accum, fast", [("output", (True, False, False)),
+                                              ("output_grad_input", (True, True, False)),
+                                              ("all", (True, True, True))])
+def test_fast_accumulation_reaches_the_chosen_matmuls_of_every_layer(fast_accum, fast):
+    model = _tiny()
+    names = convert_to_float8(model, "tensorwise", torch.device("cpu"), fast_accum)
+    for name in names:
+        config = model.get_submodule(name).config
+        got = tuple(getattr(config, f"gemm_config_{gemm}").use_fast_accum
+                    for gemm in ("output", "grad_input", "grad_weight"))
+        assert got == fast, name
+    with pytest.raises(ValueError, match=re.escape("trainer.float8_fast_accum='grad_weight': one of output, "
+                                                   "output_grad_input, all")):
+        convert_to_float8(_tiny(), "tensorwise", torch.device("cpu"), "grad_weight")
+
+
 def test_a_model_with_no_aligned_linear_is_refused():
     model = build_model("retnet_tiny", d_model=40, n_layers=1, n_heads=2, vocab_size=64, kernels="torch")
     with pytest.raises(ValueError, match="no linear layer of the blocks has sizes that are multiples of 16"):

@@ -109,7 +109,7 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
     net.set_activation_checkpointing(checkpointing_mode(trainer.activation_checkpointing), trainer.checkpoint_layers)
     net.set_residual_dtype(residual)
     if trainer.float8 != "none":
-        convert_to_float8(net, str(trainer.float8), device)
+        convert_to_float8(net, str(trainer.float8), device, str(trainer.float8_fast_accum))
         if not trainer.compile:
             log.warning("trainer.float8=%s without trainer.compile: the fp8 casts run as separate kernels and cost "
                         "more than the fp8 matmuls save", trainer.float8)

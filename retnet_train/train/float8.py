@@ -58,10 +58,23 @@ def convertible(module: nn.Module, name: str) -> bool:
             and module.in_features % ALIGN == 0 and module.out_features % ALIGN == 0)
 
 
-def convert_to_float8(model: nn.Module, recipe: str, device: torch.device) -> list[str]:
+# trainer.float8_fast_accum -> which of torchao's three GEMM configs accumulate fast: the forward's
+# (output), the input gradient's and the weight gradient's
+FAST_ACCUM = {"output": ("output",), "output_grad_input": ("output", "grad_input"),
+              "all": ("output", "grad_input", "grad_weight")}
+
+
+def convert_to_float8(model: nn.Module, recipe: str, device: torch.device, fast_accum: str = "output") -> list[str]:
     """Swap the convertible linears of `model` for torchao's Float8Linear in place (the same
     Parameter objects: build the optimizer before or after, either works); returns their names.
-    On CPU the fp8 casts are emulated (torchao's `emulate`: fp8 rounding, fp32 matmuls)."""
+    On CPU the fp8 casts are emulated (torchao's `emulate`: fp8 rounding, fp32 matmuls).
+
+    `fast_accum` (a key of FAST_ACCUM): which matmuls accumulate in Hopper's fast fp8 mode, which
+    keeps fewer bits between promotions to fp32 (error grows with the contraction length): torchao
+    uses it for the forward only; its input gradient contracts over the same lengths (the layer's
+    out_features, 2048-4096 here), its weight gradient over every token of the micro-batch."""
+    if fast_accum not in FAST_ACCUM:
+        raise ValueError(f"trainer.float8_fast_accum={fast_accum!r}: one of {', '.join(FAST_ACCUM)}")
     if recipe not in RECIPES:
         raise ValueError(f"trainer.float8={recipe!r}: one of none, {', '.join(RECIPES)}")
     problem = float8_problem(device)
@@ -69,10 +82,13 @@ def convert_to_float8(model: nn.Module, recipe: str, device: torch.device) -> li
         raise RuntimeError(f"trainer.float8={recipe}: {problem}; set trainer.float8=none")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.config import Float8GemmConfig
     except ImportError as e:
         raise RuntimeError(f"trainer.float8={recipe} needs torchao (pip install torchao, or the project's "
                            f"`gpu` extra): {e}") from None
     config = Float8LinearConfig.from_recipe_name(recipe)
+    config = dataclasses.replace(config, **{f"gemm_config_{gemm}": Float8GemmConfig(use_fast_accum=gemm in FAST_ACCUM[fast_accum])
+                                            for gemm in FAST_ACCUM["all"]})
     if device.type == "cpu":
         config = dataclasses.replace(config, emulate=True)
     names = [name for name, m in model.named_modules() if convertible(m, name)]
@@ -81,6 +97,6 @@ def convert_to_float8(model: nn.Module, recipe: str, device: torch.device) -> li
                          f"of {ALIGN}; nothing would run in fp8")
     chosen = set(names)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in chosen)
-    log.info("trainer.float8=%s: %d linear layers compute in fp8%s", recipe, len(names),
-             " (emulated on CPU)" if device.type == "cpu" else "")
+    log.info("trainer.float8=%s: %d linear layers compute in fp8%s, fast accumulation in the %s matmuls", recipe,
+             len(names), " (emulated on CPU)" if device.type == "cpu" else "", ", ".join(FAST_ACCUM[fast_accum]))
     return names
