@@ -183,17 +183,19 @@ def test_a_bf16_zero1_float8_run_resumes_exactly(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or float8_problem(torch.device("cuda")) is not None,
                     reason="needs a GPU with fp8 tensor cores")
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_gpu_compiled_fp8_blocks_match_bf16(recipe):
+@pytest.mark.parametrize("recipe, fast_accum", [("tensorwise", "output"), ("rowwise", "output"),
+                                                ("tensorwise", "output_grad_input"), ("tensorwise", "all")])
+def test_gpu_compiled_fp8_blocks_match_bf16(recipe, fast_accum):
     """On fp8 tensor cores (torch._scaled_mm), compiled blocks: a small RetNet's loss and gradients
-    under bf16 autocast with and without float8 agree to fp8 rounding."""
+    under bf16 autocast with and without float8 agree to fp8 rounding, with fast accumulation in
+    the forward only (torchao's default) or in the backward's matmuls too."""
     ids = torch.randint(0, 1024, (4, 257), generator=torch.Generator().manual_seed(1)).cuda()
     got = []
     for fp8 in (False, True):
         torch.manual_seed(0)
         model = build_model("retnet_tiny", d_model=256, n_layers=2, n_heads=2, vocab_size=1024).cuda()
         if fp8:
-            assert len(convert_to_float8(model, recipe, ids.device)) == 14
+            assert len(convert_to_float8(model, recipe, ids.device, fast_accum)) == 14
         model.compile_blocks()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = lm_loss(model(ids[:, :-1], mode="chunkwise"), ids[:, 1:])
