@@ -61,3 +61,25 @@ def test_without_the_key_the_model_is_untouched():
         a = model(ids)
         model.set_residual_dtype(None)
         assert torch.equal(model(ids), a)
+
+
+def test_a_run_records_the_stream_dtype_and_a_resume_that_changes_it_says_so(tmp_path):
+    """Through the trainer (CPU, bf16 autocast): the start-up log names the bf16 stream, the run
+    learns, the checkpoint's meta records the choice, and a resume with the fp32 stream warns."""
+    import json
+
+    from test_train_utils import losses, run_train
+
+    common = ["deepspeed=zero0", "trainer.precision=bf16_autocast", "trainer.eval_at_end=false",
+              "optim.decay_steps=4"]
+    run_train(tmp_path, "trainer.max_steps=3", "trainer.residual_dtype=bf16", *common)
+    log = (tmp_path / "logs" / "rank00000.log").read_text()
+    assert "residual stream bf16" in log
+    got = losses(tmp_path)
+    assert got[3] < got[1] - 0.3  # it learns
+    meta = json.loads(next((tmp_path / "checkpoints").glob("step_*/meta.json")).read_text())
+    assert (meta["residual_dtype"], meta["float8"], meta["float8_fast_accum"]) == ("bf16", "none", "output")
+    run_train(tmp_path, "trainer.max_steps=4", *common)
+    log = (tmp_path / "logs" / "rank00000.log").read_text()
+    assert "resumed from" in log and "residual stream as the weights" in log
+    assert "trainer.residual_dtype=weights from here on; the checkpoint's steps ran with trainer.residual_dtype=bf16" in log

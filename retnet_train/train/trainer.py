@@ -34,6 +34,10 @@ from .throughput import flops_per_token, peak_flops_per_device, peak_memory_gib
 
 log = logging.getLogger("retnet_train")
 
+# trainer keys that change the arithmetic but not the weights: a checkpoint records them (with the
+# value a checkpoint written before the key existed ran with), and a resume that changes one says so
+NUMERICS_KEYS = {"float8": "none", "float8_fast_accum": "output", "residual_dtype": "weights"}
+
 
 class TooManyBadSteps(RuntimeError):
     pass
@@ -145,10 +149,11 @@ class Trainer:
             meta = self.ckpt.restore(self.engine, latest, self.state, model_config=self._model_config())
             self.resumed_from = latest
             log.info("resumed from %s (step %d, %s tokens)", latest, self.state.step, f"{self.state.tokens:,}")
-            before, now = meta.get("float8", "none"), str(cfg.trainer.float8)
-            if before != now:  # the weights carry over either way; the matmuls' precision changes here
-                log.warning("trainer.float8=%s from here on; the checkpoint's steps ran with trainer.float8=%s",
-                            now, before)
+            for key, default in NUMERICS_KEYS.items():
+                before, now = meta.get(key, default), str(cfg.trainer[key])
+                if before != now:  # the weights carry over either way; the arithmetic changes here
+                    log.warning("trainer.%s=%s from here on; the checkpoint's steps ran with trainer.%s=%s",
+                                key, now, key, before)
         elif cfg.checkpoint.init_from and not is_export_dir(cfg.checkpoint.init_from):  # exports load in build
             path = self.ckpt.pick(checkpoints_named_by(cfg.checkpoint.init_from))
             self.ckpt.load(self.engine, path, model_config=self._model_config())
@@ -245,7 +250,7 @@ class Trainer:
         meta = {"tokens": self.state.tokens, "reason": reason, "time": time.time(),
                 "model_config": self._model_config(),
                 "zero_stage": self.cfg.deepspeed.stage, "precision": self.built.precision,
-                "float8": str(self.cfg.trainer.float8), "tokenizer": self._tokenizer_path()}
+                **{key: str(self.cfg.trainer[key]) for key in NUMERICS_KEYS}, "tokenizer": self._tokenizer_path()}
         path = self.ckpt.save(self.engine, self.state, meta)
         self.metrics.event({"event": "checkpoint", "step": self.state.step, "path": str(path), "reason": reason})
 
