@@ -78,6 +78,13 @@ def test_fast_accumulation_reaches_the_chosen_matmuls_of_every_layer(fast_accum,
         convert_to_float8(_tiny(), "tensorwise", torch.device("cpu"), "grad_weight")
 
 
+def test_the_config_key_and_the_conversion_know_the_same_choices():
+    from retnet_train.config import Float8FastAccum
+    from retnet_train.train.float8 import FAST_ACCUM
+
+    assert list(FAST_ACCUM) == list(Float8FastAccum.values())
+
+
 def test_a_model_with_no_aligned_linear_is_refused():
     model = build_model("retnet_tiny", d_model=40, n_layers=1, n_heads=2, vocab_size=64, kernels="torch")
     with pytest.raises(ValueError, match="no linear layer of the blocks has sizes that are multiples of 16"):
