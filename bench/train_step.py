@@ -5,6 +5,7 @@ RetNet-1.3B, and our Transformer, at the same tokens per step (issue 10's compar
     python bench/train_step.py --runs plain fla --seq-len 2048 --kernels triton fla
     python bench/train_step.py --runs plain --seq-len 32768 131072 --tokens-per-step 32768 131072
     python bench/train_step.py --runs trainer transformer fla --compile --seq-len 8192 --memory-budget none 0.4 0.3 0.2
+    python bench/train_step.py --runs fla trainer --compile --trainer-setup zero0:auto:tensorwise:bf16 --rounds 3
 
 The plain loop is the same for every model: fp32 weights, bf16 autocast, fused AdamW, the loss of
 each model's own training path (ours: `trainer.fused_loss`'s chunked loss where the model offers it;
@@ -14,6 +15,9 @@ the plain loop's precision and optimizer; synthetic tokens), as bench/train_thro
 process; tokens/s is the median over the measured steps; peak memory is torch's peak allocation
 after the model is built (weights, optimizer state and activations). Prints the table, appends it to
 bench/RESULTS.md and, with several lengths, writes bench/train_step.png.
+
+Runs of one configuration move by 2-5% between calls on one GPU (bench/RESULTS.md): with --rounds N every
+configuration runs N times, the rounds interleaved, and each row shows its median run and the spread.
 
 Several --memory-budget values measure the speed/memory trade-off: each of our models runs once per
 budget (fla, which has none, once), each row's peak memory is set against our Transformer's at the same
@@ -69,6 +73,10 @@ def parse() -> argparse.Namespace:
                         "(trainer.activation_memory_budget; the compiler recomputes the rest); each value (none or "
                         "a share) is its own run of each of our models")
     p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, the rounds interleaved (each run a fresh process): "
+                        "each row then shows its median run and the spread of its tokens/s, so a ratio near a bar "
+                        "can be told from the variation between runs")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-save", action="store_true")
@@ -323,6 +331,24 @@ def run_specs(args, budgets: list[str]) -> list[str]:
     return specs
 
 
+def combine_rounds(rounds: list[dict[tuple, dict]]) -> dict[tuple, dict]:
+    """Each configuration's result over the rounds (each round: parse_spec's fields -> that run's
+    result): the run with the median tokens/s, its peak memory and loss with it (the lower median for
+    an even count: a run that happened, not an average), plus `runs` and `spread`, (max - min) / median
+    of the tokens/s in percent. Failed runs are left out; a configuration that failed in every round
+    keeps its last error."""
+    out = {}
+    for key in rounds[0]:
+        good = sorted((r[key] for r in rounds if "error" not in r[key]), key=lambda r: r["tokens_per_s"])
+        if not good:
+            out[key] = rounds[-1][key]
+            continue
+        median = good[(len(good) - 1) // 2]
+        rates = [r["tokens_per_s"] for r in good]
+        out[key] = {**median, "runs": len(good), "spread": 100 * (max(rates) - min(rates)) / median["tokens_per_s"]}
+    return out
+
+
 def _ratio(r: dict, ref: dict | None, field: str) -> str:
     return f"{r[field] / ref[field]:.2f}" if ref else ""
 
@@ -333,15 +359,17 @@ def table(results: dict[tuple, dict], args) -> tuple[list[str], list[list]]:
     (fla has none: blank) and at none. A reference that is absent or failed leaves its cell blank."""
     refs = {(run, t, budget): r for (run, t, *_, budget), r in results.items()
             if run in ("fla", "transformer") and "error" not in r}
-    header = ["model", "T", "batch", "tokens/s", "peak GiB", "x fla tokens/s", "x Transformer memory (same budget)",
-              "x Transformer memory (no budget)", "loss"]
+    rounds = getattr(args, "rounds", 1) > 1  # then a column of each row's spread over its runs
+    header = ["model", "T", "batch", "tokens/s", *(["tokens/s spread (runs)"] if rounds else []), "peak GiB",
+              "x fla tokens/s", "x Transformer memory (same budget)", "x Transformer memory (no budget)", "loss"]
     rows = []
     for (run, t, _, k, setup, keep, budget), r in results.items():
         name = label(run, args, k, setup, keep, budget, r.get("precision"))
         if "error" in r:
-            rows.append([name, t, "", r["error"], "", "", "", "", ""])
+            rows.append([name, t, "", r["error"], *([""] if rounds else []), "", "", "", "", ""])
             continue
-        rows.append([name, t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
+        rows.append([name, t, r["batch"], f"{r['tokens_per_s'] / 1e3:.1f}k",
+                     *([f"{r['spread']:.1f}% ({r['runs']})"] if rounds else []), f"{r['peak_gib']:.1f}",
                      _ratio(r, refs.get(("fla", t, "-")), "tokens_per_s"),
                      _ratio(r, refs.get(("transformer", t, budget)), "peak_gib"),
                      _ratio(r, refs.get(("transformer", t, "none")), "peak_gib"), r["loss"]])
@@ -380,11 +408,16 @@ def main() -> None:
         raise SystemExit(f"--compile-tuning {args.compile_tuning}: needs --compile (it tunes the compiled kernels)")
     # 0.3 and 0.30 are one budget: one run each, one row (the results are keyed by the spec's fields)
     budgets = list(dict.fromkeys(check_budget(b, args) for b in args.memory_budget))
-    results = {parse_spec(spec): run_isolated(spec) for spec in run_specs(args, budgets)}
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: at least 1")
+    specs = run_specs(args, budgets)
+    # the rounds interleaved: a machine that drifts (clocks, a neighbour) moves every row alike
+    results = combine_rounds([{parse_spec(spec): run_isolated(spec) for spec in specs} for _ in range(args.rounds)])
     header, rows = table(results, args)
     from bench.results import append
 
-    notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median), "
+    notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median)"
+             f"{f', every configuration in {args.rounds} interleaved rounds (the median run shown)' if args.rounds > 1 else ''}, "
              f"tokens per step {args.tokens_per_step}; compile={args.compile}"
              f"{f' (kernel tiles: {args.compile_tuning})' if args.compile else ''}, activation checkpointing "
              f"{args.act_ckpt}, activation memory budgets measured: {', '.join(budgets)} (each of our models at each; "

@@ -232,3 +232,48 @@ def test_the_budget_chart_draws_each_model_through_its_budgets(monkeypatch):
         "our Transformer-1.3b (SDPA)": ["none", "0.3"],
         "fla RetNet-1.3b (flash-linear-attention)": [""],
     }
+
+
+# ---- --rounds: every configuration several times, interleaved ------------------------------------
+
+
+def test_rounds_interleave_the_runs_and_each_row_shows_its_median_run_and_spread(monkeypatch):
+    calls: dict[str, int] = {}
+    rates = {"trainer": [66.0, 64.0, 67.0], "fla": [44.0, 45.0, 43.0]}  # tokens/s (k) by round
+
+    def runner(spec):
+        run = spec.split(":")[0]
+        n = calls[run] = calls.get(run, 0) + 1
+        out = fake_run(spec)
+        return {**out, "tokens_per_s": 1e3 * rates[run][n - 1], "loss": f"round {n}"}
+
+    ran, rows = run_main(monkeypatch, "--runs", "trainer", "fla", "--kernels", "triton", "--trainer-setup",
+                         "zero0:bf16_autocast", "--seq-len", "2048", "--rounds", "3", runner=runner)
+    trainer, fla = "trainer:2048:16384:triton:zero0:bf16_autocast:both:none", "fla:2048:16384:-:-:-:-"
+    assert ran == [trainer, fla] * 3  # round by round, not one configuration's three runs in a row
+    got = {row[0].split(" (")[0]: row for row in rows}
+    ours, theirs = got["our RetNet-1.3b, trainer"], got["fla RetNet-1.3b"]
+    # tokens/s, spread (runs), ...: the median run (its loss too) and (max - min) / median
+    assert ours[3:5] == ["66.0k", "4.5% (3)"] and ours[-1] == "round 1"
+    assert theirs[3:5] == ["44.0k", "4.5% (3)"] and theirs[-1] == "round 1"
+    assert ours[6] == "1.50"  # x fla from the two medians
+
+
+def test_a_configuration_failing_in_some_rounds_keeps_its_good_runs_and_one_failing_in_all_its_error():
+    good = {"tokens_per_s": 10.0, "peak_gib": 1.0, "batch": 1, "loss": "a"}
+    rounds = [{("a",): {**good, "tokens_per_s": 12.0}, ("b",): {"error": "out of memory"}},
+              {("a",): {"error": "failed (exit 1)"}, ("b",): {"error": "failed (exit 1)"}},
+              {("a",): good, ("b",): {"error": "out of memory"}}]
+    out = bench.combine_rounds(rounds)
+    assert out[("a",)]["tokens_per_s"] == 10.0 and out[("a",)]["runs"] == 2  # the lower of two: a real run
+    assert out[("a",)]["spread"] == pytest.approx(20.0)
+    assert out[("b",)] == {"error": "out of memory"}
+
+
+def test_rounds_below_one_are_refused_before_any_run(monkeypatch):
+    ran = []
+    monkeypatch.setattr(bench, "run_isolated", lambda spec: ran.append(spec) or fake_run(spec))
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--runs", "fla", "--rounds", "0", "--no-save"])
+    with pytest.raises(SystemExit, match="--rounds 0: at least 1"):
+        bench.main()
+    assert ran == []
