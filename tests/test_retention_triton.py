@@ -430,3 +430,63 @@ def test_gpu_varlen_bf16():
     errs = _errors(*_gpu_inputs(1, 4096, 8, 128, 256, 4), lg, cu)
     print("varlen relative L2 errors (o, state, dq, dk, dv, dstate): " + ", ".join(f"{e:.2e}" for e in errs))
     assert max(errs) < 1e-2
+
+
+def _keep_both_launches() -> dict:
+    """The launches of one keep-both forward + backward at issue 10's shape (8 x 2048, 8 heads, d_k
+    256, d_v 512), on meta tensors, by role (bench/retention_launches.py names them)."""
+    from bench.retention_launches import recorded_launches
+    from retnet_train.model.kernels import retention_launch as L
+
+    tuning = L.with_tuning(RT.keep_tuning("both"), 64)
+    return dict(recorded_launches(8, 2048, tuning, torch.device("meta")))
+
+def test_aot_specialises_ints_as_the_jit_does():
+    # a row stride of 256 is marked divisible by 16 and a stride of 1 becomes a constant, as the JIT
+    # does at a launch: without them the AOT compile differs from what runs (unpipelined loads, less
+    # shared memory reported)
+    from retnet_train.model.kernels import aot
+
+    launches = _keep_both_launches()
+    for role, transposed in (("forward outputs", False), ("backward dq", True)):
+        _, _, sig, constexprs, aligned, _, _ = aot.spec(launches[role])
+        names = [name for name, _ in sig]
+        constexprs = dict(constexprs)
+        assert constexprs.get("STATE_SX" if transposed else "STATE_SZ") == 1, role
+        assert names.index("S") in aligned and names.index("STATE_SZ" if transposed else "STATE_SX") in aligned
+        assert dict(sig)["S"] == "i32"
+
+
+_PIPELINE_REPORT = """
+import json, torch, triton
+from bench.retention_launches import recorded_launches
+from retnet_train.model.kernels import aot, retention_launch as L
+from retnet_train.model.kernels.retention_triton import keep_tuning
+report = {}
+for role, launch in recorded_launches(8, 2048, L.with_tuning(keep_tuning("both"), 64), torch.device("meta")):
+    _, _, sig, constexprs, aligned, warps, stages = aot.spec(launch)
+    src = triton.compiler.ASTSource(fn=launch.kernel, signature=dict(sig), constexprs=dict(constexprs),
+                                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    ttgir = triton.compile(src, target=aot.target("sm_90"), options={"num_warps": warps, "num_stages": stages}).asm["ttgir"]
+    plain = [line.strip()[:100] for line in ttgir.splitlines() if " tt.load " in line and "tensor<" in line]
+    report[role] = {"plain": plain, "async": ttgir.count("async_copy_global_to_local")}
+print(json.dumps(report))
+"""
+
+
+def test_every_tile_load_of_the_retention_kernels_is_pipelined_on_sm90():
+    # compiled for sm_90 on this CPU as the JIT would (aot.spec), in a process of its own (this one
+    # may run the interpreter): every tensor load in the kernels' loops is an async copy. dk and dv
+    # read their scores transposed, which loaded element by element outside the pipeline until the
+    # tile was loaded as stored and transposed in the dot
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _PIPELINE_REPORT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert set(report) == {"forward scores", "forward walk", "forward outputs", "backward reverse walk",
+                           "backward gradient scores", "backward dq", "backward dk", "backward dv"}
+    for role, got in report.items():
+        assert got["plain"] == [] and got["async"] >= 4, (role, got)

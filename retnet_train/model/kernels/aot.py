@@ -115,8 +115,11 @@ def norm_gate_launches(D: int, dtype, device, run) -> None:
 def spec(launch) -> tuple:
     """(module, kernel name, signature, constexprs, attrs, num_warps, num_stages): one compile.
 
-    attrs mark what the JIT sees at a real launch: every tensor 16-byte aligned (torch's allocations
-    are), so loads vectorise and pipeline as they will there (the shared memory it reports is real).
+    It specialises as the JIT does at a real launch, so loads vectorise and pipeline as they will
+    there and the shared memory it reports is real: every tensor 16-byte aligned (torch's
+    allocations are), an int argument equal to 1 a constant, one divisible by 16 marked so (a row
+    stride of 256 lets a tile's rows start aligned). Without the last two, a load whose addresses
+    step by such an int compiled unpipelined here and reported less shared memory than the JIT uses.
     """
     fn = launch.kernel
     sig, aligned, constexprs = {}, [], dict(launch.constexprs)
@@ -126,8 +129,12 @@ def spec(launch) -> tuple:
             sig[name] = "constexpr"  # a None pointer (an absent weight) is a constexpr to triton too
             constexprs.setdefault(name, None)
             continue
+        if type(a) is int and a == 1:  # the JIT's specialisation of 1
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+            continue
         sig[name] = _PTR[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32"
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor) or (type(a) is int and a % 16 == 0):
             aligned.append(i)
     return (fn.fn.__module__, fn.__name__, tuple(sig.items()), tuple(sorted(constexprs.items(), key=lambda kv: kv[0])),
             tuple(aligned), launch.num_warps, launch.num_stages)

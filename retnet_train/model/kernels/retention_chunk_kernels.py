@@ -239,8 +239,13 @@ def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq
         cols = bos + cb * BM + i
         col_ok = cols < eos
         if REVERSE:
-            m = tl.load(M + cols[None, :] * (H * S) + h * S + pos[:, None], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0)
+            # tile[a, b] = M[token b, position a], loaded as M's own [token, position] block and
+            # transposed in the dot: along the contiguous positions the mask (col_ok) is constant, so
+            # the load vectorises and pipelines; loaded transposed, with the row mask varying along the
+            # contiguous dimension, it was element by element and outside the pipeline (dk, dv). Rows
+            # past the segment's end read positions the score kernel wrote as 0
+            m = tl.trans(tl.load(M + cols[:, None] * (H * S) + h * S + pos[None, :], mask=col_ok[:, None],
+                                 other=0.0))
         else:
             m = tl.load(M + rows[:, None] * (H * S) + h * S + (cb * BM + i)[None, :], mask=row_ok[:, None],
                         other=0.0)
