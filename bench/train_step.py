@@ -59,7 +59,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--retention-keep", nargs="+", default=["both"],
                    help="our RetNet's model.retention_keep values to compare (none | states | scores | both)")
     p.add_argument("--trainer-setup", nargs="+", default=["zero2:auto"],
-                   help="the trainer's ZeRO stage and trainer.precision, each ZERO:PRECISION[:FLOAT8[:RESIDUAL[:KEY=VALUE...]]] "
+                   help="the trainer's ZeRO stage and trainer.precision, each "
+                        "ZERO:PRECISION[:FLOAT8[:RESIDUAL[:KEY=VALUE...]]] "
                         "(zero0:bf16_autocast: fp32 weights, bf16 autocast and torch's fused AdamW, as the plain "
                         "loop; zero0:auto:tensorwise: also trainer.float8=tensorwise; zero0:auto:tensorwise:bf16: "
                         "also trainer.residual_dtype=bf16; further fields KEY=VALUE set other trainer keys, e.g. "
@@ -416,8 +417,8 @@ def main() -> None:
     header, rows = table(results, args)
     from bench.results import append
 
-    notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median)"
-             f"{f', every configuration in {args.rounds} interleaved rounds (the median run shown)' if args.rounds > 1 else ''}, "
+    rounds = f", every configuration in {args.rounds} interleaved rounds (the median run shown)" if args.rounds > 1 else ""
+    notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median){rounds}, "
              f"tokens per step {args.tokens_per_step}; compile={args.compile}"
              f"{f' (kernel tiles: {args.compile_tuning})' if args.compile else ''}, activation checkpointing "
              f"{args.act_ckpt}, activation memory budgets measured: {', '.join(budgets)} (each of our models at each; "

@@ -5,7 +5,8 @@ import pytest
 from retnet_train.config import load_config
 
 
-@pytest.mark.parametrize("name", ["retnet_1.3b", "retnet_1.3b_1gpu", "retnet_2.7b", "retnet_6.7b", "retnet_13b", "retnet_1.3b_32k",
+@pytest.mark.parametrize("name", ["retnet_1.3b", "retnet_1.3b_1gpu", "retnet_2.7b", "retnet_6.7b", "retnet_13b",
+                                  "retnet_1.3b_32k",
                                   "retnet_1.3b_256k_cp2",
                                   "transformer_1.3b"])
 def test_large_experiments_use_pile_c4_stack(name, monkeypatch):

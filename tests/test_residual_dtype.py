@@ -82,4 +82,5 @@ def test_a_run_records_the_stream_dtype_and_a_resume_that_changes_it_says_so(tmp
     run_train(tmp_path, "trainer.max_steps=4", *common)
     log = (tmp_path / "logs" / "rank00000.log").read_text()
     assert "resumed from" in log and "residual stream as the weights" in log
-    assert "trainer.residual_dtype=weights from here on; the checkpoint's steps ran with trainer.residual_dtype=bf16" in log
+    assert ("trainer.residual_dtype=weights from here on; the checkpoint's steps ran with "
+            "trainer.residual_dtype=bf16") in log

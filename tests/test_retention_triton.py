@@ -467,7 +467,8 @@ for role, launch in recorded_launches(8, 2048, L.with_tuning(keep_tuning("both")
     _, _, sig, constexprs, aligned, warps, stages = aot.spec(launch)
     src = triton.compiler.ASTSource(fn=launch.kernel, signature=dict(sig), constexprs=dict(constexprs),
                                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    ttgir = triton.compile(src, target=aot.target("sm_90"), options={"num_warps": warps, "num_stages": stages}).asm["ttgir"]
+    options = {"num_warps": warps, "num_stages": stages}
+    ttgir = triton.compile(src, target=aot.target("sm_90"), options=options).asm["ttgir"]
     plain = [line.strip()[:100] for line in ttgir.splitlines() if " tt.load " in line and "tensor<" in line]
     report[role] = {"plain": plain, "async": ttgir.count("async_copy_global_to_local")}
 print(json.dumps(report))

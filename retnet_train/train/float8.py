@@ -87,7 +87,8 @@ def convert_to_float8(model: nn.Module, recipe: str, device: torch.device, fast_
         raise RuntimeError(f"trainer.float8={recipe} needs torchao (pip install torchao, or the project's "
                            f"`gpu` extra): {e}") from None
     config = Float8LinearConfig.from_recipe_name(recipe)
-    config = dataclasses.replace(config, **{f"gemm_config_{gemm}": Float8GemmConfig(use_fast_accum=gemm in FAST_ACCUM[fast_accum])
+    fast = FAST_ACCUM[fast_accum]
+    config = dataclasses.replace(config, **{f"gemm_config_{gemm}": Float8GemmConfig(use_fast_accum=gemm in fast)
                                             for gemm in FAST_ACCUM["all"]})
     if device.type == "cpu":
         config = dataclasses.replace(config, emulate=True)
