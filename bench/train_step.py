@@ -417,7 +417,8 @@ def main() -> None:
     header, rows = table(results, args)
     from bench.results import append
 
-    rounds = f", every configuration in {args.rounds} interleaved rounds (the median run shown)" if args.rounds > 1 else ""
+    rounds = (f", every configuration in {args.rounds} interleaved rounds (the median run shown)"
+              if args.rounds > 1 else "")
     notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median){rounds}, "
              f"tokens per step {args.tokens_per_step}; compile={args.compile}"
              f"{f' (kernel tiles: {args.compile_tuning})' if args.compile else ''}, activation checkpointing "
