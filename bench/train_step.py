@@ -201,7 +201,9 @@ def parse_setup(setup: str) -> tuple[int, str, str, str, dict[str, str]]:
 
     from retnet_train.config import TrainerConfig
 
-    zero, precision, float8, residual, *more = (setup.split(":") + ["", "", ""])[:4] + setup.split(":")[4:]
+    parts = setup.split(":")
+    zero, precision, float8, residual = (parts + ["", "", ""])[:4]  # the last two may be left out
+    more = parts[4:]
     float8, residual = float8 or "none", residual or "weights"
     keys = {f.name for f in fields(TrainerConfig)}
     extra = dict(item.partition("=")[::2] for item in more)
@@ -360,7 +362,7 @@ def table(results: dict[tuple, dict], args) -> tuple[list[str], list[list]]:
     (fla has none: blank) and at none. A reference that is absent or failed leaves its cell blank."""
     refs = {(run, t, budget): r for (run, t, *_, budget), r in results.items()
             if run in ("fla", "transformer") and "error" not in r}
-    rounds = getattr(args, "rounds", 1) > 1  # then a column of each row's spread over its runs
+    rounds = args.rounds > 1  # then a column of each row's spread over its runs
     header = ["model", "T", "batch", "tokens/s", *(["tokens/s spread (runs)"] if rounds else []), "peak GiB",
               "x fla tokens/s", "x Transformer memory (same budget)", "x Transformer memory (no budget)", "loss"]
     rows = []

@@ -99,5 +99,5 @@ def convert_to_float8(model: nn.Module, recipe: str, device: torch.device, fast_
     chosen = set(names)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in chosen)
     log.info("trainer.float8=%s: %d linear layers compute in fp8%s, fast accumulation in the %s matmuls", recipe,
-             len(names), " (emulated on CPU)" if device.type == "cpu" else "", ", ".join(FAST_ACCUM[fast_accum]))
+             len(names), " (emulated on CPU)" if device.type == "cpu" else "", ", ".join(fast))
     return names
