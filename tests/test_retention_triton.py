@@ -458,17 +458,13 @@ def test_aot_specialises_ints_as_the_jit_does():
 
 
 _PIPELINE_REPORT = """
-import json, torch, triton
+import json, torch
 from bench.retention_launches import recorded_launches
 from retnet_train.model.kernels import aot, retention_launch as L
 from retnet_train.model.kernels.retention_triton import keep_tuning
 report = {}
 for role, launch in recorded_launches(8, 2048, L.with_tuning(keep_tuning("both"), 64), torch.device("meta")):
-    _, _, sig, constexprs, aligned, warps, stages = aot.spec(launch)
-    src = triton.compiler.ASTSource(fn=launch.kernel, signature=dict(sig), constexprs=dict(constexprs),
-                                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    options = {"num_warps": warps, "num_stages": stages}
-    ttgir = triton.compile(src, target=aot.target("sm_90"), options=options).asm["ttgir"]
+    ttgir = aot.compile_spec(aot.spec(launch), "sm_90").asm["ttgir"]
     plain = [line.strip()[:100] for line in ttgir.splitlines() if " tt.load " in line and "tensor<" in line]
     report[role] = {"plain": plain, "async": ttgir.count("async_copy_global_to_local")}
 print(json.dumps(report))

@@ -140,19 +140,25 @@ def spec(launch) -> tuple:
             tuple(aligned), launch.num_warps, launch.num_stages)
 
 
-def compile_one(job):
+def compile_spec(s, tgt_name: str):
+    """triton.compile of one spec() for a target named as on the command line: the compiled kernel
+    (its `asm` holds each stage's code, e.g. "ttgir")."""
     import triton
 
-    s, tgt_name = job
     module, name, sig, constexprs, aligned, warps, stages = s
     fn = getattr(importlib.import_module(module), name)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    src = triton.compiler.ASTSource(fn=fn, signature=dict(sig), constexprs=dict(constexprs), attrs=attrs)
+    options = {"num_warps": warps, **({} if stages is None else {"num_stages": stages})}
+    return triton.compile(src, target=target(tgt_name), options=options)
+
+
+def compile_one(job):
+    s, tgt_name = job
     tgt = target(tgt_name)
     start = time.time()
     try:
-        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        src = triton.compiler.ASTSource(fn=fn, signature=dict(sig), constexprs=dict(constexprs), attrs=attrs)
-        options = {"num_warps": warps, **({} if stages is None else {"num_stages": stages})}
-        out = triton.compile(src, target=tgt, options=options)
+        out = compile_spec(s, tgt_name)
         shared = int(getattr(out.metadata, "shared", 0))
         err = None if shared <= SMEM_LIMIT[tgt.backend] else \
             f"needs {shared} bytes of shared memory, over the {SMEM_LIMIT[tgt.backend]} of {tgt_name}"
