@@ -68,6 +68,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile our models")
     p.add_argument("--compile-tuning", default="default", choices=CompileTuning.values(),
                    help="with --compile: how inductor sizes our compiled blocks' kernels (trainer.compile_tuning)")
+    p.add_argument("--compile-pdl", action="store_true",
+                   help="with --compile: our compiled blocks' kernels use programmatic dependent launch "
+                        "(trainer.compile_pdl)")
     p.add_argument("--act-ckpt", default="none", help="our models' activation checkpointing mode")
     p.add_argument("--memory-budget", nargs="+", default=["none"],
                    help="with --compile: our models' compiled blocks keep at most this share of their activations "
@@ -143,7 +146,7 @@ def plain_loop(kind: str, seq_len: int, tokens: int, args, kernels: str, keep: s
         # each block, as trainer.compile does (regional: one graph for every layer; compiling the
         # whole 24-layer model took minutes); liger's fused loss stays eager (a fake-tensor
         # TypeError in its addmm, H100, torch 2.11)
-        model.compile_blocks(memory_budget=budget, tuning=args.compile_tuning)
+        model.compile_blocks(memory_budget=budget, tuning=args.compile_tuning, pdl=args.compile_pdl)
     step_loss = loss_fn(kind, model)
     batch = max(1, tokens // seq_len)
     vocab = model.config.vocab_size
@@ -234,7 +237,8 @@ def through_trainer(seq_len: int, tokens: int, args, kernels: str, setup: str, k
              *([f"trainer.residual_dtype={residual}"] if residual != "weights" else []),
              *[f"trainer.{key}={value}" for key, value in extra.items()],
              *([f"trainer.activation_memory_budget={budget}"] if budget is not None else []),
-             *([f"trainer.compile_tuning={args.compile_tuning}"] if args.compile_tuning != "default" else [])]
+             *([f"trainer.compile_tuning={args.compile_tuning}"] if args.compile_tuning != "default" else []),
+             *(["trainer.compile_pdl=true"] if args.compile_pdl else [])]
     ns = throughput_args(flags)
     ns.act_ckpt = args.act_ckpt  # a mode name here (none | full | selective), a flag there
     row = measure(f"retnet_{args.size}", seq_len, ns)
@@ -409,6 +413,8 @@ def main() -> None:
         parse_setup(setup)
     if args.compile_tuning != "default" and not args.compile:
         raise SystemExit(f"--compile-tuning {args.compile_tuning}: needs --compile (it tunes the compiled kernels)")
+    if args.compile_pdl and not args.compile:
+        raise SystemExit("--compile-pdl: needs --compile (it launches the compiled kernels)")
     # 0.3 and 0.30 are one budget: one run each, one row (the results are keyed by the spec's fields)
     budgets = list(dict.fromkeys(check_budget(b, args) for b in args.memory_budget))
     if args.rounds < 1:
@@ -421,9 +427,10 @@ def main() -> None:
 
     rounds = (f", every configuration in {args.rounds} interleaved rounds (the median run shown)"
               if args.rounds > 1 else "")
+    pdl = ", dependent launches" if args.compile_pdl else ""
     notes = (f"bench/train_step.py: {args.warmup} warmup + {args.steps} measured steps (median){rounds}, "
              f"tokens per step {args.tokens_per_step}; compile={args.compile}"
-             f"{f' (kernel tiles: {args.compile_tuning})' if args.compile else ''}, activation checkpointing "
+             f"{f' (kernel tiles: {args.compile_tuning}{pdl})' if args.compile else ''}, activation checkpointing "
              f"{args.act_ckpt}, activation memory budgets measured: {', '.join(budgets)} (each of our models at each; "
              f"fla has none); plain loop: fp32 weights, bf16 autocast, fused AdamW; trainer: "
              f"{', '.join(args.trainer_setup)} (ZeRO stage: trainer.precision; auto: bf16 weights with fp32 masters at "

@@ -134,6 +134,9 @@ def measure(preset: str, seq_len: int | None, args) -> dict:
     print(f"{preset} T={seq_len} tp={cfg.parallel.tp} zero={cfg.deepspeed.stage}: loss by step "
           + " ".join(f"{r['step']}:{r['loss']:.3f}" for r in logged), flush=True)
     steps = [r for r in logged if args.warmup < r["step"] <= args.warmup + args.steps]  # not a profiled one
+    if not steps:  # e.g. a time limit's SIGTERM, which the trainer takes as a request to stop early
+        raise RuntimeError(f"{preset} T={seq_len}: the trainer logged {len(logged)} steps, none of the measured "
+                           f"steps {args.warmup + 1}-{args.warmup + args.steps} (stopped early?)")
     seconds = sum(cfg.trainer.global_batch_tokens / r["tokens_per_s"] for r in steps)
     tokens = cfg.trainer.global_batch_tokens * len(steps)
     tps = tokens / seconds

@@ -229,6 +229,11 @@ class TrainerConfig:
         CompileTuning.default, "with trainer.compile: how the compiler sizes each fused kernel's tiles. `default`: "
         "its heuristics; `coordinate_descent`: it times neighbouring tile sizes on each kernel's first call and "
         "keeps the fastest (longer first step; inductor's coordinate_descent_tuning). See docs/training.md")
+    compile_pdl: bool = doc(
+        False, "with trainer.compile: the compiled kernels use programmatic dependent launch (inductor's "
+        "triton.enable_pdl): each may start while the one before it drains, which hides part of the gap "
+        "between the thousands of short kernels of a step. NVIDIA compute capability 9.0+ (plain launches "
+        "elsewhere). See docs/training.md")
     float8: Float8Recipe = doc(
         Float8Recipe.none, "the blocks' linear layers multiply in fp8 (torchao's Float8Linear; weights, gradients "
         "and optimizer unchanged): `tensorwise` (one dynamic scale per tensor; the fastest), `rowwise` (one per "
@@ -665,6 +670,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _fail("trainer.activation_memory_budget", budget, problem)
     if cfg.trainer.compile_tuning != "default" and not cfg.trainer.compile:
         _fail("trainer.compile_tuning", cfg.trainer.compile_tuning, "needs trainer.compile=true (it tunes the "
+              "compiled kernels)")
+    if cfg.trainer.compile_pdl and not cfg.trainer.compile:
+        _fail("trainer.compile_pdl", cfg.trainer.compile_pdl, "needs trainer.compile=true (it launches the "
               "compiled kernels)")
     if cfg.trainer.residual_dtype == "bf16" and cfg.trainer.precision == "fp32":
         _fail("trainer.residual_dtype", cfg.trainer.residual_dtype, "needs a bf16 precision (trainer.precision=fp32)")

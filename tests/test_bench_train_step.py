@@ -48,7 +48,8 @@ def test_the_trainer_row_runs_with_the_setup(monkeypatch):
 
     monkeypatch.setattr(throughput, "measure", fake_measure)
     args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=False, profile=False, chunk_size=None,
-                                 act_ckpt="none", compile_tuning="default")
+                                 act_ckpt="none", compile_tuning="default",
+                                 compile_pdl=False)
     row = bench.through_trainer(2048, 16384, args, "triton", "zero0:bf16_autocast", "states")
     assert seen == dict(preset="retnet_1.3b", seq_len=2048, zero=0, precision="bf16_autocast", micro=8,
                         overrides=["model.kernels=triton", "model.retention_keep=states"])
@@ -96,7 +97,8 @@ def test_a_memory_budget_reaches_the_trainer_and_labels_the_rows(monkeypatch):
     monkeypatch.setattr(throughput, "measure", lambda preset, seq_len, ns: seen.update(overrides=ns.overrides) or
                         {"tokens_per_s": 1.0, "peak_mem_gib": 2.0, "first_loss": 3.0, "loss": 2.5, "precision": "bf16"})
     args = types.SimpleNamespace(size="1.3b", warmup=1, steps=2, compile=True, profile=False, chunk_size=None,
-                                 act_ckpt="none", compile_tuning="default")
+                                 act_ckpt="none", compile_tuning="default",
+                                 compile_pdl=False)
     assert bench.check_budget("0.30", args) == "0.3" and bench.check_budget("none", args) == "none"
     bench.through_trainer(8192, 16384, args, "triton", "zero0:bf16_autocast", "none", 0.3)
     assert seen["overrides"][-1] == "trainer.activation_memory_budget=0.3"
@@ -105,6 +107,9 @@ def test_a_memory_budget_reaches_the_trainer_and_labels_the_rows(monkeypatch):
     args.compile_tuning = "coordinate_descent"  # --compile-tuning reaches the trainer as its key
     bench.through_trainer(8192, 16384, args, "triton", "zero0:bf16_autocast", "none", None)
     assert seen["overrides"][-1] == "trainer.compile_tuning=coordinate_descent"
+    args.compile_pdl = True  # --compile-pdl too
+    bench.through_trainer(8192, 16384, args, "triton", "zero0:bf16_autocast", "none", None)
+    assert seen["overrides"][-2:] == ["trainer.compile_tuning=coordinate_descent", "trainer.compile_pdl=true"]
     # one budget keeps the labels of older RESULTS rows
     assert bench.label("plain", args, "triton", budget="0.3").endswith("(kernels=triton, memory budget 0.3)")
     assert bench.label("transformer", args, "-", budget="0.3").endswith("(SDPA, memory budget 0.3)")
@@ -198,6 +203,7 @@ def test_one_budget_keeps_the_old_labels_and_leaves_the_no_budget_column_blank(m
      "--memory-budget 0.3: acts only on blocks without activation checkpointing"),
     (["--memory-budget", "0.3"], "--memory-budget 0.3: needs trainer.compile=true"),
     (["--compile-tuning", "coordinate_descent"], "--compile-tuning coordinate_descent: needs --compile"),
+    (["--compile-pdl"], "--compile-pdl: needs --compile"),
 ])
 def test_a_bad_budget_stops_the_bench_before_any_run(monkeypatch, flags, message):
     ran = []

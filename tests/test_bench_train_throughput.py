@@ -35,3 +35,32 @@ def test_profile_adds_one_untimed_profiled_step():
     assert not cfg.logging.profile.trace
     plain = load_config(bench.run_overrides("retnet_tiny", 256, bench.parse(["--preset", "retnet_tiny"]), 1, "/tmp/x"))
     assert plain.logging.profile.start == 0 and plain.trainer.max_steps == 13
+
+
+def test_a_run_stopped_before_its_measured_steps_is_named_not_divided_by_zero(monkeypatch):
+    """A time limit's SIGTERM makes the trainer stop early (a stop request); a run that logged only its
+    warmup steps fails with what happened instead of a ZeroDivisionError in the tokens/s."""
+    import json
+    import types
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    import retnet_train.train.trainer as trainer_module
+
+    class StoppedAfterWarmup:
+        def __init__(self, cfg):
+            self.cfg = cfg
+            self.ps = types.SimpleNamespace(device=torch.device("cpu"), is_main=True, world_size=1)
+            self.profiler = types.SimpleNamespace(report=Path(cfg.run_dir) / "no-profile")
+
+        def fit(self):
+            lines = [json.dumps({"step": s, "loss": 10.0, "tokens_per_s": 1000.0}) for s in (1, 2)]
+            (Path(self.cfg.run_dir) / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    monkeypatch.setattr(trainer_module, "Trainer", StoppedAfterWarmup)
+    args = bench.parse(["--preset", "retnet_tiny", "--steps", "3", "--warmup", "2"])
+    with pytest.raises(RuntimeError, match=r"retnet_tiny T=256: the trainer logged 2 steps, none of the measured "
+                                           r"steps 3-5 \(stopped early\?\)"):
+        bench.measure("retnet_tiny", 256, args)

@@ -108,6 +108,7 @@ def test_wrong_type_is_named():
      "trainer.activation_memory_budget=0.5: acts only on blocks without activation checkpointing"),
     (["trainer.compile_tuning=coordinate_descent"],
      "trainer.compile_tuning='coordinate_descent': needs trainer.compile=true"),
+    (["trainer.compile_pdl=true"], "trainer.compile_pdl=True: needs trainer.compile=true"),
     (["trainer.residual_dtype=bf16", "trainer.precision=fp32"],
      "trainer.residual_dtype='bf16': needs a bf16 precision"),
     (["trainer.residual_dtype=fp16"], "trainer.residual_dtype"),

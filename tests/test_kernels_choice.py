@@ -243,11 +243,11 @@ def test_compiled_blocks_under_a_memory_budget_keep_less_and_train_like_eager():
 
 
 def test_compile_tuning_reaches_the_forward_and_the_backward_graphs(monkeypatch):
-    """compile_blocks(tuning="coordinate_descent") sets inductor's coordinate_descent_tuning while it
-    generates code for the block's forward graph and for its backward graph (compiled later, at the
-    first backward, outside compile_blocks' call), trains like eager, and leaves a block compiled
-    by default untuned; an unknown tuning is refused by name. The trainer's key and the model's
-    tunings name the same choices."""
+    """compile_blocks(tuning="coordinate_descent", pdl=True) sets inductor's coordinate_descent_tuning
+    and triton.enable_pdl while it generates code for the block's forward graph and for its backward
+    graph (compiled later, at the first backward, outside compile_blocks' call), trains like eager,
+    and leaves a block compiled by default with neither; an unknown tuning is refused by name. The
+    trainer's key and the model's tunings name the same choices."""
     from retnet_train.config import CompileTuning
     from retnet_train.model.lm import COMPILE_TUNINGS
     from torch._inductor.graph import GraphLowering
@@ -260,7 +260,8 @@ def test_compile_tuning_reaches_the_forward_and_the_backward_graphs(monkeypatch)
     codegen = GraphLowering.codegen
 
     def spy(self, *args, **kwargs):
-        seen.append((bool(self.is_backward), bool(torch._inductor.config.coordinate_descent_tuning)))
+        config = torch._inductor.config
+        seen.append((bool(self.is_backward), bool(config.coordinate_descent_tuning), bool(config.triton.enable_pdl)))
         return codegen(self, *args, **kwargs)
 
     monkeypatch.setattr(GraphLowering, "codegen", spy)
@@ -270,17 +271,18 @@ def test_compile_tuning_reaches_the_forward_and_the_backward_graphs(monkeypatch)
         models.append(build_model("retnet_tiny", kernels="torch", **{**TINY, "n_layers": 2}))
     eager, default, tuned = models
     torch._dynamo.reset()
-    tuned.compile_blocks(tuning="coordinate_descent")
-    assert tuned.compile_tuning == "coordinate_descent"
-    assert tuned.compile_summary() == ", kernel tiles tuned by coordinate_descent"  # the start-up log's words
+    tuned.compile_blocks(tuning="coordinate_descent", pdl=True)
+    assert tuned.compile_tuning == "coordinate_descent" and tuned.compile_pdl
+    # the start-up log's words
+    assert tuned.compile_summary() == ", kernel tiles tuned by coordinate_descent, dependent launches"
     want, got = _train(eager, 2), _train(tuned, 2)
     for a, b in zip(got, want):
         assert abs(a - b) < 1e-5, (got, want)
-    assert sorted(set(seen)) == [(False, True), (True, True)], seen
+    assert sorted(set(seen)) == [(False, True, True), (True, True, True)], seen
     seen.clear()
     default.compile_blocks()
     _train(default, 1)
-    assert sorted(set(seen)) == [(False, False), (True, False)], seen
+    assert sorted(set(seen)) == [(False, False, False), (True, False, False)], seen
     assert default.compile_summary() == ""
     with pytest.raises(ValueError, match="tuning='fastest'"):
         eager.compile_blocks(tuning="fastest")

@@ -82,6 +82,7 @@ class LanguageModel(nn.Module):
         self._compiled_block = None  # compile_blocks(): run_block through torch.compile
         self.memory_budget = None  # compile_blocks(memory_budget=...): what compiled blocks may keep
         self.compile_tuning = None  # compile_blocks(tuning=...): how their fused kernels were sized
+        self.compile_pdl = False  # compile_blocks(pdl=...): their kernels launched as dependent launches
         self.residual_dtype: torch.dtype | None = None  # set_residual_dtype(); None: the embedding's dtype
         # resolved once, for the device the model is built on (torch.device(...) context)
         self.kernels = resolve_kernels(cfg.kernels)
@@ -133,7 +134,7 @@ class LanguageModel(nn.Module):
             return "none"
         return self.activation_checkpointing
 
-    def compile_blocks(self, memory_budget: float | None = None, tuning: str = "default") -> None:
+    def compile_blocks(self, memory_budget: float | None = None, tuning: str = "default", pdl: bool = False) -> None:
         """Regional compilation: torch.compile one block's call (with its activation checkpointing,
         so selective checkpointing's policy is traced too) instead of the whole model. The blocks
         share one code path and their weights are graph inputs, so one graph serves every layer:
@@ -142,14 +143,15 @@ class LanguageModel(nn.Module):
 
         `memory_budget` (0 to 1, None: the compiler's default): the share of the block's activations
         its compiled graph may keep for backward; the compiler's partitioner recomputes the rest.
-        `tuning` (a key of COMPILE_TUNINGS): how inductor sizes the fused kernels' tiles."""
+        `tuning` (a key of COMPILE_TUNINGS): how inductor sizes the fused kernels' tiles.
+        `pdl`: the compiled kernels use programmatic dependent launch (PDL_OPTIONS)."""
         if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
             raise ValueError(f"memory_budget={memory_budget!r}: a share of the activations in [0, 1]")
         if tuning not in COMPILE_TUNINGS:
             raise ValueError(f"tuning={tuning!r} is not one of {list(COMPILE_TUNINGS)}")
-        self.memory_budget, self.compile_tuning = memory_budget, tuning
+        self.memory_budget, self.compile_tuning, self.compile_pdl = memory_budget, tuning, bool(pdl)
         self._plan_recompute()
-        options = COMPILE_TUNINGS[tuning]
+        options = {**COMPILE_TUNINGS[tuning], **(PDL_OPTIONS if pdl else {})}
         backend = "inductor" if memory_budget is None and not options else _Inductor(memory_budget, options)
         self._compiled_block = torch.compile(run_block, backend=backend)
 
@@ -163,11 +165,12 @@ class LanguageModel(nn.Module):
 
     def compile_summary(self) -> str:
         """What compile_blocks chose beyond compiling, for the start-up log: "" or ", compiled with
-        activation memory budget B[, kernel tiles tuned by T]" (each part only where it was set)."""
+        activation memory budget B[, kernel tiles tuned by T][, dependent launches]" (each part only
+        where it was set)."""
         budget = ("" if self.memory_budget is None
                   else f", compiled with activation memory budget {self.memory_budget:g}")
         tuned = "" if self.compile_tuning in (None, "default") else f", kernel tiles tuned by {self.compile_tuning}"
-        return budget + tuned
+        return budget + tuned + (", dependent launches" if self.compile_pdl else "")
 
     def forward(self, ids: Tensor, mode: str = "parallel", chunk_size: int | None = None,
                 state: State | None = None, return_state: bool = False, return_hidden: bool = False,
@@ -297,6 +300,14 @@ class LanguageModel(nn.Module):
 # The compiled elementwise code of a fp8 block ran at 1.2-3.1 TB/s under the default heuristics; the
 # tuning gave the trainer 1.3% (H100, bench/RESULTS.md, 2026-12-07), within the spread between calls
 COMPILE_TUNINGS = {"default": {}, "coordinate_descent": {"coordinate_descent_tuning": True}}
+
+# compile_blocks(pdl=True) -> inductor's config: programmatic dependent launch (Hopper and later; inductor
+# launches plainly where the device lacks it). Each compiled kernel waits for its predecessor's writes
+# inside the kernel instead of at its launch, so its start overlaps the predecessor's drain: a compiled
+# fp8 step of RetNet-1.3B launches about 1,950 short fused elementwise kernels. With coordinate descent
+# the trainer reached 1.54x fla's RetNet-1.3B at 8 x 2048 and 2 x 8192, where it had 1.46-1.51x without
+# either (H100, bench/RESULTS.md, 2026-12-07)
+PDL_OPTIONS = {"triton.enable_pdl": True}
 
 
 class _Inductor:

@@ -120,7 +120,8 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
         config=ds_config, dist_init_required=False, mpu=mpu())
     if trainer.compile:
         # regional: one graph for every block, compiled in seconds
-        net.compile_blocks(memory_budget=trainer.activation_memory_budget, tuning=str(trainer.compile_tuning))
+        net.compile_blocks(memory_budget=trainer.activation_memory_budget, tuning=str(trainer.compile_tuning),
+                           pdl=bool(trainer.compile_pdl))
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
     log.info("model %s: %.1fM parameters in this rank's tensor-parallel slice, precision %s, ZeRO-%d, kernels %s "
              "(model.kernels=%s), activation checkpointing %s%s%s, fused loss %s, float8 %s, residual stream %s",
