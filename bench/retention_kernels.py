@@ -189,7 +189,10 @@ def main() -> None:
         raise SystemExit(f"--rounds {args.rounds}: must be at least 1")
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
     dt, dev = torch.bfloat16, "cuda"
-    lg = head_log_decays(H)
+    # on the GPU, as the model hands them over (RetNetBlock caches its decays per device): a CPU tensor
+    # cost our rows a synchronising host-to-device copy per call (fla's row already had its decays on
+    # the GPU), so the host could never run ahead and "queued" measured launch latency as well
+    lg = head_log_decays(H).to(dev)
     # --only may name any row, the sweep's too (a row compiles only when it runs)
     paths = {**fla_paths(lg), **ours_paths(lg, args.sweep or bool(args.only))}
     paths["torch chunkwise"] = lambda q, k, v: chunkwise_retention(q, k, v, lg, chunk_size=64)[0]
