@@ -446,3 +446,47 @@ def test_compiled_blocks_with_the_norm_gate_kernel_train_like_eager():
     (compiled, the projection is a checkpointed region of its own: nested in the block's): the
     gradients of eager (a fresh process with Triton's interpreter)."""
     _run_interpreted(_COMPILED_NORM_GATE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs CUDA compute capability 9.0+ (programmatic dependent launch)")
+def test_gpu_dependent_launches_compute_what_plain_launches_compute(monkeypatch):
+    """compile_blocks(pdl=True) (trainer.compile_pdl) puts the wait for the previous kernel into the
+    compiled kernels (gdc_wait) instead of at their launch; they may then start while the one before
+    them, ours, cuBLAS's or inductor's, still runs. What they compute must not change: three AdamW
+    steps of our Triton-kernel blocks under bf16 autocast give bit-identical losses and gradients."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # codegen runs, so its code is seen
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    ids = torch.randint(0, 97, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = {}
+    for pdl in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = build_model("retnet_tiny", kernels="triton", retention_keep="both",
+                                **{**TINY, "d_model": 256, "n_heads": 2, "chunk_size": 64}).train()
+        model.compile_blocks(pdl=pdl)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, mode="chunkwise").float().logsumexp(-1).mean()
+            loss.backward()
+            return loss
+
+        losses, code = [], []
+        for _ in range(3):
+            loss, generated = run_and_get_code(step)
+            code += generated
+            losses.append(loss.item())
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            opt.step()
+            opt.zero_grad()
+        results[pdl] = losses, grads, "gdc_wait" in "\n".join(code)
+    assert results[True][2] and not results[False][2]  # the option reached the generated kernels
+    assert results[True][0] == results[False][0]
+    for a, b in zip(results[True][1], results[False][1], strict=True):
+        assert torch.equal(a, b)
