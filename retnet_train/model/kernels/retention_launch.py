@@ -129,7 +129,7 @@ def make_layout(B: int, T: int, cu_seqlens: Tensor | None, tuning: Tuning, devic
     C = tuning.chunk
     if cu_seqlens is None:
         S = segment_length(T, tuning)
-        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        dummy = torch.empty(1, dtype=torch.int32, device=device)  # never read with VARLEN=0: no fill kernel
         return Layout(T, B, S, C, B * math.ceil(T / S), False, dummy, dummy, dummy)
     N = cu_seqlens.numel() - 1
     S = segment_length(T, tuning)
