@@ -288,6 +288,23 @@ def test_compile_tuning_reaches_the_forward_and_the_backward_graphs(monkeypatch)
         eager.compile_blocks(tuning="fastest")
 
 
+def test_compile_pdl_warns_where_it_changes_nothing(monkeypatch):
+    """trainer.compile_pdl acts on NVIDIA compute capability 9.0+ only (inductor skips it elsewhere):
+    the build warns, naming the device, everywhere else and is silent there."""
+    from retnet_train.train.build import dependent_launch_warning
+
+    assert "trainer.compile_pdl on cpu: dependent launches need an NVIDIA GPU" in dependent_launch_warning(
+        torch.device("cpu"))
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "compute capability 8.0: dependent launches need 9.0+" in dependent_launch_warning(cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert dependent_launch_warning(cuda) is None
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "trainer.compile_pdl on ROCm" in dependent_launch_warning(cuda)
+
+
 def test_blocks_learn_whether_their_projection_region_keeps_its_output():
     """The compiled gated-norm projection keeps its output only in blocks that are not fully
     checkpointed and compiled without a memory budget (RetNetBlock.plan_recompute)."""

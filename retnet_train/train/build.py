@@ -91,6 +91,20 @@ def forward_kwargs(trainer, model_cfg) -> dict:
     return {"mode": "chunkwise", "chunk_size": trainer.chunk_size or model_cfg.chunk_size}
 
 
+def dependent_launch_warning(device: torch.device) -> str | None:
+    """Why trainer.compile_pdl changes nothing on `device` (None where it acts): inductor generates
+    programmatic dependent launches for NVIDIA GPUs of compute capability 9.0+ only."""
+    if device.type != "cuda":
+        return f"trainer.compile_pdl on {device.type}: dependent launches need an NVIDIA GPU; launches stay plain"
+    if torch.version.hip is not None:
+        return "trainer.compile_pdl on ROCm: dependent launches are NVIDIA's (inductor skips them); launches stay plain"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return (f"trainer.compile_pdl on compute capability {major}.{minor}: dependent launches need 9.0+ "
+                f"(Hopper); launches stay plain")
+    return None
+
+
 def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: torch.device) -> Built:
     """model: the config's `model` section; trainer, optim, ds: the trainer, optim and deepspeed
     sections; init_from: checkpoint.init_from (an export folder's weights load here)."""
@@ -122,6 +136,8 @@ def build_engine(model, trainer, optim, ds, init_from, layout: dict, device: tor
         # regional: one graph for every block, compiled in seconds
         net.compile_blocks(memory_budget=trainer.activation_memory_budget, tuning=str(trainer.compile_tuning),
                            pdl=bool(trainer.compile_pdl))
+        if trainer.compile_pdl and (warning := dependent_launch_warning(device)):
+            log.warning(warning)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())
     log.info("model %s: %.1fM parameters in this rank's tensor-parallel slice, precision %s, ZeRO-%d, kernels %s "
              "(model.kernels=%s), activation checkpointing %s%s%s, fused loss %s, float8 %s, residual stream %s",
