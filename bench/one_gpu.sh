@@ -27,6 +27,10 @@
 #                the trainer at zero0:auto beside fla, 8 x 2048 then 2 x 8192 tokens; the gpu-marked fp8
 #                tests first
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
+#   bars         issue 10's two speed bars in the fastest setup measured: the gpu-marked retention and
+#                compile tests, our retention launches one by one, our retention op (keep both) against
+#                fla's chunk_simple_gla in 3 rounds, and the trainer with experiment retnet_1.3b_1gpu's
+#                keys (BEST_SETUP) against fla's RetNet-1.3B at 8 x 2048 and 2 x 8192 in 2 rounds
 #   long-budget  T=131072 through the trainer, compiled: every block fully checkpointed (what the 128k
 #                experiment did before) against no checkpointing at trainer.activation_memory_budget 0.2
 #                (the experiment's 0.1 runs in `long`)
@@ -39,13 +43,14 @@
 #
 # Env: LOG_DIR (default bench/logs), RUN_TIMEOUT (seconds per bench run, default 300),
 # TRAIN_SETUPS (default "zero2:auto zero0:auto"; auto at ZeRO-0 is bf16_autocast), RETENTION_KEEP (default
-# "none both").
+# "none both"), BEST_SETUP (the bars phase's --trainer-setup; default: retnet_1.3b_1gpu's keys).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 LOG_DIR="${LOG_DIR:-bench/logs}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-300}"
 read -r -a TRAIN_SETUPS <<< "${TRAIN_SETUPS:-zero2:auto zero0:auto}"
 read -r -a RETENTION_KEEP <<< "${RETENTION_KEEP:-none both}"
+BEST_SETUP="${BEST_SETUP:-zero0:auto:tensorwise:bf16:float8_fast_accum=output_grad_input:compile_tuning=coordinate_descent:compile_pdl=true}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
 
@@ -140,6 +145,17 @@ phase_kernels() {
     run "$LOG_DIR/kernels.log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --profile
 }
 
+phase_bars() {
+    local log="$LOG_DIR/bars.log"
+    run "$log" python -m pytest -q -m gpu tests/test_retention_triton.py tests/test_kernels_choice.py
+    run "$log" python bench/retention_launches.py
+    run "$log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --rounds 3 \
+        --only "fla chunk_simple_gla,triton keep both"
+    local RUN_TIMEOUT=$((2 * RUN_TIMEOUT))  # eight runs, the first ones compiling (coordinate descent: minutes)
+    run "$log" python bench/train_step.py --runs fla trainer --kernels triton --compile --trainer-setup "$BEST_SETUP" \
+        --seq-len 2048 8192 --steps 3 --warmup 2 --rounds 2
+}
+
 for phase in "$@"; do
     case "$phase" in
         decode) phase_decode ;;
@@ -147,13 +163,14 @@ for phase in "$@"; do
         train) phase_train 2048 ;;
         train-long) phase_train_long ;;
         kernels) phase_kernels ;;
+        bars) phase_bars ;;
         memory) phase_memory ;;
         memory-curve) phase_memory_curve ;;
         float8) phase_float8 ;;
         long) phase_long ;;
         long-budget) phase_long_budget ;;
         ckpt) phase_ckpt ;;
-        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, memory, memory-curve, float8, kernels, long, long-budget, ckpt)" >&2
+        *) echo "unknown phase: $phase (decode, decode-6.7b, train, train-long, memory, memory-curve, float8, kernels, bars, long, long-budget, ckpt)" >&2
            exit 2 ;;
     esac
 done

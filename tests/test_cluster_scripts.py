@@ -450,5 +450,23 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert [line.split("--seq-len ")[1].split()[0] for line in fp8[1:]] == ["2048", "8192"]
     assert all("--runs trainer fla" in line and "zero0:auto zero0:auto:tensorwise zero0:auto:rowwise" in line
                for line in fp8[1:])
+    r = run(ROOT / "bench" / "one_gpu.sh", "bars", **env)
+    assert r.returncode == 0, r.stderr
+    bars = [line for line in (tmp_path / "logs" / "bars.log").read_text().splitlines() if line.startswith("ran python")]
+    assert bars[:3] == ["ran python -m pytest -q -m gpu tests/test_retention_triton.py tests/test_kernels_choice.py",
+                        "ran python bench/retention_launches.py",
+                        "ran python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --rounds 3 "
+                        "--only fla chunk_simple_gla,triton keep both"]
+    # the trainer in experiment retnet_1.3b_1gpu's setup: every key the bench's setup names is the preset's
+    assert "--runs fla trainer" in bars[3] and "--seq-len 2048 8192" in bars[3] and "--rounds 2" in bars[3]
+    setup = bars[3].split("--trainer-setup ")[1].split()[0]
+    zero, precision, float8, residual, *keys = setup.split(":")
+    from retnet_train.config import load_config
+
+    preset = load_config(["experiment=retnet_1.3b_1gpu"])
+    assert (int(zero.removeprefix("zero")), precision, float8, residual) == (
+        preset.deepspeed.stage, preset.trainer.precision, preset.trainer.float8, preset.trainer.residual_dtype)
+    for key, value in (k.split("=") for k in keys):
+        assert str(preset.trainer[key]).lower() == value, key
     r = run(ROOT / "bench" / "one_gpu.sh", "decode-7b", **env)
     assert r.returncode == 2 and "unknown phase: decode-7b (decode, decode-6.7b, train" in r.stderr
