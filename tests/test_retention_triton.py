@@ -36,6 +36,8 @@ TOL = 2e-5
 TUNINGS = [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16, segment_chunks=2), Tuning(chunk=32),
            Tuning(chunk=32, segment_chunks=2, states_bt=16, score_block=64)]
 TUNING_IDS = ["seg1", "seg2", "c32", "bt16-sb64"]
+# segment_states as a loop over segments around one over their four steps (Tuning.states_nested)
+NESTED = Tuning(chunk=32, segment_chunks=2, states_bt=16, states_nested=True)
 
 
 def rel(a, b):
@@ -74,7 +76,7 @@ def test_forward_matches_torch(tuning, with_state):
     assert o.dtype == torch.float32 and f.dtype == torch.float32
 
 
-@pytest.mark.parametrize("tuning", TUNINGS, ids=TUNING_IDS)
+@pytest.mark.parametrize("tuning", [*TUNINGS, NESTED], ids=[*TUNING_IDS, "nested-bt16"])
 def test_backward_matches_autograd(tuning):
     # the loss reads o and the final state, so d(final state) flows back into every gradient
     lg = head_log_decays(2, schedule="linspace")
@@ -172,7 +174,7 @@ def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
     for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
                    Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
-                          score_block=64, keep_states=True)]:
+                          score_block=64, keep_states=True), NESTED]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
 
 
@@ -188,8 +190,8 @@ def test_backward_without_state():
         assert rel(a.grad, b.grad) < TOL, name
 
 
-@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), TUNINGS[-1]],
-                         ids=["seg1", "auto", TUNING_IDS[-1]])
+@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), TUNINGS[-1], NESTED],
+                         ids=["seg1", "auto", TUNING_IDS[-1], "nested-bt16"])
 def test_varlen_equals_each_sequence_alone(tuning):
     # an empty sequence, one shorter than a chunk, ones that end mid-chunk and mid-segment
     cu = torch.tensor([0, 7, 7, 40, 90], dtype=torch.int32)

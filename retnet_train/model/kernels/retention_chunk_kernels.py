@@ -107,10 +107,40 @@ def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, 
 
 
 @triton.jit
+def _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H: tl.constexpr, DY: tl.constexpr,
+                        DZ: tl.constexpr):
+    """segment_states at the start of segment m: store the running state r [BY, BZ] as the segment's,
+    then decay it over the segment's eos - bos tokens."""
+    tl.store(STATES + ((first + m).to(tl.int64) * H + h) * (DY * DZ) + tile, r.to(STATES.dtype.element_ty),
+             mask=tile_ok)
+    return r * tl.exp2((eos - bos).to(tl.float32) * lg2)
+
+
+@triton.jit
+def _walk_block(r, Y, Z, bos, eos, t, ys, zs, y_ok, z_ok, h, lg2, H: tl.constexpr, DY: tl.constexpr,
+                DZ: tl.constexpr, BY: tl.constexpr, BZ: tl.constexpr, REVERSE: tl.constexpr):
+    """segment_states' step over the tokens t [BT] of the segment [bos, eos): r += sum_t w_t Y_t^T Z_t."""
+    ok = t < eos
+    y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None], mask=y_ok[:, None] & ok[None, :],
+                  other=0.0)  # [BY, BT]
+    z = tl.load(Z + t[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=ok[:, None] & z_ok[None, :],
+                other=0.0)  # [BT, BZ]
+    if REVERSE:
+        e = t - bos + 1
+    else:
+        e = eos - 1 - t
+    w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
+    if BY < BZ:  # weight the smaller operand
+        return tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
+    return tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
+
+
+@triton.jit
 def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg_first, T, S, VARLEN,
                           H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
                           BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                          NESTED: tl.constexpr):
     """STATES[m, h] = the running state r at segment m, r <- gamma^L r + sum_t w_t Y_t^T Z_t.
 
     Grid (tiles of [BY, BZ], N sequences, H). Forward (Y = k, Z = v) walks the segments first to
@@ -123,7 +153,10 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
     One flat loop over the sequence's token blocks (SB = S / BT per segment; a segment's first block
     also stores and decays r) rather than a loop over segments around a loop over their blocks:
     the software pipeliner then prefetches across segment boundaries, where a nested inner loop of
-    S / BT = 4 steps would drain and refill its pipeline every segment.
+    S / BT = 4 steps would drain and refill its pipeline every segment. NESTED (Tuning.states_nested)
+    is that nested loop: it refills the pipeline every segment, but with no store or decay of r inside
+    the pipelined loop its wgmma need not finish before the next step's is issued (on sm_90 the flat
+    loop waits for every one: warp_group_dot_wait with 0 pending; the nested inner loop keeps 1).
     """
     pid, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN != 0:
@@ -150,33 +183,25 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
         r = tl.zeros([BY, BZ], dtype=tl.float32)
     lg2 = tl.load(LOG2_GAMMA + h)
     bt = tl.arange(0, BT)
-    for it in range(n_seg * SB):
-        if REVERSE:
-            m = n_seg - 1 - it // SB
-        else:
-            m = it // SB
-        j = it % SB
-        bos = seq_bos + m * S
-        eos = tl.minimum(bos + S, seq_eos)
-        if j == 0:
-            tl.store(STATES + ((first + m).to(tl.int64) * H + h) * (DY * DZ) + tile,
-                     r.to(STATES.dtype.element_ty), mask=tile_ok)
-            r = r * tl.exp2((eos - bos).to(tl.float32) * lg2)
-        t = bos + j * BT + bt
-        ok = t < eos
-        y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None], mask=y_ok[:, None] & ok[None, :],
-                      other=0.0)  # [BY, BT]
-        z = tl.load(Z + t[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=ok[:, None] & z_ok[None, :],
-                    other=0.0)  # [BT, BZ]
-        if REVERSE:
-            e = t - bos + 1
-        else:
-            e = eos - 1 - t
-        w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
-        if BY < BZ:  # weight the smaller operand
-            r = tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
-        else:
-            r = tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
+    if NESTED:
+        for mi in range(n_seg):
+            m = n_seg - 1 - mi if REVERSE else mi
+            bos = seq_bos + m * S
+            eos = tl.minimum(bos + S, seq_eos)
+            r = _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H, DY, DZ)
+            for j in range(SB):
+                r = _walk_block(r, Y, Z, bos, eos, bos + j * BT + bt, ys, zs, y_ok, z_ok, h, lg2,
+                                H, DY, DZ, BY, BZ, REVERSE)
+    else:
+        for it in range(n_seg * SB):
+            m = n_seg - 1 - it // SB if REVERSE else it // SB
+            j = it % SB
+            bos = seq_bos + m * S
+            eos = tl.minimum(bos + S, seq_eos)
+            if j == 0:
+                r = _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H, DY, DZ)
+            r = _walk_block(r, Y, Z, bos, eos, bos + j * BT + bt, ys, zs, y_ok, z_ok, h, lg2,
+                            H, DY, DZ, BY, BZ, REVERSE)
     if STORE_FINAL:
         tl.store(FINAL + nh + tile, r, mask=tile_ok)
 

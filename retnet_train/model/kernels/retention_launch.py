@@ -41,6 +41,9 @@ class Tuning:
     state_block: tuple[int, int] | None = None
     states_stages: int = 2
     states_bt: int = 64  # tokens per step of segment_states (its GEMMs' contraction); a power of two >= 16
+    # segment_states as a loop over segments around a loop over their steps (see the kernel): its wgmma
+    # may stay in flight, its pipeline refills every segment. Not timed yet; off
+    states_nested: bool = False
     score_block: int | None = None  # intra_scores' [BS, BS] tile (None: the chunk); divides the segment
     # keep the forward's segment states for the backward instead of recomputing them: one
     # segment_states pass less per backward for 2 * DK * DV / S bytes per token and head (1 KiB at
@@ -189,7 +192,8 @@ def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store
     grid = (math.ceil(DY / BY) * math.ceil(DZ / BZ), lay.N, H)
     return states, final, Launch(segment_states_kernel, grid, args,
                                  dict(H=H, DY=DY, DZ=DZ, BY=BY, BZ=BZ, BT=bt, SB=lay.S // bt, REVERSE=reverse,
-                                      HAS_INIT=init is not None, STORE_FINAL=store_final),
+                                      HAS_INIT=init is not None, STORE_FINAL=store_final,
+                                      NESTED=tuning.states_nested),
                                  num_warps=8 if BY * BZ >= 128 * 128 else 4, num_stages=tuning.states_stages)
 
 
