@@ -5,8 +5,8 @@ Contract (as the torch forms): q, k [B, T, H, d_k], v [B, T, H, d_v] (bf16, fp16
 already scaled by 1/sqrt(d_k): nothing is scaled here), log_gamma [H] (on q's device, as the model
 keeps it: a CPU tensor is copied to the GPU at every call, a copy that waits for the GPU), optional
 incoming state [B, H, d_k, d_v]; returns (o [B, T, H, d_v] in the input dtype, final state
-[B, H, d_k, d_v] fp32 or None). With cu_seqlens (int32 [N + 1], offsets into a B = 1 packed row), the state restarts at
-each boundary (from state[n] or 0) and states are [N, H, d_k, d_v].
+[B, H, d_k, d_v] fp32 or None). With cu_seqlens (int32 [N + 1], offsets into a B = 1 packed row),
+the state restarts at each boundary (from state[n] or 0) and states are [N, H, d_k, d_v].
 
 Gradients flow to q, k, v and the incoming state, and from the final state; there is no decay
 gradient (the decays are fixed). The kernels and their design: retention_chunk_kernels.py.
