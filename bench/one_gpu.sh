@@ -149,7 +149,9 @@ phase_kernels() {
 phase_bars() {
     local log="$LOG_DIR/bars.log"
     run "$log" python -m pytest -q -m gpu tests/test_retention_triton.py tests/test_kernels_choice.py
-    run "$log" python bench/retention_launches.py --set states_nested=true  # the default and the untimed variant
+    # the default beside the untimed nested walk, at the default pipelining depth and one deeper
+    run "$log" python bench/retention_launches.py --set states_nested=true
+    run "$log" python bench/retention_launches.py --set states_nested=true states_stages=3
     run "$log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --rounds 3 \
         --only "fla chunk_simple_gla,triton keep both"
     local RUN_TIMEOUT=$((2 * RUN_TIMEOUT))  # eight runs, the first ones compiling (coordinate descent: minutes)
