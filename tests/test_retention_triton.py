@@ -36,8 +36,10 @@ TOL = 2e-5
 TUNINGS = [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16, segment_chunks=2), Tuning(chunk=32),
            Tuning(chunk=32, segment_chunks=2, states_bt=16, score_block=64)]
 TUNING_IDS = ["seg1", "seg2", "c32", "bt16-sb64"]
-# segment_states as a loop over segments around one over their four steps (Tuning.states_nested)
+# segment_states as a loop over segments around one over their four steps (Tuning.states_nested); on
+# square state tiles it weights the other operand than the flat loop does
 NESTED = Tuning(chunk=32, segment_chunks=2, states_bt=16, states_nested=True)
+NESTED_SQUARE = dataclasses.replace(NESTED, state_block=(16, 16))
 
 
 def rel(a, b):
@@ -76,7 +78,8 @@ def test_forward_matches_torch(tuning, with_state):
     assert o.dtype == torch.float32 and f.dtype == torch.float32
 
 
-@pytest.mark.parametrize("tuning", [*TUNINGS, NESTED], ids=[*TUNING_IDS, "nested-bt16"])
+@pytest.mark.parametrize("tuning", [*TUNINGS, NESTED, NESTED_SQUARE],
+                         ids=[*TUNING_IDS, "nested-bt16", "nested-square"])
 def test_backward_matches_autograd(tuning):
     # the loss reads o and the final state, so d(final state) flows back into every gradient
     lg = head_log_decays(2, schedule="linspace")

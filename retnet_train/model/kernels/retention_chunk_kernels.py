@@ -118,8 +118,9 @@ def _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H:
 
 @triton.jit
 def _walk_block(r, Y, Z, bos, eos, t, ys, zs, y_ok, z_ok, h, lg2, H: tl.constexpr, DY: tl.constexpr,
-                DZ: tl.constexpr, BY: tl.constexpr, BZ: tl.constexpr, REVERSE: tl.constexpr):
-    """segment_states' step over the tokens t [BT] of the segment [bos, eos): r += sum_t w_t Y_t^T Z_t."""
+                DZ: tl.constexpr, REVERSE: tl.constexpr, WEIGHT_Y: tl.constexpr):
+    """segment_states' step over the tokens t [BT] of the segment [bos, eos): r += sum_t w_t Y_t^T Z_t,
+    the weights applied to Y's tile (the wgmma's A operand, which may come from registers) or Z's."""
     ok = t < eos
     y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None], mask=y_ok[:, None] & ok[None, :],
                   other=0.0)  # [BY, BT]
@@ -130,7 +131,7 @@ def _walk_block(r, Y, Z, bos, eos, t, ys, zs, y_ok, z_ok, h, lg2, H: tl.constexp
     else:
         e = eos - 1 - t
     w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
-    if BY < BZ:  # weight the smaller operand
+    if WEIGHT_Y:
         return tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
     return tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
 
@@ -183,6 +184,9 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
         r = tl.zeros([BY, BZ], dtype=tl.float32)
     lg2 = tl.load(LOG2_GAMMA + h)
     bt = tl.arange(0, BT)
+    # the flat loop weights the smaller operand; the nested one Y's also on square tiles: weighted,
+    # Z's tile (the wgmma's B operand) goes back to shared memory, and on sm_90 every step then waits
+    WEIGHT_Y: tl.constexpr = BY <= BZ if NESTED else BY < BZ
     if NESTED:
         for mi in range(n_seg):
             m = n_seg - 1 - mi if REVERSE else mi
@@ -191,7 +195,7 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
             r = _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H, DY, DZ)
             for j in range(SB):
                 r = _walk_block(r, Y, Z, bos, eos, bos + j * BT + bt, ys, zs, y_ok, z_ok, h, lg2,
-                                H, DY, DZ, BY, BZ, REVERSE)
+                                H, DY, DZ, REVERSE, WEIGHT_Y)
     else:
         for it in range(n_seg * SB):
             m = n_seg - 1 - it // SB if REVERSE else it // SB
@@ -201,7 +205,7 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
             if j == 0:
                 r = _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H, DY, DZ)
             r = _walk_block(r, Y, Z, bos, eos, bos + j * BT + bt, ys, zs, y_ok, z_ok, h, lg2,
-                            H, DY, DZ, BY, BZ, REVERSE)
+                            H, DY, DZ, REVERSE, WEIGHT_Y)
     if STORE_FINAL:
         tl.store(FINAL + nh + tile, r, mask=tile_ok)
 
