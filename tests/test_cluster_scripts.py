@@ -454,7 +454,7 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert r.returncode == 0, r.stderr
     bars = [line for line in (tmp_path / "logs" / "bars.log").read_text().splitlines() if line.startswith("ran python")]
     assert bars[:4] == ["ran python -m pytest -q -m gpu tests/test_retention_triton.py tests/test_kernels_choice.py",
-                        "ran python bench/retention_launches.py --set states_nested=true",
+                        "ran python bench/retention_launches.py --set states_nested=true outputs_one_loop=true",
                         "ran python bench/retention_launches.py --set states_nested=true states_stages=3",
                         "ran python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --rounds 3 "
                         "--only fla chunk_simple_gla,triton keep both"]

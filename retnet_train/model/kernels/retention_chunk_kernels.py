@@ -283,3 +283,57 @@ def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq
         acc = tl.dot(m, z, acc, input_precision="ieee")
     tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & z_ok[None, :])
+
+
+@triton.jit
+def segment_outputs_flat_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
+                                H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
+                                BM: tl.constexpr, BZ: tl.constexpr):
+    """segment_outputs_kernel's forward (REVERSE off, the state read as stored) in one loop
+    (Tuning.outputs_one_loop): OUT[rows] = gamma^(i+1) X[rows] @ STATES[seg] + M[rows, segment] @ Z.
+
+    The two-loop kernel drains its pipeline between the state's part and the scores' part, so the
+    second part's first loads wait in every program (of 5-8 steps). Here each step is a [BM, BM] A
+    tile (X's columns, or a score tile) times a [BM, BZ] B tile (the state's rows, or Z's tokens),
+    one pipelined loop over both. A step selects only scalars (base pointers, row strides, a row
+    limit), so every mask keeps the shape the software pipeliner handles (constant along the
+    contiguous dimension, or an ordinary column mask); a selected per-element mask made it give up
+    (docs/retention_kernels.md). The row decay of the state's part scales its A tiles, which then
+    reach the wgmma from registers. Needs DX a multiple of BM (the launcher checks).
+    """
+    pid, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_zb = tl.cdiv(DZ, BZ)
+    rb = pid // n_zb
+    zb = pid % n_zb
+    bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
+    if bos + rb * BM >= eos:
+        return
+    i = tl.arange(0, BM)
+    pos = rb * BM + i  # positions in the segment
+    rows = bos + pos
+    row_ok = rows < eos
+    zs = zb * BZ + tl.arange(0, BZ)
+    z_ok = zs < DZ
+    decay = tl.where(row_ok, tl.exp2((pos + 1).to(tl.float32) * tl.load(LOG2_GAMMA + h)), 0.0)
+    x_base = X + h * DX
+    m_base = M + h * S
+    state_base = STATES + (seg * H + h).to(tl.int64) * (DX * DZ)
+    z_base = Z + h * DZ
+    n_state = DX // BM
+    acc = tl.zeros([BM, BZ], dtype=tl.float32)
+    for step in range(n_state + rb + 1):
+        on_state = step < n_state
+        cb = step - n_state  # the score tile's column block (state steps: negative, unused)
+        a_base = tl.where(on_state, x_base + step * BM, m_base + cb * BM)
+        a_stride = tl.where(on_state, H * DX, H * S)
+        a = tl.load(a_base + rows[:, None] * a_stride + i[None, :], mask=row_ok[:, None], other=0.0)  # [BM, BM]
+        a = (a * tl.where(on_state, decay, 1.0)[:, None]).to(a.dtype)
+        b_row = tl.where(on_state, step * BM, bos + cb * BM) + i  # the state's rows, or tokens
+        b_base = tl.where(on_state, state_base, z_base)
+        b_stride = tl.where(on_state, DZ, H * DZ)
+        b_limit = tl.where(on_state, DX, eos)
+        b = tl.load(b_base + b_row[:, None] * b_stride + zs[None, :], mask=(b_row < b_limit)[:, None] & z_ok[None, :],
+                    other=0.0)  # [BM, BZ]
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")
+    tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & z_ok[None, :])

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .retention_chunk_kernels import intra_scores_kernel, segment_outputs_kernel, segment_states_kernel
+from .retention_chunk_kernels import (intra_scores_kernel, segment_outputs_flat_kernel, segment_outputs_kernel,
+                                      segment_states_kernel)
 from .retention_recurrent_kernel import recurrent_kernel
 
 # Largest per-call head dims (the recurrent kernel keeps a [d_k, BV] state tile in registers, and
@@ -44,6 +45,10 @@ class Tuning:
     # segment_states as a loop over segments around a loop over their steps (see the kernel): its wgmma
     # may stay in flight, its pipeline refills every segment. Not timed yet; off
     states_nested: bool = False
+    # the forward's segment_outputs as one loop over the state's and the scores' steps
+    # (segment_outputs_flat_kernel; where the chunk divides d_k): one pipeline fill per program instead
+    # of two. Not timed yet; off
+    outputs_one_loop: bool = False
     score_block: int | None = None  # intra_scores' [BS, BS] tile (None: the chunk); divides the segment
     # keep the forward's segment states for the backward instead of recomputing them: one
     # segment_states pass less per backward for 2 * DK * DV / S bytes per token and head (1 KiB at
@@ -208,9 +213,13 @@ def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_
     # the state buffer is [n_seg, H, Dk, Dv]; as [Dx, Dz] it is read directly or transposed
     sx, sz = (1, DX) if transposed_state else (DZ, 1)
     out = torch.empty(T_total, H, DZ, dtype=z.dtype, device=z.device)
+    grid = (math.ceil(DZ / BZ) * (lay.S // lay.C), lay.n_seg, H)
+    if tuning.outputs_one_loop and not reverse and not transposed_state and DX % lay.C == 0:
+        return out, Launch(segment_outputs_flat_kernel, grid,
+                           dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args()),
+                           dict(H=H, DX=DX, DZ=DZ, BM=lay.C, BZ=BZ), num_warps=warps, num_stages=tuning.num_stages)
     args = dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args(),
                 STATE_SX=sx, STATE_SZ=sz)
-    grid = (math.ceil(DZ / BZ) * (lay.S // lay.C), lay.n_seg, H)
     return out, Launch(segment_outputs_kernel, grid, args,
                        dict(H=H, DX=DX, DZ=DZ, BM=lay.C, BZ=BZ, BK=BK, REVERSE=reverse),
                        num_warps=warps, num_stages=tuning.num_stages)
