@@ -299,7 +299,9 @@ def segment_outputs_flat_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, se
     limit), so every mask keeps the shape the software pipeliner handles (constant along the
     contiguous dimension, or an ordinary column mask); a selected per-element mask made it give up
     (docs/retention_kernels.md). The row decay of the state's part scales its A tiles, which then
-    reach the wgmma from registers. Needs DX a multiple of BM (the launcher checks).
+    reach the wgmma from registers. Needs DX a multiple of BM (the launcher checks). Its first lines
+    repeat segment_outputs_kernel's on purpose: shared through a helper, they compiled that kernel's
+    timed code in another order.
     """
     pid, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_zb = tl.cdiv(DZ, BZ)
