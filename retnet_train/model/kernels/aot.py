@@ -43,6 +43,7 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
     default tuning and with the kernel variants that Tuning's switches choose (the nested walk, the
     forward's one-loop outputs)."""
     import dataclasses
+    import itertools
 
     from . import retention_launch as L
 
@@ -54,8 +55,8 @@ def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
     for DK, DV in HEAD_SHAPES:
         q, k = (torch.empty(8192, 8, DK, dtype=dtype, device=meta) for _ in range(2))
         v = torch.empty(8192, 8, DV, dtype=dtype, device=meta)
-        for tuning, cu in ((t, cu) for t in (default, variants) for cu in (None, torch.empty(5, dtype=torch.int32,
-                                                                                               device=meta))):
+        offsets = torch.empty(5, dtype=torch.int32, device=meta)
+        for tuning, cu in itertools.product((default, variants), (None, offsets)):
             # 4 rows of 2048 tokens, or one packed row of 4 sequences: 4 states either way
             lay = L.make_layout(4, 2048, None, tuning, meta) if cu is None else \
                 L.make_layout(1, 8192, cu, tuning, meta)

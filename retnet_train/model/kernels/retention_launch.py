@@ -210,14 +210,14 @@ def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_
     BZ = tuning.block_z or min(128, pow2(DZ))
     BK = min(tuning.block_k, pow2(DX))
     warps = tuning.num_warps or (8 if lay.C * BZ >= 128 * 128 else 4)
-    # the state buffer is [n_seg, H, Dk, Dv]; as [Dx, Dz] it is read directly or transposed
-    sx, sz = (1, DX) if transposed_state else (DZ, 1)
     out = torch.empty(T_total, H, DZ, dtype=z.dtype, device=z.device)
     grid = (math.ceil(DZ / BZ) * (lay.S // lay.C), lay.n_seg, H)
     if tuning.outputs_one_loop and not reverse and not transposed_state and DX % lay.C == 0:
         return out, Launch(segment_outputs_flat_kernel, grid,
                            dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args()),
                            dict(H=H, DX=DX, DZ=DZ, BM=lay.C, BZ=BZ), num_warps=warps, num_stages=tuning.num_stages)
+    # the state buffer is [n_seg, H, Dk, Dv]; as [Dx, Dz] it is read directly or transposed
+    sx, sz = (1, DX) if transposed_state else (DZ, 1)
     args = dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args(),
                 STATE_SX=sx, STATE_SZ=sz)
     return out, Launch(segment_outputs_kernel, grid, args,
