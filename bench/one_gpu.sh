@@ -28,8 +28,7 @@
 #                tests first
 #   kernels      retention forward + backward, ours against every fla path, 16k tokens
 #   bars         issue 10's two speed bars in the fastest setup measured: the gpu-marked retention and
-#                compile tests, our retention launches one by one (Tuning's untimed variants beside the
-#                default), our retention op (keep both) against
+#                compile tests, our retention launches one by one, our retention op (keep both) against
 #                fla's chunk_simple_gla in 3 rounds, and the trainer with experiment retnet_1.3b_1gpu's
 #                keys (BEST_SETUP) against fla's RetNet-1.3B at 8 x 2048 and 2 x 8192 in 2 rounds
 #   long-budget  T=131072 through the trainer, compiled: every block fully checkpointed (what the 128k
@@ -149,10 +148,7 @@ phase_kernels() {
 phase_bars() {
     local log="$LOG_DIR/bars.log"
     run "$log" python -m pytest -q -m gpu tests/test_retention_triton.py tests/test_kernels_choice.py
-    # the default beside the untimed variants (the nested walk, the forward outputs in one loop; each
-    # launch is timed alone, so one run times both), the walk also one pipelining stage deeper
-    run "$log" python bench/retention_launches.py --set states_nested=true outputs_one_loop=true
-    run "$log" python bench/retention_launches.py --set states_nested=true states_stages=3
+    run "$log" python bench/retention_launches.py
     run "$log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --rounds 3 \
         --only "fla chunk_simple_gla,triton keep both"
     local RUN_TIMEOUT=$((2 * RUN_TIMEOUT))  # eight runs, the first ones compiling (coordinate descent: minutes)

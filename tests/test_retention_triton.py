@@ -36,12 +36,6 @@ TOL = 2e-5
 TUNINGS = [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16, segment_chunks=2), Tuning(chunk=32),
            Tuning(chunk=32, segment_chunks=2, states_bt=16, score_block=64)]
 TUNING_IDS = ["seg1", "seg2", "c32", "bt16-sb64"]
-# segment_states as a loop over segments around one over their four steps (Tuning.states_nested); on
-# square state tiles it weights the other operand than the flat loop does
-NESTED = Tuning(chunk=32, segment_chunks=2, states_bt=16, states_nested=True)
-NESTED_SQUARE = dataclasses.replace(NESTED, state_block=(16, 16))
-# the forward's outputs in one loop over the state's and the scores' steps (Tuning.outputs_one_loop)
-ONE_LOOP = Tuning(chunk=16, segment_chunks=2, outputs_one_loop=True)
 
 
 def rel(a, b):
@@ -66,7 +60,7 @@ def ours(q, k, v, lg, s0, need_state, tuning, cu_seqlens=None):
     return o, f, leaves
 
 
-@pytest.mark.parametrize("tuning", [*TUNINGS, ONE_LOOP], ids=[*TUNING_IDS, "one-loop"])
+@pytest.mark.parametrize("tuning", TUNINGS, ids=TUNING_IDS)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_forward_matches_torch(tuning, with_state):
     # T = 50: not a multiple of the chunk; d_v = 48: not a power of two (masked columns)
@@ -80,8 +74,7 @@ def test_forward_matches_torch(tuning, with_state):
     assert o.dtype == torch.float32 and f.dtype == torch.float32
 
 
-@pytest.mark.parametrize("tuning", [*TUNINGS, NESTED, NESTED_SQUARE],
-                         ids=[*TUNING_IDS, "nested-bt16", "nested-square"])
+@pytest.mark.parametrize("tuning", TUNINGS, ids=TUNING_IDS)
 def test_backward_matches_autograd(tuning):
     # the loss reads o and the final state, so d(final state) flows back into every gradient
     lg = head_log_decays(2, schedule="linspace")
@@ -179,7 +172,7 @@ def test_tuning_travels_through_the_op_unchanged():
     assert {f.name for f in dataclasses.fields(Tuning)} == {*RT._TUNING_FIELDS, "state_block"}
     for tuning in [*TUNINGS, Tuning(state_block=(64, 32), block_z=64, num_warps=8, keep_scores=True),
                    Tuning(chunk=32, segment_chunks=2, block_k=32, num_stages=1, states_stages=1, states_bt=16,
-                          score_block=64, keep_states=True), NESTED, ONE_LOOP]:
+                          score_block=64, keep_states=True)]:
         assert RT._tuning_of(RT._tuning_ints(tuning)) == tuning
 
 
@@ -195,8 +188,8 @@ def test_backward_without_state():
         assert rel(a.grad, b.grad) < TOL, name
 
 
-@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), TUNINGS[-1], NESTED,
-                                    ONE_LOOP], ids=["seg1", "auto", TUNING_IDS[-1], "nested-bt16", "one-loop"])
+@pytest.mark.parametrize("tuning", [Tuning(chunk=16, segment_chunks=1), Tuning(chunk=16), TUNINGS[-1]],
+                         ids=["seg1", "auto", TUNING_IDS[-1]])
 def test_varlen_equals_each_sequence_alone(tuning):
     # an empty sequence, one shorter than a chunk, ones that end mid-chunk and mid-segment
     cu = torch.tensor([0, 7, 7, 40, 90], dtype=torch.int32)
@@ -401,13 +394,12 @@ def _gpu_inputs(B, T, H, K, V, n_states):
     return q, k, v, s0
 
 
-def _errors(q, k, v, s0, lg, cu_seqlens=None, tuning=None):
-    """Relative L2 errors (o, state, dq, dk, dv, dstate): our bf16 kernels (under `tuning`, None: the
-    default) vs the torch form in fp32."""
+def _errors(q, k, v, s0, lg, cu_seqlens=None):
+    """Relative L2 errors (o, state, dq, dk, dv, dstate): our bf16 kernels vs the torch form in fp32."""
     g = torch.Generator(device="cuda").manual_seed(1)
     w_f = torch.randn(s0.shape, device="cuda", generator=g)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-    o, f = RT.chunk_retention(*leaves[:3], lg, leaves[3], True, cu_seqlens, tuning=tuning)
+    o, f = RT.chunk_retention(*leaves[:3], lg, leaves[3], True, cu_seqlens)
     w_o = torch.randn(o.shape, device="cuda", generator=g)
     ((o.float() * w_o).sum() + (f * w_f).sum()).backward()
     ref = [x.detach().float().requires_grad_() for x in (q, k, v, s0)]
@@ -423,12 +415,10 @@ def _errors(q, k, v, s0, lg, cu_seqlens=None, tuning=None):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variants", [False, True], ids=["default", "nested-walk-one-loop-outputs"])
 @pytest.mark.parametrize("T", [2048, 8192])
-def test_gpu_real_shapes_bf16(T, variants):
+def test_gpu_real_shapes_bf16(T):
     lg = head_log_decays(16, head_start=8, head_count=8)  # a tensor-parallel shard's heads
-    tuning = Tuning(states_nested=True, outputs_one_loop=True) if variants else None
-    errs = _errors(*_gpu_inputs(2 if T == 2048 else 1, T, 8, 256, 512, 2 if T == 2048 else 1), lg, tuning=tuning)
+    errs = _errors(*_gpu_inputs(2 if T == 2048 else 1, T, 8, 256, 512, 2 if T == 2048 else 1), lg)
     print(f"T={T} relative L2 errors (o, state, dq, dk, dv, dstate): " + ", ".join(f"{e:.2e}" for e in errs))
     assert max(errs) < 1e-2
 
@@ -468,21 +458,15 @@ def test_aot_specialises_ints_as_the_jit_does():
 
 
 _PIPELINE_REPORT = """
-import dataclasses, json, torch
+import json, torch
 from bench.retention_launches import recorded_launches
 from retnet_train.model.kernels import aot, retention_launch as L
 from retnet_train.model.kernels.retention_triton import keep_tuning
 report = {}
-default = L.with_tuning(keep_tuning("both"), 64)
-variants = dataclasses.replace(default, states_nested=True, outputs_one_loop=True)
-for prefix, tuning in (("", default), ("variant ", variants)):
-    for role, launch in recorded_launches(8, 2048, tuning, torch.device("meta")):
-        if prefix and role not in ("forward walk", "backward reverse walk", "forward outputs"):
-            continue
-        ttgir = aot.compile_spec(aot.spec(launch), "sm_90").asm["ttgir"]
-        plain = [line.strip()[:100] for line in ttgir.splitlines() if " tt.load " in line and "tensor<" in line]
-        report[prefix + role] = {"plain": plain, "async": ttgir.count("async_copy_global_to_local"),
-                                 "kernel": launch.kernel.fn.__name__, "in_flight": "pendings = 1" in ttgir}
+for role, launch in recorded_launches(8, 2048, L.with_tuning(keep_tuning("both"), 64), torch.device("meta")):
+    ttgir = aot.compile_spec(aot.spec(launch), "sm_90").asm["ttgir"]
+    plain = [line.strip()[:100] for line in ttgir.splitlines() if " tt.load " in line and "tensor<" in line]
+    report[role] = {"plain": plain, "async": ttgir.count("async_copy_global_to_local")}
 print(json.dumps(report))
 """
 
@@ -500,11 +484,6 @@ def test_every_tile_load_of_the_retention_kernels_is_pipelined_on_sm90():
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.splitlines()[-1])
     assert set(report) == {"forward scores", "forward walk", "forward outputs", "backward reverse walk",
-                           "backward gradient scores", "backward dq", "backward dk", "backward dv",
-                           "variant forward walk", "variant backward reverse walk", "variant forward outputs"}
+                           "backward gradient scores", "backward dq", "backward dk", "backward dv"}
     for role, got in report.items():
         assert got["plain"] == [] and got["async"] >= 4, (role, got)
-    # Tuning's untimed variants do what they are for: the forward outputs in one kernel of one loop,
-    # the nested walks with a wgmma in flight across steps (the flat walk waits for each, triton 3.9)
-    assert report["variant forward outputs"]["kernel"] == "segment_outputs_flat_kernel"
-    assert report["variant forward walk"]["in_flight"] and report["variant backward reverse walk"]["in_flight"]

@@ -39,24 +39,17 @@ def target(name: str):
 
 
 def launches(rocm: bool, dtype=torch.bfloat16, chunk: int = 64):
-    """The launches of forward, backward and the recurrent kernel at the preset shapes, under the
-    default tuning and with the kernel variants that Tuning's switches choose (the nested walk, the
-    forward's one-loop outputs)."""
-    import dataclasses
-    import itertools
-
+    """The launches of forward, backward and the recurrent kernel at the preset shapes."""
     from . import retention_launch as L
 
     meta = torch.device("meta")
-    default = L.default_tuning(chunk, rocm=rocm)
-    variants = dataclasses.replace(default, states_nested=True, outputs_one_loop=True)
+    tuning = L.default_tuning(chunk, rocm=rocm)
     lg2 = torch.empty(8, dtype=torch.float32, device=meta)
     seen = []
     for DK, DV in HEAD_SHAPES:
         q, k = (torch.empty(8192, 8, DK, dtype=dtype, device=meta) for _ in range(2))
         v = torch.empty(8192, 8, DV, dtype=dtype, device=meta)
-        offsets = torch.empty(5, dtype=torch.int32, device=meta)
-        for tuning, cu in itertools.product((default, variants), (None, offsets)):
+        for cu in (None, torch.empty(5, dtype=torch.int32, device=meta)):
             # 4 rows of 2048 tokens, or one packed row of 4 sequences: 4 states either way
             lay = L.make_layout(4, 2048, None, tuning, meta) if cu is None else \
                 L.make_layout(1, 8192, cu, tuning, meta)

@@ -107,41 +107,10 @@ def intra_scores_kernel(X, Y, M, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, 
 
 
 @triton.jit
-def _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H: tl.constexpr, DY: tl.constexpr,
-                        DZ: tl.constexpr):
-    """segment_states at the start of segment m: store the running state r [BY, BZ] as the segment's,
-    then decay it over the segment's eos - bos tokens."""
-    tl.store(STATES + ((first + m).to(tl.int64) * H + h) * (DY * DZ) + tile, r.to(STATES.dtype.element_ty),
-             mask=tile_ok)
-    return r * tl.exp2((eos - bos).to(tl.float32) * lg2)
-
-
-@triton.jit
-def _walk_block(r, Y, Z, bos, eos, t, ys, zs, y_ok, z_ok, h, lg2, H: tl.constexpr, DY: tl.constexpr,
-                DZ: tl.constexpr, REVERSE: tl.constexpr, WEIGHT_Y: tl.constexpr):
-    """segment_states' step over the tokens t [BT] of the segment [bos, eos): r += sum_t w_t Y_t^T Z_t,
-    the weights applied to Y's tile (the wgmma's A operand, which may come from registers) or Z's."""
-    ok = t < eos
-    y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None], mask=y_ok[:, None] & ok[None, :],
-                  other=0.0)  # [BY, BT]
-    z = tl.load(Z + t[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=ok[:, None] & z_ok[None, :],
-                other=0.0)  # [BT, BZ]
-    if REVERSE:
-        e = t - bos + 1
-    else:
-        e = eos - 1 - t
-    w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
-    if WEIGHT_Y:
-        return tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
-    return tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
-
-
-@triton.jit
 def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg_first, T, S, VARLEN,
                           H: tl.constexpr, DY: tl.constexpr, DZ: tl.constexpr,
                           BY: tl.constexpr, BZ: tl.constexpr, BT: tl.constexpr, SB: tl.constexpr,
-                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-                          NESTED: tl.constexpr):
+                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
     """STATES[m, h] = the running state r at segment m, r <- gamma^L r + sum_t w_t Y_t^T Z_t.
 
     Grid (tiles of [BY, BZ], N sequences, H). Forward (Y = k, Z = v) walks the segments first to
@@ -154,10 +123,7 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
     One flat loop over the sequence's token blocks (SB = S / BT per segment; a segment's first block
     also stores and decays r) rather than a loop over segments around a loop over their blocks:
     the software pipeliner then prefetches across segment boundaries, where a nested inner loop of
-    S / BT = 4 steps would drain and refill its pipeline every segment. NESTED (Tuning.states_nested)
-    is that nested loop: it refills the pipeline every segment, but with no store or decay of r inside
-    the pipelined loop its wgmma need not finish before the next step's is issued (on sm_90 the flat
-    loop waits for every one: warp_group_dot_wait with 0 pending; the nested inner loop keeps 1).
+    S / BT = 4 steps would drain and refill its pipeline every segment.
     """
     pid, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if VARLEN != 0:
@@ -184,28 +150,33 @@ def segment_states_kernel(Y, Z, STATES, INIT, FINAL, LOG2_GAMMA, cu_seqlens, seg
         r = tl.zeros([BY, BZ], dtype=tl.float32)
     lg2 = tl.load(LOG2_GAMMA + h)
     bt = tl.arange(0, BT)
-    # the flat loop weights the smaller operand; the nested one Y's also on square tiles: weighted,
-    # Z's tile (the wgmma's B operand) goes back to shared memory, and on sm_90 every step then waits
-    WEIGHT_Y: tl.constexpr = BY <= BZ if NESTED else BY < BZ
-    if NESTED:
-        for mi in range(n_seg):
-            m = n_seg - 1 - mi if REVERSE else mi
-            bos = seq_bos + m * S
-            eos = tl.minimum(bos + S, seq_eos)
-            r = _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H, DY, DZ)
-            for j in range(SB):
-                r = _walk_block(r, Y, Z, bos, eos, bos + j * BT + bt, ys, zs, y_ok, z_ok, h, lg2,
-                                H, DY, DZ, REVERSE, WEIGHT_Y)
-    else:
-        for it in range(n_seg * SB):
-            m = n_seg - 1 - it // SB if REVERSE else it // SB
-            j = it % SB
-            bos = seq_bos + m * S
-            eos = tl.minimum(bos + S, seq_eos)
-            if j == 0:
-                r = _walk_segment_start(r, STATES, first, m, h, bos, eos, tile, tile_ok, lg2, H, DY, DZ)
-            r = _walk_block(r, Y, Z, bos, eos, bos + j * BT + bt, ys, zs, y_ok, z_ok, h, lg2,
-                            H, DY, DZ, REVERSE, WEIGHT_Y)
+    for it in range(n_seg * SB):
+        if REVERSE:
+            m = n_seg - 1 - it // SB
+        else:
+            m = it // SB
+        j = it % SB
+        bos = seq_bos + m * S
+        eos = tl.minimum(bos + S, seq_eos)
+        if j == 0:
+            tl.store(STATES + ((first + m).to(tl.int64) * H + h) * (DY * DZ) + tile,
+                     r.to(STATES.dtype.element_ty), mask=tile_ok)
+            r = r * tl.exp2((eos - bos).to(tl.float32) * lg2)
+        t = bos + j * BT + bt
+        ok = t < eos
+        y_t = tl.load(Y + t[None, :] * (H * DY) + h * DY + ys[:, None], mask=y_ok[:, None] & ok[None, :],
+                      other=0.0)  # [BY, BT]
+        z = tl.load(Z + t[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=ok[:, None] & z_ok[None, :],
+                    other=0.0)  # [BT, BZ]
+        if REVERSE:
+            e = t - bos + 1
+        else:
+            e = eos - 1 - t
+        w = tl.where(ok, tl.exp2(tl.maximum(e, 0).to(tl.float32) * lg2), 0.0)
+        if BY < BZ:  # weight the smaller operand
+            r = tl.dot((y_t * w[None, :]).to(y_t.dtype), z, r, input_precision="ieee")
+        else:
+            r = tl.dot(y_t, (z * w[:, None]).to(z.dtype), r, input_precision="ieee")
     if STORE_FINAL:
         tl.store(FINAL + nh + tile, r, mask=tile_ok)
 
@@ -281,61 +252,5 @@ def segment_outputs_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq
         z = tl.load(Z + cols[:, None] * (H * DZ) + h * DZ + zs[None, :], mask=col_ok[:, None] & z_ok[None, :],
                     other=0.0)  # [BM, BZ]
         acc = tl.dot(m, z, acc, input_precision="ieee")
-    tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & z_ok[None, :])
-
-
-@triton.jit
-def segment_outputs_flat_kernel(X, Z, M, STATES, OUT, LOG2_GAMMA, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN,
-                                H: tl.constexpr, DX: tl.constexpr, DZ: tl.constexpr,
-                                BM: tl.constexpr, BZ: tl.constexpr):
-    """segment_outputs_kernel's forward (REVERSE off, the state read as stored) in one loop
-    (Tuning.outputs_one_loop): OUT[rows] = gamma^(i+1) X[rows] @ STATES[seg] + M[rows, segment] @ Z.
-
-    The two-loop kernel drains its pipeline between the state's part and the scores' part, so the
-    second part's first loads wait in every program (of 5-8 steps). Here each step is a [BM, BM] A
-    tile (X's columns, or a score tile) times a [BM, BZ] B tile (the state's rows, or Z's tokens),
-    one pipelined loop over both. A step selects only scalars (base pointers, row strides, a row
-    limit), so every mask keeps the shape the software pipeliner handles (constant along the
-    contiguous dimension, or an ordinary column mask); a selected per-element mask made it give up
-    (docs/retention_kernels.md). The row decay of the state's part scales its A tiles, which then
-    reach the wgmma from registers. Needs DX a multiple of BM (the launcher checks). Its first lines
-    repeat segment_outputs_kernel's on purpose: shared through a helper, they compiled that kernel's
-    timed code in another order.
-    """
-    pid, seg, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_zb = tl.cdiv(DZ, BZ)
-    rb = pid // n_zb
-    zb = pid % n_zb
-    bos, eos = _segment_range(seg, cu_seqlens, seg_seq, seg_first, T, N, S, VARLEN)
-    if bos + rb * BM >= eos:
-        return
-    i = tl.arange(0, BM)
-    pos = rb * BM + i  # positions in the segment
-    rows = bos + pos
-    row_ok = rows < eos
-    zs = zb * BZ + tl.arange(0, BZ)
-    z_ok = zs < DZ
-    decay = tl.where(row_ok, tl.exp2((pos + 1).to(tl.float32) * tl.load(LOG2_GAMMA + h)), 0.0)
-    x_base = X + h * DX
-    m_base = M + h * S
-    state_base = STATES + (seg * H + h).to(tl.int64) * (DX * DZ)
-    z_base = Z + h * DZ
-    n_state = DX // BM
-    acc = tl.zeros([BM, BZ], dtype=tl.float32)
-    for step in range(n_state + rb + 1):
-        on_state = step < n_state
-        cb = step - n_state  # the score tile's column block (state steps: negative, unused)
-        a_base = tl.where(on_state, x_base + step * BM, m_base + cb * BM)
-        a_stride = tl.where(on_state, H * DX, H * S)
-        a = tl.load(a_base + rows[:, None] * a_stride + i[None, :], mask=row_ok[:, None], other=0.0)  # [BM, BM]
-        a = (a * tl.where(on_state, decay, 1.0)[:, None]).to(a.dtype)
-        b_row = tl.where(on_state, step * BM, bos + cb * BM) + i  # the state's rows, or tokens
-        b_base = tl.where(on_state, state_base, z_base)
-        b_stride = tl.where(on_state, DZ, H * DZ)
-        b_limit = tl.where(on_state, DX, eos)
-        b = tl.load(b_base + b_row[:, None] * b_stride + zs[None, :], mask=(b_row < b_limit)[:, None] & z_ok[None, :],
-                    other=0.0)  # [BM, BZ]
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")
     tl.store(OUT + rows[:, None] * (H * DZ) + h * DZ + zs[None, :], acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & z_ok[None, :])

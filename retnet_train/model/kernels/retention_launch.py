@@ -17,8 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .retention_chunk_kernels import (intra_scores_kernel, segment_outputs_flat_kernel, segment_outputs_kernel,
-                                      segment_states_kernel)
+from .retention_chunk_kernels import intra_scores_kernel, segment_outputs_kernel, segment_states_kernel
 from .retention_recurrent_kernel import recurrent_kernel
 
 # Largest per-call head dims (the recurrent kernel keeps a [d_k, BV] state tile in registers, and
@@ -42,13 +41,6 @@ class Tuning:
     state_block: tuple[int, int] | None = None
     states_stages: int = 2
     states_bt: int = 64  # tokens per step of segment_states (its GEMMs' contraction); a power of two >= 16
-    # segment_states as a loop over segments around a loop over their steps (see the kernel): its wgmma
-    # may stay in flight, its pipeline refills every segment. Not timed yet; off
-    states_nested: bool = False
-    # the forward's segment_outputs as one loop over the state's and the scores' steps
-    # (segment_outputs_flat_kernel; where the chunk divides d_k): one pipeline fill per program instead
-    # of two. Not timed yet; off
-    outputs_one_loop: bool = False
     score_block: int | None = None  # intra_scores' [BS, BS] tile (None: the chunk); divides the segment
     # keep the forward's segment states for the backward instead of recomputing them: one
     # segment_states pass less per backward for 2 * DK * DV / S bytes per token and head (1 KiB at
@@ -197,8 +189,7 @@ def segment_states(y: Tensor, z: Tensor, lg2: Tensor, init: Tensor | None, store
     grid = (math.ceil(DY / BY) * math.ceil(DZ / BZ), lay.N, H)
     return states, final, Launch(segment_states_kernel, grid, args,
                                  dict(H=H, DY=DY, DZ=DZ, BY=BY, BZ=BZ, BT=bt, SB=lay.S // bt, REVERSE=reverse,
-                                      HAS_INIT=init is not None, STORE_FINAL=store_final,
-                                      NESTED=tuning.states_nested),
+                                      HAS_INIT=init is not None, STORE_FINAL=store_final),
                                  num_warps=8 if BY * BZ >= 128 * 128 else 4, num_stages=tuning.states_stages)
 
 
@@ -210,16 +201,12 @@ def segment_outputs(x: Tensor, z: Tensor, m: Tensor, states: Tensor, transposed_
     BZ = tuning.block_z or min(128, pow2(DZ))
     BK = min(tuning.block_k, pow2(DX))
     warps = tuning.num_warps or (8 if lay.C * BZ >= 128 * 128 else 4)
-    out = torch.empty(T_total, H, DZ, dtype=z.dtype, device=z.device)
-    grid = (math.ceil(DZ / BZ) * (lay.S // lay.C), lay.n_seg, H)
-    if tuning.outputs_one_loop and not reverse and not transposed_state and DX % lay.C == 0:
-        return out, Launch(segment_outputs_flat_kernel, grid,
-                           dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args()),
-                           dict(H=H, DX=DX, DZ=DZ, BM=lay.C, BZ=BZ), num_warps=warps, num_stages=tuning.num_stages)
     # the state buffer is [n_seg, H, Dk, Dv]; as [Dx, Dz] it is read directly or transposed
     sx, sz = (1, DX) if transposed_state else (DZ, 1)
+    out = torch.empty(T_total, H, DZ, dtype=z.dtype, device=z.device)
     args = dict(X=x, Z=z, M=m, STATES=states, OUT=out, LOG2_GAMMA=lg2, **lay.index_args(),
                 STATE_SX=sx, STATE_SZ=sz)
+    grid = (math.ceil(DZ / BZ) * (lay.S // lay.C), lay.n_seg, H)
     return out, Launch(segment_outputs_kernel, grid, args,
                        dict(H=H, DX=DX, DZ=DZ, BM=lay.C, BZ=BZ, BK=BK, REVERSE=reverse),
                        num_warps=warps, num_stages=tuning.num_stages)

@@ -136,8 +136,7 @@ def _(q, k, v, lg2, state):
 # (model/checkpointing.py). Its arguments are tensors and ints: the Tuning travels as _tuning_ints.
 
 _TUNING_FIELDS = ("chunk", "segment_chunks", "block_z", "block_k", "num_warps", "num_stages", "states_stages",
-                  "states_bt", "score_block", "keep_states", "keep_scores", "states_nested",
-                  "outputs_one_loop")
+                  "states_bt", "score_block", "keep_states", "keep_scores")
 
 
 # the on/off knobs, which travel as 0/1 (with `from __future__ import annotations` a field's type is its text)
