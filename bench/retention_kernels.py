@@ -6,7 +6,9 @@ Same token count per call at every length (batch = tokens / T): chunkwise retent
 same at any T, attention grows with T. Shapes of RetNet-1.3B (8 heads, d_k 256, d_v 512) and of the
 Transformer baseline (16 heads x 128). Rows: every fla retention path that imports (skipped ones
 are printed), our Triton kernels at a few tile configurations, the torch chunkwise form (T <= 8192,
-16k tokens), SDPA. TFLOP/s counts the same useful work for every retention row: forward
+16k tokens), SDPA. Forward + backward is timed three ways: single calls (host launch time shows
+where the GPU waits for it), queued calls (the host runs ahead, as in training) and CUDA-graph
+replays (the kernels alone). TFLOP/s counts the same useful work for every retention row: forward
 2*T*(64*(d_k + d_v) + 2*d_k*d_v) per head (chunk 64: in-chunk QK^T and PV, q.S, k^T v), backward 2x that.
 """
 
@@ -28,15 +30,25 @@ from retnet_train.model.retention import chunkwise_retention, head_log_decays  #
 H, DK, DV = 8, 256, 512
 
 
-def time_ms(fn, warmup=3, reps=10, queued: bool = False) -> float:
-    """GPU milliseconds per call of fn. Single (queued=False): the median of `reps` calls, each
-    between its own events with the GPU idle before it, so the host's launch time shows wherever the
-    GPU waits for it. Queued: `reps` calls back to back between one pair of events, their mean: the
-    host runs ahead as in a training step, and what is left is the kernels' own time."""
+TIMINGS = ("single", "queued", "graphed")
+
+
+def time_ms(fn, warmup=3, reps=10, mode: str = "single") -> float:
+    """GPU milliseconds per call of fn. "single": the median of `reps` calls, each between its own
+    events with the GPU idle before it, so the host's launch time shows wherever the GPU waits for
+    it. "queued": `reps` calls back to back between one pair of events, their mean: the host runs
+    ahead as in a training step, unless it needs longer per call than the GPU. "graphed": one call
+    captured in a CUDA graph and replayed `reps` times between one pair of events, their mean: the
+    kernels' own time, whatever the host needs (our op's eight launches and custom-op dispatch,
+    fla's dozen kernels)."""
+    if mode not in TIMINGS:
+        raise ValueError(f"time_ms: mode {mode!r} is not one of {TIMINGS}")
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    if queued:
+    if mode == "graphed":
+        return _graphed_ms(fn, warmup, reps)
+    if mode == "queued":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
@@ -55,26 +67,51 @@ def time_ms(fn, warmup=3, reps=10, queued: bool = False) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_rounds(entries: dict[str, tuple], rounds: int) -> dict[str, list[tuple[float, float, float]]]:
-    """name -> (fn, inputs, reps) gives name -> [(fwd, fwd+bwd, fwd+bwd queued) ms per round]. The
+def _graphed_ms(fn, warmup: int, reps: int) -> float:
+    # capture needs the calls before it on a side stream (the allocator and autograd's streams settle
+    # there), as torch.cuda.graph's documentation does it; the capture itself runs nothing
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()  # the first replay uploads the graph: not timed
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def measure_rounds(entries: dict[str, tuple], rounds: int) -> dict[str, list[tuple[float, ...]]]:
+    """name -> (fn, inputs, reps) gives name -> [(fwd, fwd+bwd, fwd+bwd queued, fwd+bwd graphed) ms
+    per round]. The
     entries take turns within each round, so a drift of the GPU's clocks during the run (10% between
     calls on one H100, bench/RESULTS.md 2026-12-07) moves every row alike and their ratios hold."""
     got: dict[str, list] = {name: [] for name in entries}
     for _ in range(rounds):
         for name, (fn, inputs, reps) in entries.items():
             got[name].append((measure(fn, inputs, False, reps), measure(fn, inputs, True, reps),
-                              measure(fn, inputs, True, reps, queued=True)))
+                              measure(fn, inputs, True, reps, mode="queued"),
+                              measure(fn, inputs, True, reps, mode="graphed")))
     return got
 
 
-def summarise(per_round: list[tuple[float, float, float]]) -> tuple[float, float, float, float]:
-    """The median of the rounds of each figure, and the queued figure's spread, (max - min) / median
-    in percent; NaN throughout if any round failed (measure gives NaN for a failing path)."""
+def summarise(per_round: list[tuple[float, ...]]) -> tuple[float, ...]:
+    """The median of the rounds of each figure (fwd, fwd+bwd, queued, graphed), then the queued
+    figure's spread, (max - min) / median in percent; a figure with a failed round is NaN (measure
+    gives NaN for a failing path)."""
     columns = list(zip(*per_round))
-    if any(math.isnan(x) for col in columns for x in col):
-        return (float("nan"),) * 4
-    f, fb, fbq = (statistics.median(col) for col in columns)
-    return f, fb, fbq, 100 * (max(columns[2]) - min(columns[2])) / fbq
+    # a column with a failed round is NaN, the others stand (a path may run but not capture)
+    medians = tuple(float("nan") if any(math.isnan(x) for x in col) else statistics.median(col) for col in columns)
+    return *medians, 100 * (max(columns[2]) - min(columns[2])) / medians[2]
 
 
 def retention_flop(tokens: int, backward: bool) -> float:
@@ -131,7 +168,7 @@ def ours_paths(lg, sweep: bool):
             for name, t in configs.items()}
 
 
-def measure(fn, inputs, backward: bool, reps: int = 10, queued: bool = False) -> float:
+def measure(fn, inputs, backward: bool, reps: int = 10, mode: str = "single") -> float:
     def fwd():
         with torch.no_grad():
             fn(*inputs)
@@ -147,7 +184,7 @@ def measure(fn, inputs, backward: bool, reps: int = 10, queued: bool = False) ->
         out.backward(seed[0])
 
     try:
-        return time_ms(fwd_bwd if backward else fwd, reps=reps, queued=queued)
+        return time_ms(fwd_bwd if backward else fwd, reps=reps, mode=mode)
     except Exception as e:  # one failing path must not cost the others' numbers
         print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return float("nan")
@@ -224,16 +261,19 @@ def main() -> None:
             flop["causal SDPA 16x128"] = (sdpa_flop, 3.5 * sdpa_flop)
             times = {name: summarise(r) for name, r in measure_rounds(entries, args.rounds).items()}
             fla = times.get("fla chunk_simple_gla")
-            for name, (f_ms, fb_ms, fbq_ms, spread) in times.items():
-                rows.append([B * T, T, B, name, f"{f_ms:.3f}", f"{fb_ms:.3f}", f"{fbq_ms:.3f}",
+            for name, (f_ms, fb_ms, fbq_ms, fbg_ms, spread) in times.items():
+                rows.append([B * T, T, B, name, f"{f_ms:.3f}", f"{fb_ms:.3f}", f"{fbq_ms:.3f}", f"{fbg_ms:.3f}",
                              f"{flop[name][0] / f_ms / 1e9:.0f}", f"{flop[name][1] / fb_ms / 1e9:.0f}",
-                             f"{fla[1] / fb_ms:.2f}" if fla else "", f"{fla[2] / fbq_ms:.2f}" if fla else "",
+                             *([f"{fla[i] / t:.2f}" for i, t in ((1, fb_ms), (2, fbq_ms), (3, fbg_ms))]
+                               if fla else ["", "", ""]),
                              f"{spread:.0f}"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     notes = (f"bf16; retention 8 heads, d_k 256, d_v 512, keys pre-scaled (scale=1); {args.rounds} rounds, the "
              "rows taking turns within each, each figure the median of its rounds; per round: the median of 10 "
              "single calls (torch: 3), each from an idle GPU (host launch time included where the GPU waits for "
-             "it), and 'queued': the mean of 10 calls back to back (the host runs ahead, as in training); "
+             "it), 'queued': the mean of 10 calls back to back (the host runs ahead, as in training, unless it "
+             "needs longer per call than the GPU), and 'graphed': one call captured in a CUDA graph, the mean "
+             "of 10 replays (the kernels' own time, no host in it); "
              "'x fla': fla chunk_simple_gla's time over the row's (same run); 'spread': (max - min) / median of "
              "the queued rounds; the output gradient is made once, outside the timing; "
              "TFLOP/s: retention counts 2*tokens*H*(64*(d_k+d_v) + 2*d_k*d_v) forward and 3x that "
@@ -251,8 +291,9 @@ def main() -> None:
              "ms", series, logy=True):
         notes += f"; chart: [{path.name}]({path.name})"
     append("Retention kernels, forward and forward + backward",
-           ["tokens", "T", "batch", "kernel", "fwd (ms)", "fwd+bwd (ms)", "fwd+bwd queued (ms)", "fwd TFLOP/s",
-            "fwd+bwd TFLOP/s", "x fla fwd+bwd", "x fla queued", "queued spread (%)"], rows,
+           ["tokens", "T", "batch", "kernel", "fwd (ms)", "fwd+bwd (ms)", "fwd+bwd queued (ms)",
+            "fwd+bwd graphed (ms)", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "x fla fwd+bwd", "x fla queued",
+            "x fla graphed", "queued spread (%)"], rows,
            notes=notes)
 
 
