@@ -6,10 +6,11 @@ Same token count per call at every length (batch = tokens / T): chunkwise retent
 same at any T, attention grows with T. Shapes of RetNet-1.3B (8 heads, d_k 256, d_v 512) and of the
 Transformer baseline (16 heads x 128). Rows: every fla retention path that imports (skipped ones
 are printed), our Triton kernels at a few tile configurations, the torch chunkwise form (T <= 8192,
-16k tokens), SDPA. Forward + backward is timed three ways: single calls (host launch time shows
+16k tokens), SDPA. Forward + backward is timed three ways, single calls (host launch time shows
 where the GPU waits for it), queued calls (the host runs ahead, as in training) and CUDA-graph
-replays (the kernels alone). TFLOP/s counts the same useful work for every retention row: forward
-2*T*(64*(d_k + d_v) + 2*d_k*d_v) per head (chunk 64: in-chunk QK^T and PV, q.S, k^T v), backward 2x that.
+replays (the kernels alone), beside the host's own time per call. TFLOP/s counts the same useful
+work for every retention row: forward 2*T*(64*(d_k + d_v) + 2*d_k*d_v) per head (chunk 64: in-chunk
+QK^T and PV, q.S, k^T v), backward 2x that.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from retnet_train.model.retention import chunkwise_retention, head_log_decays  #
 H, DK, DV = 8, 256, 512
 
 
-TIMINGS = ("single", "queued", "graphed")
+TIMINGS = ("single", "queued", "graphed", "host")
 
 
 def time_ms(fn, warmup=3, reps=10, mode: str = "single") -> float:
@@ -40,7 +42,9 @@ def time_ms(fn, warmup=3, reps=10, mode: str = "single") -> float:
     ahead as in a training step, unless it needs longer per call than the GPU. "graphed": one call
     captured in a CUDA graph and replayed `reps` times between one pair of events, their mean: the
     kernels' own time, whatever the host needs (our op's eight launches and custom-op dispatch,
-    fla's dozen kernels)."""
+    fla's dozen kernels). "host": the host's own milliseconds per call, `reps` calls back to back
+    timed on the host clock before waiting for the GPU; where it comes near "queued", the host
+    sets the queued pace."""
     if mode not in TIMINGS:
         raise ValueError(f"time_ms: mode {mode!r} is not one of {TIMINGS}")
     for _ in range(warmup):
@@ -48,6 +52,13 @@ def time_ms(fn, warmup=3, reps=10, mode: str = "single") -> float:
     torch.cuda.synchronize()
     if mode == "graphed":
         return _graphed_ms(fn, warmup, reps)
+    if mode == "host":
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return 1000 * host / reps
     if mode == "queued":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -91,8 +102,8 @@ def _graphed_ms(fn, warmup: int, reps: int) -> float:
 
 
 def measure_rounds(entries: dict[str, tuple], rounds: int) -> dict[str, list[tuple[float, ...]]]:
-    """name -> (fn, inputs, reps) gives name -> [(fwd, fwd+bwd, fwd+bwd queued, fwd+bwd graphed) ms
-    per round]. The
+    """name -> (fn, inputs, reps) gives name -> [(fwd, fwd+bwd, fwd+bwd queued, fwd+bwd graphed,
+    fwd+bwd host) ms per round]. The
     entries take turns within each round, so a drift of the GPU's clocks during the run (10% between
     calls on one H100, bench/RESULTS.md 2026-12-07) moves every row alike and their ratios hold."""
     got: dict[str, list] = {name: [] for name in entries}
@@ -100,12 +111,13 @@ def measure_rounds(entries: dict[str, tuple], rounds: int) -> dict[str, list[tup
         for name, (fn, inputs, reps) in entries.items():
             got[name].append((measure(fn, inputs, False, reps), measure(fn, inputs, True, reps),
                               measure(fn, inputs, True, reps, mode="queued"),
-                              measure(fn, inputs, True, reps, mode="graphed")))
+                              measure(fn, inputs, True, reps, mode="graphed"),
+                              measure(fn, inputs, True, reps, mode="host")))
     return got
 
 
 def summarise(per_round: list[tuple[float, ...]]) -> tuple[float, ...]:
-    """The median of the rounds of each figure (fwd, fwd+bwd, queued, graphed), then the queued
+    """The median of the rounds of each figure (fwd, fwd+bwd, queued, graphed, host), then the queued
     figure's spread, (max - min) / median in percent; a figure with a failed round is NaN (measure
     gives NaN for a failing path)."""
     columns = list(zip(*per_round))
@@ -261,8 +273,9 @@ def main() -> None:
             flop["causal SDPA 16x128"] = (sdpa_flop, 3.5 * sdpa_flop)
             times = {name: summarise(r) for name, r in measure_rounds(entries, args.rounds).items()}
             fla = times.get("fla chunk_simple_gla")
-            for name, (f_ms, fb_ms, fbq_ms, fbg_ms, spread) in times.items():
+            for name, (f_ms, fb_ms, fbq_ms, fbg_ms, host_ms, spread) in times.items():
                 rows.append([B * T, T, B, name, f"{f_ms:.3f}", f"{fb_ms:.3f}", f"{fbq_ms:.3f}", f"{fbg_ms:.3f}",
+                             f"{host_ms:.3f}",
                              f"{flop[name][0] / f_ms / 1e9:.0f}", f"{flop[name][1] / fb_ms / 1e9:.0f}",
                              *([f"{fla[i] / t:.2f}" for i, t in ((1, fb_ms), (2, fbq_ms), (3, fbg_ms))]
                                if fla else ["", "", ""]),
@@ -273,7 +286,8 @@ def main() -> None:
              "single calls (torch: 3), each from an idle GPU (host launch time included where the GPU waits for "
              "it), 'queued': the mean of 10 calls back to back (the host runs ahead, as in training, unless it "
              "needs longer per call than the GPU), and 'graphed': one call captured in a CUDA graph, the mean "
-             "of 10 replays (the kernels' own time, no host in it); "
+             "of 10 replays (the kernels' own time, no host in it); 'host': the host clock's time per call of 10 "
+             "calls back to back, before waiting for the GPU; "
              "'x fla': fla chunk_simple_gla's time over the row's (same run); 'spread': (max - min) / median of "
              "the queued rounds; the output gradient is made once, outside the timing; "
              "TFLOP/s: retention counts 2*tokens*H*(64*(d_k+d_v) + 2*d_k*d_v) forward and 3x that "
@@ -292,7 +306,7 @@ def main() -> None:
         notes += f"; chart: [{path.name}]({path.name})"
     append("Retention kernels, forward and forward + backward",
            ["tokens", "T", "batch", "kernel", "fwd (ms)", "fwd+bwd (ms)", "fwd+bwd queued (ms)",
-            "fwd+bwd graphed (ms)", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "x fla fwd+bwd", "x fla queued",
+            "fwd+bwd graphed (ms)", "fwd+bwd host (ms)", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "x fla fwd+bwd", "x fla queued",
             "x fla graphed", "queued spread (%)"], rows,
            notes=notes)
 

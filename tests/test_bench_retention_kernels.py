@@ -101,6 +101,20 @@ def test_graphed_calls_are_captured_once_and_replayed_between_one_pair_of_events
     assert clock.records == 2
 
 
+def test_host_time_is_the_host_clock_per_call_before_the_gpu_is_waited_for(monkeypatch):
+    host = _Clock()
+    synced = []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: host.now)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced.append(host.now))
+
+    def call():
+        host.now += 0.002  # 2 ms of Python and launches per call
+
+    assert bench.time_ms(call, warmup=1, reps=4, mode="host") == pytest.approx(2.0)
+    # once after the warm-up, once after the four timed calls: the wait is outside the timing
+    assert synced == [pytest.approx(0.002), pytest.approx(0.010)]
+
+
 def test_an_unknown_timing_mode_is_refused():
     with pytest.raises(ValueError, match="mode 'graph' is not one of"):
         bench.time_ms(lambda: None, mode="graph")
@@ -109,39 +123,40 @@ def test_an_unknown_timing_mode_is_refused():
 def test_rounds_let_the_rows_take_turns_and_report_each_rows_median(monkeypatch):
     calls = []
     # per (row, round): fwd, fwd+bwd, queued, graphed; row b's third round is slow (a clock dip)
-    plan = {("a", 0): (1.0, 3.0, 2.0, 1.5), ("a", 1): (1.2, 3.3, 2.2, 1.6), ("a", 2): (0.9, 2.9, 2.1, 1.4),
-            ("b", 0): (2.0, 6.0, 4.0, 3.0), ("b", 1): (2.1, 6.2, 4.4, 3.1), ("b", 2): (9.0, 20.0, 12.0, 9.0)}
+    plan = {("a", 0): (1.0, 3.0, 2.0, 1.5, 0.5), ("a", 1): (1.2, 3.3, 2.2, 1.6, 0.6),
+            ("a", 2): (0.9, 2.9, 2.1, 1.4, 0.4), ("b", 0): (2.0, 6.0, 4.0, 3.0, 1.0),
+            ("b", 1): (2.1, 6.2, 4.4, 3.1, 1.1), ("b", 2): (9.0, 20.0, 12.0, 9.0, 3.0)}
     rounds_seen = {"a": 0, "b": 0}
-    figure_of = {"single": 1, "queued": 2, "graphed": 3}
+    figure_of = {"single": 1, "queued": 2, "graphed": 3, "host": 4}
 
     def fake_measure(fn, inputs, backward, reps, mode="single"):
         name = fn()
         calls.append(name)
         figure = plan[name, rounds_seen[name]][figure_of[mode] if backward else 0]
-        if mode == "graphed":
+        if mode == "host":
             rounds_seen[name] += 1
         return figure
 
     monkeypatch.setattr(bench, "measure", fake_measure)
     entries = {"a": (lambda: "a", (), 10), "b": (lambda: "b", (), 10)}
     got = bench.measure_rounds(entries, 3)
-    assert calls == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4  # turns, not blocks
+    assert calls == (["a"] * 5 + ["b"] * 5) * 3  # turns, not blocks
     assert got["b"] == [plan["b", r] for r in range(3)]
-    f, fb, fbq, fbg, spread = bench.summarise(got["b"])
-    assert (f, fb, fbq, fbg) == (2.1, 6.2, 4.4, 3.1)  # the slow round does not move the median
+    f, fb, fbq, fbg, host, spread = bench.summarise(got["b"])
+    assert (f, fb, fbq, fbg, host) == (2.1, 6.2, 4.4, 3.1, 1.1)  # the slow round does not move the median
     assert spread == pytest.approx(100 * (12.0 - 4.0) / 4.4)
-    assert bench.summarise(got["a"])[:4] == (1.0, 3.0, 2.1, 1.5)
+    assert bench.summarise(got["a"])[:5] == (1.0, 3.0, 2.1, 1.5, 0.5)
 
 
 def test_a_failed_round_makes_the_row_nan_rather_than_a_median_of_the_rest():
     import math
 
     nan = float("nan")
-    out = bench.summarise([(1.0, 2.0, 3.0, 1.0), (nan, nan, nan, nan), (1.0, 2.0, 3.0, 1.0)])
+    out = bench.summarise([(1.0, 2.0, 3.0, 1.0, 0.5), (nan,) * 5, (1.0, 2.0, 3.0, 1.0, 0.5)])
     assert all(math.isnan(x) for x in out)
     # a path that runs but cannot be captured loses its graphed figure only
-    out = bench.summarise([(1.0, 2.0, 3.0, nan), (1.0, 2.0, 3.0, nan)])
-    assert out[:3] == (1.0, 2.0, 3.0) and math.isnan(out[3]) and out[4] == 0.0
+    out = bench.summarise([(1.0, 2.0, 3.0, nan, 0.5), (1.0, 2.0, 3.0, nan, 0.5)])
+    assert out[:3] == (1.0, 2.0, 3.0) and math.isnan(out[3]) and out[4:] == (0.5, 0.0)
 
 
 def test_rounds_below_one_are_refused_before_anything_runs(monkeypatch):
