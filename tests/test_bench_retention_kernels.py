@@ -63,31 +63,24 @@ def test_graphed_calls_are_captured_once_and_replayed_between_one_pair_of_events
             log.append("replay")
             clock.now += 4.0  # each replay: the kernels' time, no host
 
-    class capture:  # torch.cuda.graph(g)
-        def __init__(self, graph):
-            pass
+    def logging_context(enter, leave):  # torch.cuda.graph(g), torch.cuda.stream(s)
+        class Context:
+            def __init__(self, _):
+                pass
 
-        def __enter__(self):
-            log.append("capture")
+            def __enter__(self):
+                log.append(enter)
 
-        def __exit__(self, *exc):
-            log.append("captured")
+            def __exit__(self, *exc):
+                log.append(leave)
 
-    class on_stream:  # torch.cuda.stream(s)
-        def __init__(self, stream):
-            pass
-
-        def __enter__(self):
-            log.append("side stream")
-
-        def __exit__(self, *exc):
-            log.append("default stream")
+        return Context
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "stream", logging_context("side stream", "default stream"))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph", logging_context("capture", "captured"))
 
     def call():
         log.append("call")
