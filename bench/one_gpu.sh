@@ -149,6 +149,7 @@ phase_bars() {
     local log="$LOG_DIR/bars.log"
     run "$log" python -m pytest -q -m gpu tests/test_retention_triton.py tests/test_kernels_choice.py
     run "$log" python bench/retention_launches.py
+    run "$log" python bench/retention_host.py
     run "$log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --rounds 3 \
         --only "fla chunk_simple_gla,triton keep both"
     # eight runs, the first ones compiling: one round of both lengths took 316 s on an H200 whose caches

@@ -453,13 +453,14 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     r = run(ROOT / "bench" / "one_gpu.sh", "bars", **env)
     assert r.returncode == 0, r.stderr
     bars = [line for line in (tmp_path / "logs" / "bars.log").read_text().splitlines() if line.startswith("ran python")]
-    assert bars[:3] == ["ran python -m pytest -q -m gpu tests/test_retention_triton.py tests/test_kernels_choice.py",
+    assert bars[:4] == ["ran python -m pytest -q -m gpu tests/test_retention_triton.py tests/test_kernels_choice.py",
                         "ran python bench/retention_launches.py",
+                        "ran python bench/retention_host.py",
                         "ran python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --rounds 3 "
                         "--only fla chunk_simple_gla,triton keep both"]
     # the trainer in experiment retnet_1.3b_1gpu's setup: every key the bench's setup names is the preset's
-    assert "--runs fla trainer" in bars[3] and "--seq-len 2048 8192" in bars[3] and "--rounds 2" in bars[3]
-    setup = bars[3].split("--trainer-setup ")[1].split()[0]
+    assert "--runs fla trainer" in bars[4] and "--seq-len 2048 8192" in bars[4] and "--rounds 2" in bars[4]
+    setup = bars[4].split("--trainer-setup ")[1].split()[0]
     zero, precision, float8, residual, *keys = setup.split(":")
     from retnet_train.config import load_config
 
