@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results import append  # noqa: E402
+from bench.retention_kernels import back_to_back_s  # noqa: E402
 from retnet_train.model.config import RetentionKeep  # noqa: E402
 from retnet_train.model.kernels import retention_launch as L  # noqa: E402
 from retnet_train.model.kernels import retention_triton as RT  # noqa: E402
@@ -74,7 +74,7 @@ def layer_calls(B: int, T: int, keep: str, device, heads: int = H, dk: int = DK,
 
     eager = with_autograd(lambda: RT.chunk_retention(*leaves, log_gamma, chunk_size=64, tuning=tuning)[0])
     op_autograd = with_autograd(lambda: torch.ops.retnet.retention_chunk(*leaves, lg2, None, None, False, ints)[0])
-    return dict(zip(LAYERS, (plans, lambda: tuple(through_launches()), ops, eager, op_autograd)))
+    return dict(zip(LAYERS, (plans, through_launches, ops, eager, op_autograd)))
 
 
 def per_call_us(fn: Callable, calls: int, sync: Callable[[], None]) -> tuple[float, float]:
@@ -82,13 +82,8 @@ def per_call_us(fn: Callable, calls: int, sync: Callable[[], None]) -> tuple[flo
     for _ in range(3):
         fn()
     sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    sync()
-    t2 = time.perf_counter()
-    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
+    host, with_gpu = back_to_back_s(fn, calls, sync)
+    return host / calls * 1e6, with_gpu / calls * 1e6
 
 
 def main() -> None:

@@ -53,11 +53,7 @@ def time_ms(fn, warmup=3, reps=10, mode: str = "single") -> float:
     if mode == "graphed":
         return _graphed_ms(fn, warmup, reps)
     if mode == "host":
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        host = time.perf_counter() - start
-        torch.cuda.synchronize()
+        host, _ = back_to_back_s(fn, reps)
         return 1000 * host / reps
     if mode == "queued":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,6 +72,17 @@ def time_ms(fn, warmup=3, reps=10, mode: str = "single") -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def back_to_back_s(fn, reps: int, sync=None) -> tuple[float, float]:
+    """`reps` calls of fn back to back on the host clock: (seconds until the host is done, before
+    waiting for the GPU; seconds until the GPU is done too). sync: the wait (torch.cuda.synchronize)."""
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = time.perf_counter() - start
+    (sync or torch.cuda.synchronize)()
+    return host, time.perf_counter() - start
 
 
 def _graphed_ms(fn, warmup: int, reps: int) -> float:
