@@ -5,9 +5,9 @@
 bench/retention_kernels.py shows the host's time per call of the whole op; this splits it into the
 layers a call goes through, each timed on its own as `calls` calls back to back: the launch plans in
 Python without launching ("plans"), the Triton launches ("launches"), the two torch.library ops
-without autograd ("ops"), a plain eager call with its backward ("eager": retention_triton's
-_EagerChunk), and the same call through the op's autograd ("op autograd": what torch.compile and
-dispatch modes use). "host" is the host clock per call before waiting for the GPU; "with GPU" after
+without autograd ("ops"), chunk_retention's forward alone without gradients ("forward"), and a
+plain eager call of chunk_retention with its backward through autograd ("autograd": what a user's
+eager step runs). "host" is the host clock per call before waiting for the GPU; "with GPU" after
 it: where they agree, the GPU waited for the host. Shapes of RetNet-1.3B: 8 heads, d_k 256, d_v 512.
 """
 
@@ -29,13 +29,13 @@ from retnet_train.model.kernels import retention_triton as RT  # noqa: E402
 from retnet_train.model.retention import head_log_decays  # noqa: E402
 
 H, DK, DV = 8, 256, 512
-LAYERS = ("plans", "launches", "ops", "eager", "op autograd")
+LAYERS = ("plans", "launches", "ops", "forward", "autograd")
 
 
 def layer_calls(B: int, T: int, keep: str, device, heads: int = H, dk: int = DK, dv: int = DV,
                 dtype=torch.bfloat16) -> dict[str, Callable[[], tuple]]:
-    """name -> a callable running one forward + backward through that layer; it returns the
-    gradients it computed (dq, dk, dv; None for "plans", which computes nothing)."""
+    """name -> a callable running one forward + backward through that layer (the forward alone for
+    "forward"); it returns the gradients it computed (dq, dk, dv; None for "plans" and "forward")."""
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v, do = (torch.randn(B, T, heads, d, generator=g).to(device, dtype) for d in (dk, dk, dv, dv))
     k = k * dk ** -0.5
@@ -64,17 +64,18 @@ def layer_calls(B: int, T: int, keep: str, device, heads: int = H, dk: int = DK,
 
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
 
-    def with_autograd(forward):
-        def call():
-            for x in leaves:
-                x.grad = None
-            forward().backward(do)
-            return tuple(x.grad for x in leaves)
-        return call
+    def forward():
+        with torch.no_grad():
+            RT.chunk_retention(q, k, v, log_gamma, chunk_size=64, tuning=tuning)
+        return None
 
-    eager = with_autograd(lambda: RT.chunk_retention(*leaves, log_gamma, chunk_size=64, tuning=tuning)[0])
-    op_autograd = with_autograd(lambda: torch.ops.retnet.retention_chunk(*leaves, lg2, None, None, False, ints)[0])
-    return dict(zip(LAYERS, (plans, through_launches, ops, eager, op_autograd)))
+    def autograd():
+        for x in leaves:
+            x.grad = None
+        RT.chunk_retention(*leaves, log_gamma, chunk_size=64, tuning=tuning)[0].backward(do)
+        return tuple(x.grad for x in leaves)
+
+    return dict(zip(LAYERS, (plans, through_launches, ops, forward, autograd)))
 
 
 def per_call_us(fn: Callable, calls: int, sync: Callable[[], None]) -> tuple[float, float]:

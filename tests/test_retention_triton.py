@@ -148,45 +148,6 @@ def test_chunk_op_passes_torch_library_opcheck(case):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration", *aot))
 
 
-@pytest.mark.parametrize("keep", ["none", "both"])
-def test_eager_calls_skip_the_op_layers_and_give_the_op_results_bit_for_bit(keep):
-    """Plain eager calls run the op's bodies through an autograd.Function (_EagerChunk: less host
-    time per call); the outputs, the final state and every gradient (q, k, v, the incoming state)
-    are those of the op, bit for bit, on a varlen row with an incoming state."""
-    lg2 = RT.log2_decays(head_log_decays(2), DEV)
-    g = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, 50, 2, d, generator=g).to(DEV) for d in (16, 16, 32))
-    init = torch.randn(2, 2, 16, 32, generator=g).to(DEV) * 0.1
-    cu = torch.tensor([0, 13, 50], dtype=torch.int32, device=DEV)
-    tuning = RT._tuning_ints(Tuning(chunk=16, segment_chunks=1, keep_states=keep == "both",
-                                    keep_scores=keep == "both"))
-    do = torch.randn(1, 50, 2, 32, generator=g).to(DEV)
-    dfinal = torch.randn(2, 2, 16, 32, generator=g).to(DEV)
-    results = []
-    for run in (torch.ops.retnet.retention_chunk, RT._EagerChunk.apply):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, init)]
-        o, final, _, _ = run(*leaves[:3], lg2, leaves[3], cu, True, tuning)
-        torch.autograd.backward((o, final), (do, dfinal))
-        results.append([o, final, *(x.grad for x in leaves)])
-    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dinit"), *results):
-        assert torch.equal(a, b), name
-
-
-def test_the_op_is_called_where_a_dispatch_mode_watches_and_skipped_where_nothing_does():
-    """_through_dispatcher: eager calls build _EagerChunk's graph node; under a dispatch mode (here
-    FlopCounterMode; also fake tensors and selective checkpointing's policy) the call goes through
-    retnet::retention_chunk, which the mode sees by name."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    q, k, v = (torch.randn(1, 32, 2, d, device=DEV, requires_grad=True) for d in (16, 16, 32))
-    o, _ = RT.chunk_retention(q, k, v, head_log_decays(2), chunk_size=16)
-    assert "_EagerChunk" in o.grad_fn.name()
-    with FlopCounterMode(display=False):
-        o, _ = RT.chunk_retention(q, k, v, head_log_decays(2), chunk_size=16)
-    assert "_EagerChunk" not in o.grad_fn.name()
-    assert "retention_chunk" in o.grad_fn.name()
-
-
 def test_flop_counter_counts_the_op_as_the_model_does():
     """The compiler's cost estimates (the activation memory budget's choice) see the op's FLOPs:
     model/flops.py's chunk count forward, twice that backward."""

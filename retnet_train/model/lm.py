@@ -307,7 +307,7 @@ COMPILE_TUNINGS = {"default": {}, "coordinate_descent": {"coordinate_descent_tun
 # fp8 step of RetNet-1.3B launches about 1,950 short fused elementwise kernels. With coordinate descent
 # the trainer reached 1.54x fla's RetNet-1.3B at 8 x 2048 and 2 x 8192, where it had 1.46-1.51x without
 # either (H100, the options set by a hook before the keys existed; through the keys on an H200, 1.53-1.56x,
-# on another H100 1.45-1.52x; bench/RESULTS.md, 2026-12-07)
+# on three other H100s 1.45-1.52x; bench/RESULTS.md, 2026-12-07)
 PDL_OPTIONS = {"triton.enable_pdl": True}
 
 

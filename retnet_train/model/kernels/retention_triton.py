@@ -20,7 +20,6 @@ import os
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from ..config import RetentionKeep
@@ -84,8 +83,8 @@ def chunk_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, state: T
     lg2 = log2_decays(log_gamma, q.device)
     k, v = k.to(q.dtype), v.to(q.dtype)
     init = None if state is None else state.float().contiguous()
-    run = torch.ops.retnet.retention_chunk if _through_dispatcher() else _EagerChunk.apply
-    o, final, _, _ = run(q, k, v, lg2, init, cu_seqlens, need_state, _tuning_ints(tuning))
+    o, final, _, _ = torch.ops.retnet.retention_chunk(q, k, v, lg2, init, cu_seqlens, need_state,
+                                                      _tuning_ints(tuning))
     return o, (final if need_state else None)
 
 
@@ -135,9 +134,6 @@ def _(q, k, v, lg2, state):
 # compiled block kept q, k, v and o of every layer (128k tokens ran out of 80 GB; eager fits in
 # 47 GiB). An op it can recompute like any other; selective checkpointing keeps its output by name
 # (model/checkpointing.py). Its arguments are tensors and ints: the Tuning travels as _tuning_ints.
-# Plain eager calls skip the op's layers through an autograd.Function with the same bodies
-# (_EagerChunk, _through_dispatcher): there nothing traces or watches the call, and the layers cost
-# the host more than the launches.
 
 _TUNING_FIELDS = ("chunk", "segment_chunks", "block_z", "block_k", "num_warps", "num_stages", "states_stages",
                   "states_bt", "score_block", "keep_states", "keep_scores")
@@ -174,8 +170,9 @@ def _none_as_empty(x: Tensor | None, like: Tensor) -> Tensor:
     return x if x is not None else like.new_empty(0, dtype=torch.float32)
 
 
-def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, init: Tensor | None, cu_seqlens: Tensor | None,
-                   need_final: bool, tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op("retnet::retention_chunk", mutates_args=())
+def _chunk_op(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, init: Tensor | None, cu_seqlens: Tensor | None,
+              need_final: bool, tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """o [B, T, H, d_v] in v's dtype; the final state [N, H, d_k, d_v] fp32; the segment states and
     the scores the backward reuses (Tuning.keep_states / keep_scores). Each absent one is empty."""
     t = _tuning_of(tuning)
@@ -183,9 +180,6 @@ def _chunk_forward(q: Tensor, k: Tensor, v: Tensor, lg2: Tensor, init: Tensor | 
                                          _layout(q, cu_seqlens, t), t)
     return (o.view(v.shape), _none_as_empty(final, q), states if t.keep_states else _none_as_empty(None, q),
             scores if t.keep_scores else _none_as_empty(None, q))
-
-
-_chunk_op = torch.library.custom_op("retnet::retention_chunk", _chunk_forward, mutates_args=())
 
 
 @_chunk_op.register_fake
@@ -201,17 +195,15 @@ def _(q, k, v, lg2, init, cu_seqlens, need_final, tuning):
     return v.new_empty(v.shape), *(_none_as_empty(x, q) for x in (final, states, scores))
 
 
-def _chunk_backward(do: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor, lg2: Tensor,
-                    init: Tensor | None, cu_seqlens: Tensor | None, states: Tensor | None,
-                    scores: Tensor | None, need_dinit: bool, tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op("retnet::retention_chunk_backward", mutates_args=())
+def _chunk_backward_op(do: Tensor, dfinal: Tensor | None, q: Tensor, k: Tensor, v: Tensor, lg2: Tensor,
+                       init: Tensor | None, cu_seqlens: Tensor | None, states: Tensor | None,
+                       scores: Tensor | None, need_dinit: bool, tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv in the inputs' dtype and the incoming state's gradient (empty unless need_dinit)."""
     t = _tuning_of(tuning)
     dq, dk, dv, dinit = L.backward(_flat(q), _flat(k), _flat(v), lg2, init, _flat(do.to(v.dtype)), dfinal,
                                    need_dinit, _layout(q, cu_seqlens, t), t, states=states, scores=scores)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), _none_as_empty(dinit, q)
-
-
-_chunk_backward_op = torch.library.custom_op("retnet::retention_chunk_backward", _chunk_backward, mutates_args=())
 
 
 @_chunk_backward_op.register_fake
@@ -250,42 +242,17 @@ def _setup_context(ctx, inputs, output):
                           scores if t.keep_scores else None)
 
 
-def _backward_through(run_backward):
-    """The backward of both paths, running the backward pass through `run_backward` (the backward
-    op, or its body directly)."""
-    def backward(ctx, do, dfinal, _dstates, _dscores):
-        q, k, v, lg2, init, cu_seqlens, states, scores = ctx.saved_tensors
-        do = torch.zeros_like(v) if do is None else do
-        dfinal = dfinal.float().contiguous() if dfinal is not None and dfinal.numel() else None
-        need_dinit = init is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dinit = run_backward(do, dfinal, q, k, v, lg2, init, cu_seqlens, states, scores, need_dinit,
-                                         ctx.tuning)
-        return dq, dk, dv, None, (dinit if need_dinit else None), None, None, None
-    return backward
+def _backward(ctx, do, dfinal, _dstates, _dscores):
+    q, k, v, lg2, init, cu_seqlens, states, scores = ctx.saved_tensors
+    do = torch.zeros_like(v) if do is None else do
+    dfinal = dfinal.float().contiguous() if dfinal is not None and dfinal.numel() else None
+    need_dinit = init is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dinit = torch.ops.retnet.retention_chunk_backward(do, dfinal, q, k, v, lg2, init, cu_seqlens,
+                                                                  states, scores, need_dinit, ctx.tuning)
+    return dq, dk, dv, None, (dinit if need_dinit else None), None, None, None
 
 
-_chunk_op.register_autograd(_backward_through(torch.ops.retnet.retention_chunk_backward),
-                            setup_context=_setup_context)
-
-
-class _EagerChunk(torch.autograd.Function):
-    """The same op for plain eager calls, without torch.library's layers: the op's dispatch and
-    its autograd wrapping cost the host about 1 ms per forward + backward on an H100 machine, against
-    0.44 ms for the eight Triton launches themselves and 1.35 ms of GPU time, so eager calls were
-    bound by the host (bench/RESULTS.md, 2026-12-07, H100 at 015c14a). Same bodies, same saved
-    tensors, same kernels: the results are bit-identical."""
-
-    forward = staticmethod(_chunk_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward_through(_chunk_backward))
-
-
-def _through_dispatcher() -> bool:
-    """Whether a call must go through the op: when torch.compile traces it (the partitioner then
-    recomputes or keeps it like any op, see above), and when a dispatch mode watches the call (fake
-    tensors, make_fx, FlopCounterMode, selective checkpointing's policy: they see the op by name, and
-    cannot see inside Triton launches)."""
-    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+_chunk_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _split_heads(q, k, v, log_gamma, state, need_state, cu_seqlens, tuning):
