@@ -256,6 +256,10 @@ class TrainerConfig:
     fused_loss: bool = doc(True, "true: the loss from the final hidden states and the LM head's weight in token "
                            "chunks, never the full [tokens, vocab] fp32 logits (same loss to fp32 rounding); "
                            "false: logits, then cross-entropy")
+    gc_every: int = doc(0, "Python's garbage collector: 0 leaves it to run on its own schedule (whenever enough "
+                        "objects were allocated, at a different moment on each rank); N > 0 turns automatic "
+                        "collection off and runs a full collection after every N-th step, on every rank at the same "
+                        "step (Megatron's manual GC, torchtitan's gc_freq). Not measured here yet")
     max_bad_steps: int = doc(5, "stop after this many consecutive skipped steps (a NaN/inf loss or gradient "
                              "skips the update)")
     data_source: DataSource = doc(DataSource.stream, "`stream`: the shards of data=<name>; `synthetic`: a "
@@ -662,6 +666,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     checkpointing_mode(cfg.trainer.activation_checkpointing)
     if cfg.trainer.checkpoint_layers is not None:
         _positive(cfg, "trainer.checkpoint_layers", allow_zero=True)
+    _positive(cfg, "trainer.gc_every", allow_zero=True)
     budget = cfg.trainer.activation_memory_budget
     problem = memory_budget_problem(budget, bool(cfg.trainer.compile),
                                     checkpointing_mode(cfg.trainer.activation_checkpointing),

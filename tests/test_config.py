@@ -95,6 +95,7 @@ def test_wrong_type_is_named():
     (["optim.grad_clip=nan"], "optim.grad_clip=nan"),
     (["optim.min_lr_ratio=nan"], "optim.min_lr_ratio=nan"),
     (["parallel.timeout_minutes=0"], "parallel.timeout_minutes=0: must be a finite number > 0"),
+    (["trainer.gc_every=-1"], "trainer.gc_every=-1: must be a finite number >= 0"),
     (["logging.peak_tflops=-1"], "logging.peak_tflops=-1"),
     (["optim.decay_steps=-5"], "optim.decay_steps=-5: must be > optim.warmup_steps"),
     (["model.norm_eps=-1"], "model.norm_eps=-1"),

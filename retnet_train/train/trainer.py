@@ -20,6 +20,7 @@ from .build import build_engine, forward_kwargs, is_export_dir
 from .cadence import Every
 from .checkpoint import CheckpointManager, checkpoints_named_by
 from .clipping import clip_and_guard, clips_in_optimizer
+from .collector import ScheduledCollection
 from .data import build_train_stream, resolve_vocab_size, verify_data
 from .evaluate import lm_loss, lm_loss_from_hidden, loss_autocast, model_inputs
 from .evaluator import Evaluator
@@ -264,6 +265,13 @@ class Trainer:
         return int(all_reduce_max([float(self.stop.signum or 0)], world=True)[0])
 
     def fit(self) -> int:
+        self.collection = ScheduledCollection(self.cfg.trainer.gc_every)
+        try:
+            return self._fit()
+        finally:
+            self.collection.close()  # the collector as it was, also after an error
+
+    def _fit(self) -> int:
         t, state = self.cfg.trainer, self.state
         self.engine.train()
         self.it = iter(self.stream)
@@ -285,6 +293,7 @@ class Trainer:
             faults.maybe_signal_last_rank(state.step, self.ps.rank, self.ps.world_size)
             self.step_log.add(out, seconds)
             self.step_log.maybe_write(state, out)
+            self.collection.step_ended(state.step)
             self.evaluator.maybe_run(state)
             signum = self._sync_stop()
             if signum:
