@@ -26,7 +26,8 @@
 #   float8       trainer.float8 (fp8 linear layers, torchao) at tensorwise and rowwise scaling against none,
 #                the trainer at zero0:auto beside fla, 8 x 2048 then 2 x 8192 tokens; the gpu-marked fp8
 #                tests first
-#   kernels      retention forward + backward, ours against every fla path, 16k tokens
+#   kernels      retention forward + backward, ours against every fla path, 16k tokens; then each of our
+#                launches under Nsight Compute (throughput, occupancy, stall reasons)
 #   bars         issue 10's two speed bars in the fastest setup measured: the gpu-marked retention and
 #                compile tests, our retention launches one by one, our retention op (keep both) against
 #                fla's chunk_simple_gla in 3 rounds, and the trainer with experiment retnet_1.3b_1gpu's
@@ -143,6 +144,8 @@ phase_float8() {  # trainer.float8 against the precision's own matmuls and fla, 
 
 phase_kernels() {
     run "$LOG_DIR/kernels.log" python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --profile
+    # where each launch's warps wait (Nsight Compute; needs ncu and a machine that lets it read the counters)
+    run "$LOG_DIR/kernels.log" python bench/retention_stalls.py
 }
 
 phase_bars() {

@@ -450,6 +450,12 @@ def test_one_gpu_phases_run_their_benches_and_log_them(tmp_path):
     assert [line.split("--seq-len ")[1].split()[0] for line in fp8[1:]] == ["2048", "8192"]
     assert all("--runs trainer fla" in line and "zero0:auto zero0:auto:tensorwise zero0:auto:rowwise" in line
                for line in fp8[1:])
+    r = run(ROOT / "bench" / "one_gpu.sh", "kernels", **env)
+    assert r.returncode == 0, r.stderr
+    kernels = [line for line in (tmp_path / "logs" / "kernels.log").read_text().splitlines()
+               if line.startswith("ran python")]
+    assert kernels == ["ran python bench/retention_kernels.py --tokens 16384 --lengths 2048,8192 --profile",
+                       "ran python bench/retention_stalls.py"]
     r = run(ROOT / "bench" / "one_gpu.sh", "bars", **env)
     assert r.returncode == 0, r.stderr
     bars = [line for line in (tmp_path / "logs" / "bars.log").read_text().splitlines() if line.startswith("ran python")]
