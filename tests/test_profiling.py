@@ -62,6 +62,24 @@ def test_report_says_how_long_the_device_waited_within_a_step():
     assert "wall" not in kernel_table(times, steps=3, top=2, header="h")
 
 
+def test_ranges_on_the_gpu_timeline_do_not_count_their_kernels_twice():
+    """A record_function range shows on the GPU as a span over its kernels (is_user_annotation):
+    the kernels count, the span does not."""
+    from retnet_train.train.profiling import event_times
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(key, device_type, ms, annotation=False, cpu_ms=0.0):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=ms * 1e3, count=1,
+                               is_user_annotation=annotation, self_cpu_time_total=cpu_ms * 1e3)
+
+    events = [event("multi_tensor_apply_kernel", cuda, 16.0), event("Optimizer.step#AdamW.step", cuda, 16.0, True),
+              event("nvjet_gemm", cuda, 90.0), event("aten::mm", cpu, 0.0, cpu_ms=2.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert event_times(prof, torch.device("cuda")) == {"multi_tensor_apply_kernel": (16.0, 1), "nvjet_gemm": (90.0, 1)}
+    assert event_times(prof, torch.device("cpu")) == {"aten::mm": (2.0, 1)}
+
+
 def _cfg(**kw):
     return SimpleNamespace(**{"start": 2, "steps": 2, "ranks": [0], "trace": True, "top": 10, **kw})
 
@@ -117,10 +135,12 @@ def test_profiler_on_a_gpu_counts_device_kernels(tmp_path):
     prof = StepProfiler(_cfg(start=1, steps=1, trace=False), tmp_path, 0, dev)
     a = torch.randn(1024, 1024, device=dev, dtype=torch.bfloat16)
     prof.step_begins(1)
-    for _ in range(4):
-        a = a @ a
+    with torch.profiler.record_function("a_range_of_matmuls"):  # on the GPU timeline too: not a kernel
+        for _ in range(4):
+            a = a @ a
     prof.step_ended(1)
     report = prof.report.read_text()
+    assert "a_range_of_matmuls" not in report
     assert f"on rank 0 ({torch.cuda.get_device_name(dev)})" in report and " kernels" in report.splitlines()[0]
     assert report.splitlines()[1].startswith("wall ") and "the device waited" in report.splitlines()[1]
     fam = {line.split()[0]: float(line.split()[1]) for line in report.splitlines()[4:] if line and line[0].isalpha()

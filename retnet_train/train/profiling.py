@@ -71,10 +71,17 @@ def kernel_table(times: dict[str, tuple[float, int]], steps: int, top: int, head
 
 
 def event_times(prof, device: torch.device) -> dict[str, tuple[float, int]]:
-    """name -> (ms, calls) of a finished profile: device kernels on CUDA, else operators' self CPU time."""
+    """name -> (ms, calls) of a finished profile: device kernels on CUDA, else operators' self CPU time.
+
+    A record_function range (e.g. "Optimizer.step#AdamW.step") also appears on the GPU's timeline,
+    as a span over the kernels launched inside it: it is skipped, or those kernels would count twice
+    (the optimizer's 16 ms once more in a 255 ms step of retnet_1.3b, and the device's wait that
+    much too short; before 2026-12-07's fix)."""
     times = {}
     for e in prof.key_averages():
         on_device = e.device_type == torch.autograd.DeviceType.CUDA
+        if on_device and getattr(e, "is_user_annotation", False):
+            continue
         if device.type == "cuda" and on_device:
             times[e.key] = (e.self_device_time_total / 1e3, e.count)
         elif device.type != "cuda" and not on_device and e.self_cpu_time_total > 0:
