@@ -80,6 +80,36 @@ def test_ranges_on_the_gpu_timeline_do_not_count_their_kernels_twice():
     assert event_times(prof, torch.device("cpu")) == {"aten::mm": (2.0, 1)}
 
 
+def _span(name, start, end, device_type=torch.autograd.DeviceType.CUDA, annotation=False):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device_type,
+                           is_user_annotation=annotation)
+
+
+def test_device_gaps_are_where_no_kernel_runs_on_any_stream():
+    from retnet_train.train.profiling import device_gaps
+
+    events = [_span("optimizer", 0, 100), _span("Optimizer.step#AdamW.step", 0, 300, annotation=True),
+              _span("embedding", 400, 450),  # 300 us after the optimizer's kernel: the step boundary
+              _span("matmul", 455, 600), _span("side_stream", 500, 700),  # overlaps: busy until 700
+              _span("retention", 710, 800), _span("aten::mm", 800, 5000, torch.autograd.DeviceType.CPU),
+              _span("loss", 900, 950)]
+    gaps = device_gaps(events, min_us=20.0)
+    assert gaps == [(300, 100, "optimizer", "embedding"), (100, 800, "retention", "loss")]  # 5 and 10 us: below
+    assert device_gaps([], 20.0) == []
+
+
+def test_gap_lines_give_the_time_per_step_and_the_largest_first():
+    from retnet_train.train.profiling import gap_lines
+
+    text = gap_lines([(300.0, 100.0, "optimizer", "embedding"), (1500.0, 800.0, "retention", "loss")], steps=2,
+                     top=1)
+    lines = text.strip().splitlines()
+    assert lines[0] == ("device idle gaps of 20 us or more: 1 per step, 0.90 ms per step; the largest (where in the "
+                        "window, after which kernel, before which):")
+    assert len(lines) == 2 and lines[1].split()[:4] == ["1.500", "ms", "at", "0.80"]
+    assert lines[1].endswith("after retention  before loss")
+
+
 def _cfg(**kw):
     return SimpleNamespace(**{"start": 2, "steps": 2, "ranks": [0], "trace": True, "top": 10, **kw})
 
@@ -141,6 +171,7 @@ def test_profiler_on_a_gpu_counts_device_kernels(tmp_path):
     prof.step_ended(1)
     report = prof.report.read_text()
     assert "a_range_of_matmuls" not in report
+    assert "device idle gaps of 20 us or more:" in report
     assert f"on rank 0 ({torch.cuda.get_device_name(dev)})" in report and " kernels" in report.splitlines()[0]
     assert report.splitlines()[1].startswith("wall ") and "the device waited" in report.splitlines()[1]
     fam = {line.split()[0]: float(line.split()[1]) for line in report.splitlines()[4:] if line and line[0].isalpha()

@@ -3,7 +3,8 @@
 For the profiled ranks, ${run_dir}/profile/ gets
   kernels_rank<R>.txt   device time per step by kernel family (matmul, retention, attention, norm +
                         gate, loss, optimizer, communication, copies, compiled / eager elementwise,
-                        other) and the kernels that take the most time, by name;
+                        other) and the kernels that take the most time, by name; on a GPU also how
+                        long the device waited for the host, and its largest idle gaps;
   trace_rank<R>.json    the Chrome / Perfetto trace of the profiled steps (logging.profile.trace).
 On a GPU it counts the device's kernels; on a CPU (no kernels) the operators' own CPU time.
 A profile is for reading: the figures that matter go to bench/RESULTS.md through bench/.
@@ -89,6 +90,35 @@ def event_times(prof, device: torch.device) -> dict[str, tuple[float, int]]:
     return times
 
 
+def device_gaps(events, min_us: float = 20.0) -> list[tuple[float, float, str, str]]:
+    """Where the GPU ran no kernel, from a finished profile's events (prof.events()): (gap us, its
+    start in us after the first kernel began, the kernel before, the kernel after) for every gap of
+    at least min_us, in time order. Kernels on several streams count as busy while any runs;
+    record_function ranges on the GPU timeline are not kernels."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    if not spans:
+        return []
+    origin, end, last = spans[0][0], spans[0][1], spans[0][2]
+    gaps = []
+    for start, stop, name in spans[1:]:
+        if start - end >= min_us:
+            gaps.append((start - end, end - origin, last, name))
+        if stop > end:
+            end, last = stop, name
+    return gaps
+
+
+def gap_lines(gaps: list[tuple[float, float, str, str]], steps: int, top: int, min_us: float = 20.0) -> str:
+    """The report's lines on the device's idle gaps: their count and time per step, the largest ones."""
+    total_ms = sum(g for g, *_ in gaps) / 1e3 / steps
+    lines = ["", f"device idle gaps of {min_us:.0f} us or more: {len(gaps) / steps:.0f} per step, {total_ms:.2f} ms "
+                 "per step; the largest (where in the window, after which kernel, before which):"]
+    for gap, at, before, after in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"{gap / 1e3:9.3f} ms at {at / 1e3:9.2f} ms  after {before[:60]}  before {after[:60]}")
+    return "\n".join(lines) + "\n"
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -144,7 +174,10 @@ class StepProfiler:
         unit = "kernels" if self.device.type == "cuda" else "operators"
         # on a CPU the operators' times overlap their callers' and the host is the device: no wall line
         wall = wall_ms / n if self.device.type == "cuda" else None
-        _write(self.report, kernel_table(event_times(prof, self.device), n, self.top, header, unit, wall))
+        text = kernel_table(event_times(prof, self.device), n, self.top, header, unit, wall)
+        if self.device.type == "cuda":  # where in the steps the device waited
+            text += gap_lines(device_gaps(prof.events()), n, self.top)
+        _write(self.report, text)
         if self.trace:
             tmp = self.dir / f"trace_rank{self.rank}.json.tmp"
             prof.export_chrome_trace(str(tmp))
