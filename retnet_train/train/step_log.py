@@ -24,7 +24,7 @@ class StepLog:
         self.loss_sum, self.good_steps, self.steps, self.seconds = 0.0, 0, 0, 0.0
 
     def add(self, out: dict, seconds: float) -> None:
-        """One finished step: its train_step() output and the seconds it took. Only the time of
+        """One finished step: its record (Trainer._read) and the seconds it took. Only the time of
         training steps counts toward tokens/s (not evaluation, checkpoints or this logging)."""
         if not out["bad"]:  # a skipped step's loss is NaN or inf; it would poison the average
             self.loss_sum += out["loss"]
@@ -32,9 +32,10 @@ class StepLog:
         self.steps += 1
         self.seconds += seconds
 
-    def maybe_write(self, state, out: dict) -> None:
-        """Every rank calls this at every step (the average is reduced over the data-parallel ranks)."""
-        if not self.every(state.step):
+    def maybe_write(self, out: dict, skipped_total: int) -> None:
+        """Every rank calls this for every step, in order (the average is reduced over the
+        data-parallel ranks). out: the step's record (its "step" and "tokens" are where it ended)."""
+        if not self.every(out["step"]):
             return
         total_loss, total_steps = all_reduce_sum([self.loss_sum, float(self.good_steps)])
         loss = total_loss / total_steps if total_steps else float("nan")
@@ -42,10 +43,10 @@ class StepLog:
         tps = tokens / max(self.seconds, 1e-9)
         step_time = self.seconds / max(1, self.steps)
         self.metrics.train({
-            "step": state.step, "loss": loss, "lr": out["lr"],
-            "grad_norm": out["grad_norm"], "tokens": state.tokens, "tokens_per_s": tps,
+            "step": out["step"], "loss": loss, "lr": out["lr"],
+            "grad_norm": out["grad_norm"], "tokens": out["tokens"], "tokens_per_s": tps,
             "mfu": tps * self.flops_per_token / self.peak_flops, "mem_gib": peak_memory_gib(self.device),
-            "eta_s": (self.max_steps - state.step) * step_time, "skipped_steps": state.skipped_total,
+            "eta_s": (self.max_steps - out["step"]) * step_time, "skipped_steps": skipped_total,
             "time": time.time(),
         })
         self._reset()

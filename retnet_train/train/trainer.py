@@ -31,6 +31,7 @@ from .schedule import schedule_from_config
 from .signals import StopRequest, signal_name
 from .state import TrainingState
 from .step_log import StepLog
+from .step_values import StepValues
 from .throughput import flops_per_token, peak_flops_per_device, peak_memory_gib
 
 log = logging.getLogger("retnet_train")
@@ -186,7 +187,9 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self) -> dict:
+    def _queue_step(self) -> dict:
+        """Queue one optimizer step's work; its loss and gradient norm stay on their way to the host
+        (StepValues) until _read()."""
         engine, gas, dev = self.engine, self.layout["grad_accum"], self.ps.device
         step = self.state.step + 1  # 1-based number of the step being taken
         lr = self.lr_at(self.state.step)
@@ -210,13 +213,22 @@ class Trainer:
             loss_sum += loss.detach().double()
         if grad_norm is None:  # DeepSpeed's norm (None where its optimizer wrapper computes none)
             grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
-        loss = float(loss_sum) / gas
-        bad = ((engine.skipped_steps > skipped_before) or not math.isfinite(loss)
-               or (grad_norm is not None and not math.isfinite(grad_norm)))
+        values = StepValues(loss_sum, grad_norm)
         self.state.advance(self.cfg.trainer.global_batch_tokens)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "bad": bad, "cursor": cursor,
-                "sources": sorted(str(s) for s in sources)}
+        return {"values": values, "lr": lr, "cursor": cursor, "sources": sorted(str(s) for s in sources),
+                "skipped": engine.skipped_steps > skipped_before, "step": self.state.step,
+                "tokens": self.state.tokens}
+
+    def _read(self, queued: dict) -> dict:
+        """A queued step's record: its loss (the micro-batches' mean), gradient norm, whether it was
+        bad (skipped by the optimizer, or a non-finite loss or norm), and the step and token count
+        it ended at."""
+        loss_sum, grad_norm = queued["values"].read()
+        loss = loss_sum / self.layout["grad_accum"]
+        bad = (queued["skipped"] or not math.isfinite(loss)
+               or (grad_norm is not None and not math.isfinite(grad_norm)))
+        return {"loss": loss, "lr": queued["lr"], "grad_norm": grad_norm, "bad": bad, "cursor": queued["cursor"],
+                "sources": queued["sources"], "step": queued["step"], "tokens": queued["tokens"]}
 
     def _loss(self, ids: torch.Tensor, labels: torch.Tensor, fwd: dict) -> torch.Tensor:
         """Mean next-token loss of one micro-batch (this rank's slice with context parallelism);
@@ -279,24 +291,35 @@ class Trainer:
                  "x %d data-parallel ranks", self.run_dir, self.ps.world_size, self.ps.data_size, self.ps.cp_size,
                  self.ps.tp_size, t.global_batch_tokens, t.micro_batch_size, t.seq_len, self.layout["grad_accum"],
                  self.ps.data_size)
+        defer = bool(t.defer_step_values)
+        if defer:
+            log.info("trainer.defer_step_values: each step's loss and gradient norm are read after the next step "
+                     "is queued (at once before evaluations, checkpoints and the last step)")
+        pending = None  # with defer_step_values: (the queued step not yet read, when it began)
+        last_read = 0.0
         while state.step < t.max_steps:
             self.profiler.step_begins(state.step + 1)
             t0 = time.time()
-            out = self.train_step()
-            seconds = time.time() - t0
+            queued = self._queue_step()
+            # deferred: this step is read after the next one is queued, unless something needs it now
+            deferred = defer and not self._needs_step_now(state.step)
+            to_read = ([pending] if pending is not None else []) + ([] if deferred else [(queued, t0)])
+            pending = (queued, t0) if deferred else None
+            finished = []
+            for q, began in to_read:
+                out = self._read(q)
+                now = time.time()
+                # a deferred step's time runs from the previous read: the steps overlap on the host
+                finished.append((out, now - max(began, last_read)))
+                last_read = now
             self.profiler.step_ended(state.step)
-            if out["bad"]:
-                self._bad_step(out)
-            else:
-                state.bad_in_row = 0
-            faults.maybe_kill("kill", state.step)
-            faults.maybe_signal_last_rank(state.step, self.ps.rank, self.ps.world_size)
-            self.step_log.add(out, seconds)
-            self.step_log.maybe_write(state, out)
-            self.collection.step_ended(state.step)
-            self.evaluator.maybe_run(state)
+            for out, seconds in finished:
+                self._account(out, seconds)
+            self.evaluator.maybe_run(state)  # never due at a deferred step (_needs_step_now)
             signum = self._sync_stop()
             if signum:
+                if pending is not None:  # the step queued last: read it, so the checkpoint is of it
+                    self._account(self._read(pending[0]), time.time() - max(pending[1], last_read))
                 log.info("%s: stopping at step %d; saving a checkpoint", signal_name(signum), state.step)
                 self.save(reason=f"signal {signum}")
                 log.info("stopped at step %d; the same command resumes from here", state.step)
@@ -310,19 +333,37 @@ class Trainer:
         self.close()
         return 0
 
+    def _needs_step_now(self, step: int) -> bool:
+        """Whether step `step` must be read before the next one is queued: an evaluation or a
+        checkpoint follows it, or it is the last."""
+        return step >= self.cfg.trainer.max_steps or self.evaluator.every(step) or self.ckpt.due(step)
+
+    def _account(self, out: dict, seconds: float) -> None:
+        """A read step's bookkeeping: the NaN guard's counters, the train records, the garbage
+        collector's schedule (and the fault injection of the tests)."""
+        if out["bad"]:
+            self._bad_step(out)
+        else:
+            self.state.bad_in_row = 0
+        faults.maybe_kill("kill", out["step"])
+        faults.maybe_signal_last_rank(out["step"], self.ps.rank, self.ps.world_size)
+        self.step_log.add(out, seconds)
+        self.step_log.maybe_write(out, self.state.skipped_total)
+        self.collection.step_ended(out["step"])
+
     def _bad_step(self, out: dict) -> None:
-        state = self.state
+        state, step = self.state, out["step"]
         state.bad_in_row += 1
         state.skipped_total += 1
         self.metrics.event(
-            {"event": "bad_step", "step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"],
+            {"event": "bad_step", "step": step, "loss": out["loss"], "grad_norm": out["grad_norm"],
              "batch": out["cursor"], "sources": out["sources"], "bad_in_row": state.bad_in_row},
-            message=(f"step {state.step}: non-finite loss or gradient (loss={out['loss']}, "
+            message=(f"step {step}: non-finite loss or gradient (loss={out['loss']}, "
                      f"grad_norm={out['grad_norm']}); update skipped; batch cursor {out['cursor']}"),
             warn=True)
         if state.bad_in_row >= self.cfg.trainer.max_bad_steps:
             raise TooManyBadSteps(
-                f"{state.bad_in_row} consecutive steps (up to step {state.step}) had a non-finite loss or gradient "
+                f"{state.bad_in_row} consecutive steps (up to step {step}) had a non-finite loss or gradient "
                 f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); stopping. The last good checkpoint "
                 f"is in {self.ckpt.root}; lower optim.lr or inspect the batches logged in metrics.jsonl")
 
