@@ -4,6 +4,8 @@ once; only when the host learns them moves."""
 
 from __future__ import annotations
 
+import pytest
+
 from test_train_utils import losses, records, reference_losses, run_train
 
 COMMON = ["deepspeed=zero0", "trainer.eval_every=2", "checkpoint.every=3", "trainer.eval_at_end=false",
@@ -55,3 +57,22 @@ def test_a_stop_signal_saves_the_step_queued_last_and_the_run_resumes_exactly(tm
     assert sorted(got) == list(range(1, 7))
     for step, loss in got.items():
         assert abs(loss - want[step]) < 1e-5, (step, loss, want[step])
+
+
+def _values(device):
+    import torch
+
+    from retnet_train.train.step_values import StepValues
+
+    loss = torch.tensor(6.25, dtype=torch.float64, device=device)
+    norm = torch.tensor(1.5, dtype=torch.float32, device=device)
+    return [StepValues(loss, g).read() for g in (norm, 2.5, None)]
+
+
+def test_step_values_read_the_loss_and_a_norm_given_as_a_tensor_a_float_or_none():
+    assert _values("cpu") == [(6.25, 1.5), (6.25, 2.5), (6.25, None)]
+
+
+@pytest.mark.gpu
+def test_step_values_on_a_gpu_come_through_pinned_memory():
+    assert _values("cuda") == [(6.25, 1.5), (6.25, 2.5), (6.25, None)]
