@@ -71,32 +71,36 @@ def kernel_table(times: dict[str, tuple[float, int]], steps: int, top: int, head
     return "\n".join(lines) + "\n"
 
 
-def event_times(prof, device: torch.device) -> dict[str, tuple[float, int]]:
-    """name -> (ms, calls) of a finished profile: device kernels on CUDA, else operators' self CPU time.
+MIN_GAP_US = 20.0  # the shortest idle gap of the device the report lists
 
-    A record_function range (e.g. "Optimizer.step#AdamW.step") also appears on the GPU's timeline,
-    as a span over the kernels launched inside it: it is skipped, or those kernels would count twice
-    (the optimizer's 16 ms once more in a 255 ms step of retnet_1.3b, and the device's wait that
-    much too short; before 2026-12-07's fix)."""
+
+def _on_device(e) -> bool:
+    """A profile event that is device work: a kernel, copy or set on the GPU's timeline. A
+    record_function range (e.g. "Optimizer.step#AdamW.step") also appears there, as a span over the
+    kernels launched inside it: counted, those kernels would count twice (the optimizer's 16 ms once
+    more in a 255 ms step of retnet_1.3b, and the device's wait that much too short; before
+    2026-12-07's fix)."""
+    return e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+
+
+def event_times(prof, device: torch.device) -> dict[str, tuple[float, int]]:
+    """name -> (ms, calls) of a finished profile: device kernels on CUDA (not ranges: _on_device),
+    else operators' self CPU time."""
     times = {}
     for e in prof.key_averages():
-        on_device = e.device_type == torch.autograd.DeviceType.CUDA
-        if on_device and getattr(e, "is_user_annotation", False):
-            continue
-        if device.type == "cuda" and on_device:
+        if device.type == "cuda" and _on_device(e):
             times[e.key] = (e.self_device_time_total / 1e3, e.count)
-        elif device.type != "cuda" and not on_device and e.self_cpu_time_total > 0:
+        elif device.type != "cuda" and e.device_type != torch.autograd.DeviceType.CUDA and e.self_cpu_time_total > 0:
             times[e.key] = (e.self_cpu_time_total / 1e3, e.count)
     return times
 
 
-def device_gaps(events, min_us: float = 20.0) -> list[tuple[float, float, str, str]]:
+def device_gaps(events, min_us: float = MIN_GAP_US) -> list[tuple[float, float, str, str]]:
     """Where the GPU ran no kernel, from a finished profile's events (prof.events()): (gap us, its
     start in us after the first kernel began, the kernel before, the kernel after) for every gap of
     at least min_us, in time order. Kernels on several streams count as busy while any runs;
-    record_function ranges on the GPU timeline are not kernels."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    record_function ranges on the GPU timeline are not kernels (_on_device)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if _on_device(e))
     if not spans:
         return []
     origin, end, last = spans[0][0], spans[0][1], spans[0][2]
@@ -109,7 +113,7 @@ def device_gaps(events, min_us: float = 20.0) -> list[tuple[float, float, str, s
     return gaps
 
 
-def gap_lines(gaps: list[tuple[float, float, str, str]], steps: int, top: int, min_us: float = 20.0) -> str:
+def gap_lines(gaps: list[tuple[float, float, str, str]], steps: int, top: int, min_us: float = MIN_GAP_US) -> str:
     """The report's lines on the device's idle gaps: their count and time per step, the largest ones."""
     total_ms = sum(g for g, *_ in gaps) / 1e3 / steps
     lines = ["", f"device idle gaps of {min_us:.0f} us or more: {len(gaps) / steps:.0f} per step, {total_ms:.2f} ms "

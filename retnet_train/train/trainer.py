@@ -297,6 +297,15 @@ class Trainer:
                      "is queued (at once before evaluations, checkpoints and the last step)")
         pending = None  # with defer_step_values: (the queued step not yet read, when it began)
         last_read = 0.0
+
+        def read(queued: dict, began: float) -> tuple[dict, float]:
+            """A queued step's record and its seconds: a deferred step's time runs from the previous
+            read, as the steps overlap on the host."""
+            nonlocal last_read
+            out, now = self._read(queued), time.time()
+            seconds, last_read = now - max(began, last_read), now
+            return out, seconds
+
         while state.step < t.max_steps:
             self.profiler.step_begins(state.step + 1)
             t0 = time.time()
@@ -305,13 +314,7 @@ class Trainer:
             deferred = defer and not self._needs_step_now(state.step)
             to_read = ([pending] if pending is not None else []) + ([] if deferred else [(queued, t0)])
             pending = (queued, t0) if deferred else None
-            finished = []
-            for q, began in to_read:
-                out = self._read(q)
-                now = time.time()
-                # a deferred step's time runs from the previous read: the steps overlap on the host
-                finished.append((out, now - max(began, last_read)))
-                last_read = now
+            finished = [read(*q) for q in to_read]
             self.profiler.step_ended(state.step)
             for out, seconds in finished:
                 self._account(out, seconds)
@@ -319,7 +322,7 @@ class Trainer:
             signum = self._sync_stop()
             if signum:
                 if pending is not None:  # the step queued last: read it, so the checkpoint is of it
-                    self._account(self._read(pending[0]), time.time() - max(pending[1], last_read))
+                    self._account(*read(*pending))
                 log.info("%s: stopping at step %d; saving a checkpoint", signal_name(signum), state.step)
                 self.save(reason=f"signal {signum}")
                 log.info("stopped at step %d; the same command resumes from here", state.step)
