@@ -54,6 +54,7 @@ class ParallelState:
 _state: Optional[ParallelState] = None
 _dp_group = None
 _context_parallel = None  # a ContextParallel when parallel.cp > 1
+_host_group = None  # every rank, through gloo on host memory: decisions that must not wait for the GPU
 
 
 def _free_port() -> int:
@@ -100,7 +101,7 @@ def check_backend(backend: str) -> None:
 def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int = 1,
                      timeout_minutes: int = 30, cp_size: int = 1) -> ParallelState:
     """Start the default process group (idempotent) and build the data-parallel group."""
-    global _state, _dp_group, _context_parallel
+    global _state, _dp_group, _context_parallel, _host_group
     if _state is not None:
         return _state
     if device == "auto":
@@ -142,6 +143,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int =
         _dp_group = dist.group.WORLD
         tp_rank = 0
     _context_parallel = _make_context_parallel(rank, world, tp_size, cp_size)
+    # made on every backend (a gloo world gets its own too), so the CPU tests run the GPU's code path
+    _host_group = dist.new_group(backend="gloo") if world > 1 else None
     _state = ParallelState(
         rank=rank, world_size=world, local_rank=local_rank,
         dp_rank=dist.get_rank(_dp_group), dp_size=dist.get_world_size(_dp_group), tp_size=tp_size,
@@ -211,10 +214,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return _reduce(values, dist.ReduceOp.SUM, _dp_group)
 
 
-def all_reduce_max(values: list[float], world: bool = False) -> list[float]:
-    """Max over the data-parallel group, or over every rank with `world` (decisions that every
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Max over the data-parallel group (world_max_on_host: over every rank, for decisions that every
     rank must take together, such as stopping: a tensor-parallel group spans several dp groups)."""
-    return _reduce(values, dist.ReduceOp.MAX, None if world else _dp_group)
+    return _reduce(values, dist.ReduceOp.MAX, _dp_group)
+
+
+def world_max_on_host(values: list[float]) -> list[float]:
+    """Max over every rank through the gloo group on host memory: an NCCL all-reduce would put a
+    GPU tensor in the stream's queue and the host would wait for all the work queued before it
+    (a whole training step) to read the result. For per-step decisions such as stopping."""
+    if _host_group is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
+    return t.tolist()
 
 
 def all_gather_objects(obj) -> list:
@@ -227,11 +241,11 @@ def all_gather_objects(obj) -> list:
 
 
 def destroy() -> None:
-    global _state, _dp_group, _context_parallel
+    global _state, _dp_group, _context_parallel, _host_group
     if _state is not None and _state.tp_size > 1:
         from fairscale.nn.model_parallel import initialize as fs
 
         fs.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    _state, _dp_group, _context_parallel = None, None, None
+    _state, _dp_group, _context_parallel, _host_group = None, None, None, None

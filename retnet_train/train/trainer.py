@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from retnet_train.config import batch_layout
-from retnet_train.parallel import all_reduce_max, barrier, context_parallel, destroy, init_distributed, mpu
+from retnet_train.parallel import barrier, context_parallel, destroy, init_distributed, mpu, world_max_on_host
 
 from . import faults
 from .build_lock import bound_build_lock_wait
@@ -273,8 +273,9 @@ class Trainer:
         return str(Path(self.cfg.data.tokenizer).resolve())
 
     def _sync_stop(self) -> int:
-        """The stop signal's number if any rank received one (0 if none): every rank decides alike."""
-        return int(all_reduce_max([float(self.stop.signum or 0)], world=True)[0])
+        """The stop signal's number if any rank received one (0 if none): every rank decides alike,
+        on the host, so the check does not wait for the step just queued."""
+        return int(world_max_on_host([float(self.stop.signum or 0)])[0])
 
     def fit(self) -> int:
         self.collection = ScheduledCollection(self.cfg.trainer.gc_every)
