@@ -119,10 +119,10 @@ def measure(preset: str, seq_len: int | None, args) -> dict:
     trainer = Trainer(cfg)  # it resets the device's peak memory once the model is built
     trainer.fit()
     # memory per device: the largest training peak of any rank (the trainer resets it after building)
-    from retnet_train.parallel.groups import all_reduce_max
+    from retnet_train.parallel.groups import world_max_on_host
     from retnet_train.train.throughput import peak_memory_gib
 
-    peak_mem = all_reduce_max([peak_memory_gib(trainer.ps.device)], world=True)[0]
+    peak_mem = world_max_on_host([peak_memory_gib(trainer.ps.device)])[0]
     if not trainer.ps.is_main:  # only rank 0 writes metrics.jsonl (each rank made its own temp run_dir)
         del trainer
         gc.collect()
