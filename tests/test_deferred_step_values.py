@@ -76,30 +76,3 @@ def test_step_values_read_the_loss_and_a_norm_given_as_a_tensor_a_float_or_none(
 @pytest.mark.gpu
 def test_step_values_on_a_gpu_come_through_pinned_memory():
     assert _values("cuda") == [(6.25, 1.5), (6.25, 2.5), (6.25, None)]
-
-
-def test_a_batch_moved_to_the_cpu_is_the_batch():
-    import torch
-
-    from retnet_train.train.evaluate import batch_to_device
-
-    ids = torch.arange(12).view(3, 4)
-    assert torch.equal(batch_to_device(ids, torch.device("cpu")), ids)
-
-
-@pytest.mark.gpu
-def test_a_batch_joins_the_gpu_queue_without_waiting_for_it():
-    """The host returns from the copy while a long kernel queued before it still runs, and the
-    copy lands after it with the batch's values."""
-    import torch
-
-    from retnet_train.train.evaluate import batch_to_device
-
-    ids = torch.randint(0, 50_000, (8, 8192))  # a step's ids: 512 KiB, past the driver's staging size
-    busy = torch.cuda.Event()
-    torch.cuda._sleep(2_000_000_000)  # about a second of GPU clocks
-    busy.record()
-    on_gpu = batch_to_device(ids, torch.device("cuda"))
-    assert not busy.query(), "the copy waited for the kernel queued before it"
-    torch.cuda.synchronize()
-    assert torch.equal(on_gpu.cpu(), ids)

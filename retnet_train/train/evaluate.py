@@ -70,17 +70,7 @@ def document_starts(batch: dict, reset_at_documents: bool, device: torch.device)
     """The batch's doc_starts [B, T] on `device` when data.reset_at_documents is on (None otherwise,
     or for a stream without them, e.g. synthetic data)."""
     starts = batch.get("doc_starts") if reset_at_documents else None
-    return None if starts is None else batch_to_device(starts, device)
-
-
-def batch_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch tensor on `device`, without waiting for the GPU's queue: from pageable memory
-    the driver may drain the stream before it copies (so the GPU idles while the host queues the
-    next step), from pinned memory the copy just joins the queue. pin_memory() takes its buffer from
-    torch's caching host allocator, which keeps it until the copy has run."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+    return None if starts is None else starts.to(device, non_blocking=True)
 
 
 def model_inputs(batch: dict, forward_kwargs: dict, device: torch.device, reset_at_documents: bool,
@@ -88,7 +78,7 @@ def model_inputs(batch: dict, forward_kwargs: dict, device: torch.device, reset_
     """(ids, labels, forward kwargs) of one micro-batch on `device`: with document starts when
     data.reset_at_documents is on; with context parallelism, this rank's slice of every sequence
     and the group the model exchanges states with."""
-    ids, labels = batch_to_device(batch["input_ids"], device), batch_to_device(batch["labels"], device)
+    ids, labels = batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
     starts = document_starts(batch, reset_at_documents, device)
     fwd = dict(forward_kwargs)
     if context_parallel is not None:
