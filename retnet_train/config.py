@@ -179,6 +179,10 @@ class ParallelConfig:
                   "per sequence (an all-gather)")
     backend: Backend = doc(Backend.auto, "the torch.distributed backend; `auto`: nccl on CUDA, gloo on CPU")
     timeout_minutes: int = doc(30, "how long a collective may wait before the process group fails")
+    host_group: bool = doc(True, "a gloo group over every rank for the per-step stop check, on host memory, so "
+                           "the check does not wait for the step queued before it (an NCCL all-reduce read on the "
+                           "host does). false: the check goes through the backend's group; for clusters where gloo "
+                           "cannot reach across nodes (a host name resolving to loopback: or set GLOO_SOCKET_IFNAME)")
 
 
 @dataclass

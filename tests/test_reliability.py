@@ -99,9 +99,12 @@ def test_signal_to_the_whole_process_group_saves_and_resumes_exactly(tmp_path, s
 @needs_sample
 @pytest.mark.slow
 def test_sigterm_to_torchrun_and_its_workers_saves_and_resumes_exactly(tmp_path):
-    """torchrun's agent forwards SIGTERM to its workers too: they get it twice and save once."""
+    """torchrun's agent forwards SIGTERM to its workers too: they get it twice and save once. The
+    ranks agree on the stop through the backend's all-reduce here (parallel.host_group=false); the
+    tensor-parallel signal test covers the default gloo group."""
     steps = 4
-    args = [*STREAM, f"data.root={SAMPLE}", f"optim.decay_steps={steps}", "checkpoint.every=0"]
+    args = [*STREAM, f"data.root={SAMPLE}", f"optim.decay_steps={steps}", "checkpoint.every=0",
+            "parallel.host_group=false"]
     whole = tmp_path / "whole"
     run_train(whole, *args, f"trainer.max_steps={steps}", nproc=2, launcher="torchrun")
     cut = tmp_path / "cut"

@@ -99,8 +99,9 @@ def check_backend(backend: str) -> None:
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int = 1,
-                     timeout_minutes: int = 30, cp_size: int = 1) -> ParallelState:
-    """Start the default process group (idempotent) and build the data-parallel group."""
+                     timeout_minutes: int = 30, cp_size: int = 1, host_group: bool = True) -> ParallelState:
+    """Start the default process group (idempotent) and build the data-parallel group (and, with
+    `host_group`, the gloo group of world_max_on_host)."""
     global _state, _dp_group, _context_parallel, _host_group
     if _state is not None:
         return _state
@@ -144,7 +145,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", tp_size: int =
         tp_rank = 0
     _context_parallel = _make_context_parallel(rank, world, tp_size, cp_size)
     # made on every backend (a gloo world gets its own too), so the CPU tests run the GPU's code path
-    _host_group = dist.new_group(backend="gloo") if world > 1 else None
+    _host_group = dist.new_group(backend="gloo") if world > 1 and host_group else None
     _state = ParallelState(
         rank=rank, world_size=world, local_rank=local_rank,
         dp_rank=dist.get_rank(_dp_group), dp_size=dist.get_world_size(_dp_group), tp_size=tp_size,
@@ -224,8 +225,8 @@ def world_max_on_host(values: list[float]) -> list[float]:
     """Max over every rank through the gloo group on host memory: an NCCL all-reduce would put a
     GPU tensor in the stream's queue and the host would wait for all the work queued before it
     (a whole training step) to read the result. For per-step decisions such as stopping."""
-    if _host_group is None:
-        return list(values)
+    if _host_group is None:  # one process, or parallel.host_group=false: through the backend's group
+        return _reduce(values, dist.ReduceOp.MAX, None)
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
     return t.tolist()

@@ -75,7 +75,7 @@ class Trainer:
         self.stop = StopRequest()
         bound_build_lock_wait(t.build_lock_timeout_s)
         self.ps = init_distributed(t.device, cfg.parallel.backend, cfg.parallel.tp,
-                                   cfg.parallel.timeout_minutes, cfg.parallel.cp)
+                                   cfg.parallel.timeout_minutes, cfg.parallel.cp, cfg.parallel.host_group)
         self.cp = context_parallel()  # None at parallel.cp=1
         setup_logging(cfg.logging.level, self.ps.rank, cfg.run_dir)
         if self.ps.device.type == "cpu":
