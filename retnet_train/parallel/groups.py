@@ -202,10 +202,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _reduce(values: list[float], op, group) -> list[float]:
+def _reduce(values: list[float], op, group, on_host: bool = False) -> list[float]:
+    """`values` reduced over `group` (None: every rank), as float64 on this rank's device, or in
+    host memory with `on_host` (a gloo group's)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=get_state().device)
+    t = torch.tensor(values, dtype=torch.float64, device="cpu" if on_host else get_state().device)
     dist.all_reduce(t, op=op, group=group)
     return t.tolist()
 
@@ -225,11 +227,8 @@ def world_max_on_host(values: list[float]) -> list[float]:
     """Max over every rank through the gloo group on host memory: an NCCL all-reduce would put a
     GPU tensor in the stream's queue and the host would wait for all the work queued before it
     (a whole training step) to read the result. For per-step decisions such as stopping."""
-    if _host_group is None:  # one process, or parallel.host_group=false: through the backend's group
-        return _reduce(values, dist.ReduceOp.MAX, None)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
-    return t.tolist()
+    # with parallel.host_group=false (no gloo group): through the backend's group over every rank
+    return _reduce(values, dist.ReduceOp.MAX, _host_group, on_host=_host_group is not None)
 
 
 def all_gather_objects(obj) -> list:
