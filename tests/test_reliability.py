@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_utils import REPO, TINY, command, env, losses, records, run_train
+from test_train_utils import REPO, TINY, command, env, losses, records, run_train, without_dynamo
 
 SAMPLE = REPO / "data" / "sample"
 needs_sample = pytest.mark.skipif(not (SAMPLE / ".complete").is_file(), reason="needs `make sample-data`")
@@ -26,7 +26,8 @@ def _start(tmp_path, overrides, nproc=1, launcher="python") -> tuple[subprocess.
     """The trainer in a process group of its own (as a batch job is), output in a file."""
     log = tmp_path / f"out{time.monotonic_ns()}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(command([*TINY, *overrides], nproc, launcher), cwd=REPO, env=env(), stdout=out,
+        proc = subprocess.Popen(command([*TINY, *overrides], nproc, launcher), cwd=REPO,
+                                env=env(**without_dynamo(overrides)), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
 

@@ -51,15 +51,19 @@ def command(overrides: list[str], nproc: int = 1, launcher: str = "python") -> l
     raise ValueError(launcher)
 
 
+def without_dynamo(overrides) -> dict:
+    """Environment for a trainer process that does not compile (no trainer.compile, no experiment
+    preset: the GPU ones compile): TORCHDYNAMO_DISABLE makes torch.compile a no-op. DeepSpeed's ZeRO
+    optimizer check imports its Muon optimizer, whose module-level @torch.compile loads inductor:
+    about 1.2 s of every such process. Measured: the whole suite 706 s -> 632 s on a 2-core machine."""
+    if any(o.startswith(("trainer.compile=", "experiment=")) and o != "trainer.compile=false" for o in overrides):
+        return {}
+    return {"TORCHDYNAMO_DISABLE": "1"}
+
+
 def run_train(run_dir, *overrides: str, nproc: int = 1, launcher: str = "python", fault: str | None = None,
               check: bool = True, timeout: int = 240, **env_extra) -> subprocess.CompletedProcess:
-    extra = dict(env_extra)
-    if not any(o.startswith(("trainer.compile=", "experiment=")) and o != "trainer.compile=false" for o in overrides):
-        # DeepSpeed's ZeRO optimizer check imports its Muon optimizer, whose module-level
-        # @torch.compile loads inductor: about 1.2 s of every trainer process. A run that does not
-        # compile (no experiment preset either: the GPU ones compile) does without it: TORCHDYNAMO_DISABLE
-        # makes torch.compile a no-op. Measured: the whole suite 706 s -> 632 s on this 2-core machine
-        extra.setdefault("TORCHDYNAMO_DISABLE", "1")
+    extra = {**without_dynamo(overrides), **env_extra}
     if fault:
         extra["RETNET_TRAIN_FAULT"] = fault
     cmd = command([*TINY, f"run_dir={run_dir}", *overrides], nproc, launcher)
