@@ -19,6 +19,9 @@ bench/RESULTS.md and, with several lengths, writes bench/train_step.png.
 Runs of one configuration move by 2-5% between calls on one GPU (bench/RESULTS.md): with --rounds N every
 configuration runs N times, the rounds interleaved, and each row shows its median run and the spread.
 
+Stopped by SIGTERM (`timeout`, a batch system) or Ctrl-C, the bench still appends the rows that finished,
+its notes saying it was cut short, and exits with 128 + the signal's number.
+
 Several --memory-budget values measure the speed/memory trade-off: each of our models runs once per
 budget (fla, which has none, once), each row's peak memory is set against our Transformer's at the same
 budget and at none, and bench/train_step_memory_budget_T<T>.png (one per length) plots tokens/s against
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -338,17 +342,46 @@ def run_specs(args, budgets: list[str]) -> list[str]:
     return specs
 
 
+class _Stop(Exception):
+    pass
+
+
+def run_rounds(specs: list[str], n: int) -> tuple[list[dict[tuple, dict]], int | None]:
+    """Each round's results (parse_spec's fields -> run_isolated's result), the rounds interleaved: a
+    machine that drifts (clocks, a neighbour) moves every row alike. SIGTERM (`timeout`, a batch
+    system) or Ctrl-C ends the runs but keeps those that finished, so a cut bench still writes its
+    table: returns the rounds so far (the last one possibly partial) and the signal's number, or None."""
+    def stop(signum, frame):
+        raise _Stop(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    rounds: list[dict[tuple, dict]] = []
+    try:
+        for _ in range(n):
+            rounds.append({})
+            for spec in specs:
+                rounds[-1][parse_spec(spec)] = run_isolated(spec)
+    except _Stop as stopped:
+        return rounds, stopped.args[0]
+    except KeyboardInterrupt:
+        return rounds, int(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return rounds, None
+
+
 def combine_rounds(rounds: list[dict[tuple, dict]]) -> dict[tuple, dict]:
     """Each configuration's result over the rounds (each round: parse_spec's fields -> that run's
     result): the run with the median tokens/s, its peak memory and loss with it (the lower median for
     an even count: a run that happened, not an average), plus `runs` and `spread`, (max - min) / median
     of the tokens/s in percent. Failed runs are left out; a configuration that failed in every round
-    keeps its last error."""
+    keeps its last error. A round cut short (run_rounds) lacks the configurations it did not reach."""
     out = {}
     for key in rounds[0]:
-        good = sorted((r[key] for r in rounds if "error" not in r[key]), key=lambda r: r["tokens_per_s"])
+        ran = [r[key] for r in rounds if key in r]
+        good = sorted((r for r in ran if "error" not in r), key=lambda r: r["tokens_per_s"])
         if not good:
-            out[key] = rounds[-1][key]
+            out[key] = ran[-1]
             continue
         median = good[(len(good) - 1) // 2]
         rates = [r["tokens_per_s"] for r in good]
@@ -420,8 +453,10 @@ def main() -> None:
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: at least 1")
     specs = run_specs(args, budgets)
-    # the rounds interleaved: a machine that drifts (clocks, a neighbour) moves every row alike
-    results = combine_rounds([{parse_spec(spec): run_isolated(spec) for spec in specs} for _ in range(args.rounds)])
+    measured, stopped = run_rounds(specs, args.rounds)
+    if not measured or not measured[0]:
+        raise SystemExit(128 + stopped if stopped else 1)
+    results = combine_rounds(measured)
     header, rows = table(results, args)
     from bench.results import append
 
@@ -448,7 +483,13 @@ def main() -> None:
     if len(budgets) > 1 and not args.no_save:  # the trade-off: what each share of memory saved costs in speed
         for path in budget_charts(results, args):
             notes += f"; memory budget chart: [{path.name}]({path.name})"
+    if stopped:
+        done = sum(len(r) for r in measured)
+        notes += (f"; CUT SHORT by {signal.Signals(stopped).name} after {done} of {len(specs) * args.rounds} runs: "
+                  f"the rows are those that finished")
     append("Training step side by side (bench/train_step.py)", header, rows, notes=notes, save=not args.no_save)
+    if stopped:
+        raise SystemExit(128 + stopped)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ malformed value stops the bench before any run (no training here: the runner is 
 from __future__ import annotations
 
 import sys
+import time
 import types
 
 import pytest
@@ -283,3 +284,49 @@ def test_rounds_below_one_are_refused_before_any_run(monkeypatch):
     with pytest.raises(SystemExit, match="--rounds 0: at least 1"):
         bench.main()
     assert ran == []
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_a_bench_stopped_mid_way_writes_the_rows_that_finished_and_exits_with_the_signal(monkeypatch, stop):
+    """`timeout` (SIGTERM to the group) or Ctrl-C during the second run: the table holds the first run's
+    row, its notes say the bench was cut, and the exit code is the signal's (128 + n)."""
+    import os
+    import signal
+
+    from bench import results
+
+    def runner(spec):
+        if spec.startswith("trainer"):
+            if stop == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises before this ends
+            raise KeyboardInterrupt
+        return fake_run(spec)
+
+    table = {}
+    monkeypatch.setattr(bench, "run_isolated", runner)
+    monkeypatch.setattr(results, "append", lambda title, header, rows, **kw: table.update(rows=rows, **kw))
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--runs", "fla", "trainer", "--seq-len", "8192", "--no-save"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    want = signal.SIGTERM if stop == "sigterm" else signal.SIGINT
+    assert exit_.value.code == 128 + want
+    assert [row[0] for row in table["rows"]] == ["fla RetNet-1.3b (flash-linear-attention)"]
+    assert f"CUT SHORT by {want.name} after 1 of 2 runs" in table["notes"]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_bench_stopped_in_its_first_run_writes_nothing(monkeypatch):
+    from bench import results
+
+    def runner(spec):
+        raise KeyboardInterrupt
+
+    written = []
+    monkeypatch.setattr(bench, "run_isolated", runner)
+    monkeypatch.setattr(results, "append", lambda *a, **kw: written.append(a))
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--runs", "fla", "--seq-len", "8192", "--no-save"])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 130 and not written
