@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.stoppable import cut_note, measure_until_stopped  # noqa: E402
 
 from retnet_train.config import CompileTuning, Float8Recipe, Precision, ResidualDtype  # noqa: E402
 
@@ -342,32 +342,19 @@ def run_specs(args, budgets: list[str]) -> list[str]:
     return specs
 
 
-class _Stop(Exception):
-    pass
-
-
 def run_rounds(specs: list[str], n: int) -> tuple[list[dict[tuple, dict]], int | None]:
     """Each round's results (parse_spec's fields -> run_isolated's result), the rounds interleaved: a
-    machine that drifts (clocks, a neighbour) moves every row alike. SIGTERM (`timeout`, a batch
-    system) or Ctrl-C ends the runs but keeps those that finished, so a cut bench still writes its
-    table: returns the rounds so far (the last one possibly partial) and the signal's number, or None."""
-    def stop(signum, frame):
-        raise _Stop(signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    machine that drifts (clocks, a neighbour) moves every row alike. A stop (bench/stoppable.py) keeps
+    the runs that finished: returns the rounds so far (the last one possibly partial) and the signal's
+    number, or None."""
+    plan = [(r, spec) for r in range(n) for spec in specs]
+    done, stopped = measure_until_stopped(plan, lambda item: run_isolated(item[1]))
     rounds: list[dict[tuple, dict]] = []
-    try:
-        for _ in range(n):
+    for (r, spec), result in zip(plan, done):
+        if r == len(rounds):
             rounds.append({})
-            for spec in specs:
-                rounds[-1][parse_spec(spec)] = run_isolated(spec)
-    except _Stop as stopped:
-        return rounds, stopped.args[0]
-    except KeyboardInterrupt:
-        return rounds, int(signal.SIGINT)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return rounds, None
+        rounds[r][parse_spec(spec)] = result
+    return rounds, stopped
 
 
 def combine_rounds(rounds: list[dict[tuple, dict]]) -> dict[tuple, dict]:
@@ -484,9 +471,7 @@ def main() -> None:
         for path in budget_charts(results, args):
             notes += f"; memory budget chart: [{path.name}]({path.name})"
     if stopped:
-        done = sum(len(r) for r in measured)
-        notes += (f"; CUT SHORT by {signal.Signals(stopped).name} after {done} of {len(specs) * args.rounds} runs: "
-                  f"the rows are those that finished")
+        notes += "; " + cut_note(stopped, sum(len(r) for r in measured), len(specs) * args.rounds)
     append("Training step side by side (bench/train_step.py)", header, rows, notes=notes, save=not args.no_save)
     if stopped:
         raise SystemExit(128 + stopped)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.stoppable import cut_note, measure_until_stopped  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -214,11 +215,14 @@ def main() -> None:
     if args.result_json:  # a child of measure_isolated
         Path(args.result_json).write_text(json.dumps(measure_safely(*configs[0], args)))
         return
+    stopped = None
     if len(configs) > 1 and "WORLD_SIZE" not in os.environ:
-        rows = [measure_isolated(p, t) for p, t in configs]
-    else:  # under torchrun: in this process, one configuration after another
+        rows, stopped = measure_until_stopped(configs, lambda config: measure_isolated(*config))
+    else:  # under torchrun: in this process, one configuration after another (the trainer's own signals)
         rows = [measure_safely(p, t, args) for p, t in configs]
     if not rows or not rows[0].get("is_main"):
+        if stopped:
+            raise SystemExit(128 + stopped)
         return
     from bench.results import append
 
@@ -250,7 +254,11 @@ def main() -> None:
             series.setdefault(r["preset"], []).append((r["seq_len"], r.get("tokens_per_s")))
         if chart(path, "training throughput by sequence length", "sequence length T", "tokens/s", series):
             notes += f"; chart: [{path.name}]({path.name})"
+    if stopped:
+        notes += "; " + cut_note(stopped, len(rows), len(configs))
     append("Training throughput (bench/train_throughput.py)", header, table, notes=notes, save=not args.no_save)
+    if stopped:
+        raise SystemExit(128 + stopped)
     from retnet_train.parallel import destroy
 
     destroy()

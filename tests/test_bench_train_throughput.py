@@ -64,3 +64,36 @@ def test_a_run_stopped_before_its_measured_steps_is_named_not_divided_by_zero(mo
     with pytest.raises(RuntimeError, match=r"retnet_tiny T=256: the trainer logged 2 steps, none of the measured "
                                            r"steps 3-5 \(stopped early\?\)"):
         bench.measure("retnet_tiny", 256, args)
+
+
+def test_a_bench_stopped_mid_way_writes_the_finished_rows_and_exits_with_the_signal(monkeypatch):
+    """Ctrl-C (or SIGTERM: bench/stoppable.py) during the second of two isolated configurations: the
+    table holds the first one's row, its notes say the bench was cut, the exit code is 128 + SIGINT."""
+    import signal
+    import sys
+
+    import pytest
+
+    from bench import results
+
+    row = {"preset": "retnet_tiny", "seq_len": 2048, "micro": 1, "world": 1, "zero": 0, "precision": "bf16",
+           "mode": "chunkwise", "act_ckpt": "none", "compile": False, "tokens_per_s": 1000.0,
+           "tokens_per_s_per_device": 1000.0, "mfu": 0.1, "peak_mem_gib": 1.0, "first_loss": 10.0, "loss": 9.0,
+           "is_main": True}
+
+    def measure_isolated(preset, seq_len):
+        if seq_len == 4096:
+            raise KeyboardInterrupt
+        return row
+
+    table = {}
+    monkeypatch.setattr(bench, "measure_isolated", measure_isolated)
+    monkeypatch.setattr(results, "append", lambda title, header, rows, **kw: table.update(rows=rows, **kw))
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--preset", "retnet_tiny", "--seq-len", "2048", "4096",
+                                      "--no-save"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 128 + signal.SIGINT
+    assert [r[:2] for r in table["rows"]] == [["retnet_tiny", 2048]]
+    assert "CUT SHORT by SIGINT after 1 of 2 runs" in table["notes"]
