@@ -345,14 +345,12 @@ def run_specs(args, budgets: list[str]) -> list[str]:
 def run_rounds(specs: list[str], n: int) -> tuple[list[dict[tuple, dict]], int | None]:
     """Each round's results (parse_spec's fields -> run_isolated's result), the rounds interleaved: a
     machine that drifts (clocks, a neighbour) moves every row alike. A stop (bench/stoppable.py) keeps
-    the runs that finished: returns the rounds so far (the last one possibly partial) and the signal's
+    the runs that finished: returns every round (those the stop cut short partial or empty) and the signal's
     number, or None."""
     plan = [(r, spec) for r in range(n) for spec in specs]
     done, stopped = measure_until_stopped(plan, lambda item: run_isolated(item[1]))
-    rounds: list[dict[tuple, dict]] = []
+    rounds: list[dict[tuple, dict]] = [{} for _ in range(n)]  # those not reached stay empty
     for (r, spec), result in zip(plan, done):
-        if r == len(rounds):
-            rounds.append({})
         rounds[r][parse_spec(spec)] = result
     return rounds, stopped
 
@@ -441,8 +439,8 @@ def main() -> None:
         raise SystemExit(f"--rounds {args.rounds}: at least 1")
     specs = run_specs(args, budgets)
     measured, stopped = run_rounds(specs, args.rounds)
-    if not measured or not measured[0]:
-        raise SystemExit(128 + stopped if stopped else 1)
+    if stopped and not measured[0]:  # stopped in its first run: no row to write
+        raise SystemExit(128 + stopped)
     results = combine_rounds(measured)
     header, rows = table(results, args)
     from bench.results import append
